@@ -1,0 +1,198 @@
+"""Reference IVON: the op contract of DESIGN.md section 5 in plain torch.
+
+This module is the specification every kernel backend (Triton, CUDA, CPU C++) is tested against,
+element by element. It is written for clarity, not speed, and runs in float32 or float64.
+
+The ops work on one *segment*: flat 1-D tensors of equal length ``n`` whose element ``k`` has the
+index ``offset + k`` in the optimizer's global flat index space. Every backend module exposes the
+same three functions with the same keyword arguments:
+
+    sample(param, mean, hess, *, seed, draw, offset, ess, weight_decay)
+        param <- mean + eps * sigma,   sigma = 1 / sqrt(ess * (hess + weight_decay))
+
+    accumulate(grad, hess, avg_grad, avg_hess_term, *, seed, draw, offset, count, ess,
+               weight_decay, hess_approx)
+        fold the gradient of sample number ``count`` (drawn with ``draw``) into running means:
+        avg = new if count == 1 else avg + (new - avg) / count, where new is grad for avg_grad
+        and noise * grad ('price') or grad ** 2 ('gradsq') for avg_hess_term.
+
+    update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed, draw, next_draw,
+           offset, count, hess_approx, lr, ess, weight_decay, beta1, beta2, clip_radius, debias)
+        the update of DESIGN.md section 2. ``count`` is the number of MC samples in this step.
+        With ``grad`` given, it is the gradient of the last sample (drawn with ``draw``) and the
+        averages hold the first ``count - 1`` samples (unused when count == 1). With
+        ``grad=None`` the averages already hold all ``count`` samples. Writes mean, momentum and
+        hess, and param <- the new mean (``next_draw=None``) or directly the sample of
+        ``next_draw`` around the new mean and hess. ``lr`` is the effective lr (rescaled by
+        hess_init + weight_decay when rescale_lr) and ``debias`` is 1 - beta1 ** step (or 1).
+
+Restore (param <- mean) is a plain ``param.copy_(mean)`` for every backend.
+
+State tensors (mean, momentum, hess, averages) are float32 for float32 / bfloat16 / float16
+params and float64 for float64 params. Grads have the param's dtype. Hyperparameters are Python
+floats. The reference ops additionally accept the standard normal ``eps`` (and ``next_eps``)
+explicitly, which is how the optimizer reproduces ivon-opt's ``torch.randn`` noise bit for bit.
+
+Note [bitwise equality with ivon-opt]: the arithmetic below is written op for op as ivon-opt 0.1.3
+writes it: Python scalars combined in double on the host, true divisions, the same association
+order. Changing ``a / sqrt(b)`` into ``a * rsqrt(b)``, or regrouping a sum, breaks equality.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "philox4x32_10", "philox_normal", "state_dtype", "sample", "accumulate", "update",
+    "EVAL_DRAW_BASE",
+]
+
+# Evaluation / posterior-predictive draws live in the upper half of the 64-bit draw space, so they
+# can never collide with (or shift) the training draws 0, 1, 2, ...
+EVAL_DRAW_BASE = 1 << 63
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_UINT_TO_UNIFORM = 4.6566127342e-10
+_TWO_PI = 6.283185307179586
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of the 64-bit product of a 32-bit constant and uint32 values (int64).
+
+    The product needs 64 unsigned bits, which int64 cannot hold, so ``b`` is split in 16-bit halves
+    and the partial products (each < 2^48) are recombined.
+    """
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    p_lo = a * b_lo
+    mid = a * b_hi + (p_lo >> 16)
+    hi = mid >> 16
+    lo = ((mid & 0xFFFF) << 16) | (p_lo & 0xFFFF)
+    return hi, lo
+
+
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
+    """Random123's Philox4x32 with 10 rounds.
+
+    Counters are int64 tensors holding uint32 values (broadcastable); the key is two uint32 ints.
+    Returns the four uint32 outputs as int64 tensors.
+    """
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3))
+    for round_index in range(10):
+        if round_index > 0:
+            k0 = (k0 + _PHILOX_W0) & _MASK32
+            k1 = (k1 + _PHILOX_W1) & _MASK32
+        hi0, lo0 = _mulhilo32(_PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def _uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float: the bits read as int32, folded to [0, 2^31), scaled."""
+    signed = torch.where(x >= 1 << 31, x - (1 << 32), x)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * _UINT_TO_UNIFORM
+
+
+def _box_muller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    radius = torch.sqrt(-2.0 * torch.log(torch.clamp(a, min=1e-7)))
+    theta = _TWO_PI * b
+    return radius * torch.cos(theta), radius * torch.sin(theta)
+
+
+def philox_normal(seed: int, draw: int, offset: int, numel: int, device=None) -> torch.Tensor:
+    """Standard normal noise eps[k] for global indices offset .. offset + numel - 1 (float32).
+
+    DESIGN.md section 3: element i uses output (i & 3) of Philox4x32-10 with counter
+    (lo32(i >> 2), hi32(i >> 2), lo32(draw), hi32(draw)) and key (lo32(seed), hi32(seed)),
+    turned into normals by Box-Muller on the output pairs (0, 1) and (2, 3).
+    """
+    if numel == 0:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    first_quad, last_quad = offset >> 2, (offset + numel - 1) >> 2
+    quad = torch.arange(first_quad, last_quad + 1, dtype=torch.int64, device=device)
+    x0, x1, x2, x3 = philox4x32_10(
+        quad & _MASK32, quad >> 32, draw & _MASK32, draw >> 32, seed & _MASK32, seed >> 32)
+    n0, n1 = _box_muller(_uint32_to_uniform(x0), _uint32_to_uniform(x1))
+    n2, n3 = _box_muller(_uint32_to_uniform(x2), _uint32_to_uniform(x3))
+    per_quad = torch.stack((n0, n1, n2, n3), dim=1).reshape(-1)
+    start = offset - 4 * first_quad
+    return per_quad[start:start + numel]
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """fp32 master state for low-precision params, the param's own dtype for fp32 / fp64."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def _eps(eps, seed, draw, offset, like: torch.Tensor) -> torch.Tensor:
+    if eps is None:
+        eps = philox_normal(seed, draw, offset, like.numel(), like.device)
+    return eps.to(like.dtype)
+
+
+def _noise(eps: torch.Tensor, hess: torch.Tensor, ess: float, weight_decay: float) -> torch.Tensor:
+    # written as ivon-opt writes it: randn / (ess * (hess + wd)).sqrt()
+    return eps / (ess * (hess + weight_decay)).sqrt()
+
+
+def _hess_term(grad, noise, hess_approx: str) -> torch.Tensor:
+    if hess_approx == "price":
+        return noise * grad
+    if hess_approx == "gradsq":
+        return grad.square()
+    raise ValueError(f"hess_approx must be 'price' or 'gradsq', got {hess_approx!r}")
+
+
+def _running_mean(avg: torch.Tensor, new: torch.Tensor, count: int) -> torch.Tensor:
+    return new if count == 1 else avg + (new - avg) / count
+
+
+@torch.no_grad()
+def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, eps=None):
+    noise = _noise(_eps(eps, seed, draw, offset, mean), hess, ess, weight_decay)
+    param.copy_(mean + noise)
+
+
+@torch.no_grad()
+def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
+               weight_decay, hess_approx, eps=None):
+    grad = grad.to(hess.dtype)
+    noise = _noise(_eps(eps, seed, draw, offset, hess), hess, ess, weight_decay)
+    avg_grad.copy_(_running_mean(avg_grad, grad, count))
+    avg_hess_term.copy_(_running_mean(avg_hess_term, _hess_term(grad, noise, hess_approx), count))
+
+
+@torch.no_grad()
+def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
+           next_draw=None, offset=0, count, hess_approx, lr, ess, weight_decay, beta1, beta2,
+           clip_radius, debias, eps=None, next_eps=None):
+    if grad is None:
+        grad_mean, hess_term = avg_grad, avg_hess_term
+    else:
+        grad = grad.to(hess.dtype)
+        noise = _noise(_eps(eps, seed, draw, offset, hess), hess, ess, weight_decay)
+        grad_mean = _running_mean(avg_grad, grad, count)
+        hess_term = _running_mean(avg_hess_term, _hess_term(grad, noise, hess_approx), count)
+
+    # the update, op for op as ivon-opt 0.1.3 (see the module's Note)
+    new_momentum = beta1 * momentum + (1.0 - beta1) * grad_mean
+    if hess_approx == "price":
+        nll_hess = (hess_term * (hess + weight_decay)) * ess
+    else:
+        nll_hess = hess_term * ess
+    new_hess = (beta2 * hess + (1.0 - beta2) * nll_hess
+                + (0.5 * (1 - beta2) ** 2) * (hess - nll_hess).square() / (hess + weight_decay))
+    new_mean = mean - lr * torch.clip(
+        (new_momentum / debias + weight_decay * mean) / (new_hess + weight_decay),
+        min=-clip_radius, max=clip_radius)
+
+    momentum.copy_(new_momentum)
+    hess.copy_(new_hess)
+    mean.copy_(new_mean)
+    if next_draw is None and next_eps is None:
+        param.copy_(new_mean)
+    else:
+        sample(param, mean, hess, seed=seed, draw=next_draw, offset=offset, ess=ess,
+               weight_decay=weight_decay, eps=next_eps)
