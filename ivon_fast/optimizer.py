@@ -197,13 +197,14 @@ class IVON(torch.optim.Optimizer):
                            ("resample_on_step", resample_on_step)):
             if not isinstance(flag, bool):
                 raise ValueError(f"Invalid {name}: {flag!r}; it must be True or False")
-        param_groups = list(params)
-        if param_groups and isinstance(param_groups[0], dict):
-            for group in param_groups:
-                _check_group_hyperparameters(group)
-        else:
+        param_groups = [params] if isinstance(params, torch.Tensor) else list(params)
+        if not param_groups or not isinstance(param_groups[0], dict):
             param_groups = [{"params": param_groups}]
+        # materialize each group's params once: they may be generators such as module.parameters()
+        param_groups = [{**group, "params": self._param_list(group["params"])}
+                        for group in param_groups]
         for group in param_groups:
+            _check_group_hyperparameters(group)
             self._check_params(group["params"])
 
         self.mc_samples = mc_samples
@@ -238,8 +239,11 @@ class IVON(torch.optim.Optimizer):
     # ------------------------------------------------------------------ construction
 
     @staticmethod
-    def _check_params(params) -> None:
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
+    def _param_list(params) -> list:
+        return [params] if isinstance(params, torch.Tensor) else list(params)
+
+    @staticmethod
+    def _check_params(params: list) -> None:
         for param in params:
             if not isinstance(param, torch.Tensor):
                 raise TypeError(f"IVON params must be tensors, got {type(param).__name__}")
@@ -251,6 +255,7 @@ class IVON(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """Add a param group; its params join new flat buckets, existing storage does not move."""
         _check_group_hyperparameters(param_group)
+        param_group["params"] = self._param_list(param_group["params"])
         self._check_params(param_group["params"])
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1

@@ -1,0 +1,278 @@
+// ivon_math.h: the IVON element math and the noise generator, shared by the CUDA and CPU kernels.
+//
+// Everything here is plain scalar code marked __host__ __device__, so the CPU kernels (which the
+// CPU-only CI runs) execute exactly the arithmetic the CUDA kernels execute. It includes no torch
+// header on purpose: the CPU kernels are compiled once per instruction set (see cpu_kernels.h),
+// and code compiled with AVX-512 enabled must never leak into symbols the rest of the program links.
+//
+// Note [floating-point contraction]: the update is written op for op like ivon_fast.reference
+// (which is op for op ivon-opt). The build turns automatic FMA contraction off (-ffp-contract=off
+// for the host, --fmad=false for nvcc), so every multiply and add rounds like torch's elementwise
+// kernels. The polynomials below use explicit fmaf, which is exact-by-design on both sides, so the
+// CPU and CUDA kernels produce the same bits.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "scalars.h"
+
+#if defined(__CUDACC__)
+#define IVON_HD __host__ __device__ __forceinline__
+#else
+#define IVON_HD inline __attribute__((always_inline))
+#endif
+
+// Each CPU TU compiled for one instruction set puts this header in its own namespace, so the
+// inline functions of the AVX-512 TU and of the baseline TU are different symbols (ODR-safe).
+#ifndef IVON_MATH_NS
+#define IVON_MATH_NS ivon_math
+#endif
+
+namespace ivon_fast {
+namespace IVON_MATH_NS {
+
+IVON_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+IVON_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+IVON_HD float fma_(float a, float b, float c) { return fmaf(a, b, c); }
+
+// ------------------------------------------------------------------------------------------------
+// Philox4x32-10 (Random123), DESIGN.md section 3.
+
+struct U32x4 {
+  uint32_t x0, x1, x2, x3;
+};
+
+IVON_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                            uint32_t k1) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    // the 64-bit product of two 32-bit words; compilers map this to mul.hi / vpmuludq
+    const uint64_t p0 = uint64_t(0xD2511F53u) * c0;
+    const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2;
+    const uint32_t hi0 = uint32_t(p0 >> 32), lo0 = uint32_t(p0);
+    const uint32_t hi1 = uint32_t(p1 >> 32), lo1 = uint32_t(p1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return {c0, c1, c2, c3};
+}
+
+// Triton's uint_to_uniform_float: the bits as int32, negatives folded with -x - 1 (== ~x, i.e.
+// x ^ (x >> 31) with an arithmetic shift; branch-free), scaled into [0, 1].
+IVON_HD float uint_to_uniform(uint32_t x) {
+  const int32_t s = int32_t(x);
+  const int32_t folded = s ^ (s >> 31);
+  return float(folded) * 4.6566127342e-10f;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Note [own transcendental functions]: Box-Muller needs log, sin and cos per pair of outputs.
+// Scalar libm calls would make the CPU kernel compute-bound, and device libraries differ between
+// CPU and GPU. These are branch-free float polynomials (coefficients fitted for this file on the
+// reduced ranges, ~1 ulp), written with explicit fmaf so a compiler vectorizes them and the CPU
+// and CUDA builds agree bit for bit. Inputs are restricted to what Box-Muller feeds them.
+
+// natural log for x in [1e-7, 1] (positive normal floats; the caller clamps).
+IVON_HD float log_pos(float x) {
+  // x = 2^e * m with m in [sqrt(1/2), sqrt(2)): shifting by the bits of sqrt(1/2) makes the
+  // exponent field of (bits - bits(sqrt(1/2))) the e we want.
+  const uint32_t ix = float_to_bits(x) - 0x3f3504f3u;
+  const int32_t e = int32_t(ix) >> 23;
+  const float m = bits_to_float((ix & 0x007fffffu) + 0x3f3504f3u);
+  const float f = m - 1.0f;  // exact (Sterbenz)
+  const float ef = float(e);
+  // log1p(f) = f - f^2/2 + f^3 P(f),  f in [-0.2929, 0.4142]
+  float p = 0.07150298357009888f;
+  p = fma_(p, f, -0.11570992320775986f);
+  p = fma_(p, f, 0.11661184579133987f);
+  p = fma_(p, f, -0.12411069869995117f);
+  p = fma_(p, f, 0.14249978959560394f);
+  p = fma_(p, f, -0.1666848063468933f);
+  p = fma_(p, f, 0.20000705122947693f);
+  p = fma_(p, f, -0.24999989569187164f);
+  p = fma_(p, f, 0.3333333134651184f);
+  const float f2 = f * f;
+  float tail = fma_(f2 * f, p, ef * 1.428606765330187e-06f);  // + e * ln2_lo
+  tail = fma_(-0.5f, f2, tail);
+  // ln2_hi has 16 significant bits, so e * ln2_hi is exact for |e| < 2^8
+  return fma_(ef, 0.693145751953125f, f + tail);
+}
+
+// sin and cos of theta in [0, 2*pi + a few ulp] (Box-Muller's angle).
+IVON_HD void sincos_angle(float theta, float* s_out, float* c_out) {
+  // nearest quadrant by the round-to-integer magic constant 1.5 * 2^23 (branch-free, no rint)
+  const float magic = 12582912.0f;
+  const float shifted = theta * 0.6366197466850281f + magic;
+  const uint32_t q = float_to_bits(shifted) - float_to_bits(magic);
+  const float k = shifted - magic;
+  // Cody-Waite reduction with pi/2 in three float parts; k <= 4 keeps k * part exact in the fma.
+  float r = fma_(-k, 1.5707963705062866f, theta);
+  r = fma_(-k, -4.371138828673793e-08f, r);
+  r = fma_(-k, -1.7763568394002505e-15f, r);
+  const float z = r * r;
+  // sin r = r + r^3 S(z),  cos r = 1 - z/2 + z^2 C(z),  |r| <= pi/4
+  float sp = 2.724946625676239e-06f;
+  sp = fma_(sp, z, -0.00019840081222355366f);
+  sp = fma_(sp, z, 0.008333331905305386f);
+  sp = fma_(sp, z, -0.1666666716337204f);
+  const float sin_r = fma_(z * r, sp, r);
+  float cp = -2.7299731186758436e-07f;
+  cp = fma_(cp, z, 2.4800587198114954e-05f);
+  cp = fma_(cp, z, -0.00138888880610466f);
+  cp = fma_(cp, z, 0.0416666679084301f);
+  const float cos_r = fma_(z * z, cp, fma_(-0.5f, z, 1.0f));
+  // quadrant q: (sin, cos) = (s, c), (c, -s), (-s, -c), (-c, s)
+  const bool swap = (q & 1u) != 0;
+  const float s = swap ? cos_r : sin_r;
+  const float c = swap ? sin_r : cos_r;
+  *s_out = bits_to_float(float_to_bits(s) ^ ((q & 2u) << 30));
+  *c_out = bits_to_float(float_to_bits(c) ^ (((q + 1u) & 2u) << 30));
+}
+
+// Box-Muller on one pair of uniforms, as the reference writes it.
+IVON_HD void box_muller(float a, float b, float* n0, float* n1) {
+  const float radius = sqrtf(-2.0f * log_pos(a < 1e-7f ? 1e-7f : a));
+  const float theta = 6.283185307179586f * b;
+  float s, c;
+  sincos_angle(theta, &s, &c);
+  *n0 = radius * c;
+  *n1 = radius * s;
+}
+
+// The four standard normals of quad `quad` (global indices 4*quad .. 4*quad+3) for one draw.
+struct F32x4 {
+  float v0, v1, v2, v3;
+};
+
+IVON_HD F32x4 normals4(uint64_t seed, uint64_t draw, uint64_t quad) {
+  const U32x4 x = philox4x32_10(uint32_t(quad), uint32_t(quad >> 32), uint32_t(draw),
+                                uint32_t(draw >> 32), uint32_t(seed), uint32_t(seed >> 32));
+  F32x4 n;
+  box_muller(uint_to_uniform(x.x0), uint_to_uniform(x.x1), &n.v0, &n.v1);
+  box_muller(uint_to_uniform(x.x2), uint_to_uniform(x.x3), &n.v2, &n.v3);
+  return n;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Parameter dtypes. Own bit-level conversions (round to nearest even, like torch's casts) so no
+// c10 / cuda_fp16 header is needed and the CPU and GPU round identically.
+
+struct BF16 {
+  uint16_t bits;
+};
+struct F16 {
+  uint16_t bits;
+};
+
+IVON_HD float to_float(float x) { return x; }
+IVON_HD float to_float(BF16 x) { return bits_to_float(uint32_t(x.bits) << 16); }
+IVON_HD float to_float(F16 x) {
+  const uint32_t h = x.bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;
+  // normals and subnormals: place exponent+mantissa in the float field, then rescale the exponent
+  // bias (15 -> 127) by a multiply by 2^112, which is exact (also for half subnormals)
+  const float finite = bits_to_float(em << 13) * 5.192296858534828e+33f;
+  const uint32_t special = (em << 13) | 0x7f800000u;  // inf / nan keep their payload
+  const uint32_t mag = em >= 0x7c00u ? special : float_to_bits(finite);
+  return bits_to_float(mag | sign);
+}
+
+template <typename T>
+IVON_HD T from_float(float f);
+
+template <>
+IVON_HD float from_float<float>(float f) {
+  return f;
+}
+
+template <>
+IVON_HD BF16 from_float<BF16>(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return BF16{uint16_t(nan ? ((u >> 16) | 0x40u) : rounded)};
+}
+
+template <>
+IVON_HD F16 from_float<F16>(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  // normal halves: rebias the exponent (127 -> 15) and round the 13 dropped bits to nearest even
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;  // 0xc8000000 = -112 << 23
+  // subnormal halves (|f| < 2^-14): adding 0.5 rounds |f| to a multiple of 2^-24 (RNE); the
+  // mantissa bits of the sum are then the half's bits (0x400 when it rounds up to the min normal)
+  const uint32_t sub = float_to_bits(bits_to_float(a) + 0.5f) - 0x3f000000u;
+  uint32_t h = a < 0x38800000u ? sub : normal;
+  h = a >= 0x477ff000u ? 0x7c00u : h;   // rounds to >= 65520: inf
+  h = a > 0x7f800000u ? 0x7e00u : h;    // nan
+  return F16{uint16_t(h | sign)};
+}
+
+// ------------------------------------------------------------------------------------------------
+// The update (DESIGN.md section 2), per element, in fp32.
+
+
+// noise = eps / sqrt(ess * (hess + wd)) (ivon-opt writes randn / (ess * (hess + wd)).sqrt())
+IVON_HD float noise_of(float eps, float hess, const ::ivon_fast::Scalars& s) {
+  return eps / sqrtf(s.ess * (hess + s.wd));
+}
+
+// running mean: new if count == 1 else avg + (new - avg) / count
+template <bool FIRST>
+IVON_HD float running_mean(float avg, float x, const ::ivon_fast::Scalars& s) {
+  return FIRST ? x : avg + (x - avg) / s.count;
+}
+
+template <bool PRICE>
+IVON_HD float hess_term_of(float grad, float noise) {
+  return PRICE ? noise * grad : grad * grad;
+}
+
+// The update proper, from the (averaged) gradient and hessian term: writes the new momentum,
+// hess and mean. Same association order as the reference (see Note [floating-point contraction]).
+template <bool PRICE>
+IVON_HD void update_state(float grad_mean, float hess_term, float& mean, float& momentum,
+                          float& hess, const ::ivon_fast::Scalars& s) {
+  const float new_momentum = s.beta1 * momentum + s.one_minus_beta1 * grad_mean;
+  const float hpd = hess + s.wd;
+  const float nll_hess = PRICE ? (hess_term * hpd) * s.ess : hess_term * s.ess;
+  const float diff = hess - nll_hess;
+  const float new_hess =
+      (s.beta2 * hess + s.one_minus_beta2 * nll_hess) + (s.hess_coef * (diff * diff)) / hpd;
+  float step = (new_momentum / s.debias + s.wd * mean) / (new_hess + s.wd);
+  // clip; comparisons (not fminf/fmaxf) so a NaN propagates like torch.clip
+  step = step < -s.clip ? -s.clip : step;
+  step = step > s.clip ? s.clip : step;
+  mean = mean - s.lr * step;
+  momentum = new_momentum;
+  hess = new_hess;
+}
+
+}  // namespace IVON_MATH_NS
+}  // namespace ivon_fast

@@ -1,0 +1,53 @@
+// kernel_args.h: the plain-data interface between the op layer (ops.cpp, which sees torch) and the
+// kernels (cpu_kernels.h, cuda_kernels.cu, which see only raw pointers). Keeping torch out of the
+// kernel TUs makes nvcc fast and makes the per-ISA CPU TUs safe (see ivon_math.h).
+#pragma once
+
+#include <cstdint>
+
+#include "scalars.h"
+
+namespace ivon_fast {
+
+enum class ParamType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+
+// How update obtains the gradient mean and hessian term (DESIGN.md section 5).
+enum class GradMode : int {
+  kGradOnly = 0,   // grad given, count == 1: the averages are not read
+  kGradAvg = 1,    // grad given, count > 1: fold grad into the averages of count - 1 samples
+  kAvgOnly = 2,    // grad None: the averages hold all samples
+};
+
+struct OpArgs {
+  ParamType ptype = ParamType::kFloat;
+  int64_t n = 0;        // segment length
+  int64_t offset = 0;   // global flat index of element 0
+  uint64_t seed = 0, draw = 0, next_draw = 0;
+  bool has_next_draw = false;
+  bool price = true;    // hess_approx == 'price' (else 'gradsq')
+  GradMode mode = GradMode::kGradOnly;
+  bool first = true;    // accumulate: count == 1
+  void* param = nullptr;            // param dtype
+  const void* grad = nullptr;       // param dtype
+  float* mean = nullptr;
+  float* momentum = nullptr;
+  float* hess = nullptr;
+  float* avg_grad = nullptr;
+  float* avg_hess_term = nullptr;
+  Scalars s{};
+};
+
+// CPU entry points (cpu_dispatch.cpp picks the instruction set at run time).
+void cpu_sample(const OpArgs& a);
+void cpu_accumulate(const OpArgs& a);
+void cpu_update(const OpArgs& a);
+const char* cpu_isa_name();
+// "" restores automatic selection; returns false for an unknown / unsupported name.
+bool cpu_set_isa(const char* name);
+
+// CUDA entry points (cuda_kernels.cu), launched on `stream` (a cudaStream_t).
+void cuda_sample(const OpArgs& a, void* stream);
+void cuda_accumulate(const OpArgs& a, void* stream);
+void cuda_update(const OpArgs& a, void* stream);
+
+}  // namespace ivon_fast

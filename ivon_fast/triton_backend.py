@@ -1,0 +1,409 @@
+"""Triton backend: the op contract of ``ivon_fast.reference`` as one fused kernel per op call.
+
+``sample``, ``accumulate`` and ``update`` take exactly the arguments of the reference ops (without
+the reference-only ``eps`` / ``next_eps``) and give the same results element by element with the
+same noise (DESIGN.md section 3), which the kernels regenerate from Philox instead of storing it.
+
+Layout of this file, one section per kernel family, each kernel next to its formula:
+  tuning knobs and availability; shared device helpers (the tile, the noise, scalars);
+  sample; accumulate; update; host-side argument handling.
+
+Conventions shared by all kernels:
+- params are fp32 / bf16 / fp16 (grads have the param's dtype), state is fp32, math is fp32.
+- Hyperparameters and step-dependent scalars are runtime arguments (never ``tl.constexpr``), so a
+  new lr or step never recompiles. Scalar combinations (1 - beta1, 0.5 (1 - beta2)^2) are formed in
+  double on the host and rounded once to fp32, as torch does with Python scalars in the reference.
+- Capturable: ``lr``, ``debias`` (0-d float32) and ``draw``, ``next_draw`` (0-d int64 holding the
+  two's-complement bits of the uint64 draw) may be tensors on the param's device; the kernel then
+  loads them, so a step needs no host sync and can be captured in a CUDA graph.
+- Offsets, indices and lengths are int64, so segments may exceed 2^31 elements.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    _IMPORT_ERROR = None
+except ImportError as error:  # the module stays importable so unavailable_reason can explain
+    _IMPORT_ERROR = f"triton could not be imported: {error}"
+
+    class _NoTriton:
+        """Stands in for triton so the kernels below can be defined; they are never launched."""
+        constexpr = None
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _NoTriton()
+
+__all__ = ["sample", "accumulate", "update", "unavailable_reason", "BLOCK", "NUM_WARPS"]
+
+# ------------------------------------------------------------------------------------------------
+# Tuning knobs. Module-level defaults, overridden at call time by IVON_TRITON_BLOCK /
+# IVON_TRITON_WARPS so a GPU benchmark can sweep them without reimporting.
+# ------------------------------------------------------------------------------------------------
+BLOCK = 2048
+NUM_WARPS = 8
+# The interpreter pays per program, not per element: big blocks make CPU tests fast.
+INTERPRETER_BLOCK = 16384
+
+# Whether the kernels were defined for the interpreter (decided by triton when @triton.jit runs).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def unavailable_reason(device) -> str | None:
+    """None when the Triton backend can run on ``device``, else why it cannot."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return ("the Triton backend runs on CUDA tensors, or on CPU tensors only under the "
+                    "Triton interpreter (TRITON_INTERPRET=1)")
+        if not _INTERPRETED:
+            return ("TRITON_INTERPRET=1 was set after ivon_fast.triton_backend was imported; "
+                    "set it before the import so the kernels are defined for the interpreter")
+        return None
+    return f"the Triton backend runs on CUDA tensors, got {device}"
+
+
+def _launch_config(device: torch.device) -> tuple[int, int]:
+    default = INTERPRETER_BLOCK if device.type == "cpu" else BLOCK
+    block = int(os.environ.get("IVON_TRITON_BLOCK", default))
+    warps = int(os.environ.get("IVON_TRITON_WARPS", NUM_WARPS))
+    # the tile is [block // 4, 4] and tl.arange needs powers of two
+    if block < 4 or block & (block - 1):
+        raise ValueError(f"IVON_TRITON_BLOCK must be a power of two >= 4, got {block}")
+    if warps < 1 or warps & (warps - 1):
+        raise ValueError(f"IVON_TRITON_WARPS must be a power of two, got {warps}")
+    return block, warps
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared device helpers
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _tile(quad_base, n, BLOCK: tl.constexpr, LEAD: tl.constexpr):
+    """This program's [BLOCK // 4, 4] tile: rows are global quads, columns their 4 lanes.
+
+    Element k of the segment has global index i = 4 * quad_base + LEAD + k. Aligning rows with
+    global quads (i >> 2) lets one Philox call serve the 4 elements of a row; a segment that starts
+    mid-quad (LEAD = offset & 3 != 0) is shifted back by LEAD and the first lanes are masked off.
+    Returns the segment positions k, the global quad of each row, the lane of each column and the
+    mask of positions inside the segment.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.arange(0, BLOCK // 4).to(tl.int64)
+    lane = tl.arange(0, 4)
+    k = pid * BLOCK + 4 * row[:, None] + lane[None, :] - LEAD
+    quad = quad_base + pid * (BLOCK // 4) + row
+    return k, quad, lane, (k >= 0) & (k < n)
+
+
+@triton.jit
+def _scalar(ref, IN_MEMORY: tl.constexpr):
+    """A runtime scalar given by value, or (capturable) loaded from a 0-d device tensor."""
+    if IN_MEMORY:
+        return tl.load(ref)
+    else:
+        return ref
+
+
+@triton.jit
+def _uniform(x):
+    """uint32 -> [0, 1): the bits read as int32, negatives folded (x < 0 -> -x - 1), scaled."""
+    s = x.to(tl.int32, bitcast=True)
+    s = tl.where(s < 0, -s - 1, s)
+    return s.to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def _philox(seed, draw, quad):
+    """Philox4x32-10 with key = seed and counter (lo32(quad), hi32(quad), lo32(draw), hi32(draw)).
+
+    ``seed``, ``draw`` and ``quad`` are int64 holding uint64 bits (an int32 scalar argument
+    sign-extends to the same bits); an arithmetic shift then a truncation gives hi32 for negative
+    values too.
+    """
+    draw = draw.to(tl.int64)
+    return tl.philox(seed.to(tl.int64), quad.to(tl.uint32), (quad >> 32).to(tl.uint32),
+                     draw.to(tl.uint32), (draw >> 32).to(tl.uint32))
+
+
+@triton.jit
+def _normal(seed, draw, quad, lane):
+    """eps of DESIGN.md section 3 for a [quads, 4] tile: eps[i] = n_(i & 3) of quad i >> 2.
+
+        (x0..x3) = _philox(seed, draw, quad)
+        (n0, n1) = BM(u(x0), u(x1)),  (n2, n3) = BM(u(x2), u(x3)),
+        BM(a, b) = sqrt(-2 ln max(a, 1e-7)) * (cos 2 pi b, sin 2 pi b)
+
+    One Philox call serves the four lanes of a quad, so the RNG stays cheap next to the memory
+    traffic.
+    """
+    x0, x1, x2, x3 = _philox(seed, draw, quad)
+    r01 = tl.sqrt_rn(-2.0 * tl.log(tl.maximum(_uniform(x0), 1e-7)))
+    r23 = tl.sqrt_rn(-2.0 * tl.log(tl.maximum(_uniform(x2), 1e-7)))
+    t01 = 6.283185307179586 * _uniform(x1)
+    t23 = 6.283185307179586 * _uniform(x3)
+    lane = lane[None, :]
+    return tl.where(lane == 0, (r01 * tl.cos(t01))[:, None],
+                    tl.where(lane == 1, (r01 * tl.sin(t01))[:, None],
+                             tl.where(lane == 2, (r23 * tl.cos(t23))[:, None],
+                                      (r23 * tl.sin(t23))[:, None])))
+
+
+@triton.jit
+def _sigma_noise(eps, hess, ess, weight_decay):
+    """noise = eps / sqrt(ess * (hess + wd)), as ivon-opt writes it (true division and sqrt)."""
+    return tl.div_rn(eps, tl.sqrt_rn(ess * (hess + weight_decay)))
+
+
+# ------------------------------------------------------------------------------------------------
+# sample
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _sample_kernel(param_ptr, mean_ptr, hess_ptr, n, quad_base, seed, draw_ref, ess,
+                   weight_decay, DRAW_IN_MEMORY: tl.constexpr, LEAD: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """param <- mean + eps(seed, draw, i) / sqrt(ess * (hess + wd))"""
+    k, quad, lane, mask = _tile(quad_base, n, BLOCK, LEAD)
+    mean = tl.load(mean_ptr + k, mask=mask, other=0.0)
+    hess = tl.load(hess_ptr + k, mask=mask, other=1.0)
+    eps = _normal(seed, _scalar(draw_ref, DRAW_IN_MEMORY), quad, lane)
+    theta = mean + _sigma_noise(eps, hess, ess, weight_decay)
+    tl.store(param_ptr + k, theta.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay):
+    """Reference ``sample`` (see ivon_fast.reference) in one kernel launch."""
+    n = _check_segment((param,), (mean, hess))
+    if n == 0:
+        return
+    block, warps = _launch_config(param.device)
+    draw_arg, draw_in_memory = _draw_arg(draw, param.device)
+    _sample_kernel[(triton.cdiv(n + (offset & 3), block),)](
+        param, mean, hess, n, offset >> 2, _u64_bits(seed, "seed"), draw_arg, float(ess),
+        float(weight_decay), DRAW_IN_MEMORY=draw_in_memory, LEAD=offset & 3, BLOCK=block,
+        num_warps=warps)
+
+
+# ------------------------------------------------------------------------------------------------
+# accumulate
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _hess_term(grad, hess, eps, ess, weight_decay, PRICE: tl.constexpr):
+    """price: noise * grad (noise of the sample the grad was taken at);  gradsq: grad^2"""
+    if PRICE:
+        return _sigma_noise(eps, hess, ess, weight_decay) * grad
+    else:
+        return grad * grad
+
+
+@triton.jit
+def _accumulate_kernel(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, n, quad_base, seed,
+                       draw_ref, count, ess, weight_decay, FIRST: tl.constexpr,
+                       PRICE: tl.constexpr, DRAW_IN_MEMORY: tl.constexpr, LEAD: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """avg <- new if count == 1 else avg + (new - avg) / count,
+    new = grad for avg_grad and hess_term(grad) for avg_hess_term."""
+    k, quad, lane, mask = _tile(quad_base, n, BLOCK, LEAD)
+    grad = tl.load(grad_ptr + k, mask=mask, other=0.0).to(tl.float32)
+    hess = tl.load(hess_ptr + k, mask=mask, other=1.0)
+    eps = 0.0
+    if PRICE:  # gradsq needs no noise: skip the Philox work entirely
+        eps = _normal(seed, _scalar(draw_ref, DRAW_IN_MEMORY), quad, lane)
+    term = _hess_term(grad, hess, eps, ess, weight_decay, PRICE)
+    if not FIRST:  # the first sample overwrites, so stale averages are never read
+        avg_grad = tl.load(avg_grad_ptr + k, mask=mask, other=0.0)
+        avg_term = tl.load(avg_hess_term_ptr + k, mask=mask, other=0.0)
+        grad = avg_grad + tl.div_rn(grad - avg_grad, count)
+        term = avg_term + tl.div_rn(term - avg_term, count)
+    tl.store(avg_grad_ptr + k, grad, mask=mask)
+    tl.store(avg_hess_term_ptr + k, term, mask=mask)
+
+
+def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
+               weight_decay, hess_approx):
+    """Reference ``accumulate`` (see ivon_fast.reference) in one kernel launch."""
+    n = _check_segment((grad,), (hess, avg_grad, avg_hess_term))
+    price = _is_price(hess_approx)
+    _check_count(count)
+    if n == 0:
+        return
+    block, warps = _launch_config(hess.device)
+    draw_arg, draw_in_memory = _draw_arg(draw, hess.device)
+    _accumulate_kernel[(triton.cdiv(n + (offset & 3), block),)](
+        grad, hess, avg_grad, avg_hess_term, n, offset >> 2, _u64_bits(seed, "seed"), draw_arg,
+        float(count), float(ess), float(weight_decay), FIRST=count == 1, PRICE=price,
+        DRAW_IN_MEMORY=draw_in_memory, LEAD=offset & 3, BLOCK=block, num_warps=warps)
+
+
+# ------------------------------------------------------------------------------------------------
+# update
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
+                   avg_hess_term_ptr, n, quad_base, seed, draw_ref, next_draw_ref, count, lr_ref,
+                   ess, weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                   half_sq_one_minus_beta2, clip_radius, debias_ref,
+                   HAS_GRAD: tl.constexpr, FIRST: tl.constexpr, PRICE: tl.constexpr,
+                   RESAMPLE: tl.constexpr, DRAW_IN_MEMORY: tl.constexpr,
+                   NEXT_DRAW_IN_MEMORY: tl.constexpr, LR_IN_MEMORY: tl.constexpr,
+                   DEBIAS_IN_MEMORY: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr):
+    """The update of DESIGN.md section 2, op for op as the reference:
+
+        gbar, tbar = the averages, with the grad of the last sample folded in when HAS_GRAD
+        g <- b1 g + (1 - b1) gbar
+        f <- (tbar (h + wd)) ess  [price]      f <- tbar ess  [gradsq]
+        h <- (b2 h + (1 - b2) f) + (0.5 (1 - b2)^2 (h - f)^2) / (h + wd)
+        m <- m - lr clip((g / debias + wd m) / (h + wd), -rho, rho)        (new g and h)
+        param <- m, or (RESAMPLE) m + eps(next_draw) / sqrt(ess (h + wd))   (new m and h)
+    """
+    k, quad, lane, mask = _tile(quad_base, n, BLOCK, LEAD)
+    mean = tl.load(mean_ptr + k, mask=mask, other=0.0)
+    momentum = tl.load(momentum_ptr + k, mask=mask, other=0.0)
+    hess = tl.load(hess_ptr + k, mask=mask, other=1.0)
+    if HAS_GRAD:
+        grad_mean = tl.load(grad_ptr + k, mask=mask, other=0.0).to(tl.float32)
+        eps = 0.0
+        if PRICE:  # price needs the noise of the sample the grad was taken at (old hess)
+            eps = _normal(seed, _scalar(draw_ref, DRAW_IN_MEMORY), quad, lane)
+        hess_term = _hess_term(grad_mean, hess, eps, ess, weight_decay, PRICE)
+        if not FIRST:  # count == 1 reads no averages at all
+            avg_grad = tl.load(avg_grad_ptr + k, mask=mask, other=0.0)
+            avg_term = tl.load(avg_hess_term_ptr + k, mask=mask, other=0.0)
+            grad_mean = avg_grad + tl.div_rn(grad_mean - avg_grad, count)
+            hess_term = avg_term + tl.div_rn(hess_term - avg_term, count)
+    else:
+        grad_mean = tl.load(avg_grad_ptr + k, mask=mask, other=0.0)
+        hess_term = tl.load(avg_hess_term_ptr + k, mask=mask, other=0.0)
+
+    momentum = beta1 * momentum + one_minus_beta1 * grad_mean
+    if PRICE:
+        nll_hess = (hess_term * (hess + weight_decay)) * ess
+    else:
+        nll_hess = hess_term * ess
+    diff = hess - nll_hess
+    hess = ((beta2 * hess + one_minus_beta2 * nll_hess)
+            + tl.div_rn(half_sq_one_minus_beta2 * (diff * diff), hess + weight_decay))
+    step = tl.div_rn(tl.div_rn(momentum, _scalar(debias_ref, DEBIAS_IN_MEMORY))
+                     + weight_decay * mean, hess + weight_decay)
+    step = tl.minimum(tl.maximum(step, -clip_radius), clip_radius)
+    mean = mean - _scalar(lr_ref, LR_IN_MEMORY) * step
+
+    tl.store(momentum_ptr + k, momentum, mask=mask)
+    tl.store(hess_ptr + k, hess, mask=mask)
+    tl.store(mean_ptr + k, mean, mask=mask)
+    theta = mean
+    if RESAMPLE:  # write the next sample now: saves a separate sample pass over m and h
+        eps_next = _normal(seed, _scalar(next_draw_ref, NEXT_DRAW_IN_MEMORY), quad, lane)
+        theta = mean + _sigma_noise(eps_next, hess, ess, weight_decay)
+    tl.store(param_ptr + k, theta.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
+           next_draw=None, offset=0, count, hess_approx, lr, ess, weight_decay, beta1, beta2,
+           clip_radius, debias):
+    """Reference ``update`` (see ivon_fast.reference) in one kernel launch.
+
+    With ``grad`` given and count == 1 the averages are neither read nor written (they may be
+    None); with ``grad=None`` they must hold all ``count`` samples.
+    """
+    price = _is_price(hess_approx)
+    _check_count(count)
+    first = grad is not None and count == 1
+    if not first and (avg_grad is None or avg_hess_term is None):
+        raise ValueError("update needs avg_grad and avg_hess_term unless grad is given and "
+                         "count == 1")
+    n = _check_segment((param, grad), (mean, momentum, hess, avg_grad, avg_hess_term))
+    if n == 0:
+        return
+    block, warps = _launch_config(param.device)
+    draw_arg, draw_in_memory = _draw_arg(draw, param.device)
+    next_draw_arg, next_in_memory = _draw_arg(0 if next_draw is None else next_draw, param.device)
+    lr_arg, lr_in_memory = _float_arg(lr, "lr", param.device)
+    debias_arg, debias_in_memory = _float_arg(debias, "debias", param.device)
+    beta1, beta2 = float(beta1), float(beta2)
+    # unused pointers still need a tensor: hand the kernel one it never touches
+    _update_kernel[(triton.cdiv(n + (offset & 3), block),)](
+        param, hess if grad is None else grad, mean, momentum, hess,
+        hess if avg_grad is None else avg_grad, hess if avg_hess_term is None else avg_hess_term,
+        n, offset >> 2, _u64_bits(seed, "seed"), draw_arg, next_draw_arg, float(count), lr_arg,
+        float(ess), float(weight_decay), beta1, 1.0 - beta1, beta2, 1.0 - beta2,
+        0.5 * (1 - beta2) ** 2, float(clip_radius), debias_arg,
+        HAS_GRAD=grad is not None, FIRST=first, PRICE=price, RESAMPLE=next_draw is not None,
+        DRAW_IN_MEMORY=draw_in_memory, NEXT_DRAW_IN_MEMORY=next_in_memory,
+        LR_IN_MEMORY=lr_in_memory, DEBIAS_IN_MEMORY=debias_in_memory, LEAD=offset & 3,
+        BLOCK=block, num_warps=warps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host-side argument handling
+# ------------------------------------------------------------------------------------------------
+def _u64_bits(value: int, name: str) -> int:
+    """A uint64 as the int64 with the same bits: triton types larger Python ints as uint64, and
+    one signed type keeps the kernel signature (and its compiled variants) the same for all."""
+    value = int(value)
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _draw_arg(draw, device) -> tuple[object, bool]:
+    if isinstance(draw, torch.Tensor):
+        if draw.dim() != 0 or draw.dtype != torch.int64 or draw.device != device:
+            raise ValueError(f"a tensor draw must be a 0-d int64 tensor on {device}, got "
+                             f"shape {tuple(draw.shape)} {draw.dtype} on {draw.device}")
+        return draw, True
+    return _u64_bits(draw, "draw"), False
+
+
+def _float_arg(value, name: str, device) -> tuple[object, bool]:
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype != torch.float32 or value.device != device:
+            raise ValueError(f"a tensor {name} must be a 0-d float32 tensor on {device}, got "
+                             f"shape {tuple(value.shape)} {value.dtype} on {value.device}")
+        return value, True
+    return float(value), False
+
+
+def _is_price(hess_approx: str) -> bool:
+    if hess_approx not in ("price", "gradsq"):
+        raise ValueError(f"hess_approx must be 'price' or 'gradsq', got {hess_approx!r}")
+    return hess_approx == "price"
+
+
+def _check_count(count) -> None:
+    if int(count) != count or count < 1:
+        raise ValueError(f"count must be a positive integer, got {count!r}")
+
+
+def _check_segment(params, states) -> int:
+    """The segment length. Every tensor (None skipped) must be contiguous with it and on one
+    device; params / grads fp32, bf16 or fp16, state fp32."""
+    first = params[0]
+    n = first.numel()
+    for tensors, dtypes in ((params, _PARAM_DTYPES), (states, (torch.float32,))):
+        for tensor in tensors:
+            if tensor is None:
+                continue
+            if tensor.numel() != n or not tensor.is_contiguous() or tensor.device != first.device:
+                raise ValueError("segment tensors must be contiguous, of equal length and on one "
+                                 f"device; got {tuple(tensor.shape)} on {tensor.device} against "
+                                 f"{n} elements on {first.device}")
+            if tensor.dtype not in dtypes:
+                raise TypeError("the Triton backend supports float32, bfloat16 and float16 "
+                                f"params with float32 state, got {tensor.dtype}")
+    if len(params) > 1 and params[1] is not None and params[1].dtype != first.dtype:
+        raise TypeError(f"grad dtype {params[1].dtype} differs from param dtype {first.dtype}")
+    return n
