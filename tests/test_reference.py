@@ -1,0 +1,160 @@
+"""The reference noise (Philox4x32-10 + Box-Muller) and the reference ops."""
+import math
+
+import pytest
+import torch
+
+from ivon_fast import reference
+
+# Random123's known answers for Philox4x32-10: (counter, key) -> output
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter,key,expected", PHILOX_KAT)
+def test_philox_known_answers(counter, key, expected):
+    outputs = reference.philox4x32_10(*[torch.tensor([c]) for c in counter], *key)
+    assert tuple(int(o.item()) for o in outputs) == expected
+
+
+def test_philox_matches_triton_tl_philox_under_the_interpreter():
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.jit
+    def philox_kernel(c0_ptr, c1_ptr, c2_ptr, c3_ptr, out_ptr, seed, n, BLOCK: tl.constexpr):
+        k = tl.arange(0, BLOCK)
+        mask = k < n
+        c0 = tl.load(c0_ptr + k, mask=mask).to(tl.uint32)
+        c1 = tl.load(c1_ptr + k, mask=mask).to(tl.uint32)
+        c2 = tl.load(c2_ptr + k, mask=mask).to(tl.uint32)
+        c3 = tl.load(c3_ptr + k, mask=mask).to(tl.uint32)
+        x0, x1, x2, x3 = tl.philox(seed, c0, c1, c2, c3)
+        tl.store(out_ptr + 4 * k + 0, x0.to(tl.int64) & 0xFFFFFFFF, mask=mask)
+        tl.store(out_ptr + 4 * k + 1, x1.to(tl.int64) & 0xFFFFFFFF, mask=mask)
+        tl.store(out_ptr + 4 * k + 2, x2.to(tl.int64) & 0xFFFFFFFF, mask=mask)
+        tl.store(out_ptr + 4 * k + 3, x3.to(tl.int64) & 0xFFFFFFFF, mask=mask)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(7)
+    counters = [torch.randint(0, 2**32, (64,), generator=generator, dtype=torch.int64)
+                for _ in range(4)]
+    seed = 0x0123456789ABCDEF
+    # tl.uint32 loads: store the counters as int32 bit patterns
+    as_int32 = [torch.where(c >= 2**31, c - 2**32, c).to(torch.int32).to(device) for c in counters]
+    out = torch.zeros(64 * 4, dtype=torch.int64, device=device)
+    philox_kernel[(1,)](*as_int32, out, seed, 64, BLOCK=64)
+    expected = torch.stack(reference.philox4x32_10(*counters, seed & 0xFFFFFFFF, seed >> 32), 1)
+    assert torch.equal(out.cpu().view(64, 4), expected)
+
+
+def test_noise_of_an_element_does_not_depend_on_the_segment_it_is_drawn_in():
+    whole = reference.philox_normal(99, 5, 0, 1003)
+    for start, stop in [(0, 1), (1, 4), (3, 10), (5, 1003), (1001, 1003)]:
+        assert torch.equal(reference.philox_normal(99, 5, start, stop - start), whole[start:stop])
+
+
+def test_noise_uses_all_four_outputs_of_one_philox_call():
+    x0, x1, x2, x3 = reference.philox4x32_10(torch.tensor([1]), torch.tensor([0]),
+                                              torch.tensor([3]), torch.tensor([0]), 11, 0)
+    u = [reference._uint32_to_uniform(x) for x in (x0, x1, x2, x3)]
+    radius01 = math.sqrt(-2 * math.log(max(u[0].item(), 1e-7)))
+    radius23 = math.sqrt(-2 * math.log(max(u[2].item(), 1e-7)))
+    expected = [radius01 * math.cos(2 * math.pi * u[1].item()),
+                radius01 * math.sin(2 * math.pi * u[1].item()),
+                radius23 * math.cos(2 * math.pi * u[3].item()),
+                radius23 * math.sin(2 * math.pi * u[3].item())]
+    got = reference.philox_normal(11, 3, 4, 4)  # global indices 4..7 are quad 1
+    assert torch.allclose(got.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5)
+
+
+def test_noise_statistics():
+    n = 1 << 20
+    eps = reference.philox_normal(2024, 0, 0, n).double()
+    assert abs(eps.mean().item()) < 5 / math.sqrt(n)
+    assert abs(eps.var().item() - 1) < 5 * math.sqrt(2 / n)
+    fourth = (eps ** 4).mean().item()  # normal kurtosis is 3
+    assert abs(fourth - 3) < 0.05
+    for lag in (1, 2, 3, 4):  # neighbours share a Philox call: they must still be uncorrelated
+        corr = torch.corrcoef(torch.stack((eps[:-lag], eps[lag:])))[0, 1].item()
+        assert abs(corr) < 5 / math.sqrt(n), lag
+    next_draw = reference.philox_normal(2024, 1, 0, n).double()
+    assert abs(torch.corrcoef(torch.stack((eps, next_draw)))[0, 1].item()) < 5 / math.sqrt(n)
+    other_seed = reference.philox_normal(2025, 0, 0, n).double()
+    assert abs(torch.corrcoef(torch.stack((eps, other_seed)))[0, 1].item()) < 5 / math.sqrt(n)
+    evaluation = reference.philox_normal(2024, reference.EVAL_DRAW_BASE, 0, n).double()
+    assert abs(torch.corrcoef(torch.stack((eps, evaluation)))[0, 1].item()) < 5 / math.sqrt(n)
+
+
+def test_noise_accepts_64_bit_seeds_and_draws():
+    seed, draw = 2**64 - 1, reference.EVAL_DRAW_BASE + 12345
+    eps = reference.philox_normal(seed, draw, 2**40, 4)
+    words = reference.philox4x32_10(torch.tensor([0]), torch.tensor([2**38 >> 32]),
+                                    torch.tensor([draw & 0xFFFFFFFF]), torch.tensor([draw >> 32]),
+                                    0xFFFFFFFF, 0xFFFFFFFF)
+    u0, u1 = (reference._uint32_to_uniform(w).item() for w in words[:2])
+    expected0 = math.sqrt(-2 * math.log(max(u0, 1e-7))) * math.cos(2 * math.pi * u1)
+    assert abs(eps[0].item() - expected0) < 1e-5
+
+
+def _update_inputs(dtype, n=257, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    make = lambda scale=1.0: (torch.randn(n, generator=generator) * scale).to(dtype)  # noqa: E731
+    return dict(param=torch.empty(n, dtype=dtype), grad=make(), mean=make(),
+                momentum=make(0.1), hess=make(0.1).abs() + 0.5)
+
+
+def test_update_in_float64_matches_the_formula_written_out():
+    """The update of DESIGN.md section 2 written independently, in float64."""
+    inputs = _update_inputs(torch.float64)
+    mean0, mom0, hess0, grad = (inputs[k].clone() for k in ("mean", "momentum", "hess", "grad"))
+    lr, ess, wd, b1, b2, radius, step = 0.1, 500.0, 1e-3, 0.9, 0.999, 0.02, 3
+    eps = reference.philox_normal(5, 9, 17, 257).double()
+    reference.update(inputs["param"], inputs["grad"], inputs["mean"], inputs["momentum"],
+                     inputs["hess"], None, None, seed=5, draw=9, next_draw=None, offset=17,
+                     count=1, hess_approx="price", lr=lr, ess=ess, weight_decay=wd, beta1=b1,
+                     beta2=b2, clip_radius=radius, debias=1 - b1 ** step)
+    noise = eps / torch.sqrt(ess * (hess0 + wd))
+    g = b1 * mom0 + (1 - b1) * grad
+    f = noise * grad * (hess0 + wd) * ess
+    h = b2 * hess0 + (1 - b2) * f + 0.5 * (1 - b2) ** 2 * (hess0 - f) ** 2 / (hess0 + wd)
+    m = mean0 - lr * torch.clamp((g / (1 - b1 ** step) + wd * mean0) / (h + wd), -radius, radius)
+    torch.testing.assert_close(inputs["momentum"], g, rtol=1e-12, atol=0)
+    torch.testing.assert_close(inputs["hess"], h, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(inputs["mean"], m, rtol=1e-12, atol=1e-15)
+    assert torch.equal(inputs["param"], inputs["mean"])
+
+
+def test_update_with_next_draw_writes_the_sample_of_the_new_state():
+    inputs = _update_inputs(torch.float32)
+    kwargs = dict(seed=3, offset=2, hess_approx="gradsq", lr=0.01, ess=100.0,
+                  weight_decay=1e-4, beta1=0.9, beta2=0.99, clip_radius=math.inf, debias=0.1)
+    reference.update(inputs["param"], inputs["grad"], inputs["mean"], inputs["momentum"],
+                     inputs["hess"], None, None, draw=0, next_draw=1, count=1, **kwargs)
+    sigma = 1 / torch.sqrt(100.0 * (inputs["hess"] + 1e-4))
+    expected = inputs["mean"] + reference.philox_normal(3, 1, 2, 257) * sigma
+    torch.testing.assert_close(inputs["param"], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_accumulate_then_update_equals_averaging_by_hand():
+    n, dtype = 101, torch.float64
+    grads = [torch.randn(n, dtype=dtype) for _ in range(3)]
+    hess = torch.rand(n, dtype=dtype) + 0.1
+    avg_grad, avg_term = torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype)
+    common = dict(seed=1, offset=3, ess=10.0, weight_decay=0.01, hess_approx="price")
+    for count, (draw, grad) in enumerate(zip((4, 5), grads[:2]), start=1):
+        reference.accumulate(grad, hess, avg_grad, avg_term, draw=draw, count=count, **common)
+    noises = [reference.philox_normal(1, d, 3, n).double() / torch.sqrt(10.0 * (hess + 0.01))
+              for d in (4, 5, 6)]
+    torch.testing.assert_close(avg_grad, (grads[0] + grads[1]) / 2)
+    torch.testing.assert_close(avg_term, (noises[0] * grads[0] + noises[1] * grads[1]) / 2)
+    state = dict(param=torch.empty(n, dtype=dtype), mean=torch.zeros(n, dtype=dtype),
+                 momentum=torch.zeros(n, dtype=dtype), hess=hess.clone())
+    reference.update(state["param"], grads[2], state["mean"], state["momentum"], state["hess"],
+                     avg_grad, avg_term, draw=6, next_draw=None, count=3, lr=1.0, beta1=0.0,
+                     beta2=0.5, clip_radius=math.inf, debias=1.0, **common)
+    torch.testing.assert_close(state["momentum"], sum(grads) / 3)
