@@ -50,7 +50,7 @@ _NO_SAMPLE_MESSAGE = (
 def _check_range(name, value, low, high, low_open=False, high_open=False):
     """Raise ValueError naming the argument unless low (<|<=) value (<|<=) high."""
     try:
-        value = float(value)
+        value = math.nan if isinstance(value, (str, bool)) else float(value)
     except (TypeError, ValueError):
         value = math.nan
     ok_low = value > low if low_open else value >= low
@@ -101,7 +101,9 @@ class _Bucket:
     avg_grad: Optional[torch.Tensor] = None
     avg_hess_term: Optional[torch.Tensor] = None
     backend: str = "reference"
-    versions: list = field(default_factory=list)
+    param_views: list = field(default_factory=list)  # each param's shaped view into param_flat
+    grad_views: list = field(default_factory=list)   # each param's shaped view into grad_flat
+    versions: list = field(default_factory=list)     # each param's _version after our last look
     _segments_key: tuple = ()
     _segments: list = field(default_factory=list)
 
@@ -291,12 +293,13 @@ class IVON(torch.optim.Optimizer):
                 hess=torch.full((total,), float(group["hess_init"]), dtype=sdtype, device=device),
                 backend=backends.resolve(self._backend_choice, torch.device(device)))
             for index, param in enumerate(params):
-                view = param_flat[bucket.slice_of(index)].view(param.shape)
-                param.data = view
+                bucket.param_views.append(param_flat[bucket.slice_of(index)].view(param.shape))
+                bucket.grad_views.append(grad_flat[bucket.slice_of(index)].view(param.shape))
+                param.data = bucket.param_views[index]
                 if param.requires_grad:
                     if param.grad is not None:
-                        bucket.grad_flat[bucket.slice_of(index)].copy_(param.grad.reshape(-1))
-                    param.grad = bucket.grad_flat[bucket.slice_of(index)].view(param.shape)
+                        bucket.grad_views[index].copy_(param.grad)
+                    param.grad = bucket.grad_views[index]
                 self.state[param] = {
                     "mean": bucket.mean[bucket.slice_of(index)].view(param.shape),
                     "momentum": bucket.momentum[bucket.slice_of(index)].view(param.shape),
@@ -326,42 +329,36 @@ class IVON(torch.optim.Optimizer):
     def _adopt_user_writes(self) -> None:
         """Take params changed by user code as the new mean (Note [user writes to params])."""
         for bucket in self._buckets:
-            for index, param in enumerate(bucket.params):
-                where = bucket.slice_of(index)
-                view = bucket.param_flat[where]
+            for index, (param, view) in enumerate(zip(bucket.params, bucket.param_views)):
                 rebound = param.data_ptr() != view.data_ptr()
                 if not rebound and param._version == bucket.versions[index]:
                     continue
                 with torch.no_grad():
                     if rebound:
-                        if (param.numel(), param.dtype, param.device) != (
-                                view.numel(), view.dtype, view.device):
+                        if (param.shape, param.dtype, param.device) != (
+                                view.shape, view.dtype, view.device):
                             raise RuntimeError(
-                                "a parameter managed by IVON changed its size, dtype or device; "
+                                "a parameter managed by IVON changed its shape, dtype or device; "
                                 "move or convert the model before creating the optimizer")
-                        view.copy_(param.data.reshape(-1))
-                        shape = param.shape
-                        param.data = view.view(shape)
-                    bucket.mean[where].copy_(view)
+                        view.copy_(param.data)
+                        param.data = view
+                    bucket.mean[bucket.slice_of(index)].copy_(view.reshape(-1))
                 bucket.versions[index] = param._version
 
     def _gather_grads(self) -> None:
         """Make the flat gradient buffer hold every trainable param's current ``.grad``."""
         for bucket in self._buckets:
-            for index, param in enumerate(bucket.params):
-                if not param.requires_grad:
-                    continue
-                view = bucket.grad_flat[bucket.slice_of(index)]
+            for param, view in zip(bucket.params, bucket.grad_views):
                 grad = param.grad
-                if grad is not None and grad.data_ptr() == view.data_ptr() and grad.dtype == view.dtype:
+                if not param.requires_grad or grad is view:
                     continue
                 if grad is None:
                     view.zero_()
-                else:
+                elif grad.data_ptr() != view.data_ptr() or grad.dtype != view.dtype:
                     if grad.is_sparse:
                         raise RuntimeError("IVON does not support sparse gradients")
-                    view.copy_(grad.reshape(-1))
-                param.grad = view.view(param.shape)
+                    view.copy_(grad.reshape(view.shape))
+                param.grad = view
 
     def _ensure_averages(self, bucket: _Bucket) -> None:
         if bucket.avg_grad is None:
@@ -614,10 +611,9 @@ class IVON(torch.optim.Optimizer):
         """
         for bucket in self._buckets:
             bucket.grad_flat.zero_()
-            for index, param in enumerate(bucket.params):
-                if param.requires_grad and (param.grad is None or param.grad.data_ptr()
-                                            != bucket.grad_flat[bucket.slice_of(index)].data_ptr()):
-                    param.grad = bucket.grad_flat[bucket.slice_of(index)].view(param.shape)
+            for param, view in zip(bucket.params, bucket.grad_views):
+                if param.requires_grad and param.grad is not view:
+                    param.grad = view
 
     # ------------------------------------------------------------------ state dicts
 
