@@ -50,11 +50,11 @@ _NO_SAMPLE_MESSAGE = (
 def _check_range(name, value, low, high, low_open=False, high_open=False):
     """Raise ValueError naming the argument unless low (<|<=) value (<|<=) high."""
     try:
-        value = math.nan if isinstance(value, (str, bool)) else float(value)
+        number = math.nan if isinstance(value, (str, bool)) else float(value)
     except (TypeError, ValueError):
-        value = math.nan
-    ok_low = value > low if low_open else value >= low
-    ok_high = value < high if high_open else value <= high
+        number = math.nan
+    ok_low = number > low if low_open else number >= low
+    ok_high = number < high if high_open else number <= high
     if not (ok_low and ok_high):
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ValueError(f"Invalid {name}: {value!r}; it must be in {interval}")
