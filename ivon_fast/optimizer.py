@@ -233,7 +233,18 @@ class IVON(torch.optim.Optimizer):
         self._torch_noise: dict = {}  # rng='torch': draw -> {bucket index: eps}
         self._eval_generators: dict = {}
 
-        super().__init__(param_groups, defaults)
+        # torch validates each group only when adding it (duplicates across groups, non-leaf
+        # tensors), after the earlier groups' params moved into their buckets: undo that on failure
+        originals = [(p, p.data, p.grad if p.is_leaf else None)
+                     for group in param_groups for p in group["params"]]
+        try:
+            super().__init__(param_groups, defaults)
+        except BaseException:
+            for param, data, grad in originals:
+                param.data = data
+                if param.is_leaf:
+                    param.grad = grad
+            raise
         if resample_on_step:
             self._pending_draw = self._take_train_draw()
             self._sample(self._pending_draw)
@@ -342,8 +353,27 @@ class IVON(torch.optim.Optimizer):
                                 "move or convert the model before creating the optimizer")
                         view.copy_(param.data)
                         param.data = view
-                    bucket.mean[bucket.slice_of(index)].copy_(view.reshape(-1))
+                    if not self._holds_resting_values(bucket, index):
+                        bucket.mean[bucket.slice_of(index)].copy_(view.reshape(-1))
                 bucket.versions[index] = param._version
+
+    def _holds_resting_values(self, bucket: _Bucket, index: int) -> bool:
+        """Whether a param written by user code holds exactly what the optimizer put there.
+
+        With resample_on_step the params hold a sample, so a model checkpoint holds one too:
+        loading it back (after the optimizer's own state) must not turn that sample into the mean.
+        """
+        if not (self.resample_on_step and bucket.params[index].requires_grad):
+            return False
+        where = bucket.slice_of(index)
+        segment = _Segment(where.start, where.stop, bucket.offsets[index])
+        expected = torch.empty_like(bucket.param_flat[where])
+        backends.get(bucket.backend).sample(
+            expected, bucket.mean[where], bucket.hess[where], seed=self.seed,
+            draw=self._pending_draw, offset=segment.offset,
+            **self._group_scalars(self.param_groups[bucket.group_index]),
+            **self._noise_kwargs("eps", self._pending_draw, self._buckets.index(bucket), segment))
+        return torch.equal(expected, bucket.param_flat[where])
 
     def _gather_grads(self) -> None:
         """Make the flat gradient buffer hold every trainable param's current ``.grad``."""
@@ -582,25 +612,38 @@ class IVON(torch.optim.Optimizer):
         return None
 
     def _step_with_closure(self, closure):
+        self._adopt_user_writes()
+        if not self.resample_on_step and self._pending_draw is not None:
+            self._accumulate_pending()  # a finished sample: folding it in changes nothing
+        # an exception in a closure call rolls back the samples this step(closure) took
+        checkpoint = (self._count, self._pending_draw, self._next_train_draw,
+                      [(b.avg_grad.clone(), b.avg_hess_term.clone()) for b in self._buckets]
+                      if self._count > 0 else None)
         losses = []
-        if self.resample_on_step:
-            self._adopt_user_writes()
-            for index in range(self.mc_samples):
-                if index > 0:
-                    self._accumulate_pending()
-                    self._pending_draw = self._take_train_draw()
-                    self._sample(self._pending_draw)
-                with torch.enable_grad():
-                    losses.append(closure())
-            if self.sync and dist.is_available() and dist.is_initialized():
-                self._sync_averages()
-            self._update(self._take_train_draw())
-        else:
-            for _ in range(self.mc_samples):
-                with self.sampled_params(train=True):
+        try:
+            if self.resample_on_step:
+                for index in range(self.mc_samples):
+                    if index > 0:
+                        self._accumulate_pending()
+                        self._pending_draw = self._take_train_draw()
+                        self._sample(self._pending_draw)
                     with torch.enable_grad():
                         losses.append(closure())
-            self.step()
+            else:
+                for _ in range(self.mc_samples):
+                    with self.sampled_params(train=True):
+                        with torch.enable_grad():
+                            losses.append(closure())
+        except BaseException:
+            self._count, self._pending_draw, self._next_train_draw, averages = checkpoint
+            for bucket, saved in zip(self._buckets, averages or ()):
+                bucket.avg_grad.copy_(saved[0])
+                bucket.avg_hess_term.copy_(saved[1])
+            self._write_resting_params()
+            raise
+        if self.sync and dist.is_available() and dist.is_initialized():
+            self._sync_averages()
+        self._update(self._take_train_draw() if self.resample_on_step else None)
         return sum(losses) / len(losses)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
