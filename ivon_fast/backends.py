@@ -36,6 +36,8 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
         return None
     if name in ("cuda", "cpu") and device.type != name:
         return f"backend={name!r} runs on {name} tensors, got parameters on {device}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
     try:
         module = _load(name)
     except ImportError as error:
