@@ -6,7 +6,9 @@
 # where .whl/ holds the ivon-opt wheel (pure Python; the GPU machine has no network):
 #     pip download --no-deps -d .whl ivon-opt==0.1.3
 # Logs and JSON go to $OUT (the device tool's folder) or /tmp/ivon_device_check.
+# `bash bench/device_check.sh quick`: build, the extension's GPU tests, one 64M benchmark (~2 min).
 set -uo pipefail
+MODE=${1:-full}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ivon_device_check}
 mkdir -p "$OUT"
@@ -36,10 +38,19 @@ echo "build rc=$build_rc in $((SECONDS - start)) s" | tee "$OUT/summary.txt"
 
 echo "== GPU tests"
 start=$SECONDS
-timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider --maxfail=30 \
+tests=tests
+[ "$MODE" = quick ] && tests="tests/test_cpp.py tests/test_backend_trajectories.py"
+timeout 240 python3 -m pytest -q -m gpu $tests -p no:cacheprovider --maxfail=30 \
     > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$? in $((SECONDS - start)) s: $(tail -1 "$OUT/gpu_tests.log")" | tee -a "$OUT/summary.txt"
 grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
+
+if [ "$MODE" = quick ]; then
+    timeout 60 python3 -m bench --sizes 64M --no-ivon-opt --repeats 10 \
+        --json "$OUT/bench_fp32.json" > "$OUT/bench_fp32.txt" 2>&1
+    cat "$OUT/summary.txt" "$OUT/bench_fp32.txt"
+    exit 0
+fi
 
 echo "== benchmark (fp32)"
 timeout 150 python3 -m bench --sizes 16M,64M,256M --json "$OUT/bench_fp32.json" \

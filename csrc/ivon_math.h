@@ -26,6 +26,15 @@
 
 // Each CPU TU compiled for one instruction set puts this header in its own namespace, so the
 // inline functions of the AVX-512 TU and of the baseline TU are different symbols (ODR-safe).
+// Full unrolling of Philox's 10 rounds: the CPU vectorizer only handles straight-line loop bodies.
+#if defined(__CUDACC__)
+#define IVON_UNROLL _Pragma("unroll")
+#elif defined(__clang__)
+#define IVON_UNROLL _Pragma("clang loop unroll(full)")
+#else
+#define IVON_UNROLL _Pragma("GCC unroll 10")
+#endif
+
 #ifndef IVON_MATH_NS
 #define IVON_MATH_NS ivon_math
 #endif
@@ -64,7 +73,7 @@ struct U32x4 {
 
 IVON_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                             uint32_t k1) {
-#pragma unroll
+IVON_UNROLL
   for (int round = 0; round < 10; ++round) {
     // the 64-bit product of two 32-bit words; compilers map this to mul.hi / vpmuludq
     const uint64_t p0 = uint64_t(0xD2511F53u) * c0;
@@ -155,7 +164,10 @@ IVON_HD void sincos_angle(float theta, float* s_out, float* c_out) {
 
 // Box-Muller on one pair of uniforms, as the reference writes it.
 IVON_HD void box_muller(float a, float b, float* n0, float* n1) {
-  const float radius = sqrtf(-2.0f * log_pos(a < 1e-7f ? 1e-7f : a));
+  // max(a, 1e-7) as an integer max of the bits (a >= 0, where float order is bit order): a float
+  // select before the log kept GCC from if-converting, hence from vectorizing, this loop.
+  const uint32_t ua = float_to_bits(a), umin = 0x33d6bf95u;  // bits of 1e-7f
+  const float radius = sqrtf(-2.0f * log_pos(bits_to_float(ua > umin ? ua : umin)));
   const float theta = 6.283185307179586f * b;
   float s, c;
   sincos_angle(theta, &s, &c);

@@ -45,9 +45,10 @@ const char* cpu_isa_name();
 // "" restores automatic selection; returns false for an unknown / unsupported name.
 bool cpu_set_isa(const char* name);
 
-// CUDA entry points (cuda_kernels.cu), launched on `stream` (a cudaStream_t).
-void cuda_sample(const OpArgs& a, void* stream);
-void cuda_accumulate(const OpArgs& a, void* stream);
-void cuda_update(const OpArgs& a, void* stream);
+// CUDA entry points (cuda_kernels.cu), launched on `stream` (a cudaStream_t). They return
+// nullptr on success, else the CUDA error string of the launch.
+const char* cuda_sample(const OpArgs& a, void* stream);
+const char* cuda_accumulate(const OpArgs& a, void* stream);
+const char* cuda_update(const OpArgs& a, void* stream);
 
 }  // namespace ivon_fast

@@ -1,0 +1,97 @@
+"""Micro-benchmark of the compiled CPU kernels against torch.optim.AdamW(fused=True).
+
+    python bench/cpu_kernel.py [--numel 10000000] [--repeats 15]
+
+Times (median of --repeats, same process): one fused AdamW step over `numel` fp32 params in 4
+tensors, and one ivon_fast update (grad given, count=1, hess_approx='price', next_draw given: the
+fused drop-in step), plus sample and the update without resampling, for each CPU kernel build the
+CPU supports. The headline ratio alternates AdamW and IVON steps round by round, so a shift of the
+machine's memory bandwidth during the run (shared hosts) affects both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ivon_fast import cpp_backend
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm up (first touch, thread pool)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--numel", type=int, default=10_000_000)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    n = args.numel
+    reason = cpp_backend.unavailable_reason("cpu")
+    if reason is not None:
+        raise SystemExit(reason)
+
+    params = [torch.randn(n // 4) for _ in range(4)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    adamw = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    adamw_ms = median_ms(adamw.step, args.repeats)
+
+    param, grad = torch.randn(n), torch.randn(n)
+    mean, momentum, hess = torch.randn(n), torch.zeros(n), torch.full((n,), 0.1)
+    hyper = dict(lr=0.1, ess=1e4, weight_decay=1e-4, beta1=0.9, beta2=0.99999,
+                 clip_radius=1e-3, debias=1.0)
+    draw = [0]
+
+    def fused_step():
+        draw[0] += 1
+        cpp_backend.update(param, grad, mean, momentum, hess, None, None, seed=1, draw=draw[0],
+                           next_draw=draw[0] + 1, count=1, hess_approx="price", **hyper)
+
+    def plain_update():
+        cpp_backend.update(param, grad, mean, momentum, hess, None, None, seed=1, draw=1,
+                           count=1, hess_approx="price", **hyper)
+
+    def sample():
+        cpp_backend.sample(param, mean, hess, seed=1, draw=1, ess=1e4, weight_decay=1e-4)
+
+    # alternate the two steps, round by round
+    pairs = []
+    fused_step()
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        adamw.step()
+        middle = time.perf_counter()
+        fused_step()
+        pairs.append((middle - start, time.perf_counter() - middle))
+    adamw_alt = statistics.median(p[0] for p in pairs) * 1e3
+    ivon_alt = statistics.median(p[1] for p in pairs) * 1e3
+
+    print(f"{n:,} fp32 elements, {torch.get_num_threads()} threads, CPU kernels: "
+          f"{cpp_backend.cpu_isa()}")
+    print(f"  alternating: AdamW(fused=True) {adamw_alt:.2f} ms, IVON fused step {ivon_alt:.2f} ms"
+          f"  -> {ivon_alt / adamw_alt:.2f}x")
+    print(f"  AdamW(fused=True) step             {adamw_ms:8.2f} ms")
+    for isa in ("avx512", "avx2", "generic"):
+        try:
+            cpp_backend.set_cpu_isa(isa)
+        except ValueError:
+            continue
+        fused_ms = median_ms(fused_step, args.repeats)
+        print(f"  [{isa:7s}] update + next sample      {fused_ms:8.2f} ms  "
+              f"({fused_ms / adamw_ms:.2f}x AdamW)")
+        print(f"  [{isa:7s}] update (param <- mean)    {median_ms(plain_update, args.repeats):8.2f} ms")
+        print(f"  [{isa:7s}] sample                    {median_ms(sample, args.repeats):8.2f} ms")
+    cpp_backend.set_cpu_isa("")
+
+
+if __name__ == "__main__":
+    main()

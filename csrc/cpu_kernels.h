@@ -1,0 +1,411 @@
+// cpu_kernels.h: the CPU kernels, written as plain loops over the shared element math of
+// ivon_math.h and compiled once per instruction set (cpu_isa_*.cpp define IVON_MATH_NS and a
+// `#pragma GCC target` before including this file). The vectorizer turns the loops into AVX2 /
+// AVX-512 code; the functions here only process a range of quads, the threading lives in
+// cpu_dispatch.cpp (the only CPU TU that sees ATen).
+//
+// Note [block structure of the CPU kernels]: a loop that makes a Philox call per quad and then
+// updates four elements does not vectorize well (stride-4 accesses, a loop-carried quad). So each
+// range is cut into blocks of kBlockQuads quads: one loop fills a small buffer with the block's
+// normals (vectorized across quads: Philox, the uniform conversion and Box-Muller are branch-free),
+// a second loop does the element update reading the noise from that L1-resident buffer (vectorized
+// across elements). Block boundaries are quad-aligned, so a segment offset that is not a multiple
+// of 4 just starts the first block's element loop a few normals into the buffer.
+//
+// Note [CPU cost of the fused step]: measured on a 2-core AVX-512 host (10M fp32 elements), the
+// fused update (price, next sample) is compute-bound: it takes the same time on cache-resident
+// data as from DRAM. Per element it runs 5 IEEE divisions and 3 square roots (the reference's
+// op-for-op formulas plus one sqrt per Box-Muller pair), which keep the divide / sqrt unit busy
+// for about as long as the whole memory stream; Box-Muller costs about twice Philox. Rewriting
+// divisions as reciprocal multiplies would be faster but gives up the reference's rounding and
+// the bit equality of the CPU and CUDA kernels.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(IVON_CPU_AVX512) || defined(IVON_CPU_AVX2)
+#include <immintrin.h>
+#endif
+
+#include "ivon_math.h"
+#include "kernel_args.h"
+
+namespace ivon_fast {
+namespace IVON_MATH_NS {
+
+constexpr int64_t kBlockQuads = 64;  // 256 normals = 1 KiB per buffer: L1-resident (64 measured best)
+
+#if defined(IVON_CPU_AVX512) || defined(IVON_CPU_AVX2)
+// Note [Philox with intrinsics]: GCC vectorizes the scalar Philox of ivon_math.h over 32-bit
+// lanes, which needs even/odd shuffles around every 32x32->64 multiply; Philox then costs more
+// than the whole update. Here each 64-bit lane holds one 32-bit Philox word: vpmuludq reads only
+// the low halves, so the products need no shuffle (the garbage left in the upper halves is never
+// read), and the three-way xor is one vpternlog on AVX-512. Four independent vectors are in flight
+// to hide the multiply latency. Integer arithmetic: the outputs equal the scalar Philox bit for
+// bit (tests compare these builds with the portable one).
+#if defined(IVON_CPU_AVX512)
+struct PhiloxVec {
+  using V = __m512i;
+  static constexpr int kLanes = 8;
+  static V set1(uint64_t x) { return _mm512_set1_epi64(int64_t(x)); }
+  static V lanes() { return _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7); }
+  static V add(V a, V b) { return _mm512_add_epi64(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_epu32(a, b); }
+  static V hi(V a) { return _mm512_srli_epi64(a, 32); }
+  static V xor3(V a, V b, V c) { return _mm512_ternarylogic_epi64(a, b, c, 0x96); }
+  static void store_lo32(uint32_t* p, V a) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi64_epi32(a));
+  }
+};
+#else
+struct PhiloxVec {
+  using V = __m256i;
+  static constexpr int kLanes = 4;
+  static V set1(uint64_t x) { return _mm256_set1_epi64x(int64_t(x)); }
+  static V lanes() { return _mm256_setr_epi64x(0, 1, 2, 3); }
+  static V add(V a, V b) { return _mm256_add_epi64(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_epu32(a, b); }
+  static V hi(V a) { return _mm256_srli_epi64(a, 32); }
+  static V xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+  static void store_lo32(uint32_t* p, V a) {
+    const __m256i even = _mm256_permutevar8x32_epi32(a, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(even));
+  }
+};
+#endif
+
+constexpr int kPhiloxVecs = 4;
+constexpr int64_t kPhiloxStep = PhiloxVec::kLanes * kPhiloxVecs;  // quads per iteration
+
+static inline void philox_words(uint64_t seed, uint64_t draw, int64_t q0, int64_t nq,
+                                uint32_t* __restrict x0, uint32_t* __restrict x1,
+                                uint32_t* __restrict x2, uint32_t* __restrict x3) {
+  using P = PhiloxVec;
+  using V = P::V;
+  const V m0 = P::set1(0xD2511F53u), m1 = P::set1(0xCD9E8D57u);
+  const V lane = P::lanes();
+  const V draw_lo = P::set1(uint32_t(draw)), draw_hi = P::set1(uint32_t(draw >> 32));
+  V key0[10], key1[10];
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    key0[r] = P::set1(k0);
+    key1[r] = P::set1(k1);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  // nq is rounded up to whole iterations: the buffers have room (see fill_normals)
+  for (int64_t j = 0; j < nq; j += kPhiloxStep) {
+    V c0[kPhiloxVecs], c1[kPhiloxVecs], c2[kPhiloxVecs], c3[kPhiloxVecs];
+    for (int v = 0; v < kPhiloxVecs; ++v) {
+      const V q = P::add(P::set1(uint64_t(q0 + j + P::kLanes * v)), lane);
+      c0[v] = q;
+      c1[v] = P::hi(q);
+      c2[v] = draw_lo;
+      c3[v] = draw_hi;
+    }
+#pragma GCC unroll 10
+    for (int r = 0; r < 10; ++r) {
+#pragma GCC unroll 4
+      for (int v = 0; v < kPhiloxVecs; ++v) {
+        const V p0 = P::mul(c0[v], m0);
+        const V p1 = P::mul(c2[v], m1);
+        c0[v] = P::xor3(P::hi(p1), c1[v], key0[r]);
+        c2[v] = P::xor3(P::hi(p0), c3[v], key1[r]);
+        c1[v] = p1;
+        c3[v] = p0;
+      }
+    }
+    for (int v = 0; v < kPhiloxVecs; ++v) {
+      const int64_t at = j + P::kLanes * v;
+      P::store_lo32(x0 + at, c0[v]);
+      P::store_lo32(x1 + at, c1[v]);
+      P::store_lo32(x2 + at, c2[v]);
+      P::store_lo32(x3 + at, c3[v]);
+    }
+  }
+}
+
+// eps[j] = the normal of global index 4 * q0 + j, for nq quads.
+static inline void fill_normals(uint64_t seed, uint64_t draw, int64_t q0, int64_t nq,
+                                float* __restrict eps) {
+  alignas(64) uint32_t x0[kBlockQuads], x1[kBlockQuads], x2[kBlockQuads], x3[kBlockQuads];
+  alignas(64) float n0[kBlockQuads], n1[kBlockQuads], n2[kBlockQuads], n3[kBlockQuads];
+  static_assert(kBlockQuads % kPhiloxStep == 0, "philox_words writes whole iterations");
+  philox_words(seed, draw, q0, nq, x0, x1, x2, x3);
+  for (int64_t j = 0; j < nq; ++j) {
+    box_muller(uint_to_uniform(x0[j]), uint_to_uniform(x1[j]), &n0[j], &n1[j]);
+    box_muller(uint_to_uniform(x2[j]), uint_to_uniform(x3[j]), &n2[j], &n3[j]);
+  }
+  for (int64_t j = 0; j < nq; ++j) {
+    eps[4 * j + 0] = n0[j];
+    eps[4 * j + 1] = n1[j];
+    eps[4 * j + 2] = n2[j];
+    eps[4 * j + 3] = n3[j];
+  }
+}
+#else
+// eps[j] = the normal of global index 4 * q0 + j, for nq quads.
+static inline void fill_normals(uint64_t seed, uint64_t draw, int64_t q0, int64_t nq,
+                                float* __restrict eps) {
+  float n0[kBlockQuads], n1[kBlockQuads], n2[kBlockQuads], n3[kBlockQuads];
+  for (int64_t j = 0; j < nq; ++j) {
+    const F32x4 n = normals4(seed, draw, uint64_t(q0 + j));
+    n0[j] = n.v0;
+    n1[j] = n.v1;
+    n2[j] = n.v2;
+    n3[j] = n.v3;
+  }
+  for (int64_t j = 0; j < nq; ++j) {
+    eps[4 * j + 0] = n0[j];
+    eps[4 * j + 1] = n1[j];
+    eps[4 * j + 2] = n2[j];
+    eps[4 * j + 3] = n3[j];
+  }
+}
+#endif
+
+// Note [raw 16-bit storage]: bf16 / fp16 values are loaded and stored as uint16_t, not as the
+// BF16 / F16 structs: GCC finds no vector type for a struct load and would leave the whole loop
+// scalar.
+template <typename PT>
+struct RawOf {
+  using type = uint16_t;
+};
+template <>
+struct RawOf<float> {
+  using type = float;
+};
+template <typename PT>
+using RawT = typename RawOf<PT>::type;
+
+template <typename PT>
+static inline float raw_to_float(RawT<PT> r) {
+  if constexpr (std::is_same_v<PT, float>) {
+    return r;
+  } else {
+    return to_float(PT{r});
+  }
+}
+
+template <typename PT>
+static inline RawT<PT> float_to_raw(float f) {
+  if constexpr (std::is_same_v<PT, float>) {
+    return f;
+  } else {
+    return from_float<PT>(f).bits;
+  }
+}
+
+// The local element range [k_lo, k_hi) of the quads [qb, qe) of a segment, and the shift that
+// maps a local index k to its position k + shift in a buffer filled from quad qb.
+struct BlockRange {
+  int64_t k_lo, k_hi, shift;
+};
+
+static inline BlockRange block_range(const OpArgs& a, int64_t qb, int64_t qe) {
+  const int64_t g_lo = std::max(4 * qb, a.offset);
+  const int64_t g_hi = std::min(4 * qe, a.offset + a.n);
+  return {g_lo - a.offset, g_hi - a.offset, a.offset - 4 * qb};
+}
+
+template <typename PT>
+static void sample_block(const OpArgs& a, BlockRange r, const float* __restrict eps) {
+  RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
+  const float* __restrict mean = a.mean;
+  const float* __restrict hess = a.hess;
+  const float* __restrict e = eps + r.shift;
+  const Scalars s = a.s;
+  for (int64_t k = r.k_lo; k < r.k_hi; ++k) {
+    param[k] = float_to_raw<PT>(mean[k] + noise_of(e[k], hess[k], s));
+  }
+}
+
+template <typename PT, bool PRICE, bool FIRST>
+static void accumulate_block(const OpArgs& a, BlockRange r, const float* __restrict eps) {
+  const RawT<PT>* __restrict grad = static_cast<const RawT<PT>*>(a.grad);
+  const float* __restrict hess = a.hess;
+  float* __restrict avg_grad = a.avg_grad;
+  float* __restrict avg_ht = a.avg_hess_term;
+  const float* __restrict e = eps + r.shift;
+  const Scalars s = a.s;
+  for (int64_t k = r.k_lo; k < r.k_hi; ++k) {
+    const float g = raw_to_float<PT>(grad[k]);
+    const float noise = PRICE ? noise_of(e[k], hess[k], s) : 0.0f;
+    avg_grad[k] = running_mean<FIRST>(avg_grad[k], g, s);
+    avg_ht[k] = running_mean<FIRST>(avg_ht[k], hess_term_of<PRICE>(g, noise), s);
+  }
+}
+
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT>
+static void update_block(const OpArgs& a, BlockRange r, const float* __restrict eps,
+                         const float* __restrict eps_next) {
+  RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
+  const RawT<PT>* __restrict grad = static_cast<const RawT<PT>*>(a.grad);
+  float* __restrict mean = a.mean;
+  float* __restrict momentum = a.momentum;
+  float* __restrict hess = a.hess;
+  const float* __restrict avg_grad = a.avg_grad;
+  const float* __restrict avg_ht = a.avg_hess_term;
+  const float* __restrict e = eps + r.shift;
+  const float* __restrict e_next = eps_next + r.shift;
+  const Scalars s = a.s;
+  for (int64_t k = r.k_lo; k < r.k_hi; ++k) {
+    float m = mean[k], mom = momentum[k], h = hess[k];
+    float grad_mean, hess_term;
+    if (MODE == GradMode::kAvgOnly) {
+      grad_mean = avg_grad[k];
+      hess_term = avg_ht[k];
+    } else {
+      const float g = raw_to_float<PT>(grad[k]);
+      const float noise = PRICE ? noise_of(e[k], h, s) : 0.0f;
+      const float ht = hess_term_of<PRICE>(g, noise);
+      constexpr bool kFirst = MODE == GradMode::kGradOnly;
+      grad_mean = running_mean<kFirst>(kFirst ? 0.0f : avg_grad[k], g, s);
+      hess_term = running_mean<kFirst>(kFirst ? 0.0f : avg_ht[k], ht, s);
+    }
+    update_state<PRICE>(grad_mean, hess_term, m, mom, h, s);
+    mean[k] = m;
+    momentum[k] = mom;
+    hess[k] = h;
+    param[k] = float_to_raw<PT>(NEXT ? m + noise_of(e_next[k], h, s) : m);
+  }
+}
+
+// Note [prefetch during the noise]: a block first computes its normals (no memory traffic), then
+// streams its elements. Without help the memory system idles during the first phase, and the
+// hardware prefetchers only restart on the second phase's misses. So each block prefetches the
+// elements of the block kPrefetchBlocks ahead before computing its noise: the loads then overlap
+// with the Philox / Box-Muller work.
+constexpr int64_t kPrefetchBlocks = 2;
+
+template <typename T>
+static inline void prefetch_elems(const T* base, int64_t k_lo, int64_t k_hi) {
+  if (base == nullptr || k_lo >= k_hi) return;
+  const char* p = reinterpret_cast<const char*>(base + k_lo);
+  const char* end = reinterpret_cast<const char*>(base + k_hi);
+  for (; p < end; p += 64) __builtin_prefetch(p, 1, 3);
+}
+
+// ---- range functions: quads [q_begin, q_end) of the segment, one thread ----
+
+template <typename PT>
+static void sample_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
+  alignas(64) float eps[4 * kBlockQuads];
+  for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
+    const int64_t qe = std::min(qb + kBlockQuads, q_end);
+    const int64_t pq = qb + kPrefetchBlocks * kBlockQuads;  // Note [prefetch during the noise]
+    if (pq < q_end) {
+      const BlockRange r = block_range(a, pq, std::min(pq + kBlockQuads, q_end));
+      prefetch_elems(a.mean, r.k_lo, r.k_hi);
+      prefetch_elems(a.hess, r.k_lo, r.k_hi);
+      prefetch_elems(static_cast<const RawT<PT>*>(a.param), r.k_lo, r.k_hi);
+    }
+    fill_normals(a.seed, a.draw, qb, qe - qb, eps);
+    sample_block<PT>(a, block_range(a, qb, qe), eps);
+  }
+}
+
+template <typename PT, bool PRICE, bool FIRST>
+static void accumulate_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
+  alignas(64) float eps[4 * kBlockQuads];
+  for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
+    const int64_t qe = std::min(qb + kBlockQuads, q_end);
+    if (PRICE) fill_normals(a.seed, a.draw, qb, qe - qb, eps);
+    accumulate_block<PT, PRICE, FIRST>(a, block_range(a, qb, qe), eps);
+  }
+}
+
+template <typename PT, GradMode MODE>
+static inline void prefetch_update_block(const OpArgs& a, int64_t qb, int64_t q_end) {
+  const int64_t pq = qb + kPrefetchBlocks * kBlockQuads;
+  if (pq >= q_end) return;
+  const BlockRange r = block_range(a, pq, std::min(pq + kBlockQuads, q_end));
+  prefetch_elems(a.mean, r.k_lo, r.k_hi);
+  prefetch_elems(a.momentum, r.k_lo, r.k_hi);
+  prefetch_elems(a.hess, r.k_lo, r.k_hi);
+  prefetch_elems(static_cast<const RawT<PT>*>(a.param), r.k_lo, r.k_hi);
+  if (MODE != GradMode::kAvgOnly) prefetch_elems(static_cast<const RawT<PT>*>(a.grad), r.k_lo, r.k_hi);
+  if (MODE != GradMode::kGradOnly) {
+    prefetch_elems(a.avg_grad, r.k_lo, r.k_hi);
+    prefetch_elems(a.avg_hess_term, r.k_lo, r.k_hi);
+  }
+}
+
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT>
+static void update_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
+  alignas(64) float eps[4 * kBlockQuads];
+  alignas(64) float eps_next[4 * kBlockQuads];
+  for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
+    const int64_t qe = std::min(qb + kBlockQuads, q_end);
+    prefetch_update_block<PT, MODE>(a, qb, q_end);
+    // the noise of `draw` is needed only to form price's noise * grad
+    if (PRICE && MODE != GradMode::kAvgOnly) fill_normals(a.seed, a.draw, qb, qe - qb, eps);
+    if (NEXT) fill_normals(a.seed, a.next_draw, qb, qe - qb, eps_next);
+    update_block<PT, PRICE, MODE, NEXT>(a, block_range(a, qb, qe), eps, eps_next);
+  }
+}
+
+// ---- run-time flags -> template instances (once per range, outside the loops) ----
+
+template <typename PT>
+static void accumulate_range_pt(const OpArgs& a, int64_t qb, int64_t qe) {
+  if (a.price) {
+    a.first ? accumulate_range_t<PT, true, true>(a, qb, qe)
+            : accumulate_range_t<PT, true, false>(a, qb, qe);
+  } else {
+    a.first ? accumulate_range_t<PT, false, true>(a, qb, qe)
+            : accumulate_range_t<PT, false, false>(a, qb, qe);
+  }
+}
+
+template <typename PT, bool PRICE, GradMode MODE>
+static void update_range_next(const OpArgs& a, int64_t qb, int64_t qe) {
+  a.has_next_draw ? update_range_t<PT, PRICE, MODE, true>(a, qb, qe)
+                  : update_range_t<PT, PRICE, MODE, false>(a, qb, qe);
+}
+
+template <typename PT, bool PRICE>
+static void update_range_mode(const OpArgs& a, int64_t qb, int64_t qe) {
+  switch (a.mode) {
+    case GradMode::kGradOnly: return update_range_next<PT, PRICE, GradMode::kGradOnly>(a, qb, qe);
+    case GradMode::kGradAvg: return update_range_next<PT, PRICE, GradMode::kGradAvg>(a, qb, qe);
+    case GradMode::kAvgOnly: return update_range_next<PT, PRICE, GradMode::kAvgOnly>(a, qb, qe);
+  }
+}
+
+template <typename PT>
+static void update_range_pt(const OpArgs& a, int64_t qb, int64_t qe) {
+  a.price ? update_range_mode<PT, true>(a, qb, qe) : update_range_mode<PT, false>(a, qb, qe);
+}
+
+#define IVON_DISPATCH_PTYPE(a, FN, ...)                                    \
+  switch ((a).ptype) {                                                     \
+    case ParamType::kFloat: return FN<float>(__VA_ARGS__);                 \
+    case ParamType::kBFloat16: return FN<BF16>(__VA_ARGS__);               \
+    case ParamType::kHalf: return FN<F16>(__VA_ARGS__);                    \
+  }
+
+static void sample_range(const OpArgs& a, int64_t qb, int64_t qe) {
+  IVON_DISPATCH_PTYPE(a, sample_range_t, a, qb, qe)
+}
+static void accumulate_range(const OpArgs& a, int64_t qb, int64_t qe) {
+  IVON_DISPATCH_PTYPE(a, accumulate_range_pt, a, qb, qe)
+}
+static void update_range(const OpArgs& a, int64_t qb, int64_t qe) {
+  IVON_DISPATCH_PTYPE(a, update_range_pt, a, qb, qe)
+}
+
+}  // namespace IVON_MATH_NS
+}  // namespace ivon_fast
+
+// Each ISA TU exports its three range functions in one table.
+#include "cpu_isa_table.h"
+
+#define IVON_DEFINE_ISA_TABLE(NAME)                                                  \
+  namespace ivon_fast {                                                              \
+  const CpuIsaTable cpu_isa_##NAME = {#NAME, IVON_MATH_NS::sample_range,            \
+                                      IVON_MATH_NS::accumulate_range,               \
+                                      IVON_MATH_NS::update_range};                  \
+  }

@@ -1,0 +1,284 @@
+// cuda_kernels.cu: the CUDA kernels. One thread handles one quad (the four elements that share a
+// Philox call, DESIGN.md section 3) per iteration of a grid-stride loop; the math is the shared
+// scalar code of ivon_math.h, so the CPU tests exercise it.
+//
+// Note [vector loads]: when the segment starts on a quad boundary (offset % 4 == 0) and every
+// pointer is aligned to four elements, a quad is one 16-byte load / store of float state (8 bytes
+// for bf16 / fp16 params and grads). Otherwise (or for the segment's partial first / last quad)
+// the thread falls back to bounds-checked scalar accesses; the results are identical.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#define IVON_MATH_NS cuda_math
+#include "ivon_math.h"
+#include "kernel_args.h"
+
+namespace ivon_fast {
+namespace {
+
+using namespace cuda_math;
+
+constexpr int kThreads = 256;
+
+// ---- four-element loads and stores (see Note [vector loads]) ----
+
+__device__ __forceinline__ void load4(const float* p, int64_t k0, bool vec, int64_t n, float v[4]) {
+  if (vec) {
+    const float4 t = *reinterpret_cast<const float4*>(p + k0);
+    v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = (k0 + j >= 0 && k0 + j < n) ? p[k0 + j] : 0.0f;
+  }
+}
+
+__device__ __forceinline__ void store4(float* p, int64_t k0, bool vec, int64_t n, const float v[4]) {
+  if (vec) {
+    *reinterpret_cast<float4*>(p + k0) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (k0 + j >= 0 && k0 + j < n) p[k0 + j] = v[j];
+  }
+}
+
+template <typename H>  // BF16 or F16: 4 x 16 bits = one 8-byte access
+__device__ __forceinline__ void load4(const H* p, int64_t k0, bool vec, int64_t n, float v[4]) {
+  if (vec) {
+    const uint2 t = *reinterpret_cast<const uint2*>(p + k0);
+    v[0] = to_float(H{uint16_t(t.x)});
+    v[1] = to_float(H{uint16_t(t.x >> 16)});
+    v[2] = to_float(H{uint16_t(t.y)});
+    v[3] = to_float(H{uint16_t(t.y >> 16)});
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = (k0 + j >= 0 && k0 + j < n) ? to_float(p[k0 + j]) : 0.0f;
+  }
+}
+
+template <typename H>
+__device__ __forceinline__ void store4(H* p, int64_t k0, bool vec, int64_t n, const float v[4]) {
+  if (vec) {
+    uint2 t;
+    t.x = uint32_t(from_float<H>(v[0]).bits) | (uint32_t(from_float<H>(v[1]).bits) << 16);
+    t.y = uint32_t(from_float<H>(v[2]).bits) | (uint32_t(from_float<H>(v[3]).bits) << 16);
+    *reinterpret_cast<uint2*>(p + k0) = t;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (k0 + j >= 0 && k0 + j < n) p[k0 + j] = from_float<H>(v[j]);
+  }
+}
+
+__device__ __forceinline__ void normals(uint64_t seed, uint64_t draw, int64_t q, float e[4]) {
+  const F32x4 n = normals4(seed, draw, uint64_t(q));
+  e[0] = n.v0, e[1] = n.v1, e[2] = n.v2, e[3] = n.v3;
+}
+
+// The quad of iteration i, its first local index and whether it is one aligned vector access.
+struct Quad {
+  int64_t q, k0;
+  bool vec;
+};
+
+__device__ __forceinline__ Quad quad_of(const OpArgs& a, int64_t i, bool aligned) {
+  const int64_t q = (a.offset >> 2) + i;
+  const int64_t k0 = 4 * q - a.offset;
+  return {q, k0, aligned && k0 >= 0 && k0 + 4 <= a.n};
+}
+
+#define IVON_GRID_STRIDE(i, nq)                                                     \
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (nq);        \
+       i += int64_t(gridDim.x) * blockDim.x)
+
+template <typename PT>
+__global__ void __launch_bounds__(kThreads)
+    sample_kernel(const OpArgs a, int64_t nq, bool aligned) {
+  IVON_GRID_STRIDE(i, nq) {
+    const Quad t = quad_of(a, i, aligned);
+    float m[4], h[4], e[4], out[4];
+    load4(a.mean, t.k0, t.vec, a.n, m);
+    load4(a.hess, t.k0, t.vec, a.n, h);
+    normals(a.seed, a.draw, t.q, e);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[j] = m[j] + noise_of(e[j], h[j], a.s);
+    store4(static_cast<PT*>(a.param), t.k0, t.vec, a.n, out);
+  }
+}
+
+template <typename PT, bool PRICE, bool FIRST>
+__global__ void __launch_bounds__(kThreads)
+    accumulate_kernel(const OpArgs a, int64_t nq, bool aligned) {
+  IVON_GRID_STRIDE(i, nq) {
+    const Quad t = quad_of(a, i, aligned);
+    float g[4], h[4], e[4], ag[4] = {0, 0, 0, 0}, ah[4] = {0, 0, 0, 0};
+    load4(static_cast<const PT*>(a.grad), t.k0, t.vec, a.n, g);
+    if (PRICE) {
+      load4(a.hess, t.k0, t.vec, a.n, h);
+      normals(a.seed, a.draw, t.q, e);
+    }
+    if (!FIRST) {
+      load4(a.avg_grad, t.k0, t.vec, a.n, ag);
+      load4(a.avg_hess_term, t.k0, t.vec, a.n, ah);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float noise = PRICE ? noise_of(e[j], h[j], a.s) : 0.0f;
+      const float ht = hess_term_of<PRICE>(g[j], noise);
+      ag[j] = running_mean<FIRST>(ag[j], g[j], a.s);
+      ah[j] = running_mean<FIRST>(ah[j], ht, a.s);
+    }
+    store4(a.avg_grad, t.k0, t.vec, a.n, ag);
+    store4(a.avg_hess_term, t.k0, t.vec, a.n, ah);
+  }
+}
+
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT>
+__global__ void __launch_bounds__(kThreads)
+    update_kernel(const OpArgs a, int64_t nq, bool aligned) {
+  IVON_GRID_STRIDE(i, nq) {
+    const Quad t = quad_of(a, i, aligned);
+    float m[4], mom[4], h[4], gm[4], ht[4];
+    load4(a.mean, t.k0, t.vec, a.n, m);
+    load4(a.momentum, t.k0, t.vec, a.n, mom);
+    load4(a.hess, t.k0, t.vec, a.n, h);
+    if (MODE == GradMode::kAvgOnly) {
+      load4(a.avg_grad, t.k0, t.vec, a.n, gm);
+      load4(a.avg_hess_term, t.k0, t.vec, a.n, ht);
+    } else {
+      float g[4], e[4] = {0, 0, 0, 0}, ag[4] = {0, 0, 0, 0}, ah[4] = {0, 0, 0, 0};
+      load4(static_cast<const PT*>(a.grad), t.k0, t.vec, a.n, g);
+      if (PRICE) normals(a.seed, a.draw, t.q, e);
+      constexpr bool kFirst = MODE == GradMode::kGradOnly;
+      if (!kFirst) {
+        load4(a.avg_grad, t.k0, t.vec, a.n, ag);
+        load4(a.avg_hess_term, t.k0, t.vec, a.n, ah);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float noise = PRICE ? noise_of(e[j], h[j], a.s) : 0.0f;
+        gm[j] = running_mean<kFirst>(ag[j], g[j], a.s);
+        ht[j] = running_mean<kFirst>(ah[j], hess_term_of<PRICE>(g[j], noise), a.s);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) update_state<PRICE>(gm[j], ht[j], m[j], mom[j], h[j], a.s);
+    store4(a.mean, t.k0, t.vec, a.n, m);
+    store4(a.momentum, t.k0, t.vec, a.n, mom);
+    store4(a.hess, t.k0, t.vec, a.n, h);
+    float out[4];
+    if (NEXT) {
+      float e[4];
+      normals(a.seed, a.next_draw, t.q, e);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = m[j] + noise_of(e[j], h[j], a.s);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = m[j];
+    }
+    store4(static_cast<PT*>(a.param), t.k0, t.vec, a.n, out);
+  }
+}
+
+// ---- host side ----
+
+int64_t num_quads(const OpArgs& a) { return ((a.offset + a.n - 1) >> 2) - (a.offset >> 2) + 1; }
+
+bool aligned_to(const void* p, int64_t bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes) == 0;
+}
+
+// the vector path: quad-aligned segment start and every pointer aligned to four elements
+bool vector_ok(const OpArgs& a) {
+  const int64_t pbytes = a.ptype == ParamType::kFloat ? 16 : 8;
+  return a.offset % 4 == 0 && aligned_to(a.param, pbytes) && aligned_to(a.grad, pbytes) &&
+         aligned_to(a.mean, 16) && aligned_to(a.momentum, 16) && aligned_to(a.hess, 16) &&
+         aligned_to(a.avg_grad, 16) && aligned_to(a.avg_hess_term, 16);
+}
+
+// enough blocks to fill the GPU a few times over; the grid-stride loop covers the rest
+int grid_for(int64_t nq) {
+  static int sms[64] = {0};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  int& n_sm = sms[dev & 63];
+  if (n_sm == 0) cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
+  const int64_t want = (nq + kThreads - 1) / kThreads;
+  return int(std::max<int64_t>(1, std::min<int64_t>(want, int64_t(std::max(n_sm, 1)) * 8)));
+}
+
+const char* last_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <typename F>
+const char* with_ptype(const OpArgs& a, F&& f) {
+  switch (a.ptype) {
+    case ParamType::kFloat: f(float{}); break;
+    case ParamType::kBFloat16: f(BF16{}); break;
+    case ParamType::kHalf: f(F16{}); break;
+  }
+  return last_error();
+}
+
+template <typename PT, bool PRICE, GradMode MODE>
+void launch_update_next(const OpArgs& a, cudaStream_t st, int64_t nq, bool al) {
+  if (a.has_next_draw)
+    update_kernel<PT, PRICE, MODE, true><<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
+  else
+    update_kernel<PT, PRICE, MODE, false><<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
+}
+
+template <typename PT, bool PRICE>
+void launch_update_mode(const OpArgs& a, cudaStream_t st, int64_t nq, bool al) {
+  switch (a.mode) {
+    case GradMode::kGradOnly: return launch_update_next<PT, PRICE, GradMode::kGradOnly>(a, st, nq, al);
+    case GradMode::kGradAvg: return launch_update_next<PT, PRICE, GradMode::kGradAvg>(a, st, nq, al);
+    case GradMode::kAvgOnly: return launch_update_next<PT, PRICE, GradMode::kAvgOnly>(a, st, nq, al);
+  }
+}
+
+}  // namespace
+
+const char* cuda_sample(const OpArgs& a, void* stream) {
+  const auto st = static_cast<cudaStream_t>(stream);
+  const int64_t nq = num_quads(a);
+  const bool al = vector_ok(a);
+  return with_ptype(a, [&](auto pt) {
+    using PT = decltype(pt);
+    sample_kernel<PT><<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
+  });
+}
+
+const char* cuda_accumulate(const OpArgs& a, void* stream) {
+  const auto st = static_cast<cudaStream_t>(stream);
+  const int64_t nq = num_quads(a);
+  const bool al = vector_ok(a);
+  return with_ptype(a, [&](auto pt) {
+    using PT = decltype(pt);
+    const int grid = grid_for(nq);
+    if (a.price) {
+      if (a.first) accumulate_kernel<PT, true, true><<<grid, kThreads, 0, st>>>(a, nq, al);
+      else accumulate_kernel<PT, true, false><<<grid, kThreads, 0, st>>>(a, nq, al);
+    } else {
+      if (a.first) accumulate_kernel<PT, false, true><<<grid, kThreads, 0, st>>>(a, nq, al);
+      else accumulate_kernel<PT, false, false><<<grid, kThreads, 0, st>>>(a, nq, al);
+    }
+  });
+}
+
+const char* cuda_update(const OpArgs& a, void* stream) {
+  const auto st = static_cast<cudaStream_t>(stream);
+  const int64_t nq = num_quads(a);
+  const bool al = vector_ok(a);
+  return with_ptype(a, [&](auto pt) {
+    using PT = decltype(pt);
+    if (a.price) launch_update_mode<PT, true>(a, st, nq, al);
+    else launch_update_mode<PT, false>(a, st, nq, al);
+  });
+}
+
+}  // namespace ivon_fast

@@ -1,0 +1,253 @@
+// ops.cpp: the torch ops ivon_fast::sample / accumulate / update (schemas, input validation,
+// host-side scalar preparation) and their CPU and CUDA registrations. The kernels themselves see
+// only the plain OpArgs of kernel_args.h.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "kernel_args.h"
+
+#ifdef IVON_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace ivon_fast {
+namespace {
+
+// Note [uint64 seeds and draws]: seeds and draw numbers are uint64 (evaluation draws have bit 63
+// set), but the schema type `int` is int64. The Python wrapper passes the same 64 bits as a
+// signed value and the kernels reinterpret them, so no value is lost.
+uint64_t as_u64(int64_t v) { return static_cast<uint64_t>(v); }
+
+ParamType param_type(const at::Tensor& param) {
+  switch (param.scalar_type()) {
+    case at::kFloat: return ParamType::kFloat;
+    case at::kBFloat16: return ParamType::kBFloat16;
+    case at::kHalf: return ParamType::kHalf;
+    default:
+      TORCH_CHECK(false, "ivon_fast: param must be float32, bfloat16 or float16, got ",
+                  param.scalar_type());
+  }
+}
+
+// Every tensor of a call: same device as `like`, same number of elements, contiguous, and the
+// expected dtype (the param dtype for param / grad, float32 for the state).
+void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name,
+                  at::ScalarType dtype) {
+  TORCH_CHECK(t.defined(), "ivon_fast: ", name, " is undefined");
+  TORCH_CHECK(t.device() == like.device(), "ivon_fast: ", name, " is on ", t.device(), " but ",
+              like_name, " is on ", like.device());
+  TORCH_CHECK(t.numel() == like.numel(), "ivon_fast: ", name, " has ", t.numel(),
+              " elements but ", like_name, " has ", like.numel());
+  TORCH_CHECK(t.is_contiguous(), "ivon_fast: ", name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == dtype, "ivon_fast: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+}
+
+void check_common(const at::Tensor& param, int64_t offset) {
+  TORCH_CHECK(param.device().is_cpu() || param.device().is_cuda(),
+              "ivon_fast: tensors must be on cpu or cuda, got ", param.device());
+  TORCH_CHECK(param.is_contiguous(), "ivon_fast: param must be contiguous");
+  TORCH_CHECK(offset >= 0, "ivon_fast: offset must be >= 0, got ", offset);
+  TORCH_CHECK(offset <= INT64_MAX - param.numel(), "ivon_fast: offset + numel overflows int64");
+}
+
+bool parse_hess_approx(c10::string_view hess_approx) {
+  if (hess_approx == "price") return true;
+  if (hess_approx == "gradsq") return false;
+  TORCH_CHECK(false, "ivon_fast: hess_approx must be 'price' or 'gradsq', got '",
+              std::string(hess_approx.data(), hess_approx.size()), "'");
+}
+
+float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
+
+enum class Op { kSample, kAccumulate, kUpdate };
+
+void launch(Op op, const OpArgs& a, const at::Tensor& param) {
+  if (a.n == 0) return;
+  if (param.is_cuda()) {
+#ifdef IVON_WITH_CUDA
+    c10::cuda::CUDAGuard guard(param.device());
+    void* stream = c10::cuda::getCurrentCUDAStream(param.device().index()).stream();
+    const char* err = op == Op::kSample       ? cuda_sample(a, stream)
+                      : op == Op::kAccumulate ? cuda_accumulate(a, stream)
+                                              : cuda_update(a, stream);
+    TORCH_CHECK(err == nullptr, "ivon_fast: CUDA kernel launch failed: ", err);
+#else
+    TORCH_CHECK(false, "ivon_fast: the extension was built without CUDA");
+#endif
+    return;
+  }
+  switch (op) {
+    case Op::kSample: return cpu_sample(a);
+    case Op::kAccumulate: return cpu_accumulate(a);
+    case Op::kUpdate: return cpu_update(a);
+  }
+}
+
+void sample(const at::Tensor& param, const at::Tensor& mean, const at::Tensor& hess, int64_t seed,
+            int64_t draw, int64_t offset, double ess, double weight_decay) {
+  check_common(param, offset);
+  OpArgs a;
+  a.ptype = param_type(param);
+  check_tensor(mean, "mean", param, "param", at::kFloat);
+  check_tensor(hess, "hess", param, "param", at::kFloat);
+  a.n = param.numel();
+  a.offset = offset;
+  a.seed = as_u64(seed);
+  a.draw = as_u64(draw);
+  a.param = param.data_ptr();
+  a.mean = f32(mean);
+  a.hess = f32(hess);
+  a.s.ess = static_cast<float>(ess);
+  a.s.wd = static_cast<float>(weight_decay);
+  launch(Op::kSample, a, param);
+}
+
+void accumulate(const at::Tensor& grad, const at::Tensor& hess, const at::Tensor& avg_grad,
+                const at::Tensor& avg_hess_term, int64_t seed, int64_t draw, int64_t offset,
+                int64_t count, double ess, double weight_decay, c10::string_view hess_approx) {
+  check_common(grad, offset);
+  OpArgs a;
+  a.ptype = param_type(grad);
+  check_tensor(hess, "hess", grad, "grad", at::kFloat);
+  check_tensor(avg_grad, "avg_grad", grad, "grad", at::kFloat);
+  check_tensor(avg_hess_term, "avg_hess_term", grad, "grad", at::kFloat);
+  TORCH_CHECK(count >= 1, "ivon_fast: count must be >= 1, got ", count);
+  a.price = parse_hess_approx(hess_approx);
+  a.first = count == 1;
+  a.n = grad.numel();
+  a.offset = offset;
+  a.seed = as_u64(seed);
+  a.draw = as_u64(draw);
+  a.grad = grad.data_ptr();
+  a.hess = f32(hess);
+  a.avg_grad = f32(avg_grad);
+  a.avg_hess_term = f32(avg_hess_term);
+  a.s.ess = static_cast<float>(ess);
+  a.s.wd = static_cast<float>(weight_decay);
+  a.s.count = static_cast<float>(count);
+  launch(Op::kAccumulate, a, grad);
+}
+
+void update(const at::Tensor& param, const std::optional<at::Tensor>& grad,
+            const at::Tensor& mean, const at::Tensor& momentum, const at::Tensor& hess,
+            const std::optional<at::Tensor>& avg_grad,
+            const std::optional<at::Tensor>& avg_hess_term, int64_t seed, int64_t draw,
+            std::optional<int64_t> next_draw, int64_t offset, int64_t count,
+            c10::string_view hess_approx, double lr, double ess, double weight_decay,
+            double beta1, double beta2, double clip_radius, double debias) {
+  check_common(param, offset);
+  OpArgs a;
+  a.ptype = param_type(param);
+  check_tensor(mean, "mean", param, "param", at::kFloat);
+  check_tensor(momentum, "momentum", param, "param", at::kFloat);
+  check_tensor(hess, "hess", param, "param", at::kFloat);
+  TORCH_CHECK(count >= 1, "ivon_fast: count must be >= 1, got ", count);
+  const bool has_grad = grad.has_value() && grad->defined();
+  a.mode = !has_grad ? GradMode::kAvgOnly : count == 1 ? GradMode::kGradOnly : GradMode::kGradAvg;
+  if (has_grad) {
+    check_tensor(*grad, "grad", param, "param", param.scalar_type());
+    a.grad = grad->data_ptr();
+  }
+  if (a.mode != GradMode::kGradOnly) {
+    const char* why = has_grad ? " (count > 1 folds grad into the averages)"
+                               : " (grad=None: the averages hold all samples)";
+    TORCH_CHECK(avg_grad.has_value() && avg_grad->defined(), "ivon_fast: avg_grad is required",
+                why);
+    TORCH_CHECK(avg_hess_term.has_value() && avg_hess_term->defined(),
+                "ivon_fast: avg_hess_term is required", why);
+    check_tensor(*avg_grad, "avg_grad", param, "param", at::kFloat);
+    check_tensor(*avg_hess_term, "avg_hess_term", param, "param", at::kFloat);
+    a.avg_grad = f32(*avg_grad);
+    a.avg_hess_term = f32(*avg_hess_term);
+  }
+  a.price = parse_hess_approx(hess_approx);
+  a.n = param.numel();
+  a.offset = offset;
+  a.seed = as_u64(seed);
+  a.draw = as_u64(draw);
+  a.has_next_draw = next_draw.has_value();
+  a.next_draw = as_u64(next_draw.value_or(0));
+  a.param = param.data_ptr();
+  a.mean = f32(mean);
+  a.momentum = f32(momentum);
+  a.hess = f32(hess);
+  // host scalars combined in double, as ivon-opt's Python does, then rounded once to float
+  a.s.ess = static_cast<float>(ess);
+  a.s.wd = static_cast<float>(weight_decay);
+  a.s.beta1 = static_cast<float>(beta1);
+  a.s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  a.s.beta2 = static_cast<float>(beta2);
+  a.s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  a.s.hess_coef = static_cast<float>(0.5 * std::pow(1.0 - beta2, 2.0));
+  a.s.lr = static_cast<float>(lr);
+  a.s.debias = static_cast<float>(debias);
+  a.s.clip = static_cast<float>(clip_radius);
+  a.s.count = static_cast<float>(count);
+  launch(Op::kUpdate, a, param);
+}
+
+std::string cpu_isa() { return cpu_isa_name(); }
+bool set_cpu_isa(c10::string_view name) {
+  return cpu_set_isa(std::string(name.data(), name.size()).c_str());
+}
+bool built_with_cuda() {
+#ifdef IVON_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ivon_fast, m) {
+  m.def(
+      "sample(Tensor(a!) param, Tensor mean, Tensor hess, *, int seed, int draw, int offset, "
+      "float ess, float weight_decay) -> ()");
+  m.def(
+      "accumulate(Tensor grad, Tensor hess, Tensor(a!) avg_grad, Tensor(b!) avg_hess_term, *, "
+      "int seed, int draw, int offset, int count, float ess, float weight_decay, "
+      "str hess_approx) -> ()");
+  m.def(
+      "update(Tensor(a!) param, Tensor? grad, Tensor(b!) mean, Tensor(c!) momentum, "
+      "Tensor(d!) hess, Tensor? avg_grad, Tensor? avg_hess_term, *, int seed, int draw, "
+      "int? next_draw, int offset, int count, str hess_approx, float lr, float ess, "
+      "float weight_decay, float beta1, float beta2, float clip_radius, float debias) -> ()");
+  // introspection (no tensor arguments: catch-all kernels)
+  m.def("_cpu_isa", &cpu_isa);
+  m.def("_set_cpu_isa", &set_cpu_isa);
+  m.def("_built_with_cuda", &built_with_cuda);
+}
+
+TORCH_LIBRARY_IMPL(ivon_fast, CPU, m) {
+  m.impl("sample", &sample);
+  m.impl("accumulate", &accumulate);
+  m.impl("update", &update);
+}
+
+#ifdef IVON_WITH_CUDA
+TORCH_LIBRARY_IMPL(ivon_fast, CUDA, m) {
+  m.impl("sample", &sample);
+  m.impl("accumulate", &accumulate);
+  m.impl("update", &update);
+}
+#endif
+
+}  // namespace ivon_fast
+
+// The Python module ivon_fast._C: importing it runs the registrations above.
+static struct PyModuleDef ivon_fast_module = {
+    PyModuleDef_HEAD_INIT, "_C", "ivon_fast compiled ops, registered as torch.ops.ivon_fast.*",
+    -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&ivon_fast_module); }

@@ -1,0 +1,96 @@
+"""The compiled C++/CUDA backend: the op contract of ``ivon_fast.reference`` over torch.ops.ivon_fast.
+
+The kernels live in the extension ``ivon_fast._C`` (sources in csrc/), which registers the ops
+``torch.ops.ivon_fast.sample / accumulate / update`` for CPU and, when built with CUDA, for CUDA
+tensors. This module imports without the extension; ``unavailable_reason`` then says why.
+
+Differences from the reference: the noise is always the counter-based Philox noise (no ``eps``
+arguments), params must be float32 / bfloat16 / float16 with float32 state, and every tensor must be
+contiguous. Seeds and draws are uint64 (evaluation draws have bit 63 set); they travel through the
+int64 schema arguments as the same 64 bits (see Note [uint64 seeds and draws] in csrc/ops.cpp).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["sample", "accumulate", "update", "unavailable_reason", "cpu_isa", "set_cpu_isa"]
+
+_BUILD_HINT = (
+    "build it with `MAX_JOBS=2 CUDA_HOME=/usr/local/cuda-13.0 pip install --no-build-isolation "
+    "-e .` in the repository (unset IVON_FAST_NO_EXT)")
+
+try:
+    from ivon_fast import _C  # noqa: F401  (importing registers torch.ops.ivon_fast.*)
+except ImportError as error:  # not built, or built against another torch
+    _IMPORT_ERROR: str | None = f"{type(error).__name__}: {error}"
+else:
+    _IMPORT_ERROR = None
+    from ivon_fast import _fake_ops  # noqa: F401  (fake kernels for torch.compile)
+
+
+def unavailable_reason(device) -> str | None:
+    """None when the compiled ops can run on ``device``, else why not."""
+    device = torch.device(device)
+    if _IMPORT_ERROR is not None:
+        return f"the ivon_fast._C extension is not available ({_IMPORT_ERROR}); {_BUILD_HINT}"
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.ops.ivon_fast._built_with_cuda():
+            return ("the ivon_fast._C extension was built without CUDA kernels (torch without CUDA, "
+                    "no nvcc found, or IVON_FAST_NO_CUDA=1); rebuild with CUDA_HOME set")
+        return None
+    return f"the compiled ivon_fast ops run on cpu and cuda tensors, not {device.type}"
+
+
+def cpu_isa() -> str:
+    """The instruction-set build of the CPU kernels in use: 'avx512', 'avx2' or 'generic'."""
+    return torch.ops.ivon_fast._cpu_isa()
+
+
+def set_cpu_isa(name: str = "") -> None:
+    """Force a CPU kernel build ('avx2', 'generic', ...; '' = the best the CPU supports)."""
+    if not torch.ops.ivon_fast._set_cpu_isa(name):
+        raise ValueError(f"CPU kernel build {name!r} is unknown or not supported by this CPU")
+
+
+def _i64(value: int) -> int:
+    """A uint64 (or int64) as the int64 with the same 64 bits."""
+    value = int(value)
+    if not -(1 << 63) <= value < (1 << 64):
+        raise ValueError(f"seed / draw {value} does not fit in 64 bits")
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def _no_eps(eps, next_eps=None):
+    if eps is not None or next_eps is not None:
+        raise ValueError("the compiled backend generates its own Philox noise; eps / next_eps "
+                         "are reference-only")
+
+
+def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, eps=None):
+    _no_eps(eps)
+    torch.ops.ivon_fast.sample(param, mean, hess, seed=_i64(seed), draw=_i64(draw),
+                               offset=int(offset), ess=float(ess),
+                               weight_decay=float(weight_decay))
+
+
+def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
+               weight_decay, hess_approx, eps=None):
+    _no_eps(eps)
+    torch.ops.ivon_fast.accumulate(grad, hess, avg_grad, avg_hess_term, seed=_i64(seed),
+                                   draw=_i64(draw), offset=int(offset), count=int(count),
+                                   ess=float(ess), weight_decay=float(weight_decay),
+                                   hess_approx=hess_approx)
+
+
+def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
+           next_draw=None, offset=0, count, hess_approx, lr, ess, weight_decay, beta1, beta2,
+           clip_radius, debias, eps=None, next_eps=None):
+    _no_eps(eps, next_eps)
+    torch.ops.ivon_fast.update(
+        param, grad, mean, momentum, hess, avg_grad, avg_hess_term, seed=_i64(seed),
+        draw=_i64(draw), next_draw=None if next_draw is None else _i64(next_draw),
+        offset=int(offset), count=int(count), hess_approx=hess_approx, lr=float(lr),
+        ess=float(ess), weight_decay=float(weight_decay), beta1=float(beta1),
+        beta2=float(beta2), clip_radius=float(clip_radius), debias=float(debias))

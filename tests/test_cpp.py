@@ -1,0 +1,343 @@
+"""The compiled C++/CUDA ops against ivon_fast.reference, element by element, with the same noise.
+
+The reference regenerates the Philox noise of DESIGN.md section 3 in torch code, so both sides
+use the same eps; what remains are ulp-level differences of the transcendental functions, covered
+by the per-dtype tolerances below. CUDA tests run the same comparisons on CUDA tensors.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+from ivon_fast import cpp_backend as cpp
+from ivon_fast import reference as ref
+
+_REASON = cpp.unavailable_reason("cpu")
+if _REASON is not None and (os.environ.get("IVON_FAST_EXPECT_EXT") == "1"
+                            or os.environ.get("IVON_FAST_EXPECT_CUDA") == "1"):
+    raise RuntimeError(f"the compiled extension is expected but unavailable: {_REASON}")
+
+pytestmark = [pytest.mark.cpp, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
+
+# Tolerances per param dtype: the state (fp32) after one op, and the param written in its dtype.
+# Low-precision params can land one rounding step apart when the fp32 values differ by an ulp.
+STATE_TOL = dict(rtol=1e-5, atol=1e-6)
+PARAM_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=8e-3, atol=1e-5),   # one bf16 ulp (2^-7)
+    torch.float16: dict(rtol=1e-3, atol=1e-5),    # one fp16 ulp (2^-10)
+}
+NOISE_TOL = dict(rtol=2e-6, atol=2e-6)  # |eps| <= 5.7; log / sin / cos within a few ulp
+
+BIG_SEED = (1 << 64) - 12345            # a seed above 2^63
+EVAL_DRAW = ref.EVAL_DRAW_BASE + 7      # an evaluation draw (bit 63 set)
+
+HYPER = dict(lr=0.05, ess=30.0, weight_decay=1e-3, beta1=0.9, beta2=0.95)
+
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+def _state(n, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(scale=1.0):
+        return (torch.randn(n, generator=gen) * scale).to(device)
+
+    return dict(
+        param=torch.zeros(n, dtype=dtype, device=device),
+        grad=rnd().to(dtype),
+        mean=rnd(),
+        momentum=rnd(0.1),
+        hess=(torch.rand(n, generator=gen) * 0.5 + 0.05).to(device),
+        avg_grad=rnd(),
+        avg_hess_term=rnd(0.05),
+    )
+
+
+def _clone(state):
+    return {k: v.clone() for k, v in state.items()}
+
+
+def _assert_state(got, want, keys):
+    for key in keys:
+        tol = PARAM_TOL[got[key].dtype] if key in ("param", "grad") else STATE_TOL
+        torch.testing.assert_close(got[key].float(), want[key].float(), **tol,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
+def _skip_without_cuda(device):
+    if device == "cuda":
+        reason = cpp.unavailable_reason("cuda")
+        if reason is not None or not torch.cuda.is_available():
+            pytest.skip(reason or "needs a CUDA device")
+
+
+# ---- noise ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed,draw", [(0, 0), (123, 5), (BIG_SEED, EVAL_DRAW)])
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4099])
+def test_noise_equals_reference(device, seed, draw, offset):
+    _skip_without_cuda(device)
+    n = 4097
+    param = torch.empty(n, device=device)
+    # mean 0 and sigma 1 (ess = 1, hess = 1, wd = 0): the sample is eps itself
+    cpp.sample(param, torch.zeros(n, device=device), torch.ones(n, device=device), seed=seed,
+               draw=draw, offset=offset, ess=1.0, weight_decay=0.0)
+    want = ref.philox_normal(seed, draw, offset, n, device)
+    torch.testing.assert_close(param, want, **NOISE_TOL)
+    assert 0.9 < param.std().item() < 1.1
+
+
+def test_noise_moments_and_streams():
+    n = 1 << 16
+    out = {}
+    for draw in (0, 1, EVAL_DRAW):
+        p = torch.empty(n)
+        cpp.sample(p, torch.zeros(n), torch.ones(n), seed=7, draw=draw, ess=1.0, weight_decay=0.0)
+        out[draw] = p
+    for p in out.values():
+        assert abs(p.mean().item()) < 0.02 and abs(p.std().item() - 1) < 0.02
+    assert not torch.equal(out[0], out[1]) and not torch.equal(out[0], out[EVAL_DRAW])
+
+
+# ---- sample ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,offset", [(1, 0), (3, 1), (5, 2), (4097, 3), (4097, 4099),
+                                      (300_001, 1)])
+def test_sample(device, dtype, n, offset):
+    _skip_without_cuda(device)
+    got, want = _state(n, dtype, device), None
+    want = _clone(got)
+    kw = dict(seed=BIG_SEED, draw=3, offset=offset, ess=HYPER["ess"],
+              weight_decay=HYPER["weight_decay"])
+    cpp.sample(got["param"], got["mean"], got["hess"], **kw)
+    ref.sample(want["param"], want["mean"], want["hess"], **kw)
+    _assert_state(got, want, ["param"])
+
+
+# ---- accumulate -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("n,offset", [(5, 3), (4097, 1)])
+def test_accumulate(device, dtype, hess_approx, count, n, offset):
+    _skip_without_cuda(device)
+    got = _state(n, dtype, device, seed=1)
+    want = _clone(got)
+    kw = dict(seed=99, draw=EVAL_DRAW, offset=offset, count=count, ess=HYPER["ess"],
+              weight_decay=HYPER["weight_decay"], hess_approx=hess_approx)
+    cpp.accumulate(got["grad"], got["hess"], got["avg_grad"], got["avg_hess_term"], **kw)
+    ref.accumulate(want["grad"], want["hess"], want["avg_grad"], want["avg_hess_term"], **kw)
+    _assert_state(got, want, ["avg_grad", "avg_hess_term"])
+
+
+# ---- update ---------------------------------------------------------------------------------
+
+def _run_update(backend, st, *, grad, count, hess_approx, clip_radius, next_draw, offset,
+                seed=5, draw=11):
+    backend.update(st["param"], st["grad"] if grad else None, st["mean"], st["momentum"],
+                   st["hess"], st["avg_grad"], st["avg_hess_term"], seed=seed, draw=draw,
+                   next_draw=next_draw, offset=offset, count=count, hess_approx=hess_approx,
+                   clip_radius=clip_radius, debias=1 - 0.9 ** 3, **HYPER)
+
+
+_UPDATE_CASES = list(itertools.product(
+    [torch.float32, torch.bfloat16, torch.float16],
+    ["price", "gradsq"],
+    [(True, 1), (True, 3), (False, 3)],        # (grad given, count)
+    [None, 12],                                 # next_draw
+    [0.02, float("inf")],                       # clip_radius
+))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(len(_UPDATE_CASES)))
+def test_update(device, case):
+    _skip_without_cuda(device)
+    dtype, hess_approx, grad_count, next_draw, clip = _UPDATE_CASES[case]
+    n = 4097
+    offset = 4096 + case % 4  # every segment alignment
+    got = _state(n, dtype, device, seed=2)
+    want = _clone(got)
+    kw = dict(grad=grad_count[0], count=grad_count[1], hess_approx=hess_approx,
+              clip_radius=clip, next_draw=next_draw, offset=offset)
+    _run_update(cpp, got, **kw)
+    _run_update(ref, want, **kw)
+    _assert_state(got, want, ["mean", "momentum", "hess", "param"])
+    if clip != float("inf"):  # the clip must have been active for this case to test it
+        step = (want["mean"] - _state(n, dtype, device, seed=2)["mean"]).abs()
+        assert abs(step.max().item() - HYPER["lr"] * clip) < 1e-3 * HYPER["lr"] * clip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 3, 5, 4097, 300_001])
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4099])
+def test_update_sizes_offsets(device, n, offset):
+    _skip_without_cuda(device)
+    got = _state(n, torch.float32, device, seed=3)
+    want = _clone(got)
+    kw = dict(grad=True, count=1, hess_approx="price", clip_radius=float("inf"),
+              next_draw=EVAL_DRAW, offset=offset, seed=BIG_SEED, draw=(1 << 63) + 1)
+    _run_update(cpp, got, **kw)
+    _run_update(ref, want, **kw)
+    _assert_state(got, want, ["mean", "momentum", "hess", "param"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("mc_samples", [1, 3])
+def test_trajectory(device, hess_approx, mc_samples):
+    """Several IVON iterations (sample, grads of a quadratic, accumulate, fused update)."""
+    _skip_without_cuda(device)
+    n, offset = 20_003, 6
+    gen = torch.Generator().manual_seed(4)
+    # a target far from the params keeps |grad| away from 0, where an ulp of noise difference
+    # would be a large relative difference of the grad (the tolerance is about the kernels)
+    target = (torch.randn(n, generator=gen) * 0.1 + 4.0).to(device)
+    states = {}
+    for name, backend in (("cpp", cpp), ("ref", ref)):
+        st = _state(n, torch.float32, device, seed=4)
+        st["hess"].fill_(0.1)
+        st["momentum"].zero_()
+        draw = 0
+        backend.sample(st["param"], st["mean"], st["hess"], seed=77, draw=draw, offset=offset,
+                       ess=HYPER["ess"], weight_decay=HYPER["weight_decay"])
+        for step in range(1, 6):
+            for s in range(1, mc_samples + 1):
+                grad = 2.0 * (st["param"] - target) * (1 + 0.1 * torch.sin(st["param"]))
+                common = dict(seed=77, draw=draw, offset=offset, count=s,
+                              hess_approx=hess_approx)
+                if s < mc_samples:
+                    backend.accumulate(grad, st["hess"], st["avg_grad"], st["avg_hess_term"],
+                                       ess=HYPER["ess"], weight_decay=HYPER["weight_decay"],
+                                       **common)
+                    draw += 1
+                    backend.sample(st["param"], st["mean"], st["hess"], seed=77, draw=draw,
+                                   offset=offset, ess=HYPER["ess"],
+                                   weight_decay=HYPER["weight_decay"])
+                else:
+                    backend.update(st["param"], grad, st["mean"], st["momentum"], st["hess"],
+                                   st["avg_grad"], st["avg_hess_term"], next_draw=draw + 1,
+                                   clip_radius=0.1, debias=1 - 0.9 ** step, **common, **HYPER)
+                    draw += 1
+        states[name] = st
+    # 1e-5 relative, with an absolute floor of 1e-5 of the tensor's scale for elements near 0
+    # (an ulp of eps in step k moves such an element by an ulp of the scale, not of itself)
+    for key in ("mean", "momentum", "hess", "param"):
+        scale = states["ref"][key].abs().max().item()
+        torch.testing.assert_close(states["cpp"][key], states["ref"][key], rtol=1e-5,
+                                   atol=1e-5 * scale,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
+# ---- builds, dispatch, registration, compile -------------------------------------------------
+
+def test_cpu_isa_builds_agree_bitwise():
+    """Every instruction-set build the CPU supports gives the same bits as the portable one."""
+    results = {}
+    for isa in ("avx512", "avx2", "generic"):
+        try:
+            cpp.set_cpu_isa(isa)
+        except ValueError:
+            continue
+        try:
+            st = _state(70_001, torch.bfloat16, "cpu", seed=6)
+            _run_update(cpp, st, grad=True, count=3, hess_approx="price", clip_radius=0.02,
+                        next_draw=EVAL_DRAW, offset=1)
+            results[isa] = st
+        finally:
+            cpp.set_cpu_isa("")
+    assert "generic" in results
+    for isa, st in results.items():
+        for key in ("mean", "momentum", "hess", "param"):
+            assert torch.equal(st[key], results["generic"][key]), (isa, key)
+
+
+def test_input_validation():
+    st = _state(8, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="hess has 7 elements"):
+        cpp.sample(st["param"], st["mean"], st["hess"][:7], ess=1.0, weight_decay=0.0)
+    with pytest.raises(RuntimeError, match="mean must be contiguous"):
+        cpp.sample(torch.zeros(4), st["mean"][::2], st["hess"][:4], ess=1.0, weight_decay=0.0)
+    with pytest.raises(RuntimeError, match="momentum must be Float"):
+        _run_update(cpp, dict(st, momentum=st["momentum"].double()), grad=True, count=1,
+                    hess_approx="price", clip_radius=1.0, next_draw=None, offset=0)
+    with pytest.raises(RuntimeError, match="avg_grad is required"):
+        _run_update(cpp, dict(st, avg_grad=None), grad=False, count=2,
+                    hess_approx="price", clip_radius=1.0, next_draw=None, offset=0)
+    with pytest.raises(RuntimeError, match="hess_approx must be"):
+        _run_update(cpp, st, grad=True, count=1, hess_approx="diag", clip_radius=1.0,
+                    next_draw=None, offset=0)
+    with pytest.raises(RuntimeError, match="param must be float32, bfloat16 or float16"):
+        _run_update(cpp, dict(st, param=st["param"].double(), grad=st["grad"].double()),
+                    grad=True, count=1, hess_approx="price", clip_radius=1.0, next_draw=None,
+                    offset=0)
+
+
+def test_cuda_kernels_registered():
+    if os.environ.get("IVON_FAST_EXPECT_CUDA") != "1":
+        pytest.skip("set IVON_FAST_EXPECT_CUDA=1 when the build must contain the CUDA kernels")
+    for op in ("sample", "accumulate", "update"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ivon_fast::{op}", "CUDA")
+    assert cpp.unavailable_reason("cuda") is None
+
+
+def test_cpu_kernels_registered_with_schema():
+    for op in ("sample", "accumulate", "update"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ivon_fast::{op}", "CPU")
+    schema = str(torch.ops.ivon_fast.update.default._schema)
+    assert "Tensor(a!) param" in schema and "Tensor(d!) hess" in schema and "int? next_draw" in schema
+
+
+def test_torch_compile_matches_eager():
+    n = 1003
+
+    def step(st, draw):
+        cpp.update(st["param"], st["grad"], st["mean"], st["momentum"], st["hess"], None, None,
+                   seed=BIG_SEED, draw=draw, next_draw=draw + 1, offset=2, count=1,
+                   hess_approx="price", clip_radius=0.02, debias=0.1, **HYPER)
+        cpp.sample(st["grad"].view(-1), st["mean"], st["hess"], seed=3, draw=EVAL_DRAW,
+                   offset=2, ess=HYPER["ess"], weight_decay=HYPER["weight_decay"])
+        return st["param"] * 2.0
+
+    eager = _state(n, torch.float32, "cpu", seed=8)
+    compiled = _clone(eager)
+    out_eager = step(eager, 4)
+    torch._dynamo.reset()
+    out_compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(compiled, 4)
+    torch.testing.assert_close(out_compiled, out_eager, rtol=0, atol=0)
+    for key in ("param", "grad", "mean", "momentum", "hess"):
+        assert torch.equal(compiled[key], eager[key]), key
+
+
+def test_unavailable_reason():
+    assert cpp.unavailable_reason("cpu") is None
+    assert "meta" in cpp.unavailable_reason("meta")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_cuda_matches_cpu_kernels_bitwise(dtype, offset):
+    """The CUDA and CPU kernels run the same ivon_math.h code without FMA contraction: same bits."""
+    _skip_without_cuda("cuda")
+    results = {}
+    for device in ("cpu", "cuda"):
+        st = _state(100_003, dtype, device, seed=9)
+        _run_update(cpp, st, grad=True, count=3, hess_approx="price", clip_radius=0.02,
+                    next_draw=EVAL_DRAW, offset=offset)
+        cpp.accumulate(st["grad"], st["hess"], st["avg_grad"], st["avg_hess_term"], seed=1,
+                       draw=2, offset=offset, count=2, ess=3.0, weight_decay=0.1,
+                       hess_approx="price")
+        results[device] = {k: v.cpu() for k, v in st.items()}
+    for key in ("mean", "momentum", "hess", "param", "avg_grad", "avg_hess_term"):
+        assert torch.equal(results["cuda"][key], results["cpu"][key]), key
