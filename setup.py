@@ -1,6 +1,6 @@
 """Build of ivon-fast: the Python package plus the compiled extension ``ivon_fast._C``.
 
-    MAX_JOBS=2 CUDA_HOME=/usr/local/cuda-13.0 pip install --no-build-isolation -e '.[test]'
+    MAX_JOBS=2 pip install --no-build-isolation -e '.[test]'
 
 The extension always holds the CPU kernels, and the CUDA kernels whenever torch is a CUDA build and
 nvcc is found (CUDA_HOME or nvcc on PATH). Environment switches:
@@ -12,6 +12,7 @@ nvcc is found (CUDA_HOME or nvcc on PATH). Environment switches:
     TORCH_CUDA_ARCH_LIST    CUDA architectures (default here: '8.0;9.0+PTX', i.e. sm_80 and
                             sm_90 code plus PTX that newer GPUs can JIT)
 """
+import glob
 import os
 import shutil
 import sys
@@ -23,10 +24,30 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _find_cuda_home():
+    """A CUDA toolkit folder with headers, for when CUDA_HOME is not set.
+
+    torch takes the folder above the first `nvcc` on PATH, which is wrong when that nvcc is a
+    wrapper script (e.g. /usr/local/bin/nvcc calling /usr/local/cuda-13.0/bin/nvcc): it would look
+    for the CUDA headers in /usr/local/include. Prefer a folder that really holds them.
+    """
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for folder in candidates:
+        if os.path.exists(os.path.join(folder, "include", "cuda_runtime.h")):
+            return folder
+    return None
+
+
 def _extension_build():
     """(ext_modules, cmdclass) for ivon_fast._C, or ([], {}) under IVON_FAST_NO_EXT=1."""
     if _flag("IVON_FAST_NO_EXT"):
         return [], {}
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        cuda_home = _find_cuda_home()
+        if cuda_home is not None:  # must be set before torch.utils.cpp_extension is imported
+            os.environ["CUDA_HOME"] = cuda_home
     import torch
     from torch.utils import cpp_extension
 
