@@ -12,9 +12,10 @@ import torch
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
-# the order 'auto' tries, fastest first, per device type
+# The order 'auto' tries, fastest first, per device type. On an H200 (bench/results/) the Triton
+# update-with-resample reached 91% of copy bandwidth and the CUDA kernel 83%.
 _AUTO_ORDER = {
-    "cuda": ("cuda", "triton", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpu", "reference"),
 }
 

@@ -66,11 +66,10 @@ def test_backend_follows_the_reference_trajectory(backend, mode, mc_samples, hes
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_picks_a_kernel_backend_when_one_is_available():
+def test_auto_picks_the_fastest_backend_present():
+    """CPU tensors: the C++ kernel. CUDA tensors: Triton (measured fastest), then the CUDA kernel."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preference = ["triton", "cuda"] if device.type == "cuda" else ["cpu"]
+    present = [b for b in preference if backends.unavailable_reason(b, device) is None]
     optimizer = ivon_fast.IVON([torch.nn.Parameter(torch.ones(3, device=device))], lr=0.1, ess=1.0)
-    chosen = set(optimizer.backends.values())
-    kernels = [b for b in ("cuda", "triton", "cpu")
-               if backends.unavailable_reason(b, device) is None
-               and not (b == "triton" and device.type == "cpu")]
-    assert chosen == {kernels[0] if kernels else "reference"}
+    assert set(optimizer.backends.values()) == {present[0] if present else "reference"}
