@@ -86,7 +86,7 @@ class _Segment:
     offset: int  # global flat index of the run's first element
 
 
-@dataclass
+@dataclass(eq=False)  # identity: buckets hold tensors
 class _Bucket:
     """The params of one param group with one (device, dtype), in flat contiguous buffers."""
     group_index: int
@@ -401,15 +401,14 @@ class IVON(torch.optim.Optimizer):
         """ivon-opt's noise: one torch.randn per param group, in group order, per draw."""
         noise = self._torch_noise.setdefault(draw, {})
         if bucket_index not in noise:
-            generator = None
-            if draw >= EVAL_DRAW_BASE:
-                generator = self._eval_generator(self._buckets[bucket_index].mean.device)
             for group_index, group in enumerate(self.param_groups):
                 buckets = [i for i, b in enumerate(self._buckets)
                            if b.group_index == group_index and i not in noise]
                 if not buckets:
                     continue
                 first = group["params"][0]
+                generator = (self._eval_generator(first.device) if draw >= EVAL_DRAW_BASE
+                             else None)
                 group_start = min(b.offsets[0] for b in self._buckets if b.group_index == group_index)
                 group_numel = sum(p.numel() for p in group["params"])
                 eps = torch.randn(group_numel, dtype=first.dtype, device=first.device,
