@@ -8,7 +8,8 @@ For every size it times, in one process and on the same device:
   * ivon_fast drop-in step (update fused with resampling) (32 bytes / element)
   * ivon_fast official iteration: sample, restore, step   (52 bytes / element)
   * ivon-opt's official iteration (sample, restore, step), where it is fast enough to time
-and prints time, effective GB/s by DESIGN.md's byte budget, and the ratio to fused AdamW. On a GPU
+AdamW and the kernel backends are timed round by round in turn, so drift hits them alike. It prints
+time, effective GB/s by DESIGN.md's byte budget, and the ratio to fused AdamW. On a GPU
 it also measures device copy bandwidth and prints each run's share of it.
 """
 from __future__ import annotations
@@ -34,24 +35,39 @@ def parse_size(text: str) -> int:
     return int(float(text.rstrip("kKmMgG")) * scale)
 
 
+def time_once(fn, device: torch.device) -> float:
+    """Seconds of one call (device events on CUDA)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
     """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
+    return timed_alternating({"fn": fn}, device, repeats, warmup)["fn"]
+
+
+def timed_alternating(calls: dict, device: torch.device, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each of ``calls``, timed round by round in turn.
+
+    Alternating makes a drift of the machine (clocks, memory placement, neighbours on a shared
+    host) hit every contender alike, so the ratios stay meaningful.
+    """
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times = {label: [] for label in calls}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for label, fn in calls.items():
+            times[label].append(time_once(fn, device))
+    return {label: statistics.median(values) for label, values in times.items()}
 
 
 def make_params(numel: int, tensors: int, device, dtype, seed: int = 0):
@@ -74,13 +90,14 @@ def copy_bandwidth(numel: int, device: torch.device, repeats: int) -> float:
     return 2 * 4 * numel / seconds / 1e9
 
 
-def bench_adamw(numel, tensors, device, dtype, repeats):
-    params = make_params(numel, tensors, device, dtype)
-    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    return timed(optimizer.step, device, repeats)
+def adamw_call(numel, tensors, device, dtype):
+    """One fused AdamW step over fresh params, as a callable."""
+    optimizer = torch.optim.AdamW(make_params(numel, tensors, device, dtype), lr=1e-3, fused=True)
+    return optimizer.step
 
 
-def bench_ivon_fast(numel, tensors, device, dtype, repeats, backend, mode):
+def ivon_fast_call(numel, tensors, device, dtype, backend, mode):
+    """One ivon_fast drop-in step, or one official iteration (sample, restore, step)."""
     params = make_params(numel, tensors, device, dtype)
     grads = [p.grad.clone() for p in params]
     resample = mode == "drop_in_step"
@@ -89,25 +106,33 @@ def bench_ivon_fast(numel, tensors, device, dtype, repeats, backend, mode):
     for param, grad in zip(params, grads):  # the grads are views into the flat buffer now
         param.grad.copy_(grad)
     if resample:
-        return timed(optimizer.step, device, repeats)
+        return optimizer.step
 
     def iteration():
         with optimizer.sampled_params(train=True):
             pass  # the grads are already in place
         optimizer.step()
-    return timed(iteration, device, repeats)
+    return iteration
 
 
-def bench_ivon_opt(numel, tensors, device, dtype, repeats):
+def ivon_opt_call(numel, tensors, device, dtype):
+    """One official ivon-opt iteration (sample, restore, step)."""
     import ivon
-    params = make_params(numel, tensors, device, dtype)
-    optimizer = ivon.IVON(params, lr=1e-3, ess=1e6)
+    optimizer = ivon.IVON(make_params(numel, tensors, device, dtype), lr=1e-3, ess=1e6)
 
     def iteration():
         with optimizer.sampled_params(train=True):
             pass
         optimizer.step()
-    return timed(iteration, device, repeats)
+    return iteration
+
+
+def bench_adamw(numel, tensors, device, dtype, repeats):
+    return timed(adamw_call(numel, tensors, device, dtype), device, repeats)
+
+
+def bench_ivon_fast(numel, tensors, device, dtype, repeats, backend, mode):
+    return timed(ivon_fast_call(numel, tensors, device, dtype, backend, mode), device, repeats)
 
 
 def run(args) -> list:
@@ -124,18 +149,32 @@ def run(args) -> list:
             print(f"# backend {name}: skipped ({reason.splitlines()[0]})", file=sys.stderr)
     for numel in [parse_size(s) for s in args.sizes.split(",")]:
         copy_gbs = copy_bandwidth(numel * 4, device, args.repeats) if device.type == "cuda" else None
-        adamw = bench_adamw(numel, args.tensors, device, dtype, args.repeats)
-        results = [("torch AdamW(fused=True)", "adamw_fused", adamw)]
+        # the kernel backends are timed round by round against AdamW (timed_alternating)
+        calls, kinds = {"torch AdamW(fused=True)": adamw_call(numel, args.tensors, device, dtype)}, {}
+        kinds["torch AdamW(fused=True)"] = "adamw_fused"
+        slow = []
         for name in names:
             if name == "reference" and numel > args.reference_max:
                 continue
-            reps = 1 if name == "reference" else args.repeats
             for mode in ("drop_in_step", "official_iteration"):
-                seconds = bench_ivon_fast(numel, args.tensors, device, dtype, reps, name, mode)
-                results.append((f"ivon_fast[{name}] {mode.replace('_', ' ')}", mode, seconds))
+                label = f"ivon_fast[{name}] {mode.replace('_', ' ')}"
+                kinds[label] = mode
+                call = ivon_fast_call(numel, args.tensors, device, dtype, name, mode)
+                if name == "reference":
+                    slow.append((label, call, 1))
+                else:
+                    calls[label] = call
         if args.ivon_opt and numel <= args.ivon_opt_max:
-            seconds = bench_ivon_opt(numel, args.tensors, device, dtype, max(1, args.repeats // 4))
-            results.append(("ivon-opt 0.1.3 official iteration", "official_iteration", seconds))
+            label = "ivon-opt 0.1.3 official iteration"
+            kinds[label] = "official_iteration"
+            slow.append((label, ivon_opt_call(numel, args.tensors, device, dtype),
+                         max(1, args.repeats // 4)))
+        seconds_of = timed_alternating(calls, device, args.repeats)
+        for label, call, repeats in slow:
+            seconds_of[label] = timed(call, device, repeats, warmup=1)
+        del calls, slow
+        adamw = seconds_of["torch AdamW(fused=True)"]
+        results = [(label, kinds[label], seconds) for label, seconds in seconds_of.items()]
         element_bytes = torch.empty((), dtype=dtype).element_size()
         for label, kind, seconds in results:
             gbs = BYTES_PER_ELEMENT[kind] * numel / seconds / 1e9 if element_bytes == 4 else None
@@ -151,7 +190,7 @@ def print_table(rows, header: str) -> None:
     for row in rows:
         gbs = f"{row['gbs']:.0f}" if row["gbs"] else "-"
         pct = f"{row['copy_pct']:.0f}" if row["copy_pct"] else "-"
-        print(f"{row['numel'] / 1e6:>7.0f}M  {row['run']:<46} {row['ms']:>9.3f} {gbs:>8} "
+        print(f"{row['numel'] / 1e6:>7.4g}M  {row['run']:<46} {row['ms']:>9.3f} {gbs:>8} "
               f"{pct:>6} {row['ratio_vs_adamw']:>8.2f}")
 
 
