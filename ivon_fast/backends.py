@@ -2,7 +2,7 @@
 
 A backend module exposes ``sample``, ``accumulate`` and ``update`` with the signatures documented
 in ``ivon_fast.reference``, and ``unavailable_reason(device) -> str | None`` (None when it can
-run on that device).
+run on that device). Kernel backends take the params in KERNEL_DTYPES.
 """
 from __future__ import annotations
 
@@ -31,10 +31,18 @@ def _load(name: str):
     return importlib.import_module(_MODULES[name])
 
 
-def unavailable_reason(name: str, device: torch.device) -> str | None:
-    """Why backend ``name`` cannot run on ``device``, or None when it can."""
+# the kernel backends take fp32 / bf16 / fp16 params (fp32 state); the reference takes any float
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype = torch.float32
+                       ) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` with ``dtype`` params, or None when it can."""
+    device = torch.device(device)
     if name == "reference":
         return None
+    if dtype not in KERNEL_DTYPES:
+        return f"backend={name!r} takes {KERNEL_DTYPES} params, got {dtype}"
     if name in ("cuda", "cpu") and device.type != name:
         return f"backend={name!r} runs on {name} tensors, got parameters on {device}"
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -46,16 +54,21 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return module.unavailable_reason(device)
 
 
-def resolve(name: str, device: torch.device) -> str:
-    """The concrete backend for ``name`` ('auto' picks the fastest one available) on ``device``."""
+def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The concrete backend for ``name`` on ``device`` and ``dtype``.
+
+    'auto' picks the fastest one available (the reference when no kernel fits); an explicit
+    name that cannot run there raises ValueError.
+    """
+    device = torch.device(device)
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(candidate, device) is None:
+            if unavailable_reason(candidate, device, dtype) is None:
                 return candidate
         return "reference"
-    reason = unavailable_reason(name, device)
+    reason = unavailable_reason(name, device, dtype)
     if reason is not None:
-        raise RuntimeError(reason)
+        raise ValueError(f"Invalid backend: {reason}")
     return name
 
 

@@ -19,6 +19,7 @@ next optimizer call notices (version counter, storage pointer) and takes the new
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -74,6 +75,9 @@ def _check_group_hyperparameters(group: dict) -> None:
         if name in group:
             value = group[name]
             if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"Invalid {name}: a tensor of {value.numel()} elements; it "
+                                     "must be a number or a one-element tensor")
                 value = value.item()
             _check_range(name, value, low, high, low_open, high_open)
 
@@ -104,6 +108,7 @@ class _Bucket:
     param_views: list = field(default_factory=list)  # each param's shaped view into param_flat
     grad_views: list = field(default_factory=list)   # each param's shaped view into grad_flat
     versions: list = field(default_factory=list)     # each param's _version after our last look
+    trainable: list = field(default_factory=list)    # each param's requires_grad at our last look
     _segments_key: tuple = ()
     _segments: list = field(default_factory=list)
 
@@ -111,11 +116,11 @@ class _Bucket:
         return slice(self.starts[index], self.starts[index] + self.params[index].numel())
 
     def segments(self) -> list:
-        key = tuple(p.requires_grad for p in self.params)
+        key = tuple(self.trainable)
         if key != self._segments_key:
             self._segments, run = [], None
             for index, param in enumerate(self.params):
-                if not param.requires_grad:
+                if not self.trainable[index]:
                     run = None
                     continue
                 start, offset = self.starts[index], self.offsets[index]
@@ -179,7 +184,8 @@ class IVON(torch.optim.Optimizer):
         defaults = dict(lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
                         weight_decay=weight_decay, clip_radius=clip_radius)
         _check_group_hyperparameters(defaults)
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        if (isinstance(mc_samples, bool) or not isinstance(mc_samples, numbers.Integral)
+                or mc_samples < 1):
             raise ValueError(f"Invalid mc_samples: {mc_samples!r}; it must be an int >= 1")
         if hess_approx not in _HESS_APPROX:
             raise ValueError(f"Invalid hess_approx: {hess_approx!r}; it must be one of {_HESS_APPROX}")
@@ -205,18 +211,19 @@ class IVON(torch.optim.Optimizer):
         # materialize each group's params once: they may be generators such as module.parameters()
         param_groups = [{**group, "params": self._param_list(group["params"])}
                         for group in param_groups]
+        backend_choice = "reference" if rng == "torch" else backend
         for group in param_groups:
             _check_group_hyperparameters(group)
-            self._check_params(group["params"])
+            self._check_params(group["params"], backend_choice)
 
-        self.mc_samples = mc_samples
+        self.mc_samples = int(mc_samples)
         self.hess_approx = hess_approx
         self.sync = sync
         self.debias = debias
         self.rescale_lr = rescale_lr
         self.rng = rng
         self.resample_on_step = resample_on_step
-        self._backend_choice = "reference" if rng == "torch" else backend
+        self._backend_choice = backend_choice
         if seed is None:
             # Note: under rng='torch' the seed only drives evaluation noise; drawing it would
             # consume torch's generator and shift the training noise away from ivon-opt's.
@@ -256,7 +263,7 @@ class IVON(torch.optim.Optimizer):
         return [params] if isinstance(params, torch.Tensor) else list(params)
 
     @staticmethod
-    def _check_params(params: list) -> None:
+    def _check_params(params: list, backend_choice: str) -> None:
         for param in params:
             if not isinstance(param, torch.Tensor):
                 raise TypeError(f"IVON params must be tensors, got {type(param).__name__}")
@@ -264,15 +271,19 @@ class IVON(torch.optim.Optimizer):
                 raise ValueError(f"Invalid param dtype: {param.dtype}; IVON supports {_FLOAT_DTYPES}")
             if param.is_sparse:
                 raise ValueError("Invalid param: sparse tensors are not supported by IVON")
+            backends.resolve(backend_choice, param.device, param.dtype)  # ValueError if it can't
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a param group; its params join new flat buckets, existing storage does not move."""
         _check_group_hyperparameters(param_group)
         param_group["params"] = self._param_list(param_group["params"])
-        self._check_params(param_group["params"])
+        self._check_params(param_group["params"], self._backend_choice)
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
         new_buckets = self._build_buckets(group_index)
+        if self._count > 0:  # mid-step: the new params take part with zero past gradients
+            for bucket in new_buckets:
+                self._ensure_averages(bucket)
         if self.resample_on_step and self._pending_draw is not None:
             self._sample(self._pending_draw, buckets=new_buckets)
 
@@ -302,7 +313,7 @@ class IVON(torch.optim.Optimizer):
                 grad_flat=grad_flat, mean=mean,
                 momentum=torch.zeros(total, dtype=sdtype, device=device),
                 hess=torch.full((total,), float(group["hess_init"]), dtype=sdtype, device=device),
-                backend=backends.resolve(self._backend_choice, torch.device(device)))
+                backend=backends.resolve(self._backend_choice, device, dtype))
             for index, param in enumerate(params):
                 bucket.param_views.append(param_flat[bucket.slice_of(index)].view(param.shape))
                 bucket.grad_views.append(grad_flat[bucket.slice_of(index)].view(param.shape))
@@ -317,6 +328,7 @@ class IVON(torch.optim.Optimizer):
                     "hess": bucket.hess[bucket.slice_of(index)].view(param.shape),
                 }
             bucket.versions = [p._version for p in params]
+            bucket.trainable = [p.requires_grad for p in params]
             self._buckets.append(bucket)
             new_buckets.append(bucket)
         return new_buckets
@@ -363,7 +375,7 @@ class IVON(torch.optim.Optimizer):
         With resample_on_step the params hold a sample, so a model checkpoint holds one too:
         loading it back (after the optimizer's own state) must not turn that sample into the mean.
         """
-        if not (self.resample_on_step and bucket.params[index].requires_grad):
+        if not (self.resample_on_step and bucket.trainable[index]):
             return False
         where = bucket.slice_of(index)
         segment = _Segment(where.start, where.stop, bucket.offsets[index])
@@ -375,18 +387,42 @@ class IVON(torch.optim.Optimizer):
             **self._noise_kwargs("eps", self._pending_draw, self._buckets.index(bucket), segment))
         return torch.equal(expected, bucket.param_flat[where])
 
+    def _sync_requires_grad(self) -> None:
+        """Follow requires_grad changes made since the optimizer last looked.
+
+        A param frozen since then gets its mean back (it may hold a sample); an unfrozen one starts
+        from its current value.
+        """
+        for bucket in self._buckets:
+            for index, param in enumerate(bucket.params):
+                if param.requires_grad == bucket.trainable[index]:
+                    continue
+                where = bucket.slice_of(index)
+                with torch.no_grad():
+                    if param.requires_grad:
+                        bucket.mean[where].copy_(bucket.param_flat[where])
+                    else:
+                        bucket.param_flat[where].copy_(bucket.mean[where])
+                bucket.trainable[index] = param.requires_grad
+
+    def _prepare(self) -> None:
+        """Catch up with what user code did since the last optimizer call."""
+        self._sync_requires_grad()
+        self._adopt_user_writes()
+
     def _gather_grads(self) -> None:
         """Make the flat gradient buffer hold every trainable param's current ``.grad``."""
         for bucket in self._buckets:
-            for param, view in zip(bucket.params, bucket.grad_views):
+            for param, view, trainable in zip(bucket.params, bucket.grad_views, bucket.trainable):
                 grad = param.grad
-                if not param.requires_grad or grad is view:
+                if not trainable or grad is view:
                     continue
                 if grad is None:
                     view.zero_()
+                elif grad.is_sparse:
+                    raise RuntimeError("IVON does not support sparse gradients (e.g. "
+                                       "nn.Embedding(sparse=True)); use dense gradients")
                 elif grad.data_ptr() != view.data_ptr() or grad.dtype != view.dtype:
-                    if grad.is_sparse:
-                        raise RuntimeError("IVON does not support sparse gradients")
                     view.copy_(grad.reshape(view.shape))
                 param.grad = view
 
@@ -486,10 +522,10 @@ class IVON(torch.optim.Optimizer):
                 average.div_(world_size)
 
     def _update(self, next_draw: Optional[int]) -> None:
-        self.current_step += 1
         with_grad = self._pending_draw is not None
         if with_grad:
             self._gather_grads()
+        self.current_step += 1
         count = self._count + (1 if with_grad else 0)
         for bucket_index, bucket in enumerate(self._buckets):
             group = self.param_groups[bucket.group_index]
@@ -539,35 +575,45 @@ class IVON(torch.optim.Optimizer):
                 "sampled_params(train=True) is the official loop; with resample_on_step=True the "
                 "params already hold a training sample: call loss.backward(); optimizer.step()")
         with torch.no_grad():
-            self._adopt_user_writes()
-            if train:
-                if self._pending_draw is not None:
-                    self._accumulate_pending()
-                draw = self._take_train_draw()
-            else:
-                draw = EVAL_DRAW_BASE + self._next_eval_draw
-                self._next_eval_draw += 1
-            self._sample(draw)
+            self._prepare()
+            if train and self._pending_draw is not None:
+                self._accumulate_pending()
+            draw = self._next_train_draw if train else EVAL_DRAW_BASE + self._next_eval_draw
+            try:
+                self._sample(draw)
+            except BaseException:
+                self._discard_sample(draw)
+                raise
+        if train:
+            self._next_train_draw += 1
+        else:
+            self._next_eval_draw += 1
         self._in_context = True
         try:
             yield
         except BaseException:
-            with torch.no_grad():
-                self._torch_noise.pop(draw, None)
-                if train:
-                    self._next_train_draw -= 1
-                else:
-                    self._next_eval_draw -= 1
-                self._write_resting_params()
+            if train:
+                self._next_train_draw -= 1
+            else:
+                self._next_eval_draw -= 1
+            self._discard_sample(draw)
             raise
         finally:
             self._in_context = False
         with torch.no_grad():
+            self._sync_requires_grad()
             if train:
                 self._pending_draw = draw
             else:
                 self._torch_noise.pop(draw, None)
             self._write_resting_params()
+
+    @torch.no_grad()
+    def _discard_sample(self, draw: int) -> None:
+        """Undo a sample that does not count: the params get back what they held before."""
+        self._torch_noise.pop(draw, None)
+        self._sync_requires_grad()
+        self._write_resting_params()
 
     @contextmanager
     def mean_params(self):
@@ -578,7 +624,7 @@ class IVON(torch.optim.Optimizer):
         """
         self._check_not_in_context("mean_params()")
         with torch.no_grad():
-            self._adopt_user_writes()
+            self._prepare()
             self._restore()
         self._in_context = True
         try:
@@ -586,6 +632,7 @@ class IVON(torch.optim.Optimizer):
         finally:
             self._in_context = False
             with torch.no_grad():
+                self._sync_requires_grad()
                 self._write_resting_params()
 
     @torch.no_grad()
@@ -598,7 +645,7 @@ class IVON(torch.optim.Optimizer):
         self._check_not_in_context("step()")
         if closure is not None:
             return self._step_with_closure(closure)
-        self._adopt_user_writes()
+        self._prepare()
         if self.resample_on_step and self.mc_samples > 1:
             raise RuntimeError(
                 f"resample_on_step=True trains with one sample per plain step(); for "
@@ -611,7 +658,7 @@ class IVON(torch.optim.Optimizer):
         return None
 
     def _step_with_closure(self, closure):
-        self._adopt_user_writes()
+        self._prepare()
         if not self.resample_on_step and self._pending_draw is not None:
             self._accumulate_pending()  # a finished sample: folding it in changes nothing
         # an exception in a closure call rolls back the samples this step(closure) took
@@ -661,6 +708,10 @@ class IVON(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """Everything resuming needs: buffers per param, hyperparameters, counters and seed."""
+        with torch.no_grad():
+            self._prepare()
+            if self._pending_draw is not None and not self.resample_on_step:
+                self._gather_grads()  # the pending sample's gradient is part of the state
         param_ids, state = {}, {}
         for group in self.param_groups:
             for param in group["params"]:
@@ -674,8 +725,7 @@ class IVON(torch.optim.Optimizer):
                     entry["avg_grad"] = bucket.avg_grad[where].clone()
                     entry["avg_hess_term"] = bucket.avg_hess_term[where].clone()
                 if self._pending_draw is not None and not self.resample_on_step:
-                    grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                    entry["pending_grad"] = grad.detach().reshape(-1).clone()
+                    entry["pending_grad"] = bucket.grad_flat[where].clone()
                 if self._pending_draw is not None and self.rng == "torch":
                     entry["pending_noise"] = self._torch_eps(self._pending_draw, bucket_index)[
                         where].clone()
@@ -730,15 +780,29 @@ class IVON(torch.optim.Optimizer):
         meta = state_dict["ivon"]
         if meta.get("format") != _STATE_FORMAT:
             raise ValueError(f"unknown state_dict format {meta.get('format')!r}")
-        if meta["resample_on_step"] != self.resample_on_step:
-            raise ValueError("state_dict was saved with resample_on_step="
-                             f"{meta['resample_on_step']}, this optimizer has {self.resample_on_step}")
+        for key, mine in (("resample_on_step", self.resample_on_step), ("rng", self.rng)):
+            if meta[key] != mine:
+                raise ValueError(f"state_dict was saved with {key}={meta[key]!r}, this optimizer "
+                                 f"has {key}={mine!r}")
+        # check everything before changing anything
+        needed = ["mean", "momentum", "hess"]
+        if meta["count"] > 0:
+            needed += ["avg_grad", "avg_hess_term"]
+        if meta["pending_draw"] is not None and not self.resample_on_step:
+            needed.append("pending_grad")
+        if meta["pending_draw"] is not None and self.rng == "torch":
+            needed.append("pending_noise")
         saved_state = state_dict["state"]
         flat_params = [p for group in self.param_groups for p in group["params"]]
         for index, param in enumerate(flat_params):
             entry = saved_state.get(index)
-            if entry is None or entry["mean"].numel() != param.numel():
-                raise ValueError(f"state_dict has no matching state for parameter {index}")
+            if entry is None:
+                raise ValueError(f"state_dict has no state for parameter {index}")
+            for name in needed:
+                if name not in entry or entry[name].numel() != param.numel():
+                    raise ValueError(f"state_dict's {name!r} of parameter {index} is missing or "
+                                     f"does not have the parameter's {param.numel()} elements")
+
         self._copy_hyperparameters(saved_groups)
         self.current_step, self.seed = meta["step"], meta["seed"]
         self._next_train_draw, self._next_eval_draw = meta["next_train_draw"], meta["next_eval_draw"]
@@ -747,20 +811,21 @@ class IVON(torch.optim.Optimizer):
         self._torch_noise, self._eval_generators = {}, {}
         index_of = {id(p): i for i, p in enumerate(flat_params)}
         with torch.no_grad():
+            self._sync_requires_grad()
             for bucket_index, bucket in enumerate(self._buckets):
                 if self._count > 0:
                     self._ensure_averages(bucket)
                 noise = []
                 for index, param in enumerate(bucket.params):
                     entry, where = saved_state[index_of[id(param)]], bucket.slice_of(index)
-                    for name in ("mean", "momentum", "hess", "avg_grad", "avg_hess_term"):
-                        if name in entry:
+                    for name in needed:
+                        if name in ("mean", "momentum", "hess", "avg_grad", "avg_hess_term"):
                             getattr(bucket, name)[where].copy_(entry[name].reshape(-1))
-                    if "pending_grad" in entry:
-                        bucket.grad_flat[where].copy_(entry["pending_grad"].reshape(-1))
-                        param.grad = bucket.grad_flat[where].view(param.shape)
-                    if "pending_noise" in entry:
-                        noise.append(entry["pending_noise"].to(bucket.mean.device))
+                    if "pending_grad" in needed:
+                        bucket.grad_views[index].copy_(entry["pending_grad"].reshape(param.shape))
+                        param.grad = bucket.grad_views[index]
+                    if "pending_noise" in needed:
+                        noise.append(entry["pending_noise"].reshape(-1).to(bucket.mean.device))
                 if noise:
                     self._torch_noise.setdefault(self._pending_draw, {})[bucket_index] = torch.cat(noise)
             self._write_resting_params()
@@ -768,39 +833,44 @@ class IVON(torch.optim.Optimizer):
                 bucket.versions = [p._version for p in bucket.params]
 
     def _load_ivon_opt(self, state_dict: dict, saved_groups, step: int) -> None:
+        # check everything before changing anything
         saved_state = state_dict.get("state", {})
+        count = int(saved_state.get("count", 0) or 0)
+        hess_key = "avg_nxg" if self.hess_approx == "price" else "avg_gsq"
         for saved, group in zip(saved_groups, self.param_groups):
             numel = sum(p.numel() for p in group["params"])
             if saved["momentum"].numel() != numel or saved["hess"].numel() != numel:
                 raise ValueError("ivon-opt state_dict's buffers differ in size from this optimizer's")
-        self._copy_hyperparameters(saved_groups)
-        self.current_step = step
-        self._count, self._pending_draw = 0, None
+        if count > 0:
+            for key in ("avg_grad", hess_key):
+                value = saved_state.get(key)
+                if not isinstance(value, torch.Tensor) or value.numel() != self._numel:
+                    raise ValueError(f"ivon-opt state_dict holds {count} samples but no {key!r} "
+                                     f"of {self._numel} elements (hess_approx={self.hess_approx!r})")
+
         with torch.no_grad():
-            self._adopt_user_writes()
+            # the model's params are ivon-opt's mean: take them (Note [user writes to params])
+            self._prepare()
+            self._copy_hyperparameters(saved_groups)
+            self.current_step = step
             group_starts = {}
-            for group_index, group in enumerate(self.param_groups):
+            for group_index in range(len(self.param_groups)):
                 group_starts[group_index] = min(
                     (b.offsets[0] for b in self._buckets if b.group_index == group_index), default=0)
-            count = int(saved_state.get("count", 0) or 0)
             for bucket in self._buckets:
                 saved = saved_groups[bucket.group_index]
                 if count > 0:
                     self._ensure_averages(bucket)
                 for index, param in enumerate(bucket.params):
                     local = bucket.offsets[index] - group_starts[bucket.group_index]
-                    source = slice(local, local + param.numel())
                     where = bucket.slice_of(index)
-                    bucket.momentum[where].copy_(saved["momentum"][source])
-                    bucket.hess[where].copy_(saved["hess"][source])
-                    bucket.mean[where].copy_(bucket.param_flat[where])
+                    bucket.momentum[where].copy_(saved["momentum"][local:local + param.numel()])
+                    bucket.hess[where].copy_(saved["hess"][local:local + param.numel()])
                     if count > 0:
-                        hess_key = "avg_nxg" if self.hess_approx == "price" else "avg_gsq"
-                        bucket.avg_grad[where].copy_(saved_state["avg_grad"][
-                            bucket.offsets[index]:bucket.offsets[index] + param.numel()])
-                        bucket.avg_hess_term[where].copy_(saved_state[hess_key][
-                            bucket.offsets[index]:bucket.offsets[index] + param.numel()])
+                        flat = slice(bucket.offsets[index], bucket.offsets[index] + param.numel())
+                        bucket.avg_grad[where].copy_(saved_state["avg_grad"][flat])
+                        bucket.avg_hess_term[where].copy_(saved_state[hess_key][flat])
             self._count = count
-            if self.resample_on_step:
-                self._pending_draw = self._take_train_draw()
+            if not self.resample_on_step:
+                self._pending_draw = None
             self._write_resting_params()

@@ -1,6 +1,5 @@
 """ivon_fast's reference backend with rng='torch' equals ivon-opt 0.1.3 bit for bit (fp32)."""
 import itertools
-import math
 
 import pytest
 import torch
@@ -90,13 +89,3 @@ def test_training_moves_the_params_so_equality_is_not_trivial():
     initial = [p.detach().clone() for p in SmallNet().parameters()]
     trained = _train(ivon_fast.IVON, 10, 1, False, backend="reference", rng="torch")
     assert all(not torch.equal(a, b) for a, b in zip(initial, trained.parameters()))
-
-
-def test_philox_noise_is_a_different_but_equally_valid_trajectory():
-    """rng='philox' changes only the noise: same first-step mean when the noise cancels out."""
-    expected = _train(ivon.IVON, 5, 1, False)
-    actual = _train(ivon_fast.IVON, 5, 1, False, backend="reference")
-    differences = [(a - b).abs().max().item() for a, b in zip(expected.parameters(),
-                                                               actual.parameters())]
-    assert max(differences) > 0
-    assert all(math.isfinite(d) and d < 1.0 for d in differences)

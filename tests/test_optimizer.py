@@ -6,6 +6,7 @@ run of the same optimizer, ivon-opt itself, or an explicit computation with the 
 """
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -1077,3 +1078,130 @@ def test_resume_on_another_device(mode):
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(pb.cpu(), pa, rtol=1e-4, atol=1e-5)
     assert opt_b.state_dict()["ivon"]["step"] == opt_a.state_dict()["ivon"]["step"]
+
+
+# ----------------------------------------------------------------------------- review regressions
+
+def test_float64_params_with_auto_use_the_reference_and_train():
+    fp32, fp64 = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = IVON([fp32, fp64], lr=0.1, ess=10.0)
+    assert opt.backends[("cpu", torch.float64)] == "reference"
+    for _ in range(2):
+        with opt.sampled_params(train=True):
+            opt.zero_grad()
+            (fp32.sum() + fp64.square().sum()).backward()
+        opt.step()
+    assert opt.state[fp64]["mean"].dtype == torch.float64
+    assert not torch.equal(fp64.detach(), torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_explicit_backend_that_cannot_run_is_a_value_error_before_anything_moves(backend):
+    param = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    pointer = param.data_ptr()
+    with pytest.raises(ValueError, match="backend"):
+        IVON([param], lr=0.1, ess=10.0, backend=backend)
+    assert param.data_ptr() == pointer and param.grad is None
+
+
+def test_tensor_and_numpy_hyperparameters():
+    np = pytest.importorskip("numpy")
+    param = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="lr"):
+        IVON([param], lr=torch.tensor([0.1, 0.2]), ess=10.0)
+    assert IVON([param], lr=torch.tensor(0.1), ess=10.0, mc_samples=np.int64(2)).mc_samples == 2
+
+
+def test_load_ivon_opt_state_dict_in_drop_in_mode_keeps_the_mean():
+    model_ref = make_model(0)
+    opt_ref = ivon.IVON(model_ref.parameters(), **HP)
+    train(model_ref, opt_ref, "official", 0, 3)
+    model = make_model(50)
+    model.load_state_dict(model_ref.state_dict())   # ivon-opt's params are its mean
+    opt = IVON(model.parameters(), **HP, backend="reference", resample_on_step=True)
+    opt.load_state_dict(opt_ref.state_dict(), step=3)
+    for p_ref, p in zip(model_ref.parameters(), model.parameters()):
+        assert torch.equal(opt.state[p]["mean"], p_ref.detach())
+        assert not torch.equal(p.detach(), p_ref.detach())   # the params hold a sample
+
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_add_param_group_in_the_middle_of_a_step(mode):
+    model, opt = build(mode, mc=2)
+    extra = nn.Parameter(torch.ones(4))
+    if mode == "official":
+        with opt.sampled_params(train=True):
+            opt.zero_grad()
+            loss_fn(model, 0).backward()
+        with opt.sampled_params(train=True):   # a second sample: the averages are in use
+            opt.zero_grad()
+            loss_fn(model, 0).backward()
+        opt.add_param_group({"params": [extra]})
+        state = opt.state_dict()
+        assert state["ivon"]["count"] == 1 and "avg_grad" in state["state"][len(state["state"]) - 1]
+        extra.grad = torch.ones(4)
+        opt.step()
+    else:
+        opt.add_param_group({"params": [extra]})
+        loss_fn(model, 0).backward()
+        extra.grad = torch.ones(4)
+        opt.step(lambda: loss_fn(model, 0))
+    with opt.mean_params():
+        assert (extra.detach() < 1).all()   # a positive gradient moved it down
+
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_freezing_a_param_that_holds_a_sample_puts_its_mean_back(mode):
+    model, opt = build(mode)
+    train(model, opt, mode, 0, 2)
+    param = model.odd
+    if mode == "official":
+        with opt.sampled_params(train=True):
+            param.requires_grad_(False)         # frozen while it holds a sample
+        expected = opt.state[param]["mean"].clone()
+    else:
+        assert not torch.equal(param.detach(), opt.state[param]["mean"])
+        param.requires_grad_(False)
+        expected = opt.state[param]["mean"].clone()
+        with opt.mean_params():
+            pass
+    assert torch.equal(param.detach(), expected)
+    train(model, opt, mode, 2, 2)   # and it stays frozen at its mean
+    assert torch.equal(param.detach(), expected)
+
+
+def test_state_dict_sees_user_writes():
+    model, opt = build("official")
+    with torch.no_grad():
+        model.scale.copy_(torch.tensor(5.0))
+    index = [name for name, _ in model.named_parameters()].index("scale")
+    assert opt.state_dict()["state"][index]["mean"].item() == 5.0
+
+
+def test_sparse_gradients_are_refused_without_touching_the_step_count():
+    embedding = nn.Embedding(5, 3, sparse=True)
+    opt = IVON(embedding.parameters(), **HP, backend="reference")
+    with opt.sampled_params(train=True):
+        embedding.zero_grad(set_to_none=True)
+        embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert opt.current_step == 0
+
+
+def test_load_state_dict_checks_before_changing_anything():
+    model, opt = build("official")
+    train(model, opt, "official", 0, 2)
+    good = opt.state_dict()
+    other_model, other = build("official", model_seed=3, opt_seed=4)
+    train(other_model, other, "official", 0, 1)
+    before = other.state_dict()
+    broken = copy.deepcopy(good)
+    del broken["state"][len(broken["state"]) - 1]["hess"]
+    broken["param_groups"][0]["lr"] = 123.0
+    with pytest.raises(ValueError, match="hess"):
+        other.load_state_dict(broken)
+    assert_state_dicts_equal(before, other.state_dict())
+    _, torch_rng = build("official", rng="torch")
+    with pytest.raises(ValueError, match="rng"):
+        torch_rng.load_state_dict(good)
