@@ -69,6 +69,22 @@ bool parse_hess_approx(c10::string_view hess_approx) {
 
 float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
 
+// What every op shares: the segment (its length, dtype and global offset), the noise key and
+// draw, and the two hyperparameters of the noise scale.
+OpArgs segment_args(const at::Tensor& lead, int64_t offset, int64_t seed, int64_t draw,
+                    double ess, double weight_decay) {
+  check_common(lead, offset);
+  OpArgs a;
+  a.ptype = param_type(lead);
+  a.n = lead.numel();
+  a.offset = offset;
+  a.seed = as_u64(seed);
+  a.draw = as_u64(draw);
+  a.s.ess = static_cast<float>(ess);
+  a.s.wd = static_cast<float>(weight_decay);
+  return a;
+}
+
 enum class Op { kSample, kAccumulate, kUpdate };
 
 void launch(Op op, const OpArgs& a, const at::Tensor& param) {
@@ -95,45 +111,29 @@ void launch(Op op, const OpArgs& a, const at::Tensor& param) {
 
 void sample(const at::Tensor& param, const at::Tensor& mean, const at::Tensor& hess, int64_t seed,
             int64_t draw, int64_t offset, double ess, double weight_decay) {
-  check_common(param, offset);
-  OpArgs a;
-  a.ptype = param_type(param);
+  OpArgs a = segment_args(param, offset, seed, draw, ess, weight_decay);
   check_tensor(mean, "mean", param, "param", at::kFloat);
   check_tensor(hess, "hess", param, "param", at::kFloat);
-  a.n = param.numel();
-  a.offset = offset;
-  a.seed = as_u64(seed);
-  a.draw = as_u64(draw);
   a.param = param.data_ptr();
   a.mean = f32(mean);
   a.hess = f32(hess);
-  a.s.ess = static_cast<float>(ess);
-  a.s.wd = static_cast<float>(weight_decay);
   launch(Op::kSample, a, param);
 }
 
 void accumulate(const at::Tensor& grad, const at::Tensor& hess, const at::Tensor& avg_grad,
                 const at::Tensor& avg_hess_term, int64_t seed, int64_t draw, int64_t offset,
                 int64_t count, double ess, double weight_decay, c10::string_view hess_approx) {
-  check_common(grad, offset);
-  OpArgs a;
-  a.ptype = param_type(grad);
+  OpArgs a = segment_args(grad, offset, seed, draw, ess, weight_decay);
   check_tensor(hess, "hess", grad, "grad", at::kFloat);
   check_tensor(avg_grad, "avg_grad", grad, "grad", at::kFloat);
   check_tensor(avg_hess_term, "avg_hess_term", grad, "grad", at::kFloat);
   TORCH_CHECK(count >= 1, "ivon_fast: count must be >= 1, got ", count);
   a.price = parse_hess_approx(hess_approx);
   a.first = count == 1;
-  a.n = grad.numel();
-  a.offset = offset;
-  a.seed = as_u64(seed);
-  a.draw = as_u64(draw);
   a.grad = grad.data_ptr();
   a.hess = f32(hess);
   a.avg_grad = f32(avg_grad);
   a.avg_hess_term = f32(avg_hess_term);
-  a.s.ess = static_cast<float>(ess);
-  a.s.wd = static_cast<float>(weight_decay);
   a.s.count = static_cast<float>(count);
   launch(Op::kAccumulate, a, grad);
 }
@@ -145,9 +145,7 @@ void update(const at::Tensor& param, const std::optional<at::Tensor>& grad,
             std::optional<int64_t> next_draw, int64_t offset, int64_t count,
             c10::string_view hess_approx, double lr, double ess, double weight_decay,
             double beta1, double beta2, double clip_radius, double debias) {
-  check_common(param, offset);
-  OpArgs a;
-  a.ptype = param_type(param);
+  OpArgs a = segment_args(param, offset, seed, draw, ess, weight_decay);
   check_tensor(mean, "mean", param, "param", at::kFloat);
   check_tensor(momentum, "momentum", param, "param", at::kFloat);
   check_tensor(hess, "hess", param, "param", at::kFloat);
@@ -171,10 +169,6 @@ void update(const at::Tensor& param, const std::optional<at::Tensor>& grad,
     a.avg_hess_term = f32(*avg_hess_term);
   }
   a.price = parse_hess_approx(hess_approx);
-  a.n = param.numel();
-  a.offset = offset;
-  a.seed = as_u64(seed);
-  a.draw = as_u64(draw);
   a.has_next_draw = next_draw.has_value();
   a.next_draw = as_u64(next_draw.value_or(0));
   a.param = param.data_ptr();
@@ -182,8 +176,6 @@ void update(const at::Tensor& param, const std::optional<at::Tensor>& grad,
   a.momentum = f32(momentum);
   a.hess = f32(hess);
   // host scalars combined in double, as ivon-opt's Python does, then rounded once to float
-  a.s.ess = static_cast<float>(ess);
-  a.s.wd = static_cast<float>(weight_decay);
   a.s.beta1 = static_cast<float>(beta1);
   a.s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
   a.s.beta2 = static_cast<float>(beta2);
