@@ -652,10 +652,14 @@ class IVON(torch.optim.Optimizer):
                 f"mc_samples={self.mc_samples} pass a closure: optimizer.step(closure)")
         if self._pending_draw is None and self._count == 0:
             raise RuntimeError(_NO_SAMPLE_MESSAGE)
+        self._finish_step()
+        return None
+
+    def _finish_step(self) -> None:
+        """Average across processes when asked, then update (and resample in drop-in mode)."""
         if self.sync and dist.is_available() and dist.is_initialized():
             self._sync_averages()
         self._update(self._take_train_draw() if self.resample_on_step else None)
-        return None
 
     def _step_with_closure(self, closure):
         self._prepare()
@@ -687,9 +691,7 @@ class IVON(torch.optim.Optimizer):
                 bucket.avg_hess_term.copy_(saved[1])
             self._write_resting_params()
             raise
-        if self.sync and dist.is_available() and dist.is_initialized():
-            self._sync_averages()
-        self._update(self._take_train_draw() if self.resample_on_step else None)
+        self._finish_step()
         return sum(losses) / len(losses)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
