@@ -1,0 +1,205 @@
+"""State dicts of ``ivon_fast.IVON``: its own format, and loading ivon-opt's.
+
+Own format (``"ivon": {"format": "ivon_fast/1", ...}``): torch.optim's layout (``state`` keyed by
+param index in param_groups order, ``param_groups`` with index lists) plus the optimizer's
+counters. Per param: ``mean``, ``momentum``, ``hess``; mid-step also ``avg_grad`` and
+``avg_hess_term`` (samples already folded in), ``pending_grad`` (the official loop's last sample,
+not yet folded in) and, with ``rng='torch'``, ``pending_noise``.
+
+Note [what the params hold]: a model checkpoint saved beside the optimizer's holds what the
+params held then: the mean (official loop) or the sample of ``params_hold`` (drop-in mode, a draw
+number). That is recorded in the state (``ivon.params_hold``), never guessed from values. After
+``load_state_dict`` the params hold that again, computed by this optimizer's backend and device;
+a model checkpoint loaded right after (before the next optimizer call) is taken as the saved copy
+of the same thing, not as new weights, so the two load orders resume alike, also across backends
+and devices where the copies differ by rounding.
+
+Every load checks everything before it changes anything.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import check_group_hyperparameters
+
+FORMAT = "ivon_fast/1"
+_STATE = ("mean", "momentum", "hess")
+_AVERAGES = ("avg_grad", "avg_hess_term")
+
+
+def _flat_params(opt) -> list:
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def save(opt) -> dict:
+    """The state dict of ``opt`` (its _prepare has run)."""
+    pending_grad = opt._pending_draw is not None and not opt.resample_on_step
+    if pending_grad:
+        opt._layout.gather_grads()  # the pending sample's gradient is part of the state
+    param_ids = {id(p): i for i, p in enumerate(_flat_params(opt))}
+    state = {}
+    for bucket in opt._layout.buckets:
+        group_start = opt._layout.group_start(bucket.group_index)
+        for index, param in enumerate(bucket.params):
+            where = bucket.slice_of(index)
+            entry = {name: getattr(bucket, name)[where].clone() for name in _STATE}
+            if opt._count > 0:
+                for name in _AVERAGES:
+                    entry[name] = getattr(bucket, name)[where].clone()
+            if pending_grad:
+                entry["pending_grad"] = bucket.grad_flat[where].clone()
+            if opt._pending_draw is not None:
+                local = bucket.offsets[index] - group_start
+                noise = opt._noise.pending_noise(opt._pending_draw, bucket.group_index, local,
+                                                 local + param.numel())
+                if noise is not None:
+                    entry["pending_noise"] = noise
+            state[param_ids[id(param)]] = entry
+    groups = [{**{k: v for k, v in group.items() if k != "params"},
+               "params": [param_ids[id(p)] for p in group["params"]]}
+              for group in opt.param_groups]
+    return {
+        "state": state,
+        "param_groups": groups,
+        "ivon": {
+            "format": FORMAT, "step": opt.current_step, "seed": opt.seed,
+            "next_train_draw": opt._next_train_draw, "next_eval_draw": opt._next_eval_draw,
+            "count": opt._count, "pending_draw": opt._pending_draw,
+            "params_hold": opt._pending_draw if opt.resample_on_step else None,
+            "resample_on_step": opt.resample_on_step, "hess_approx": opt.hess_approx,
+            "rng": opt.rng, "mc_samples": opt.mc_samples,
+        },
+    }
+
+
+def load(opt, state_dict: dict, step: Optional[int]) -> None:
+    """Load an own or an ivon-opt state dict into ``opt``."""
+    saved_groups = state_dict.get("param_groups")
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(opt.param_groups):
+        raise ValueError("state_dict has a different number of param groups than this optimizer")
+    for saved, group in zip(saved_groups, opt.param_groups):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError("state_dict's param groups differ in size from this optimizer's")
+        check_group_hyperparameters(saved)
+    if "ivon" in state_dict:
+        _load_own(opt, state_dict, saved_groups)
+    elif all("momentum" in g and "hess" in g for g in saved_groups):
+        if step is None or isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(
+                "Invalid step: an ivon-opt state dict does not record the step count; pass "
+                "load_state_dict(state_dict, step=<int >= 0: optimizer steps taken so far>)")
+        _load_ivon_opt(opt, state_dict, saved_groups, step)
+    else:
+        raise ValueError("state_dict is neither an ivon_fast nor an ivon-opt IVON state dict")
+
+
+def _copy_hyperparameters(opt, saved_groups) -> None:
+    for saved, group in zip(saved_groups, opt.param_groups):
+        for key, value in saved.items():
+            if key not in ("params", "momentum", "hess", "numel"):
+                group[key] = value
+
+
+def _load_own(opt, state_dict: dict, saved_groups) -> None:
+    meta = state_dict["ivon"]
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"unknown state_dict format {meta.get('format')!r}")
+    for key, mine in (("resample_on_step", opt.resample_on_step), ("rng", opt.rng)):
+        if meta[key] != mine:
+            raise ValueError(f"state_dict was saved with {key}={meta[key]!r}, this optimizer "
+                             f"has {key}={mine!r}")
+    pending = meta["pending_draw"]
+    needed = list(_STATE)
+    if meta["count"] > 0:
+        needed += _AVERAGES
+    if pending is not None and not opt.resample_on_step:
+        needed.append("pending_grad")
+    if pending is not None and opt.rng == "torch":
+        needed.append("pending_noise")
+    saved_state = state_dict["state"]
+    flat_params = _flat_params(opt)
+    for index, param in enumerate(flat_params):
+        entry = saved_state.get(index)
+        if entry is None:
+            raise ValueError(f"state_dict has no state for parameter {index}")
+        for name in needed:
+            if name not in entry or entry[name].numel() != param.numel():
+                raise ValueError(f"state_dict's {name!r} of parameter {index} is missing or "
+                                 f"does not have the parameter's {param.numel()} elements")
+
+    _copy_hyperparameters(opt, saved_groups)
+    opt.current_step, opt.seed = meta["step"], meta["seed"]
+    opt._noise.seed = meta["seed"]
+    opt._next_train_draw, opt._next_eval_draw = meta["next_train_draw"], meta["next_eval_draw"]
+    opt._count, opt._pending_draw = meta["count"], pending
+    opt.hess_approx, opt.mc_samples = meta["hess_approx"], meta["mc_samples"]
+    opt._pending_grads = None
+    index_of = {id(p): i for i, p in enumerate(flat_params)}
+    layout = opt._layout
+    with torch.no_grad():
+        layout.sync_requires_grad()
+        for bucket in layout.buckets:
+            if opt._count > 0:
+                bucket.ensure_averages()
+            for index, param in enumerate(bucket.params):
+                entry, where = saved_state[index_of[id(param)]], bucket.slice_of(index)
+                for name in needed:
+                    if name in _STATE or name in _AVERAGES:
+                        getattr(bucket, name)[where].copy_(entry[name].reshape(-1))
+                if "pending_grad" in needed:
+                    bucket.grad_flat[where].copy_(entry["pending_grad"].reshape(-1))
+                    param.grad = bucket.grad_views[index]
+        if "pending_noise" in needed:
+            noise = []
+            for group in opt.param_groups:
+                first = group["params"][0]
+                noise.append(torch.cat([saved_state[index_of[id(p)]]["pending_noise"].reshape(-1)
+                                        for p in group["params"]]).to(first.device, first.dtype))
+            opt._noise.restore_pending(pending, noise)
+        opt._write_resting_params()
+        layout.mark_seen()
+    opt._params_from_checkpoint = True  # Note [what the params hold]
+
+
+def _load_ivon_opt(opt, state_dict: dict, saved_groups, step: int) -> None:
+    saved_state = state_dict.get("state", {})
+    count = int(saved_state.get("count", 0) or 0)
+    hess_key = "avg_nxg" if opt.hess_approx == "price" else "avg_gsq"
+    layout = opt._layout
+    for saved, group in zip(saved_groups, opt.param_groups):
+        numel = sum(p.numel() for p in group["params"])
+        if saved["momentum"].numel() != numel or saved["hess"].numel() != numel:
+            raise ValueError("ivon-opt state_dict's buffers differ in size from this optimizer's")
+    if count > 0:
+        for key in ("avg_grad", hess_key):
+            value = saved_state.get(key)
+            if not isinstance(value, torch.Tensor) or value.numel() != layout.numel:
+                raise ValueError(f"ivon-opt state_dict holds {count} samples but no {key!r} "
+                                 f"of {layout.numel} elements (hess_approx={opt.hess_approx!r})")
+
+    with torch.no_grad():
+        # the model's params are ivon-opt's mean: take them (Note [user writes to params])
+        opt._prepare()
+        _copy_hyperparameters(opt, saved_groups)
+        opt.current_step = step
+        for bucket in layout.buckets:
+            saved, group_start = saved_groups[bucket.group_index], layout.group_start(
+                bucket.group_index)
+            if count > 0:
+                bucket.ensure_averages()
+            for index, param in enumerate(bucket.params):
+                local = bucket.offsets[index] - group_start
+                where = bucket.slice_of(index)
+                bucket.momentum[where].copy_(saved["momentum"][local:local + param.numel()])
+                bucket.hess[where].copy_(saved["hess"][local:local + param.numel()])
+                if count > 0:
+                    flat = slice(bucket.offsets[index], bucket.offsets[index] + param.numel())
+                    bucket.avg_grad[where].copy_(saved_state["avg_grad"][flat])
+                    bucket.avg_hess_term[where].copy_(saved_state[hess_key][flat])
+        opt._count = count
+        if not opt.resample_on_step:
+            opt._pending_draw = None
+        opt._write_resting_params()
+        layout.mark_seen()

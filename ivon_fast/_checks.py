@@ -1,0 +1,87 @@
+"""Argument checks of ``ivon_fast.IVON``: a ValueError naming the argument and its accepted range,
+raised before anything is touched."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import backends
+
+HESS_APPROX = ("price", "gradsq")
+RNGS = ("philox", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# name: (low, high, low_open, high_open). beta1 = 1 would make the debias factor 1 - beta1^t zero
+# (a division by zero in the update); ess, hess_init and clip_radius appear as divisors or in
+# 1 / sqrt(ess (h + wd)), so they must be positive.
+_GROUP_RANGES = {
+    "lr": (0.0, math.inf, False, True),
+    "ess": (0.0, math.inf, True, True),
+    "hess_init": (0.0, math.inf, True, True),
+    "beta1": (0.0, 1.0, False, True),
+    "beta2": (0.0, 1.0, False, False),
+    "weight_decay": (0.0, math.inf, False, True),
+    "clip_radius": (0.0, math.inf, True, False),
+}
+
+
+def check_range(name, value, low, high, low_open=False, high_open=False) -> None:
+    """Raise ValueError naming the argument unless low (<|<=) value (<|<=) high."""
+    try:
+        number = math.nan if isinstance(value, (str, bool)) else float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    ok_low = number > low if low_open else number >= low
+    ok_high = number < high if high_open else number <= high
+    if not (ok_low and ok_high):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"Invalid {name}: {value!r}; it must be in {interval}")
+
+
+def check_group_hyperparameters(group: dict) -> None:
+    for name, (low, high, low_open, high_open) in _GROUP_RANGES.items():
+        if name in group:
+            value = group[name]
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"Invalid {name}: a tensor of {value.numel()} elements; it "
+                                     "must be a number or a one-element tensor")
+                value = value.item()
+            check_range(name, value, low, high, low_open, high_open)
+
+
+def check_options(*, mc_samples, hess_approx, backend, rng, seed, flags: dict) -> None:
+    """The constructor's arguments other than the group hyperparameters."""
+    if (isinstance(mc_samples, bool) or not isinstance(mc_samples, numbers.Integral)
+            or mc_samples < 1):
+        raise ValueError(f"Invalid mc_samples: {mc_samples!r}; it must be an int >= 1")
+    if hess_approx not in HESS_APPROX:
+        raise ValueError(f"Invalid hess_approx: {hess_approx!r}; it must be one of {HESS_APPROX}")
+    if backend != "auto" and backend not in backends.BACKENDS:
+        raise ValueError(
+            f"Invalid backend: {backend!r}; it must be 'auto' or one of {backends.BACKENDS}")
+    if rng not in RNGS:
+        raise ValueError(f"Invalid rng: {rng!r}; it must be one of {RNGS}")
+    if rng == "torch" and backend not in ("auto", "reference"):
+        raise ValueError(
+            f"Invalid backend: {backend!r} with rng='torch'; torch.randn noise is only "
+            "available with backend='reference' (or 'auto', which then picks it)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2**64):
+        raise ValueError(f"Invalid seed: {seed!r}; it must be None or an int in [0, 2**64)")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"Invalid {name}: {flag!r}; it must be True or False")
+
+
+def check_params(params: list, backend_choice: str) -> None:
+    for param in params:
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"IVON params must be tensors, got {type(param).__name__}")
+        if param.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"Invalid param dtype: {param.dtype}; IVON supports {FLOAT_DTYPES}")
+        if param.is_sparse:
+            raise ValueError("Invalid param: sparse tensors are not supported by IVON")
+        backends.resolve(backend_choice, param.device, param.dtype)  # ValueError if it can't

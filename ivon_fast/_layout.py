@@ -1,0 +1,393 @@
+"""The flat layout: params, grads and optimizer state in contiguous buffers per bucket.
+
+A bucket holds the params of one param group with one (device, dtype). Every ``p.data`` and
+``p.grad`` is a view into the bucket's flat buffers, with the param's own strides (a
+``channels_last`` weight stays ``channels_last``): the flat order is each param's storage order,
+which is also the order of the noise index (DESIGN.md sections 3 and 4). The state (mean,
+momentum, hess, and the sample averages while a step takes several samples) is flat alongside.
+
+This module also follows what user code does to the params between optimizer calls:
+
+Note [user writes to params]: between optimizer calls the params hold the mean (or, in the drop-in
+mode, a sample around it), but the mean itself lives in ``Bucket.mean``. When user code changes a
+param in place (``model.load_state_dict``, ``p.copy_`` under no_grad) or rebinds ``p.data``, the
+next optimizer call notices (the param's version counter, its storage pointer) and the caller
+decides what the new values are (normally: the new mean). Writes through ``p.data.copy_`` cannot be
+seen: ``p.data`` is a new tensor object with a version counter of its own.
+
+Note [moved params]: ``model.to(device)``, ``.to(dtype)`` or ``.half()`` after the optimizer was
+built rebind each ``p.data`` (and ``p.grad.data``) to a new tensor on the new device or dtype. The
+layout then follows: it is rebuilt for the new (device, dtype), and the state moves with the
+params (converted to the new state dtype). Building on the ``meta`` device and materializing with
+``to_empty`` replaces the parameter objects instead (meta tensors cannot share storage with real
+ones), so the optimizer cannot follow; every optimizer call then raises a clear error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from . import backends
+from .reference import state_dtype
+
+
+@dataclass
+class Segment:
+    """A run of trainable params contiguous both in their bucket and in the global index."""
+    start: int
+    stop: int
+    offset: int  # global flat index of the run's first element
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+@dataclass(eq=False)  # identity: buckets hold tensors
+class Bucket:
+    """The params of one param group with one (device, dtype), in flat contiguous buffers."""
+    group_index: int
+    params: list
+    starts: list            # each param's first element in the bucket
+    offsets: list           # each param's first element in the global flat index space
+    param_flat: torch.Tensor
+    grad_flat: torch.Tensor
+    mean: torch.Tensor
+    momentum: torch.Tensor
+    hess: torch.Tensor
+    backend: str
+    avg_grad: Optional[torch.Tensor] = None
+    avg_hess_term: Optional[torch.Tensor] = None
+    param_views: list = field(default_factory=list)  # each param's view into param_flat
+    grad_views: list = field(default_factory=list)   # each param's view into grad_flat
+    versions: list = field(default_factory=list)     # each param's _version after our last look
+    trainable: list = field(default_factory=list)    # each param's requires_grad at our last look
+    _segments_key: tuple = ()
+    _segments: list = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.param_flat.device
+
+    def slice_of(self, index: int) -> slice:
+        return slice(self.starts[index], self.starts[index] + self.params[index].numel())
+
+    def segments(self) -> list:
+        """The runs of trainable params, merged where both orders agree (one launch each)."""
+        key = tuple(self.trainable)
+        if key != self._segments_key:
+            self._segments, run = [], None
+            for index, param in enumerate(self.params):
+                if not self.trainable[index]:
+                    run = None
+                    continue
+                start, offset = self.starts[index], self.offsets[index]
+                if run is not None and run.stop == start and run.offset + start - run.start == offset:
+                    run.stop = start + param.numel()
+                else:
+                    run = Segment(start, start + param.numel(), offset)
+                    self._segments.append(run)
+            self._segments_key = key
+        return self._segments
+
+    def holds_grad(self, index: int) -> bool:
+        """Whether the param's ``.grad`` is its view into ``grad_flat``.
+
+        ``model.to(...)`` and ``to_empty`` rebind ``p.grad.data`` too, which moves our view object
+        itself away from the buffer: compare the storage, not only the object.
+        """
+        view = self.grad_views[index]
+        return (self.params[index].grad is view and view.data_ptr()
+                == self.grad_flat.data_ptr() + self.starts[index] * self.grad_flat.element_size())
+
+    def renew_grad_view(self, index: int) -> torch.Tensor:
+        """A fresh view for a param whose grad view object was rebound away from the buffer."""
+        old = self.grad_views[index]
+        self.grad_views[index] = _view(self.grad_flat, self.slice_of(index), old,
+                                       self.param_views[index].stride())
+        return self.grad_views[index]
+
+    def ensure_averages(self) -> None:
+        if self.avg_grad is None:
+            self.avg_grad = torch.zeros_like(self.mean)
+            self.avg_hess_term = torch.zeros_like(self.mean)
+
+
+def storage_strides(tensor: torch.Tensor) -> tuple:
+    """The strides of a view that lays ``tensor``'s elements out as ``tensor`` does in memory.
+
+    A dense tensor (its elements fill ``numel`` consecutive slots in some order, e.g.
+    channels_last) keeps its strides; anything else (a slice with gaps, overlapping strides) gets
+    the contiguous ones.
+    """
+    contiguous = []
+    running = 1
+    for size in reversed(tensor.shape):
+        contiguous.append(running)
+        running *= size
+    contiguous = tuple(reversed(contiguous))
+    if tensor.numel() == 0 or tensor.is_contiguous():
+        return contiguous
+    expected = 1
+    for dim in sorted(range(tensor.dim()), key=lambda d: tensor.stride(d)):
+        if tensor.shape[dim] == 1:
+            continue
+        if tensor.stride(dim) != expected:
+            return contiguous
+        expected *= tensor.shape[dim]
+    return tuple(tensor.stride())
+
+
+def _view(flat: torch.Tensor, where: slice, like: torch.Tensor, strides: tuple) -> torch.Tensor:
+    return torch.as_strided(flat[where], like.shape, strides)
+
+
+class FlatLayout:
+    """The buckets of all param groups, and what user code did to their params."""
+
+    def __init__(self, backend_choice: str):
+        self.backend_choice = backend_choice
+        self.buckets: list = []
+        self.numel = 0  # elements in the global flat index space so far
+
+    # -------------------------------------------------------------------------- construction
+
+    def add_group(self, group_index: int, params: list, hess_init: float) -> list:
+        """Move a param group's params into new buckets; returns them."""
+        by_key: dict = {}
+        for param in params:
+            by_key.setdefault((param.device, param.dtype), []).append((param, self.numel))
+            self.numel += param.numel()
+        new_buckets = []
+        for (device, dtype), members in by_key.items():
+            bucket = self._make_bucket(group_index, device, dtype, [p for p, _ in members],
+                                       [offset for _, offset in members])
+            for index, param in enumerate(bucket.params):
+                where = bucket.slice_of(index)
+                with torch.no_grad():
+                    bucket.param_views[index].copy_(param.detach())
+                    bucket.mean[where].copy_(bucket.param_flat[where])
+                    grad = param.grad if param.requires_grad else None
+                    if grad is not None:
+                        bucket.grad_views[index].copy_(grad)
+                bucket.hess[where].fill_(float(hess_init))
+                self._bind(bucket, index)
+            self.buckets.append(bucket)
+            new_buckets.append(bucket)
+        return new_buckets
+
+    def _make_bucket(self, group_index, device, dtype, params, offsets) -> Bucket:
+        sizes = [p.numel() for p in params]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        total, sdtype = sum(sizes), state_dtype(dtype)
+        bucket = Bucket(
+            group_index=group_index, params=params, starts=starts, offsets=offsets,
+            param_flat=torch.empty(total, dtype=dtype, device=device),
+            grad_flat=torch.zeros(total, dtype=dtype, device=device),
+            mean=torch.empty(total, dtype=sdtype, device=device),
+            momentum=torch.zeros(total, dtype=sdtype, device=device),
+            hess=torch.empty(total, dtype=sdtype, device=device),
+            backend=backends.resolve(self.backend_choice, device, dtype))
+        for index, param in enumerate(params):
+            strides = storage_strides(param)
+            bucket.param_views.append(_view(bucket.param_flat, bucket.slice_of(index), param, strides))
+            bucket.grad_views.append(_view(bucket.grad_flat, bucket.slice_of(index), param, strides))
+        return bucket
+
+    @staticmethod
+    def _bind(bucket: Bucket, index: int) -> None:
+        """Make the param (and its grad, when trainable) views into the bucket."""
+        param = bucket.params[index]
+        param.data = bucket.param_views[index]
+        if param.requires_grad:
+            param.grad = bucket.grad_views[index]
+        while len(bucket.versions) <= index:
+            bucket.versions.append(0)
+            bucket.trainable.append(False)
+        bucket.versions[index] = param._version
+        bucket.trainable[index] = param.requires_grad
+
+    def state_views(self) -> Iterator[tuple]:
+        """(param, {'mean', 'momentum', 'hess'} views shaped like the param) for every param."""
+        for bucket in self.buckets:
+            for index, param in enumerate(bucket.params):
+                where, view = bucket.slice_of(index), bucket.param_views[index]
+                yield param, {name: torch.as_strided(getattr(bucket, name)[where], view.shape,
+                                                     view.stride())
+                              for name in ("mean", "momentum", "hess")}
+
+    # -------------------------------------------------------------------------- the op loop
+
+    def segments(self, buckets=None) -> Iterator[tuple]:
+        """(bucket, segment) for every run of trainable params, in bucket order."""
+        for bucket in self.buckets if buckets is None else buckets:
+            for segment in bucket.segments():
+                yield bucket, segment
+
+    def group_start(self, group_index: int) -> int:
+        """The global index of a param group's first element."""
+        return min((b.offsets[0] for b in self.buckets if b.group_index == group_index), default=0)
+
+    # -------------------------------------------------------------------------- user code
+
+    def check_materialized(self) -> None:
+        for bucket in self.buckets:
+            if bucket.device.type == "meta":
+                raise RuntimeError(
+                    "IVON's parameters are on the meta device. Materializing a model with "
+                    "to_empty() (or load_state_dict(assign=True)) replaces its parameter objects, "
+                    "so an optimizer built before that holds the old meta tensors and would train "
+                    "nothing. Build the optimizer after materializing the model.")
+
+    def sync_requires_grad(self) -> None:
+        """Follow requires_grad changes made since the last look.
+
+        A param frozen since then gets its mean back (it may hold a sample); an unfrozen one starts
+        from its current value.
+        """
+        for bucket in self.buckets:
+            for index, param in enumerate(bucket.params):
+                if param.requires_grad == bucket.trainable[index]:
+                    continue
+                where = bucket.slice_of(index)
+                with torch.no_grad():
+                    if param.requires_grad:
+                        bucket.mean[where].copy_(bucket.param_flat[where])
+                        param.grad = bucket.grad_views[index]
+                        bucket.grad_views[index].zero_()
+                    else:
+                        bucket.param_flat[where].copy_(bucket.mean[where])
+                bucket.trainable[index] = param.requires_grad
+
+    def follow_moves(self, hess_init: list) -> bool:
+        """Rebuild the layout when params moved to another device or dtype (Note [moved params]).
+
+        Returns whether it did. The state of a moved param moves with it; a param that user code
+        wrote after moving it (``to_empty`` then ``reset_parameters``) takes its values as the mean.
+        ``hess_init`` is each param group's initial Hessian, for state that never existed (meta).
+        """
+        moved = any(p.device != b.device or p.dtype != b.param_flat.dtype
+                    for b in self.buckets for p in b.params)
+        if not moved:
+            return False
+        old_buckets, self.buckets = self.buckets, []
+        by_group: dict = {}
+        for old in old_buckets:
+            by_group.setdefault(old.group_index, []).append(old)
+        for group_index in sorted(by_group):
+            members = [(old, index) for old in by_group[group_index]
+                       for index in range(len(old.params))]
+            members.sort(key=lambda m: m[0].offsets[m[1]])
+            by_key: dict = {}
+            for old, index in members:
+                param = old.params[index]
+                by_key.setdefault((param.device, param.dtype), []).append((old, index))
+            for (device, dtype), moving in by_key.items():
+                bucket = self._make_bucket(group_index, device, dtype,
+                                           [old.params[i] for old, i in moving],
+                                           [old.offsets[i] for old, i in moving])
+                for new_index, (old, index) in enumerate(moving):
+                    self._move_param(old, index, bucket, new_index, hess_init[group_index])
+                self.buckets.append(bucket)
+        return True
+
+    @staticmethod
+    @torch.no_grad()
+    def _move_param(old: Bucket, index: int, new: Bucket, new_index: int, hess_init: float
+                    ) -> None:
+        param = old.params[index]
+        where, new_where = old.slice_of(index), new.slice_of(new_index)
+        sdtype = new.mean.dtype
+        new.param_views[new_index].copy_(param.detach())
+        written = param._version != old.versions[index]
+        if old.device.type == "meta":  # nothing was ever computed there: start afresh
+            new.mean[new_where].copy_(new.param_flat[new_where])
+            new.hess[new_where].fill_(float(hess_init))
+        else:
+            for name in ("mean", "momentum", "hess"):
+                getattr(new, name)[new_where].copy_(getattr(old, name)[where].to(sdtype))
+            if written and old.trainable[index]:
+                new.mean[new_where].copy_(new.param_flat[new_where])
+            if old.avg_grad is not None:
+                new.ensure_averages()
+                new.avg_grad[new_where].copy_(old.avg_grad[where].to(sdtype))
+                new.avg_hess_term[new_where].copy_(old.avg_hess_term[where].to(sdtype))
+        grad = param.grad
+        if grad is not None and old.device.type != "meta":
+            new.grad_views[new_index].copy_(grad.reshape(param.shape))
+        FlatLayout._bind(new, new_index)
+        new.trainable[new_index] = old.trainable[index]
+
+    def written_params(self) -> Iterator[tuple]:
+        """(bucket, index, rebound) for every param user code wrote or rebound since the last look.
+
+        A rebound ``p.data`` (same device, dtype and shape) is copied into the bucket and the param
+        made a view again; the caller decides what the new values mean.
+        """
+        for bucket in self.buckets:
+            for index, (param, view) in enumerate(zip(bucket.params, bucket.param_views)):
+                rebound = param.data_ptr() != view.data_ptr() or param.stride() != view.stride()
+                if not rebound and param._version == bucket.versions[index]:
+                    continue
+                if rebound:
+                    if param.shape != view.shape:
+                        raise RuntimeError(
+                            "a parameter managed by IVON changed its shape from "
+                            f"{tuple(view.shape)} to {tuple(param.shape)}; build a new optimizer")
+                    with torch.no_grad():
+                        view.copy_(param.data)
+                    param.data = view
+                bucket.versions[index] = param._version
+                yield bucket, index, rebound
+
+    def forget_writes(self) -> bool:
+        """Make every written or rebound param a view again, without taking its values.
+
+        Returns whether there was any; the caller then writes the params itself.
+        """
+        return sum(1 for _ in self.written_params()) > 0
+
+    def mark_seen(self) -> None:
+        """Take every param's current version as seen (after the optimizer wrote the params)."""
+        for bucket in self.buckets:
+            bucket.versions = [p._version for p in bucket.params]
+
+    def gather_grads(self) -> None:
+        """Make the flat gradient buffer hold every trainable param's current ``.grad``."""
+        for bucket in self.buckets:
+            for index, param in enumerate(bucket.params):
+                if not bucket.trainable[index] or bucket.holds_grad(index):
+                    continue
+                grad = param.grad
+                view = (bucket.renew_grad_view(index) if grad is bucket.grad_views[index]
+                        else bucket.grad_views[index])
+                if grad is None:
+                    view.zero_()
+                elif grad.is_sparse:
+                    raise RuntimeError("IVON does not support sparse gradients (e.g. "
+                                       "nn.Embedding(sparse=True)); use dense gradients")
+                else:
+                    view.copy_(grad.reshape(view.shape))
+                param.grad = view
+
+    def grad_versions(self) -> list:
+        """A fingerprint of the gradients: changes when a backward, zero_grad or assignment did."""
+        return [(bucket.grad_flat._version,
+                 [param.grad is view for param, view in zip(bucket.params, bucket.grad_views)])
+                for bucket in self.buckets]
+
+    def zero_grads(self) -> None:
+        for bucket in self.buckets:
+            bucket.grad_flat.zero_()
+            for index, param in enumerate(bucket.params):
+                if param.requires_grad and not bucket.holds_grad(index):
+                    param.grad = (bucket.renew_grad_view(index)
+                                  if param.grad is bucket.grad_views[index]
+                                  else bucket.grad_views[index])
+
+    def restore(self) -> None:
+        """Trainable params <- their mean."""
+        for bucket, segment in self.segments():
+            bucket.param_flat[segment.slice].copy_(bucket.mean[segment.slice])

@@ -1,0 +1,119 @@
+"""Where the optimizer's noise comes from: the draw numbers, the key, and the two noise sources.
+
+DESIGN.md section 3 fixes the noise of element ``i`` of training or evaluation draw ``draw`` under
+key ``seed``. This module decides which key and which draw numbers the optimizer uses:
+
+- Training draws are 0, 1, 2, ...; evaluation draws are ``EVAL_DRAW_BASE + 0, 1, 2, ...``, so
+  evaluating never shifts (or repeats) the training noise.
+- With ``sync=True`` every rank is one Monte Carlo sample of the same step, so the ranks must draw
+  different noise even when the user passed the same seed everywhere: rank ``r`` uses the key
+  ``rank_seed(seed, r)`` (rank 0 keeps ``seed``, so a one-process run is unchanged).
+
+Two sources implement the same interface (``PhiloxNoise``, the counter-based default every backend
+regenerates by itself, and ``TorchNoise``, ivon-opt's ``torch.randn`` per param group), so the
+optimizer never branches on ``rng``: it asks the source for the extra keyword arguments of an op.
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import EVAL_DRAW_BASE
+
+__all__ = ["EVAL_DRAW_BASE", "rank_seed", "PhiloxNoise", "TorchNoise"]
+
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # odd: rank -> key is a bijection on 64-bit integers
+_MASK64 = (1 << 64) - 1
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The noise key of ``rank`` under ``sync=True``: distinct per rank, ``seed`` itself on rank 0."""
+    return (int(seed) + int(rank) * _GOLDEN_GAMMA) & _MASK64
+
+
+def _rank(sync: bool) -> int:
+    import torch.distributed as dist
+    if sync and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+class PhiloxNoise:
+    """The counter-based noise of DESIGN.md section 3 (the default, ``rng='philox'``).
+
+    Every backend regenerates it from (key, draw, global index), so the ops need nothing beyond
+    ``seed=key`` and the draw number: ``op_kwargs`` is empty.
+    """
+    name = "philox"
+
+    def __init__(self, seed: int, sync: bool):
+        self.seed, self.sync = seed, sync
+
+    def key(self) -> int:
+        return rank_seed(self.seed, _rank(self.sync))
+
+    def op_kwargs(self, name: str, draw, bucket, segment, group_start: int) -> dict:
+        return {}
+
+    def forget(self, draw) -> None:
+        pass
+
+    def pending_noise(self, draw, group_index: int, start: int, stop: int):
+        return None
+
+    def restore_pending(self, draw, pieces: list) -> None:
+        pass
+
+
+class TorchNoise:
+    """ivon-opt's noise (``rng='torch'``): one ``torch.randn(numel of the group)`` per param group
+    and draw, in group order, from torch's default generator (evaluation draws: a generator of
+    their own, seeded with the seed, so they never consume the default one).
+
+    Only the reference backend takes explicit noise; the tensors of a draw are kept until the draw
+    is forgotten (its gradient folded in, or the sample discarded).
+    """
+    name = "torch"
+
+    def __init__(self, seed: int, sync: bool, group_params):
+        self.seed, self.sync = seed, sync
+        self._group_params = group_params  # () -> list of each group's params, in group order
+        self._drawn: dict = {}              # draw -> [each group's eps]
+        self._eval_generators: dict = {}
+
+    def key(self) -> int:
+        return self.seed
+
+    def _group_eps(self, draw: int, group_index: int) -> torch.Tensor:
+        if draw not in self._drawn:  # ivon-opt draws every group's noise, in group order
+            self._drawn[draw] = []
+            for params in self._group_params():
+                first = params[0]
+                generator = self._eval_generator(first.device) if draw >= EVAL_DRAW_BASE else None
+                self._drawn[draw].append(torch.randn(
+                    sum(p.numel() for p in params), dtype=first.dtype, device=first.device,
+                    generator=generator))
+        return self._drawn[draw][group_index]
+
+    def _eval_generator(self, device) -> torch.Generator:
+        if device not in self._eval_generators:
+            self._eval_generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._eval_generators[device]
+
+    def op_kwargs(self, name: str, draw, bucket, segment, group_start: int) -> dict:
+        """``{name: eps}`` for the segment (``eps`` or ``next_eps``); empty without a draw."""
+        if draw is None:
+            return {}
+        eps = self._group_eps(draw, bucket.group_index)
+        local = segment.offset - group_start
+        return {name: eps[local:local + segment.stop - segment.start].to(bucket.mean.device)}
+
+    def forget(self, draw) -> None:
+        self._drawn.pop(draw, None)
+
+    def pending_noise(self, draw, group_index: int, start: int, stop: int) -> torch.Tensor:
+        """The noise of a param (group-local elements start .. stop) for a state dict."""
+        return self._group_eps(draw, group_index)[start:stop].clone()
+
+    def restore_pending(self, draw, pieces: list) -> None:
+        """Put back a draw's noise from a state dict: [each group's eps]."""
+        self._drawn[draw] = list(pieces)

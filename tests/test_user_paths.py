@@ -1,0 +1,541 @@
+"""Paths users really take, each of which once gave silently wrong results (issue 7's review).
+
+Expectations come from ivon-opt itself (bitwise, rng='torch'), from the explicit reference
+simulator of test_optimizer, from an uninterrupted or differently built run, or from the noise
+spec (reference.philox_normal) directly.
+"""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ivon
+from ivon_fast import IVON, reference
+from ivon_fast.noise import EVAL_DRAW_BASE
+
+from test_optimizer import (HP, SEED, Simulator, assert_params_equal, assert_same_run,
+                            assert_state_dicts_equal, batch, build, dropin_iter, loss_fn,
+                            make_model, normalized_noise, snapshot, train)
+
+ESS, WD = HP["ess"], HP["weight_decay"]
+
+
+def _single_group_spec(model):
+    return [([n for n, _ in model.named_parameters()], dict(HP))]
+
+
+# ----------------------------------------------------------------------------- 1. zero_grad anywhere
+
+def _ivon_opt_run(optimizer_class, clear, mc, steps=4, **kwargs):
+    """The official loop with the gradients cleared in one of the ways users clear them."""
+    model = make_model(3)
+    torch.manual_seed(11)
+    opt = optimizer_class(model.parameters(), **HP, mc_samples=mc, **kwargs)
+    for i in range(steps):
+        for _ in range(mc):
+            if clear == "opt_before":
+                opt.zero_grad()
+            elif clear == "model_before_none":
+                model.zero_grad(set_to_none=True)
+            elif clear == "model_before_zero":
+                model.zero_grad(set_to_none=False)
+            with opt.sampled_params(train=True):
+                if clear == "opt_inside":
+                    opt.zero_grad()
+                elif clear == "model_inside":
+                    model.zero_grad()
+                loss_fn(model, i).backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("mc", [1, 2, 3])
+@pytest.mark.parametrize("clear", ["opt_inside", "model_inside", "opt_before", "model_before_none",
+                                   "model_before_zero"])
+def test_clearing_grads_anywhere_equals_ivon_opt_bitwise(clear, mc):
+    expected = _ivon_opt_run(ivon.IVON, "opt_inside", mc)
+    actual = _ivon_opt_run(IVON, clear, mc, backend="reference", rng="torch")
+    initial = make_model(3)
+    for want, got, start in zip(expected.parameters(), actual.parameters(), initial.parameters()):
+        assert not torch.equal(want, start)
+        assert torch.equal(want, got)
+
+
+def test_a_sample_beyond_mc_samples_after_clearing_grads_is_an_error():
+    model, opt = build("official", mc=1)
+    with opt.sampled_params(train=True):
+        loss_fn(model, 0).backward()
+    model.zero_grad()
+    before = opt.state_dict()
+    with pytest.raises(RuntimeError, match="mc_samples"):
+        with opt.sampled_params(train=True):
+            loss_fn(model, 0).backward()
+    assert_state_dicts_equal(before, opt.state_dict())
+
+
+def test_optimizer_zero_grad_between_blocks_keeps_the_pending_sample():
+    """Beyond mc_samples, clearing through the optimizer folds the sample in first: no error."""
+    model_a, opt_a = build("official", mc=1)
+    model_b, opt_b = build("official", mc=2)
+    for model, opt in ((model_a, opt_a), (model_b, opt_b)):
+        for _ in range(2):
+            opt.zero_grad()
+            with opt.sampled_params(train=True):
+                loss_fn(model, 0).backward()
+        opt.step()
+    assert_same_run(model_a, opt_a, model_b, opt_b)
+
+
+# ----------------------------------------------------------------------------- 2. resume across backends
+
+def _kernel_backends():
+    from ivon_fast import backends
+    return [name for name in ("cpu", "triton")
+            if backends.unavailable_reason(name, torch.device("cpu")) is None]
+
+
+@pytest.mark.parametrize("model_first", [True, False], ids=["model_then_opt", "opt_then_model"])
+@pytest.mark.parametrize("pair", [("cpu", "reference"), ("reference", "cpu"), ("cpu", "triton"),
+                                  ("reference", "triton")],
+                         ids=lambda p: f"{p[0]}->{p[1]}")
+def test_dropin_resume_across_backends_keeps_the_mean(pair, model_first):
+    saver, loader = pair
+    if any(name != "reference" and name not in _kernel_backends() for name in pair):
+        pytest.skip(f"backend {pair} not available here")
+
+    def make(backend, model_seed=0):
+        model = make_model(model_seed)
+        return model, IVON(model.parameters(), **HP, backend=backend, seed=SEED,
+                           resample_on_step=True)
+
+    model_a, opt_a = make(saver)
+    for i in range(3):
+        dropin_iter(model_a, opt_a, i)
+    saved = io.BytesIO()
+    torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, saved)
+    assert opt_a.state_dict()["ivon"]["params_hold"] == opt_a._pending_draw
+    for i in range(3, 6):
+        dropin_iter(model_a, opt_a, i)
+
+    model_b, opt_b = make(loader, model_seed=9)
+    saved.seek(0)
+    checkpoint = torch.load(saved)
+    if model_first:
+        model_b.load_state_dict(checkpoint["model"])
+        opt_b.load_state_dict(checkpoint["opt"])
+    else:
+        opt_b.load_state_dict(checkpoint["opt"])
+        model_b.load_state_dict(checkpoint["model"])
+    for i in range(3, 6):
+        dropin_iter(model_b, opt_b, i)
+    # the backends round differently by an ulp here and there; a mean replaced by a sample would
+    # be off by about one posterior standard deviation (0.1 here)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        for key in ("mean", "momentum", "hess"):
+            torch.testing.assert_close(opt_b.state[pb][key], opt_a.state[pa][key],
+                                       rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+
+
+def test_official_bf16_resume_keeps_the_fp32_master_mean():
+    """A bf16 model checkpoint holds the rounded mean; loading it after the optimizer's state
+    must not replace the fp32 master mean by its rounding."""
+    def make():
+        model = make_model(0, dtype=torch.bfloat16)
+        return model, IVON(model.parameters(), **HP, backend="reference", seed=SEED)
+
+    def run(model, opt, start, n):
+        for i in range(start, start + n):
+            with opt.sampled_params(train=True):
+                opt.zero_grad()
+                loss_fn(model, i, torch.bfloat16).backward()
+            opt.step()
+
+    model_a, opt_a = make()
+    run(model_a, opt_a, 0, 3)
+    checkpoint = {"model": {k: v.clone() for k, v in model_a.state_dict().items()},
+                  "opt": opt_a.state_dict()}
+    run(model_a, opt_a, 3, 2)
+    model_b, opt_b = make()
+    opt_b.load_state_dict(checkpoint["opt"])
+    model_b.load_state_dict(checkpoint["model"])
+    run(model_b, opt_b, 3, 2)
+    means = [opt_a.state[p]["mean"] for p in model_a.parameters()]
+    assert any(not torch.equal(m, m.bfloat16().float()) for m in means)  # not trivially equal
+    assert_same_run(model_a, opt_a, model_b, opt_b)
+
+
+# ----------------------------------------------------------------------------- 3. empty params
+
+def test_empty_parameter_list_is_a_value_error():
+    with pytest.raises(ValueError, match="empty parameter list"):
+        IVON([], **HP)
+    model = make_model(0)
+    params = model.parameters()
+    list(params)   # consumed
+    with pytest.raises(ValueError, match="empty parameter list"):
+        IVON(params, **HP)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        IVON([{"params": []}], **HP)
+
+
+# ----------------------------------------------------------------------------- 4. meta init, moves
+
+def test_built_on_meta_then_materialized_is_a_clear_error():
+    with torch.device("meta"):
+        model = nn.Linear(4, 3)
+    opt = IVON(model.parameters(), **HP)
+    model.to_empty(device="cpu")
+    model.reset_parameters()
+    model(torch.randn(2, 4)).sum().backward()
+    for call in (opt.step, opt.state_dict, lambda: opt.sampled_params().__enter__(),
+                 lambda: opt.mean_params().__enter__()):
+        with pytest.raises(RuntimeError, match="meta device"):
+            call()
+
+
+def test_to_empty_and_reinit_on_the_same_device_trains_as_if_built_on_the_new_weights():
+    def reinit(model):
+        torch.manual_seed(21)
+        for module in model.body:
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+
+    model_a = make_model(0)
+    opt_a = IVON(model_a.parameters(), **HP, backend="reference", seed=SEED)
+    model_a.to_empty(device="cpu")
+    reinit(model_a)
+    with torch.no_grad():
+        model_a.scale.fill_(0.5)
+        model_a.odd.normal_(generator=torch.Generator().manual_seed(3))
+    train(model_a, opt_a, "official", 0, 3)
+
+    model_b = make_model(0)
+    reinit(model_b)
+    with torch.no_grad():
+        model_b.scale.fill_(0.5)
+        model_b.odd.normal_(generator=torch.Generator().manual_seed(3))
+    opt_b = IVON(model_b.parameters(), **HP, backend="reference", seed=SEED)
+    train(model_b, opt_b, "official", 0, 3)
+    assert_same_run(model_a, opt_a, model_b, opt_b)
+
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_model_to_float64_after_construction_moves_the_state(mode):
+    model_a, opt_a = build(mode)
+    train(model_a, opt_a, mode, 0, 2)
+    saved = opt_a.state_dict()
+    with opt_a.mean_params():
+        weights = {k: v.clone() for k, v in model_a.state_dict().items()}
+    model_a.double()
+    train_double(model_a, opt_a, mode)
+
+    # expectation: an optimizer built on a float64 model and loaded with the same state
+    model_b = make_model(0)
+    model_b.load_state_dict(weights)
+    model_b.double()
+    opt_b = IVON(model_b.parameters(), **HP, backend="reference", seed=opt_a.seed,
+                 resample_on_step=(mode == "dropin"))
+    opt_b.load_state_dict(saved)
+    train_double(model_b, opt_b, mode)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert pa.dtype == torch.float64 and opt_a.state[pa]["mean"].dtype == torch.float64
+    if mode == "official":
+        assert_same_run(model_a, opt_a, model_b, opt_b)
+    else:   # model_a's first backward after the move ran at the fp32 sample, model_b's at fp64
+        for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+            for key in ("mean", "momentum", "hess"):
+                torch.testing.assert_close(opt_a.state[pa][key], opt_b.state[pb][key],
+                                           rtol=1e-6, atol=1e-7)
+
+
+def train_double(model, opt, mode):
+    for i in range(2, 4):
+        x, y = batch(i, torch.float64)
+        if mode == "official":
+            with opt.sampled_params(train=True):
+                opt.zero_grad()
+                ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+        else:
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def test_model_half_keeps_the_fp32_master_mean_and_trains():
+    model, opt = build("official")
+    train(model, opt, "official", 0, 2)
+    mean_before = {n: opt.state[p]["mean"].clone() for n, p in model.named_parameters()}
+    model.half()
+    with opt.mean_params():
+        pass
+    for name, param in model.named_parameters():
+        state = opt.state[param]
+        assert param.dtype == torch.float16 and state["mean"].dtype == torch.float32
+        assert torch.equal(state["mean"], mean_before[name])      # not rounded to fp16
+        assert torch.equal(param, mean_before[name].half())
+    x, y = batch(2, torch.float16)
+    with opt.sampled_params(train=True):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).float().mean().backward()
+    opt.step()
+    assert any(not torch.equal(opt.state[p]["mean"], mean_before[n])
+               for n, p in model.named_parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_model_to_cuda_after_construction_follows(mode):
+    model_a, opt_a = build(mode)
+    train(model_a, opt_a, mode, 0, 2)
+    model_b, opt_b = build(mode)
+    train(model_b, opt_b, mode, 0, 2)
+    model_b.cuda()
+    for i in range(2, 4):
+        x, y = (t.cuda() for t in batch(i))
+        if mode == "official":
+            with opt_b.sampled_params(train=True):
+                opt_b.zero_grad()
+                ((model_b(x) - y) ** 2).mean().backward()
+            opt_b.step()
+        else:
+            ((model_b(x) - y) ** 2).mean().backward()
+            opt_b.step()
+            opt_b.zero_grad()
+    train(model_a, opt_a, mode, 2, 2)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert pb.is_cuda and opt_b.state[pb]["mean"].is_cuda
+        torch.testing.assert_close(pb.cpu(), pa, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 5. writes in blocks
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_writes_inside_mean_params_become_the_mean(mode):
+    model, opt = build(mode)
+    train(model, opt, mode, 0, 2)
+    new_weights = make_model(7).state_dict()
+    with opt.mean_params():
+        model.load_state_dict(new_weights)
+    for name, param in model.named_parameters():
+        assert torch.equal(opt.state[param]["mean"], new_weights[name])
+        if mode == "official":
+            assert torch.equal(param, new_weights[name])
+    # the next sample is drawn around the new mean
+    if mode == "dropin":
+        w = model.body[0].weight
+        state = opt.state[w]
+        z = normalized_noise(w, state["mean"], state["hess"], ESS, WD)
+        assert z.abs().max() < 6 and z.std() > 0.5
+
+
+def test_an_exception_inside_mean_params_discards_its_writes():
+    model, opt = build("official")
+    train(model, opt, "official", 0, 2)
+    before, state = snapshot(model), opt.state_dict()
+    with pytest.raises(KeyError):
+        with opt.mean_params():
+            with torch.no_grad():
+                model.body[0].weight.add_(1.0)
+            model.body[0].bias.data = torch.zeros(8)
+            raise KeyError("user code failed")
+    assert_params_equal(model, before)
+    assert_state_dicts_equal(state, opt.state_dict())
+    bias_storage = model.body[0].bias.untyped_storage().data_ptr()
+    assert bias_storage == opt._layout.buckets[0].param_flat.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("train_block", [True, False])
+def test_writes_inside_sampled_params_are_an_error_and_change_nothing(train_block):
+    model, opt = build("official")
+    train(model, opt, "official", 0, 2)
+    before, state = snapshot(model), opt.state_dict()
+    with pytest.raises(RuntimeError, match="written inside sampled_params"):
+        with opt.sampled_params(train=train_block):
+            model.load_state_dict(make_model(7).state_dict())
+    assert_params_equal(model, before)
+    assert_state_dicts_equal(state, opt.state_dict())
+
+
+# ----------------------------------------------------------------------------- 6. channels_last
+
+def test_channels_last_params_keep_their_memory_format_and_draw_noise_in_storage_order():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    head = nn.Linear(4, 2)
+    params = [conv.weight, conv.bias, *head.parameters()]
+    opt = IVON(params, **HP, backend="reference", seed=SEED, resample_on_step=True)
+    weight = conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert not weight.is_contiguous()
+    # the params hold the sample of draw 0; element i of the flat (storage) order has noise i
+    state = opt.state[weight]
+    z = normalized_noise(weight, state["mean"], state["hess"], ESS, WD)
+    in_storage_order = z.permute(0, 2, 3, 1).reshape(-1)
+    expected = reference.philox_normal(SEED, 0, 0, weight.numel()).double()
+    torch.testing.assert_close(in_storage_order, expected, rtol=1e-4, atol=1e-5)
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    for _ in range(2):
+        head(conv(x).mean((2, 3))).pow(2).sum().backward()
+        grad_ptr = weight.grad.data_ptr()
+        opt.step()
+        opt.zero_grad()
+        assert weight.grad.data_ptr() == grad_ptr   # autograd accumulated into the buffer
+        assert weight.is_contiguous(memory_format=torch.channels_last)
+        assert weight.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- 7. beta1 = 1
+
+@pytest.mark.parametrize("bad", [dict(beta1=1.0), dict(beta1=1.5), dict(ess=0.0),
+                                 dict(hess_init=0.0), dict(clip_radius=0.0)])
+def test_values_that_divide_by_zero_are_rejected(bad):
+    model = make_model(0)
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        IVON(model.parameters(), **{**HP, **bad})
+    with pytest.raises(ValueError, match=name):
+        IVON([{"params": list(model.parameters()), **bad}], **HP)
+
+
+# ----------------------------------------------------------------------------- evaluation draws
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_evaluation_noise_is_its_own_stream(mode):
+    model, opt = build(mode)
+    w = model.body[0].weight
+    params = list(model.parameters())
+    offset = sum(p.numel() for p in params[:next(i for i, p in enumerate(params) if p is w)])
+    for k in range(2):
+        with opt.sampled_params():
+            state = opt.state[w]
+            z = normalized_noise(w, state["mean"], state["hess"], ESS, WD).reshape(-1)
+        want = reference.philox_normal(opt.seed, EVAL_DRAW_BASE + k, offset, w.numel()).double()
+        torch.testing.assert_close(z, want, rtol=1e-4, atol=1e-5)
+        train_noise = reference.philox_normal(opt.seed, k, offset, w.numel()).double()
+        assert (z - train_noise).abs().max() > 0.5
+
+
+# ----------------------------------------------------------------------------- 12. torch.compile
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_compiled_training_step_follows_eager(mode):
+    torch._dynamo.reset()
+
+    def make_step(model, opt):
+        def step(i):
+            if mode == "official":
+                with opt.sampled_params(train=True):
+                    opt.zero_grad()
+                    loss_fn(model, i).backward()
+                opt.step()
+            else:
+                loss_fn(model, i).backward()
+                opt.step()
+                opt.zero_grad()
+        return step
+
+    model_a, opt_a = build(mode)
+    eager = make_step(model_a, opt_a)
+    model_b, opt_b = build(mode)
+    compiled = torch.compile(make_step(model_b, opt_b), backend="eager")
+    for i in range(4):
+        eager(i)
+        compiled(i)
+    assert opt_b._next_train_draw == opt_a._next_train_draw == (4 if mode == "official" else 5)
+    assert_same_run(model_a, opt_a, model_b, opt_b)
+
+
+def test_fullgraph_compile_of_step_refuses_loudly():
+    torch._dynamo.reset()
+    model, opt = build("dropin")
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def step():
+        opt.step()
+
+    loss_fn(model, 0).backward()
+    with pytest.raises(Exception, match="(?i)disable|skip|unsupported"):
+        step()
+
+
+# ----------------------------------------------------------------------------- 13. closures
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_do_nothing_closure_after_a_manual_backward_equals_a_plain_step(mode):
+    """PyTorch Lightning's manual optimization: backward by the user, then step(closure) with a
+    closure that returns None and computes nothing."""
+    def run(with_closure):
+        model, opt = build(mode)
+        for i in range(3):
+            if mode == "official":
+                with opt.sampled_params(train=True):
+                    opt.zero_grad()
+                    loss_fn(model, i).backward()
+            else:
+                loss_fn(model, i).backward()
+            result = opt.step(lambda: None) if with_closure else opt.step()
+            assert result is None
+            opt.zero_grad()
+        return model, opt
+
+    model_a, opt_a = run(False)
+    model_b, opt_b = run(True)
+    assert_same_run(model_a, opt_a, model_b, opt_b)
+
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_closure_that_returns_none_after_backward_trains_like_one_that_returns_the_loss(mode):
+    def run(returns_loss):
+        model, opt = build(mode)
+        for i in range(3):
+            def closure():
+                opt.zero_grad()
+                loss = loss_fn(model, i)
+                loss.backward()
+                return loss if returns_loss else None
+            result = opt.step(closure)
+            assert (result is None) != returns_loss
+        return model, opt
+
+    model_a, opt_a = run(True)
+    model_b, opt_b = run(False)
+    assert_same_run(model_a, opt_a, model_b, opt_b)
+    sim_model = make_model(0)
+    assert any(not torch.equal(p, q) for p, q in zip(model_a.parameters(), sim_model.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_a_failure_after_the_closures_leaves_everything_as_it_was(mode):
+    model, opt = build(mode, mc=2)
+    train(model, opt, mode, 0, 1) if mode == "official" else None
+    before, state = snapshot(model), opt.state_dict()
+
+    def closure():
+        opt.zero_grad()
+        loss_fn(model, 0).backward()
+        return "not a number"      # averaging the losses fails after both samples
+
+    with pytest.raises(TypeError):
+        opt.step(closure)
+    assert_params_equal(model, before)
+    assert_state_dicts_equal(state, opt.state_dict())
+
+
+def test_dropin_simulator_with_model_zero_grad_set_to_none():
+    """zero_grad(set_to_none=True) on the model drops the grad views; the step must still read
+    the new gradients (against the explicit reference computation)."""
+    model = make_model(0)
+    spec = _single_group_spec(model)
+    sim = Simulator(make_model(0), spec, "dropin", SEED)
+    opt = IVON(model.parameters(), **HP, backend="reference", seed=SEED, resample_on_step=True)
+    for i in range(4):
+        loss_fn(model, i).backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        sim.step(i)
+        sim.assert_matches(model, opt)
