@@ -539,3 +539,28 @@ def test_dropin_simulator_with_model_zero_grad_set_to_none():
         model.zero_grad(set_to_none=True)
         sim.step(i)
         sim.assert_matches(model, opt)
+
+
+# ----------------------------------------------------------------------------- state-dict hooks
+
+def test_torch_state_dict_hooks_are_honoured():
+    model, opt = build("official")
+    train(model, opt, "official", 0, 2)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("save-pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    state = opt.state_dict()
+    assert calls == ["save-pre"] and state["extra"] == 1
+
+    model_b, opt_b = build("official", model_seed=4)
+
+    def drop_extra(o, sd):
+        calls.append("load-pre")
+        return {k: v for k, v in sd.items() if k != "extra"}
+
+    opt_b.register_load_state_dict_pre_hook(drop_extra)
+    opt_b.register_load_state_dict_post_hook(lambda o: calls.append("load-post"))
+    opt_b.load_state_dict(state)
+    assert calls == ["save-pre", "load-pre", "load-post"]
+    for p, q in zip(model.parameters(), model_b.parameters()):
+        assert torch.equal(opt_b.state[q]["mean"], opt.state[p]["mean"])
