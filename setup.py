@@ -1,9 +1,10 @@
-"""Build of ivon-fast: the Python package plus the compiled extension ``ivon_fast._C``.
+"""Build of ivon-fast: the compiled extension ``ivon_fast._C`` and the torch requirement.
 
     MAX_JOBS=2 pip install --no-build-isolation -e '.[test]'
 
-The extension always holds the CPU kernels, and the CUDA kernels whenever torch is a CUDA build and
-nvcc is found (CUDA_HOME or nvcc on PATH). Environment switches:
+The static package metadata is in pyproject.toml. The extension always holds the CPU kernels, and
+the CUDA kernels whenever torch is a CUDA build and nvcc is found (CUDA_HOME or nvcc on PATH).
+Environment switches:
 
     IVON_FAST_NO_EXT=1      no extension at all (pure Python install; the reference / Triton
                             backends still work)
@@ -12,13 +13,23 @@ nvcc is found (CUDA_HOME or nvcc on PATH). Environment switches:
     TORCH_CUDA_ARCH_LIST    CUDA architectures (default here: '8.0;9.0+PTX', i.e. sm_80 and
                             sm_90 code plus PTX that newer GPUs can JIT)
 """
+from __future__ import annotations
+
 import glob
 import os
+import re
 import shutil
 import sys
 
+import setuptools
 from setuptools import setup
 
+# pyproject.toml's [project] table holds the name, version and extras; setuptools reads it from
+# version 61 on, and an older one would quietly build a package without them. pip installs the
+# setuptools that pyproject.toml asks for only in an isolated build, so check here.
+if int(setuptools.__version__.split(".")[0]) < 61:
+    sys.exit(f"ivon-fast needs setuptools>=61 to build, found {setuptools.__version__}: "
+             "pip install -U setuptools")
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
@@ -40,15 +51,64 @@ def _find_cuda_home():
     return None
 
 
+def torch_requirement(built_against: str | None) -> str:
+    """The torch requirement of the package built against torch ``built_against`` (None: no
+    extension built).
+
+    Note [torch pin]: torch's C++ ABI changes between minor releases, so an extension compiled
+    against torch 2.14 fails to import (undefined symbols) or crashes under 2.15. A build with the
+    extension therefore requires the minor release it was compiled against, e.g. 'torch==2.14.*'
+    for '2.14.1+cu130' (the local label does not take part in a prefix match); patch releases
+    carry fixes only and keep the ABI. ivon_fast/_extension.py makes the same check at import, for
+    installs that pip's resolver did not see (an editable build, then a torch upgrade).
+    """
+    if built_against is None:
+        return "torch>=2.4,<3"
+    major, minor = re.match(r"(\d+)\.(\d+)", built_against).groups()
+    return f"torch=={major}.{minor}.*"
+
+
+def write_build_info(path: str, info: dict) -> None:
+    """Write ``info`` (names to Python literals) as the module ivon_fast/_build_info.py."""
+    lines = ["# What ivon_fast._C was built against; written by setup.py, read by"
+             " ivon_fast/_extension.py.\n"]
+    lines += [f"{name} = {value!r}\n" for name, value in info.items()]
+    with open(path, "w") as file:
+        file.writelines(lines)
+
+
+def _recording_build_ext(base, info: dict):
+    """``base`` (torch's build_ext) that also writes ``info`` next to the extension it built.
+
+    Written only after a successful build, so the record never describes an extension that a
+    failed rebuild left behind. Next to the extension means in the build folder that a wheel
+    packs, or in the source tree for in-place and editable builds (setuptools has put the inplace
+    flag back by the time run() returns, so get_ext_fullpath names the file in use).
+    """
+    class RecordingBuildExt(base):
+        def run(self):
+            super().run()
+            folder = os.path.dirname(self.get_ext_fullpath("ivon_fast._C"))
+            write_build_info(os.path.join(folder, "_build_info.py"), info)
+
+    return RecordingBuildExt
+
+
 def _extension_build():
-    """(ext_modules, cmdclass) for ivon_fast._C, or ([], {}) under IVON_FAST_NO_EXT=1."""
+    """(ext_modules, cmdclass, torch version built against) for ivon_fast._C, or
+    ([], {}, None) under IVON_FAST_NO_EXT=1."""
     if _flag("IVON_FAST_NO_EXT"):
-        return [], {}
+        return [], {}, None
     if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
         cuda_home = _find_cuda_home()
         if cuda_home is not None:  # must be set before torch.utils.cpp_extension is imported
             os.environ["CUDA_HOME"] = cuda_home
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit("ivon-fast compiles its extension against the installed torch, and none is "
+                 "importable here: install torch first, then build without isolation "
+                 "(pip install --no-build-isolation ...), or set IVON_FAST_NO_EXT=1")
     from torch.utils import cpp_extension
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -107,21 +167,25 @@ def _extension_build():
             "ivon_fast._C", cpu_sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx}, extra_link_args=link_args)
         print(f"ivon-fast: building the CPU kernels only ({why_not})")
+    info = {
+        "TORCH_VERSION": str(torch.__version__),
+        "CUDA_VERSION": torch.version.cuda,  # of the torch built against; None: a CPU-only torch
+        "CUDA_KERNELS": why_not is None,
+        "CUDA_ARCH_LIST": os.environ["TORCH_CUDA_ARCH_LIST"] if why_not is None else None,
+    }
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
-    return [ext], {"build_ext": build_ext}
+    return [ext], {"build_ext": _recording_build_ext(build_ext, info)}, info["TORCH_VERSION"]
 
 
-ext_modules, cmdclass = _extension_build()
+def main():
+    ext_modules, cmdclass, torch_version = _extension_build()
+    setup(
+        install_requires=[torch_requirement(torch_version)],
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
 
-setup(
-    name="ivon-fast",
-    version="0.1.0",
-    description="Fused IVON optimizer for PyTorch (CPU, CUDA and Triton kernels)",
-    packages=["ivon_fast"],
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4,<3"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "numpy", "ivon-opt==0.1.3"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+
+# setuptools runs this file as __main__ (directly and from pip); tests import it for its functions
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,7 @@ For every size it times, in one process and on the same device:
   * ivon_fast official iteration: sample, restore, step   (52 bytes / element)
   * ivon-opt's official iteration (sample, restore, step), where it is fast enough to time
 AdamW and the kernel backends are timed round by round in turn, so drift hits them alike. It prints
-time, effective GB/s by DESIGN.md's byte budget, and the ratio to fused AdamW. On a GPU
+time, effective GB/s by the byte budget of docs/DESIGN.md, and the ratio to fused AdamW. On a GPU
 it also measures device copy bandwidth and prints each run's share of it.
 """
 from __future__ import annotations

@@ -7,8 +7,11 @@ run on that device). Kernel backends take the params in KERNEL_DTYPES.
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
+
+from ivon_fast import _extension
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
@@ -25,6 +28,10 @@ _MODULES = {
     "cuda": "ivon_fast.cpp_backend",
     "cpu": "ivon_fast.cpp_backend",
 }
+
+
+# the backends of the compiled extension ivon_fast._C
+_COMPILED = ("cuda", "cpu")
 
 
 def _load(name: str):
@@ -65,11 +72,32 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32)
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
             if unavailable_reason(candidate, device, dtype) is None:
                 return candidate
+            if candidate in _COMPILED and dtype in KERNEL_DTYPES:
+                _warn_extension_unloadable()
         return "reference"
     reason = unavailable_reason(name, device, dtype)
     if reason is not None:
         raise ValueError(f"Invalid backend: {reason}")
     return name
+
+
+_extension_warned = False
+
+
+def _warn_extension_unloadable() -> None:
+    """Warn, once per process, when 'auto' passes over the compiled kernels because the
+    extension cannot be loaded: the fallback works but is slower, and the cause (often a torch
+    upgraded after the build) is easy to fix. Other reasons (no CUDA kernels built) are not
+    warned about: they are choices of the build."""
+    global _extension_warned
+    error = _extension.load_error()
+    if error is None or _extension_warned:
+        return
+    _extension_warned = True
+    warnings.warn(f"ivon_fast: backend='auto' cannot use the compiled kernels and falls back to "
+                  f"a slower backend: {error}. To fix it, {_extension.BUILD_HINT}. "
+                  "`python -m ivon_fast` shows what is installed.",
+                  _extension.ExtensionWarning, stacklevel=3)
 
 
 def get(name: str):

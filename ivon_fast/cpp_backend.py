@@ -13,32 +13,29 @@ from __future__ import annotations
 
 import torch
 
+from ivon_fast import _extension
+
 __all__ = ["sample", "accumulate", "update", "unavailable_reason", "cpu_isa", "set_cpu_isa"]
 
-_BUILD_HINT = (
-    "build it with `MAX_JOBS=2 CUDA_HOME=/usr/local/cuda-13.0 pip install --no-build-isolation "
-    "-e .` in the repository (unset IVON_FAST_NO_EXT)")
-
-try:
-    from ivon_fast import _C  # noqa: F401  (importing registers torch.ops.ivon_fast.*)
-except ImportError as error:  # not built, or built against another torch
-    _IMPORT_ERROR: str | None = f"{type(error).__name__}: {error}"
-else:
-    _IMPORT_ERROR = None
+# load_error() imports ivon_fast._C (registering torch.ops.ivon_fast.*) unless it was built for
+# another torch or not at all
+if _extension.load_error() is None:
     from ivon_fast import _fake_ops  # noqa: F401  (fake kernels for torch.compile)
 
 
 def unavailable_reason(device) -> str | None:
     """None when the compiled ops can run on ``device``, else why not."""
     device = torch.device(device)
-    if _IMPORT_ERROR is not None:
-        return f"the ivon_fast._C extension is not available ({_IMPORT_ERROR}); {_BUILD_HINT}"
+    error = _extension.load_error()
+    if error is not None:
+        return f"the ivon_fast._C extension is not available ({error}); {_extension.BUILD_HINT}"
     if device.type == "cpu":
         return None
     if device.type == "cuda":
         if not torch.ops.ivon_fast._built_with_cuda():
             return ("the ivon_fast._C extension was built without CUDA kernels (torch without CUDA, "
-                    "no nvcc found, or IVON_FAST_NO_CUDA=1); rebuild with CUDA_HOME set")
+                    "no nvcc found, or IVON_FAST_NO_CUDA=1); rebuild with nvcc found (CUDA_HOME "
+                    "set, or nvcc on PATH)")
         return None
     return f"the compiled ivon_fast ops run on cpu and cuda tensors, not {device.type}"
 
