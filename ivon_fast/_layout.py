@@ -3,7 +3,7 @@
 A bucket holds the params of one param group with one (device, dtype). Every ``p.data`` and
 ``p.grad`` is a view into the bucket's flat buffers, with the param's own strides (a
 ``channels_last`` weight stays ``channels_last``): the flat order is each param's storage order,
-which is also the order of the noise index (DESIGN.md sections 3 and 4). The state (mean,
+which is also the order of the noise index (docs/DESIGN.md sections 3 and 4). The state (mean,
 momentum, hess, and the sample averages while a step takes several samples) is flat alongside.
 
 This module also follows what user code does to the params between optimizer calls:

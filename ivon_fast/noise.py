@@ -1,6 +1,6 @@
 """Where the optimizer's noise comes from: the draw numbers, the key, and the two noise sources.
 
-DESIGN.md section 3 fixes the noise of element ``i`` of training or evaluation draw ``draw`` under
+docs/DESIGN.md section 3 fixes the noise of element ``i`` of training or evaluation draw ``draw`` under
 key ``seed``. This module decides which key and which draw numbers the optimizer uses:
 
 - Training draws are 0, 1, 2, ...; evaluation draws are ``EVAL_DRAW_BASE + 0, 1, 2, ...``, so
@@ -38,7 +38,7 @@ def _rank(sync: bool) -> int:
 
 
 class PhiloxNoise:
-    """The counter-based noise of DESIGN.md section 3 (the default, ``rng='philox'``).
+    """The counter-based noise of docs/DESIGN.md section 3 (the default, ``rng='philox'``).
 
     Every backend regenerates it from (key, draw, global index), so the ops need nothing beyond
     ``seed=key`` and the draw number: ``op_kwargs`` is empty.

@@ -10,8 +10,8 @@ sync they draw the same noise (plain DDP needs identical samples).
 The module starts two processes (``tests/_dist_worker.py``) once, for all scenarios and configs,
 through a FileStore in a temporary directory (no port to pick), under a timeout; the ranks save
 their results to files and every assertion is made here. Expectations are independent of the code under
-test: ivon-opt itself, or the step computed by hand in plain torch (DESIGN.md section 2) from the
-ranks' recorded gradients, or the noise spec ``reference.philox_normal`` (DESIGN.md section 3).
+test: ivon-opt itself, or the step computed by hand in plain torch (docs/DESIGN.md section 2) from the
+ranks' recorded gradients, or the noise spec ``reference.philox_normal`` (docs/DESIGN.md section 3).
 """
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ def _expected_last_step(results, config, world_divisor):
 
 
 def _update_by_hand(before, avg_grad, avg_hess_term, hess_approx, step):
-    """DESIGN.md section 2's update in plain torch (fp32 tensors, double host scalars)."""
+    """docs/DESIGN.md section 2's update in plain torch (fp32 tensors, double host scalars)."""
     mean, momentum, hess = before["mean"], before["momentum"], before["hess"]
     ess, weight_decay, beta1, beta2 = HP["ess"], HP["weight_decay"], HP["beta1"], HP["beta2"]
     lr = HP["lr"] * (HP["hess_init"] + weight_decay)  # rescale_lr

@@ -2,7 +2,7 @@
 
 Every expectation here is independent of the code under test: either an uninterrupted / unperturbed
 run of the same optimizer, ivon-opt itself, or an explicit computation with the ``reference`` ops
-(the spec of DESIGN.md section 5) driven by hand (draw numbers, global offsets, scalars).
+(the spec of docs/DESIGN.md section 5) driven by hand (draw numbers, global offsets, scalars).
 """
 from __future__ import annotations
 
@@ -861,7 +861,7 @@ def test_add_param_group_after_training(mode):
 
 
 def test_add_param_group_matches_simulator():
-    """The new group's params get global offsets after the existing ones (DESIGN.md 3)."""
+    """The new group's params get global offsets after the existing ones (docs/DESIGN.md 3)."""
     model = make_model(0)
     spec = two_group_spec(model)
     sim = Simulator(make_model(0), spec, "official", SEED)
