@@ -41,7 +41,7 @@ def save(opt) -> dict:
     param_ids = {id(p): i for i, p in enumerate(_flat_params(opt))}
     state = {}
     for bucket in opt._layout.buckets:
-        group_start = opt._layout.group_start(bucket.group_index)
+        group_start = bucket.group_start
         for index, param in enumerate(bucket.params):
             where = bucket.slice_of(index)
             entry = {name: getattr(bucket, name)[where].clone() for name in _STATE}
@@ -185,8 +185,7 @@ def _load_ivon_opt(opt, state_dict: dict, saved_groups, step: int) -> None:
         _copy_hyperparameters(opt, saved_groups)
         opt.current_step = step
         for bucket in layout.buckets:
-            saved, group_start = saved_groups[bucket.group_index], layout.group_start(
-                bucket.group_index)
+            saved, group_start = saved_groups[bucket.group_index], bucket.group_start
             if count > 0:
                 bucket.ensure_averages()
             for index, param in enumerate(bucket.params):

@@ -24,6 +24,7 @@ ones), so the optimizer cannot follow; every optimizer call then raises a clear 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -49,6 +50,7 @@ class Segment:
 class Bucket:
     """The params of one param group with one (device, dtype), in flat contiguous buffers."""
     group_index: int
+    group_start: int        # the global index of the param group's first element
     params: list
     starts: list            # each param's first element in the bucket
     offsets: list           # each param's first element in the global flat index space
@@ -157,13 +159,14 @@ class FlatLayout:
     def add_group(self, group_index: int, params: list, hess_init: float) -> list:
         """Move a param group's params into new buckets; returns them."""
         by_key: dict = {}
+        group_start = self.numel
         for param in params:
             by_key.setdefault((param.device, param.dtype), []).append((param, self.numel))
             self.numel += param.numel()
         new_buckets = []
         for (device, dtype), members in by_key.items():
-            bucket = self._make_bucket(group_index, device, dtype, [p for p, _ in members],
-                                       [offset for _, offset in members])
+            bucket = self._make_bucket(group_index, group_start, device, dtype,
+                                       [p for p, _ in members], [offset for _, offset in members])
             for index, param in enumerate(bucket.params):
                 where = bucket.slice_of(index)
                 with torch.no_grad():
@@ -178,12 +181,13 @@ class FlatLayout:
             new_buckets.append(bucket)
         return new_buckets
 
-    def _make_bucket(self, group_index, device, dtype, params, offsets) -> Bucket:
+    def _make_bucket(self, group_index, group_start, device, dtype, params, offsets) -> Bucket:
         sizes = [p.numel() for p in params]
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        starts = [0, *itertools.accumulate(sizes)][:-1]
         total, sdtype = sum(sizes), state_dtype(dtype)
         bucket = Bucket(
-            group_index=group_index, params=params, starts=starts, offsets=offsets,
+            group_index=group_index, group_start=group_start, params=params, starts=starts,
+            offsets=offsets,
             param_flat=torch.empty(total, dtype=dtype, device=device),
             grad_flat=torch.zeros(total, dtype=dtype, device=device),
             mean=torch.empty(total, dtype=sdtype, device=device),
@@ -225,10 +229,6 @@ class FlatLayout:
         for bucket in self.buckets if buckets is None else buckets:
             for segment in bucket.segments():
                 yield bucket, segment
-
-    def group_start(self, group_index: int) -> int:
-        """The global index of a param group's first element."""
-        return min((b.offsets[0] for b in self.buckets if b.group_index == group_index), default=0)
 
     # -------------------------------------------------------------------------- user code
 
@@ -285,7 +285,7 @@ class FlatLayout:
                 param = old.params[index]
                 by_key.setdefault((param.device, param.dtype), []).append((old, index))
             for (device, dtype), moving in by_key.items():
-                bucket = self._make_bucket(group_index, device, dtype,
+                bucket = self._make_bucket(group_index, moving[0][0].group_start, device, dtype,
                                            [old.params[i] for old, i in moving],
                                            [old.offsets[i] for old, i in moving])
                 for new_index, (old, index) in enumerate(moving):

@@ -51,7 +51,7 @@ class PhiloxNoise:
     def key(self) -> int:
         return rank_seed(self.seed, _rank(self.sync))
 
-    def op_kwargs(self, name: str, draw, bucket, segment, group_start: int) -> dict:
+    def op_kwargs(self, name: str, draw, bucket, segment) -> dict:
         return {}
 
     def forget(self, draw) -> None:
@@ -99,12 +99,12 @@ class TorchNoise:
             self._eval_generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._eval_generators[device]
 
-    def op_kwargs(self, name: str, draw, bucket, segment, group_start: int) -> dict:
+    def op_kwargs(self, name: str, draw, bucket, segment) -> dict:
         """``{name: eps}`` for the segment (``eps`` or ``next_eps``); empty without a draw."""
         if draw is None:
             return {}
         eps = self._group_eps(draw, bucket.group_index)
-        local = segment.offset - group_start
+        local = segment.offset - bucket.group_start
         return {name: eps[local:local + segment.stop - segment.start].to(bucket.mean.device)}
 
     def forget(self, draw) -> None:

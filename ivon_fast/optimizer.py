@@ -230,8 +230,7 @@ class IVON(torch.optim.Optimizer):
         return dict(ess=float(group["ess"]), weight_decay=float(group["weight_decay"]))
 
     def _noise_kwargs(self, name, draw, bucket, segment) -> dict:
-        return self._noise.op_kwargs(name, draw, bucket, segment,
-                                     self._layout.group_start(bucket.group_index))
+        return self._noise.op_kwargs(name, draw, bucket, segment)
 
     def _sample(self, draw: int, buckets=None) -> None:
         key = self._noise.key()
