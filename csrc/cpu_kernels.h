@@ -29,6 +29,7 @@
 #include <immintrin.h>
 #endif
 
+#include "dispatch_flags.h"
 #include "ivon_math.h"
 #include "kernel_args.h"
 
@@ -351,52 +352,19 @@ static void update_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
 
 // ---- run-time flags -> template instances (once per range, outside the loops) ----
 
-template <typename PT>
-static void accumulate_range_pt(const OpArgs& a, int64_t qb, int64_t qe) {
-  if (a.price) {
-    a.first ? accumulate_range_t<PT, true, true>(a, qb, qe)
-            : accumulate_range_t<PT, true, false>(a, qb, qe);
-  } else {
-    a.first ? accumulate_range_t<PT, false, true>(a, qb, qe)
-            : accumulate_range_t<PT, false, false>(a, qb, qe);
-  }
-}
-
-template <typename PT, bool PRICE, GradMode MODE>
-static void update_range_next(const OpArgs& a, int64_t qb, int64_t qe) {
-  a.has_next_draw ? update_range_t<PT, PRICE, MODE, true>(a, qb, qe)
-                  : update_range_t<PT, PRICE, MODE, false>(a, qb, qe);
-}
-
-template <typename PT, bool PRICE>
-static void update_range_mode(const OpArgs& a, int64_t qb, int64_t qe) {
-  switch (a.mode) {
-    case GradMode::kGradOnly: return update_range_next<PT, PRICE, GradMode::kGradOnly>(a, qb, qe);
-    case GradMode::kGradAvg: return update_range_next<PT, PRICE, GradMode::kGradAvg>(a, qb, qe);
-    case GradMode::kAvgOnly: return update_range_next<PT, PRICE, GradMode::kAvgOnly>(a, qb, qe);
-  }
-}
-
-template <typename PT>
-static void update_range_pt(const OpArgs& a, int64_t qb, int64_t qe) {
-  a.price ? update_range_mode<PT, true>(a, qb, qe) : update_range_mode<PT, false>(a, qb, qe);
-}
-
-#define IVON_DISPATCH_PTYPE(a, FN, ...)                                    \
-  switch ((a).ptype) {                                                     \
-    case ParamType::kFloat: return FN<float>(__VA_ARGS__);                 \
-    case ParamType::kBFloat16: return FN<BF16>(__VA_ARGS__);               \
-    case ParamType::kHalf: return FN<F16>(__VA_ARGS__);                    \
-  }
-
 static void sample_range(const OpArgs& a, int64_t qb, int64_t qe) {
-  IVON_DISPATCH_PTYPE(a, sample_range_t, a, qb, qe)
+  dispatch_sample(a, [&](auto pt) { sample_range_t<decltype(pt)>(a, qb, qe); });
 }
 static void accumulate_range(const OpArgs& a, int64_t qb, int64_t qe) {
-  IVON_DISPATCH_PTYPE(a, accumulate_range_pt, a, qb, qe)
+  dispatch_accumulate(a, [&](auto pt, auto price, auto first) {
+    accumulate_range_t<decltype(pt), decltype(price)::value, decltype(first)::value>(a, qb, qe);
+  });
 }
 static void update_range(const OpArgs& a, int64_t qb, int64_t qe) {
-  IVON_DISPATCH_PTYPE(a, update_range_pt, a, qb, qe)
+  dispatch_update(a, [&](auto pt, auto price, auto mode, auto next) {
+    update_range_t<decltype(pt), decltype(price)::value, decltype(mode)::value,
+                   decltype(next)::value>(a, qb, qe);
+  });
 }
 
 }  // namespace IVON_MATH_NS

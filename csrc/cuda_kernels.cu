@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #define IVON_MATH_NS cuda_math
+#include "dispatch_flags.h"
 #include "ivon_math.h"
 #include "kernel_args.h"
 
@@ -214,71 +215,38 @@ const char* last_error() {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-template <typename F>
-const char* with_ptype(const OpArgs& a, F&& f) {
-  switch (a.ptype) {
-    case ParamType::kFloat: f(float{}); break;
-    case ParamType::kBFloat16: f(BF16{}); break;
-    case ParamType::kHalf: f(F16{}); break;
-  }
-  return last_error();
-}
-
-template <typename PT, bool PRICE, GradMode MODE>
-void launch_update_next(const OpArgs& a, cudaStream_t st, int64_t nq, bool al) {
-  if (a.has_next_draw)
-    update_kernel<PT, PRICE, MODE, true><<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
-  else
-    update_kernel<PT, PRICE, MODE, false><<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
-}
-
-template <typename PT, bool PRICE>
-void launch_update_mode(const OpArgs& a, cudaStream_t st, int64_t nq, bool al) {
-  switch (a.mode) {
-    case GradMode::kGradOnly: return launch_update_next<PT, PRICE, GradMode::kGradOnly>(a, st, nq, al);
-    case GradMode::kGradAvg: return launch_update_next<PT, PRICE, GradMode::kGradAvg>(a, st, nq, al);
-    case GradMode::kAvgOnly: return launch_update_next<PT, PRICE, GradMode::kAvgOnly>(a, st, nq, al);
-  }
-}
-
 }  // namespace
 
 const char* cuda_sample(const OpArgs& a, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
   const int64_t nq = num_quads(a);
   const bool al = vector_ok(a);
-  return with_ptype(a, [&](auto pt) {
-    using PT = decltype(pt);
-    sample_kernel<PT><<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
+  dispatch_sample(a, [&](auto pt) {
+    sample_kernel<decltype(pt)><<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
   });
+  return last_error();
 }
 
 const char* cuda_accumulate(const OpArgs& a, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
   const int64_t nq = num_quads(a);
   const bool al = vector_ok(a);
-  return with_ptype(a, [&](auto pt) {
-    using PT = decltype(pt);
-    const int grid = grid_for(nq);
-    if (a.price) {
-      if (a.first) accumulate_kernel<PT, true, true><<<grid, kThreads, 0, st>>>(a, nq, al);
-      else accumulate_kernel<PT, true, false><<<grid, kThreads, 0, st>>>(a, nq, al);
-    } else {
-      if (a.first) accumulate_kernel<PT, false, true><<<grid, kThreads, 0, st>>>(a, nq, al);
-      else accumulate_kernel<PT, false, false><<<grid, kThreads, 0, st>>>(a, nq, al);
-    }
+  dispatch_accumulate(a, [&](auto pt, auto price, auto first) {
+    accumulate_kernel<decltype(pt), decltype(price)::value, decltype(first)::value>
+        <<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
   });
+  return last_error();
 }
 
 const char* cuda_update(const OpArgs& a, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
   const int64_t nq = num_quads(a);
   const bool al = vector_ok(a);
-  return with_ptype(a, [&](auto pt) {
-    using PT = decltype(pt);
-    if (a.price) launch_update_mode<PT, true>(a, st, nq, al);
-    else launch_update_mode<PT, false>(a, st, nq, al);
+  dispatch_update(a, [&](auto pt, auto price, auto mode, auto next) {
+    update_kernel<decltype(pt), decltype(price)::value, decltype(mode)::value,
+                  decltype(next)::value><<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
   });
+  return last_error();
 }
 
 }  // namespace ivon_fast

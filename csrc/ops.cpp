@@ -7,7 +7,6 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -144,7 +143,8 @@ void update(const at::Tensor& param, const std::optional<at::Tensor>& grad,
             const std::optional<at::Tensor>& avg_hess_term, int64_t seed, int64_t draw,
             std::optional<int64_t> next_draw, int64_t offset, int64_t count,
             c10::string_view hess_approx, double lr, double ess, double weight_decay,
-            double beta1, double beta2, double clip_radius, double debias) {
+            double beta1, double one_minus_beta1, double beta2, double one_minus_beta2,
+            double hess_coef, double clip_radius, double debias) {
   OpArgs a = segment_args(param, offset, seed, draw, ess, weight_decay);
   check_tensor(mean, "mean", param, "param", at::kFloat);
   check_tensor(momentum, "momentum", param, "param", at::kFloat);
@@ -175,12 +175,13 @@ void update(const at::Tensor& param, const std::optional<at::Tensor>& grad,
   a.mean = f32(mean);
   a.momentum = f32(momentum);
   a.hess = f32(hess);
-  // host scalars combined in double, as ivon-opt's Python does, then rounded once to float
+  // the combinations arrive formed in double by ivon_fast/scalars.py (as ivon-opt's Python forms
+  // them), so every backend rounds the same doubles; each is rounded to float once, here
   a.s.beta1 = static_cast<float>(beta1);
-  a.s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  a.s.one_minus_beta1 = static_cast<float>(one_minus_beta1);
   a.s.beta2 = static_cast<float>(beta2);
-  a.s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  a.s.hess_coef = static_cast<float>(0.5 * std::pow(1.0 - beta2, 2.0));
+  a.s.one_minus_beta2 = static_cast<float>(one_minus_beta2);
+  a.s.hess_coef = static_cast<float>(hess_coef);
   a.s.lr = static_cast<float>(lr);
   a.s.debias = static_cast<float>(debias);
   a.s.clip = static_cast<float>(clip_radius);
@@ -214,7 +215,8 @@ TORCH_LIBRARY(ivon_fast, m) {
       "update(Tensor(a!) param, Tensor? grad, Tensor(b!) mean, Tensor(c!) momentum, "
       "Tensor(d!) hess, Tensor? avg_grad, Tensor? avg_hess_term, *, int seed, int draw, "
       "int? next_draw, int offset, int count, str hess_approx, float lr, float ess, "
-      "float weight_decay, float beta1, float beta2, float clip_radius, float debias) -> ()");
+      "float weight_decay, float beta1, float one_minus_beta1, float beta2, "
+      "float one_minus_beta2, float hess_coef, float clip_radius, float debias) -> ()");
   // introspection (no tensor arguments: catch-all kernels)
   m.def("_cpu_isa", &cpu_isa);
   m.def("_set_cpu_isa", &set_cpu_isa);

@@ -3,8 +3,9 @@
 
 namespace ivon_fast {
 
-// Host-combined hyperparameters: every product of Python scalars is formed in double on the host
-// (as ivon-opt / the reference do) and rounded to float once.
+// Host-combined hyperparameters: every combination of Python scalars (1 - beta1, 0.5 (1 - beta2)^2,
+// the rescaled lr, the debias factor) is formed in double by ivon_fast/scalars.py, as ivon-opt and
+// the reference form it, and rounded to float once by the op (ops.cpp).
 struct Scalars {
   float ess;          // lambda
   float wd;           // delta

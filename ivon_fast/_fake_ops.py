@@ -22,6 +22,6 @@ def _accumulate_fake(grad, hess, avg_grad, avg_hess_term, *, seed, draw, offset,
 
 @torch.library.register_fake("ivon_fast::update")
 def _update_fake(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed, draw,
-                 next_draw, offset, count, hess_approx, lr, ess, weight_decay, beta1, beta2,
-                 clip_radius, debias):
+                 next_draw, offset, count, hess_approx, lr, ess, weight_decay, beta1,
+                 one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias):
     return None

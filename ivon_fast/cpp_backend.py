@@ -82,12 +82,15 @@ def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0,
 
 
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
-           next_draw=None, offset=0, count, hess_approx, lr, ess, weight_decay, beta1, beta2,
-           clip_radius, debias, eps=None, next_eps=None):
+           next_draw=None, offset=0, count, hess_approx, scalars, eps=None, next_eps=None):
+    """Reference ``update``; ``scalars`` (an ``ivon_fast.scalars.StepScalars``) reaches the
+    kernel field by field, so the C++ side combines no hyperparameters itself."""
     _no_eps(eps, next_eps)
+    s = scalars
     torch.ops.ivon_fast.update(
         param, grad, mean, momentum, hess, avg_grad, avg_hess_term, seed=_i64(seed),
         draw=_i64(draw), next_draw=None if next_draw is None else _i64(next_draw),
-        offset=int(offset), count=int(count), hess_approx=hess_approx, lr=float(lr),
-        ess=float(ess), weight_decay=float(weight_decay), beta1=float(beta1),
-        beta2=float(beta2), clip_radius=float(clip_radius), debias=float(debias))
+        offset=int(offset), count=int(count), hess_approx=hess_approx, lr=s.lr, ess=s.ess,
+        weight_decay=s.weight_decay, beta1=s.beta1, one_minus_beta1=s.one_minus_beta1,
+        beta2=s.beta2, one_minus_beta2=s.one_minus_beta2, hess_coef=s.hess_coef,
+        clip_radius=s.clip_radius, debias=s.debias)

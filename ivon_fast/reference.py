@@ -17,21 +17,25 @@ same three functions with the same keyword arguments:
         and noise * grad ('price') or grad ** 2 ('gradsq') for avg_hess_term.
 
     update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed, draw, next_draw,
-           offset, count, hess_approx, lr, ess, weight_decay, beta1, beta2, clip_radius, debias)
+           offset, count, hess_approx, scalars)
         the update of DESIGN.md section 2. ``count`` is the number of MC samples in this step.
         With ``grad`` given, it is the gradient of the last sample (drawn with ``draw``) and the
         averages hold the first ``count - 1`` samples (unused when count == 1). With
         ``grad=None`` the averages already hold all ``count`` samples. Writes mean, momentum and
         hess, and param <- the new mean (``next_draw=None``) or directly the sample of
-        ``next_draw`` around the new mean and hess. ``lr`` is the effective lr (rescaled by
-        hess_init + weight_decay when rescale_lr) and ``debias`` is 1 - beta1 ** step (or 1).
+        ``next_draw`` around the new mean and hess. ``scalars`` is the group's
+        ``ivon_fast.scalars.StepScalars`` of this step: the effective lr (rescaled by
+        hess_init + weight_decay when rescale_lr), ess, weight_decay, the betas, clip_radius, the
+        debias factor 1 - beta1 ** step (or 1) and the combinations 1 - beta1, 1 - beta2 and
+        0.5 (1 - beta2)^2, all formed once in double on the host.
 
 Restore (param <- mean) is a plain ``param.copy_(mean)`` for every backend.
 
 State tensors (mean, momentum, hess, averages) are float32 for float32 / bfloat16 / float16
 params and float64 for float64 params. Grads have the param's dtype. Hyperparameters are Python
-floats. The reference ops additionally accept the standard normal ``eps`` (and ``next_eps``)
-explicitly, which is how the optimizer reproduces ivon-opt's ``torch.randn`` noise bit for bit.
+floats (double); no backend combines them itself, so every backend rounds the same doubles. The
+reference ops additionally accept the standard normal ``eps`` (and ``next_eps``) explicitly,
+which is how the optimizer reproduces ivon-opt's ``torch.randn`` noise bit for bit.
 
 Note [bitwise equality with ivon-opt]: the arithmetic below is written op for op as ivon-opt 0.1.3
 writes it: Python scalars combined in double on the host, true divisions, the same association
@@ -40,6 +44,8 @@ order. Changing ``a / sqrt(b)`` into ``a * rsqrt(b)``, or regrouping a sum, brea
 from __future__ import annotations
 
 import torch
+
+from .scalars import StepScalars
 
 __all__ = [
     "philox4x32_10", "philox_normal", "state_dtype", "sample", "accumulate", "update",
@@ -166,27 +172,29 @@ def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0,
 
 @torch.no_grad()
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
-           next_draw=None, offset=0, count, hess_approx, lr, ess, weight_decay, beta1, beta2,
-           clip_radius, debias, eps=None, next_eps=None):
+           next_draw=None, offset=0, count, hess_approx, scalars: StepScalars, eps=None,
+           next_eps=None):
+    s = scalars
     if grad is None:
         grad_mean, hess_term = avg_grad, avg_hess_term
     else:
         grad = grad.to(hess.dtype)
-        noise = _noise(_eps(eps, seed, draw, offset, hess), hess, ess, weight_decay)
+        noise = _noise(_eps(eps, seed, draw, offset, hess), hess, s.ess, s.weight_decay)
         grad_mean = _running_mean(avg_grad, grad, count)
         hess_term = _running_mean(avg_hess_term, _hess_term(grad, noise, hess_approx), count)
 
-    # the update, op for op as ivon-opt 0.1.3 (see the module's Note)
-    new_momentum = beta1 * momentum + (1.0 - beta1) * grad_mean
+    # the update, op for op as ivon-opt 0.1.3 (see the module's Note); ivon-opt's (1 - beta1) and
+    # 0.5 * (1 - beta2) ** 2 are the same doubles as s.one_minus_beta1 and s.hess_coef
+    new_momentum = s.beta1 * momentum + s.one_minus_beta1 * grad_mean
     if hess_approx == "price":
-        nll_hess = (hess_term * (hess + weight_decay)) * ess
+        nll_hess = (hess_term * (hess + s.weight_decay)) * s.ess
     else:
-        nll_hess = hess_term * ess
-    new_hess = (beta2 * hess + (1.0 - beta2) * nll_hess
-                + (0.5 * (1 - beta2) ** 2) * (hess - nll_hess).square() / (hess + weight_decay))
-    new_mean = mean - lr * torch.clip(
-        (new_momentum / debias + weight_decay * mean) / (new_hess + weight_decay),
-        min=-clip_radius, max=clip_radius)
+        nll_hess = hess_term * s.ess
+    new_hess = (s.beta2 * hess + s.one_minus_beta2 * nll_hess
+                + s.hess_coef * (hess - nll_hess).square() / (hess + s.weight_decay))
+    new_mean = mean - s.lr * torch.clip(
+        (new_momentum / s.debias + s.weight_decay * mean) / (new_hess + s.weight_decay),
+        min=-s.clip_radius, max=s.clip_radius)
 
     momentum.copy_(new_momentum)
     hess.copy_(new_hess)
@@ -194,5 +202,5 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
     if next_draw is None and next_eps is None:
         param.copy_(new_mean)
     else:
-        sample(param, mean, hess, seed=seed, draw=next_draw, offset=offset, ess=ess,
-               weight_decay=weight_decay, eps=next_eps)
+        sample(param, mean, hess, seed=seed, draw=next_draw, offset=offset, ess=s.ess,
+               weight_decay=s.weight_decay, eps=next_eps)

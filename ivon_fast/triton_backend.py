@@ -3,26 +3,30 @@
 ``sample``, ``accumulate`` and ``update`` take exactly the arguments of the reference ops (without
 the reference-only ``eps`` / ``next_eps``) and give the same results element by element with the
 same noise (DESIGN.md section 3), which the kernels regenerate from Philox instead of storing it.
+``update`` takes its hyperparameters as one ``ivon_fast.scalars.StepScalars``.
 
 Layout of this file, one section per kernel family, each kernel next to its formula:
-  tuning knobs and availability; shared device helpers (the tile, the noise, scalars);
-  sample; accumulate; update; host-side argument handling.
+  tuning knobs and availability; shared device helpers (the tile, the noise); sample;
+  accumulate; update; host-side launching and argument handling.
 
 Conventions shared by all kernels:
 - params are fp32 / bf16 / fp16 (grads have the param's dtype), state is fp32, math is fp32.
 - Hyperparameters and step-dependent scalars are runtime arguments (never ``tl.constexpr``), so a
-  new lr or step never recompiles. Scalar combinations (1 - beta1, 0.5 (1 - beta2)^2) are formed in
-  double on the host and rounded once to fp32, as torch does with Python scalars in the reference.
-- Capturable: ``lr``, ``debias`` (0-d float32) and ``draw``, ``next_draw`` (0-d int64 holding the
-  two's-complement bits of the uint64 draw) may be tensors on the param's device; the kernel then
-  loads them, so a step needs no host sync and can be captured in a CUDA graph.
+  new lr or step never recompiles. Scalar combinations (1 - beta1, 0.5 (1 - beta2)^2) come
+  formed in double from ``StepScalars`` and are rounded once to fp32, as torch does with Python
+  scalars in the reference.
 - Offsets, indices and lengths are int64, so segments may exceed 2^31 elements.
+- Every launch goes through ``_launch``: it runs under the params' device (Triton launches on the
+  current stream of the *current* device) and turns off FMA contraction, as the C++ build does.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+
+from .scalars import StepScalars
 
 try:
     import triton
@@ -57,7 +61,7 @@ INTERPRETER_BLOCK = 16384
 
 # Triton compiles a separate variant, with the value folded in as a Python int, for integer
 # arguments equal to 1; for seeds, draws and quad numbers that is only recompilation.
-_NOT_SPECIALIZED = ["quad_base", "seed", "draw_ref", "next_draw_ref"]
+_NOT_SPECIALIZED = ["quad_base", "seed", "draw", "next_draw"]
 
 # Whether the kernels were defined for the interpreter (decided by triton when @triton.jit runs).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -127,22 +131,32 @@ def _load(ptr, k, n, other, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _bf16_round_to_nearest_even(value):
+    """fp32 -> bf16 rounded to nearest even, NaN -> the quiet NaN 0x7FC0 (torch's conversion).
+
+    Done on the bits rather than by ``.to(tl.bfloat16)``: the Triton interpreter (3.8) truncates
+    that cast, so the CPU tests would check a rounding the GPU does not do. These integer ops
+    round the same everywhere, as ``from_float<BF16>`` in csrc/ivon_math.h does.
+    """
+    bits = value.to(tl.uint32, bitcast=True)
+    # adding 0x7FFF plus the lowest kept bit carries into the kept bits above the halfway point,
+    # and at exactly halfway only when the kept value is odd
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(value != value, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _store(ptr, k, n, value, MASKED: tl.constexpr):
     """ptr[k] <- value, rounded to the pointer's dtype (round to nearest even, as torch)."""
-    value = value.to(ptr.dtype.element_ty)
+    if ptr.dtype.element_ty == tl.bfloat16:
+        value = _bf16_round_to_nearest_even(value)
+    else:
+        value = value.to(ptr.dtype.element_ty)
     if MASKED:
         tl.store(ptr + k, value, mask=(k >= 0) & (k < n))
     else:
         tl.store(ptr + k, value)
-
-
-@triton.jit
-def _scalar(ref, IN_MEMORY: tl.constexpr):
-    """A runtime scalar given by value, or (capturable) loaded from a 0-d device tensor."""
-    if IN_MEMORY:
-        return tl.load(ref)
-    else:
-        return ref
 
 
 @triton.jit
@@ -211,11 +225,9 @@ def _sample_tile(param_ptr, mean_ptr, hess_ptr, k, n, quad, seed, draw, ess, wei
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED[:3])
-def _sample_kernel(param_ptr, mean_ptr, hess_ptr, n, quad_base, seed, draw_ref, ess,
-                   weight_decay, DRAW_IN_MEMORY: tl.constexpr, LEAD: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _sample_kernel(param_ptr, mean_ptr, hess_ptr, n, quad_base, seed, draw, ess, weight_decay,
+                   LEAD: tl.constexpr, BLOCK: tl.constexpr):
     k, quad, full = _tile(quad_base, n, BLOCK, LEAD)
-    draw = _scalar(draw_ref, DRAW_IN_MEMORY)
     if full:
         _sample_tile(param_ptr, mean_ptr, hess_ptr, k, n, quad, seed, draw, ess, weight_decay,
                      MASKED=False)
@@ -229,12 +241,8 @@ def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay):
     n = _check_segment((param,), (mean, hess))
     if n == 0:
         return
-    block, warps = _launch_config(param.device)
-    draw_arg, draw_in_memory = _draw_arg(draw, param.device)
-    _sample_kernel[(triton.cdiv(n + (offset & 3), block),)](
-        param, mean, hess, n, offset >> 2, _u64_bits(seed, "seed"), draw_arg, float(ess),
-        float(weight_decay), DRAW_IN_MEMORY=draw_in_memory, LEAD=offset & 3, BLOCK=block,
-        num_warps=warps)
+    _launch(_sample_kernel, param.device, n, offset, param, mean, hess, n, offset >> 2,
+            _u64_bits(seed, "seed"), _u64_bits(draw, "draw"), float(ess), float(weight_decay))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,11 +287,9 @@ def _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, k, n, 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED[:3])
 def _accumulate_kernel(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, n, quad_base, seed,
-                       draw_ref, count, ess, weight_decay, FIRST: tl.constexpr,
-                       PRICE: tl.constexpr, DRAW_IN_MEMORY: tl.constexpr, LEAD: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       draw, count, ess, weight_decay, FIRST: tl.constexpr, PRICE: tl.constexpr,
+                       LEAD: tl.constexpr, BLOCK: tl.constexpr):
     k, quad, full = _tile(quad_base, n, BLOCK, LEAD)
-    draw = _scalar(draw_ref, DRAW_IN_MEMORY)
     if full:
         _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, k, n, quad, seed,
                          draw, count, ess, weight_decay, FIRST, PRICE, MASKED=False)
@@ -300,12 +306,9 @@ def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0,
     _check_count(count)
     if n == 0:
         return
-    block, warps = _launch_config(hess.device)
-    draw_arg, draw_in_memory = _draw_arg(draw, hess.device)
-    _accumulate_kernel[(triton.cdiv(n + (offset & 3), block),)](
-        grad, hess, avg_grad, avg_hess_term, n, offset >> 2, _u64_bits(seed, "seed"), draw_arg,
-        float(count), float(ess), float(weight_decay), FIRST=count == 1, PRICE=price,
-        DRAW_IN_MEMORY=draw_in_memory, LEAD=offset & 3, BLOCK=block, num_warps=warps)
+    _launch(_accumulate_kernel, hess.device, n, offset, grad, hess, avg_grad, avg_hess_term, n,
+            offset >> 2, _u64_bits(seed, "seed"), _u64_bits(draw, "draw"), float(count),
+            float(ess), float(weight_decay), FIRST=count == 1, PRICE=price)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,16 +317,15 @@ def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0,
 @triton.jit
 def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
                  avg_hess_term_ptr, k, n, quad, seed, draw, next_draw, count, lr, ess,
-                 weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                 half_sq_one_minus_beta2, clip_radius, debias, HAS_GRAD: tl.constexpr,
-                 FIRST: tl.constexpr, PRICE: tl.constexpr, RESAMPLE: tl.constexpr,
-                 MASKED: tl.constexpr):
+                 weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
+                 clip_radius, debias, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
+                 PRICE: tl.constexpr, RESAMPLE: tl.constexpr, MASKED: tl.constexpr):
     """The update of DESIGN.md section 2, op for op as the reference:
 
         gbar, tbar = the averages, with the grad of the last sample folded in when HAS_GRAD
         g <- b1 g + (1 - b1) gbar
         f <- (tbar (h + wd)) ess  [price]      f <- tbar ess  [gradsq]
-        h <- (b2 h + (1 - b2) f) + (0.5 (1 - b2)^2 (h - f)^2) / (h + wd)
+        h <- (b2 h + (1 - b2) f) + (hess_coef (h - f)^2) / (h + wd),  hess_coef = 0.5 (1 - b2)^2
         m <- m - lr clip((g / debias + wd m) / (h + wd), -rho, rho)        (new g and h)
         param <- m, or (RESAMPLE) m + eps(next_draw) / sqrt(ess (h + wd))   (new m and h)
     """
@@ -350,7 +352,7 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
         nll_hess = hess_term * ess
     diff = hess - nll_hess
     hess = ((beta2 * hess + one_minus_beta2 * nll_hess)
-            + tl.div_rn(half_sq_one_minus_beta2 * (diff * diff), hess + weight_decay))
+            + tl.div_rn(hess_coef * (diff * diff), hess + weight_decay))
     step = tl.div_rn(tl.div_rn(momentum, debias) + weight_decay * mean, hess + weight_decay)
     mean = mean - lr * tl.minimum(tl.maximum(step, -clip_radius), clip_radius)
 
@@ -364,35 +366,26 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
-                   avg_hess_term_ptr, n, quad_base, seed, draw_ref, next_draw_ref, count, lr_ref,
-                   ess, weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                   half_sq_one_minus_beta2, clip_radius, debias_ref,
-                   HAS_GRAD: tl.constexpr, FIRST: tl.constexpr, PRICE: tl.constexpr,
-                   RESAMPLE: tl.constexpr, DRAW_IN_MEMORY: tl.constexpr,
-                   NEXT_DRAW_IN_MEMORY: tl.constexpr, LR_IN_MEMORY: tl.constexpr,
-                   DEBIAS_IN_MEMORY: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr):
+                   avg_hess_term_ptr, n, quad_base, seed, draw, next_draw, count, lr, ess,
+                   weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
+                   clip_radius, debias, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
+                   PRICE: tl.constexpr, RESAMPLE: tl.constexpr, LEAD: tl.constexpr,
+                   BLOCK: tl.constexpr):
     k, quad, full = _tile(quad_base, n, BLOCK, LEAD)
-    draw = _scalar(draw_ref, DRAW_IN_MEMORY)
-    next_draw = _scalar(next_draw_ref, NEXT_DRAW_IN_MEMORY)
-    lr = _scalar(lr_ref, LR_IN_MEMORY)
-    debias = _scalar(debias_ref, DEBIAS_IN_MEMORY)
     if full:
         _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
                      avg_hess_term_ptr, k, n, quad, seed, draw, next_draw, count, lr, ess,
-                     weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                     half_sq_one_minus_beta2, clip_radius, debias, HAS_GRAD, FIRST, PRICE,
-                     RESAMPLE, MASKED=False)
+                     weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
+                     clip_radius, debias, HAS_GRAD, FIRST, PRICE, RESAMPLE, MASKED=False)
     else:
         _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
                      avg_hess_term_ptr, k, n, quad, seed, draw, next_draw, count, lr, ess,
-                     weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                     half_sq_one_minus_beta2, clip_radius, debias, HAS_GRAD, FIRST, PRICE,
-                     RESAMPLE, MASKED=True)
+                     weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
+                     clip_radius, debias, HAS_GRAD, FIRST, PRICE, RESAMPLE, MASKED=True)
 
 
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
-           next_draw=None, offset=0, count, hess_approx, lr, ess, weight_decay, beta1, beta2,
-           clip_radius, debias):
+           next_draw=None, offset=0, count, hess_approx, scalars: StepScalars):
     """Reference ``update`` (see ivon_fast.reference) in one kernel launch.
 
     With ``grad`` given and count == 1 the averages are neither read nor written (they may be
@@ -407,27 +400,20 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
     n = _check_segment((param, grad), (mean, momentum, hess, avg_grad, avg_hess_term))
     if n == 0:
         return
-    block, warps = _launch_config(param.device)
-    draw_arg, draw_in_memory = _draw_arg(draw, param.device)
-    next_draw_arg, next_in_memory = _draw_arg(0 if next_draw is None else next_draw, param.device)
-    lr_arg, lr_in_memory = _float_arg(lr, "lr", param.device)
-    debias_arg, debias_in_memory = _float_arg(debias, "debias", param.device)
-    beta1, beta2 = float(beta1), float(beta2)
+    s = scalars
     # unused pointers still need a tensor: hand the kernel one it never touches
-    _update_kernel[(triton.cdiv(n + (offset & 3), block),)](
-        param, hess if grad is None else grad, mean, momentum, hess,
-        hess if avg_grad is None else avg_grad, hess if avg_hess_term is None else avg_hess_term,
-        n, offset >> 2, _u64_bits(seed, "seed"), draw_arg, next_draw_arg, float(count), lr_arg,
-        float(ess), float(weight_decay), beta1, 1.0 - beta1, beta2, 1.0 - beta2,
-        0.5 * (1 - beta2) ** 2, float(clip_radius), debias_arg,
-        HAS_GRAD=grad is not None, FIRST=first, PRICE=price, RESAMPLE=next_draw is not None,
-        DRAW_IN_MEMORY=draw_in_memory, NEXT_DRAW_IN_MEMORY=next_in_memory,
-        LR_IN_MEMORY=lr_in_memory, DEBIAS_IN_MEMORY=debias_in_memory, LEAD=offset & 3,
-        BLOCK=block, num_warps=warps)
+    _launch(_update_kernel, param.device, n, offset, param, hess if grad is None else grad, mean,
+            momentum, hess, hess if avg_grad is None else avg_grad,
+            hess if avg_hess_term is None else avg_hess_term, n, offset >> 2,
+            _u64_bits(seed, "seed"), _u64_bits(draw, "draw"),
+            _u64_bits(0 if next_draw is None else next_draw, "next_draw"), float(count), s.lr,
+            s.ess, s.weight_decay, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2,
+            s.hess_coef, s.clip_radius, s.debias, HAS_GRAD=grad is not None, FIRST=first,
+            PRICE=price, RESAMPLE=next_draw is not None)
 
 
 # ------------------------------------------------------------------------------------------------
-# Host-side argument handling
+# Host-side launching and argument handling
 # ------------------------------------------------------------------------------------------------
 def _u64_bits(value: int, name: str) -> int:
     """A uint64 as the int64 with the same bits: triton types larger Python ints as uint64, and
@@ -438,22 +424,29 @@ def _u64_bits(value: int, name: str) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _draw_arg(draw, device) -> tuple[object, bool]:
-    if isinstance(draw, torch.Tensor):
-        if draw.dim() != 0 or draw.dtype != torch.int64 or draw.device != device:
-            raise ValueError(f"a tensor draw must be a 0-d int64 tensor on {device}, got "
-                             f"shape {tuple(draw.shape)} {draw.dtype} on {draw.device}")
-        return draw, True
-    return _u64_bits(draw, "draw"), False
+def _launch(kernel, device: torch.device, n: int, offset: int, *args, **flags) -> None:
+    """One launch of ``kernel`` over a segment of n elements at global ``offset``.
+
+    ``flags`` are the kernel's constexpr flags; LEAD, BLOCK and the launch options are added here.
+    FMA contraction is off (``enable_fp_fusion=False``), as in the C++ build, so each multiply and
+    add rounds like torch's elementwise ops and the GPU kernels match the reference and the C++
+    kernels to the tolerances the tests claim (the interpreter ignores the option: numpy never
+    contracts).
+    """
+    block, warps = _launch_config(device)
+    with _on_device(device):
+        kernel[(triton.cdiv(n + (offset & 3), block),)](
+            *args, **flags, LEAD=offset & 3, BLOCK=block, num_warps=warps,
+            enable_fp_fusion=False)
 
 
-def _float_arg(value, name: str, device) -> tuple[object, bool]:
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or value.dtype != torch.float32 or value.device != device:
-            raise ValueError(f"a tensor {name} must be a 0-d float32 tensor on {device}, got "
-                             f"shape {tuple(value.shape)} {value.dtype} on {value.device}")
-        return value, True
-    return float(value), False
+def _on_device(device: torch.device):
+    """Make ``device`` current for a launch: Triton compiles for and launches on the current
+    stream of the current CUDA device, whatever device the tensors are on. Skipped (no device
+    switch) when it already is current, and for CPU tensors under the interpreter."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _is_price(hess_approx: str) -> bool:

@@ -21,6 +21,8 @@ def _model(device, dtype):
 
 
 def _train(backend, mode, mc_samples, hess_approx, dtype=torch.float32, steps=6):
+    """The params under mean_params() after ``steps`` steps, and the optimizer's state per param
+    (the fp32 master mean, momentum and hess)."""
     device = _device_for(backend)
     model = _model(device, dtype)
     groups = [{"params": [model.scale, *model[0].parameters()], "lr": 0.05},
@@ -47,7 +49,9 @@ def _train(backend, mode, mc_samples, hess_approx, dtype=torch.float32, steps=6)
                     closure()
             optimizer.step()
     with optimizer.mean_params():
-        return [p.detach().float().cpu().clone() for p in model.parameters()]
+        params = [p.detach().float().cpu().clone() for p in model.parameters()]
+    state = optimizer.state_dict()["state"]
+    return params, [{k: v.cpu() for k, v in state[i].items()} for i in range(len(params))]
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -58,9 +62,9 @@ def test_backend_follows_the_reference_trajectory(backend, mode, mc_samples, hes
     reason = backends.unavailable_reason(backend, _device_for(backend))
     if reason is not None:
         pytest.skip(reason)
-    expected = _train("reference", mode, mc_samples, hess_approx)
+    expected, _ = _train("reference", mode, mc_samples, hess_approx)
     initial = [p.detach().float().cpu() for p in _model("cpu", torch.float32).parameters()]
-    actual = _train(backend, mode, mc_samples, hess_approx)
+    actual, _ = _train(backend, mode, mc_samples, hess_approx)
     for want, got, start in zip(expected, actual, initial):
         assert not torch.equal(want, start)  # training moved it: the comparison means something
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -78,12 +82,23 @@ def test_auto_picks_the_fastest_backend_present():
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("mode", ["official", "drop_in"])
 def test_backend_follows_the_reference_with_bf16_params(backend, mode):
-    """bf16 params, fp32 master state: a one-ulp rounding difference of a bf16 sample feeds back
-    through the gradients, so the trajectories agree to bf16 precision, not fp32's."""
+    """bf16 params, fp32 master state. Every backend rounds the bf16 samples to nearest even from
+    (nearly) the same fp32 values, so the master state follows the reference to the fp32 bound of
+    DESIGN.md section 7. The bf16 params themselves moved only a few bf16 ulps in these steps:
+    compared at bf16 precision, a state that never moved would pass, so the master state is what
+    this test compares, and it checks that the state moved far more than the bound."""
     reason = backends.unavailable_reason(backend, _device_for(backend), torch.bfloat16)
     if reason is not None:
         pytest.skip(reason)
-    expected = _train("reference", mode, 1, "price", dtype=torch.bfloat16, steps=3)
-    actual = _train(backend, mode, 1, "price", dtype=torch.bfloat16, steps=3)
-    for want, got in zip(expected, actual):
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    expected_params, expected = _train("reference", mode, 1, "price", dtype=torch.bfloat16,
+                                       steps=3)
+    actual_params, actual = _train(backend, mode, 1, "price", dtype=torch.bfloat16, steps=3)
+    initial = [p.detach().float().cpu() for p in _model("cpu", torch.bfloat16).parameters()]
+    for want, got, start in zip(expected, actual, initial):
+        for key in ("mean", "momentum", "hess"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, key=key: f"{key}: {m}")
+        moved = (want["mean"] - start.reshape(want["mean"].shape)).abs()
+        assert moved.median() > 10 * (1e-6 + 1e-5 * want["mean"].abs().max())
+    for want, got in zip(expected_params, actual_params):  # one bf16 rounding step apart at most
+        torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)

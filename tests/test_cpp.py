@@ -14,6 +14,7 @@ import torch
 
 from ivon_fast import cpp_backend as cpp
 from ivon_fast import reference as ref
+from ivon_fast.scalars import StepScalars
 
 _REASON = cpp.unavailable_reason("cpu")
 if _REASON is not None and (os.environ.get("IVON_FAST_EXPECT_EXT") == "1"
@@ -39,6 +40,10 @@ HYPER = dict(lr=0.05, ess=30.0, weight_decay=1e-3, beta1=0.9, beta2=0.95)
 
 DEVICES = [pytest.param("cpu", id="cpu"),
            pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+# Global offsets from 2^34 elements (2^32 quads) put the high word of the noise counter to work;
+# the second segment crosses its carry.
+HIGH_OFFSETS = [(1 << 34) + 3, (1 << 34) - 4093, (1 << 62) + 1]
 
 
 def _state(n, dtype, device, seed=0):
@@ -80,7 +85,7 @@ def _skip_without_cuda(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed,draw", [(0, 0), (123, 5), (BIG_SEED, EVAL_DRAW)])
-@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4099])
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4099, *HIGH_OFFSETS])
 def test_noise_equals_reference(device, seed, draw, offset):
     _skip_without_cuda(device)
     n = 4097
@@ -140,14 +145,35 @@ def test_accumulate(device, dtype, hess_approx, count, n, offset):
     _assert_state(got, want, ["avg_grad", "avg_hess_term"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+def test_accumulate_of_the_first_sample_never_reads_the_averages(device, hess_approx):
+    """count == 1 starts the running means afresh, whatever the averages held before (NaN here):
+    the optimizer does not clear them between steps."""
+    _skip_without_cuda(device)
+    got = _state(4097, torch.float32, device, seed=1)
+    want = _clone(got)
+    got["avg_grad"].fill_(float("nan"))
+    got["avg_hess_term"].fill_(float("nan"))
+    kw = dict(seed=99, draw=3, offset=1, count=1, ess=HYPER["ess"],
+              weight_decay=HYPER["weight_decay"], hess_approx=hess_approx)
+    cpp.accumulate(got["grad"], got["hess"], got["avg_grad"], got["avg_hess_term"], **kw)
+    ref.accumulate(want["grad"], want["hess"], want["avg_grad"], want["avg_hess_term"], **kw)
+    _assert_state(got, want, ["avg_grad", "avg_hess_term"])
+
+
 # ---- update ---------------------------------------------------------------------------------
+
+def _scalars(clip_radius, debias=1 - 0.9 ** 3):
+    return StepScalars.of(clip_radius=clip_radius, debias=debias, **HYPER)
+
 
 def _run_update(backend, st, *, grad, count, hess_approx, clip_radius, next_draw, offset,
                 seed=5, draw=11):
     backend.update(st["param"], st["grad"] if grad else None, st["mean"], st["momentum"],
                    st["hess"], st["avg_grad"], st["avg_hess_term"], seed=seed, draw=draw,
                    next_draw=next_draw, offset=offset, count=count, hess_approx=hess_approx,
-                   clip_radius=clip_radius, debias=1 - 0.9 ** 3, **HYPER)
+                   scalars=_scalars(clip_radius))
 
 
 _UPDATE_CASES = list(itertools.product(
@@ -227,7 +253,7 @@ def test_trajectory(device, hess_approx, mc_samples):
                 else:
                     backend.update(st["param"], grad, st["mean"], st["momentum"], st["hess"],
                                    st["avg_grad"], st["avg_hess_term"], next_draw=draw + 1,
-                                   clip_radius=0.1, debias=1 - 0.9 ** step, **common, **HYPER)
+                                   scalars=_scalars(0.1, debias=1 - 0.9 ** step), **common)
                     draw += 1
         states[name] = st
     # 1e-5 relative, with an absolute floor of 1e-5 of the tensor's scale for elements near 0
@@ -237,6 +263,73 @@ def test_trajectory(device, hess_approx, mc_samples):
         torch.testing.assert_close(states["cpp"][key], states["ref"][key], rtol=1e-5,
                                    atol=1e-5 * scale,
                                    msg=lambda m, key=key: f"{key}: {m}")
+
+
+# ---- every CPU instruction-set build: the counter's high word, rounding of bf16 / fp16 --------
+
+@pytest.fixture(params=["avx512", "avx2", "generic"])
+def cpu_isa(request):
+    """Runs the test with one CPU kernel build (skipped when this CPU cannot run it)."""
+    try:
+        cpp.set_cpu_isa(request.param)
+    except ValueError:
+        pytest.skip(f"this CPU cannot run the {request.param} build")
+    yield request.param
+    cpp.set_cpu_isa("")
+
+
+@pytest.mark.parametrize("offset", HIGH_OFFSETS)
+def test_every_cpu_build_uses_the_whole_noise_counter(cpu_isa, offset):
+    """Noise (sample) and the fused update at global offsets beyond 2^34 elements equal the
+    reference: each build's Philox gets the high 32 bits of i >> 2."""
+    n = 4097
+    param = torch.empty(n)
+    cpp.sample(param, torch.zeros(n), torch.ones(n), seed=BIG_SEED, draw=EVAL_DRAW,
+               offset=offset, ess=1.0, weight_decay=0.0)
+    torch.testing.assert_close(param, ref.philox_normal(BIG_SEED, EVAL_DRAW, offset, n),
+                               **NOISE_TOL)
+    got = _state(n, torch.float32, "cpu", seed=12)
+    want = _clone(got)
+    kw = dict(grad=True, count=3, hess_approx="price", clip_radius=float("inf"), next_draw=9,
+              offset=offset, seed=BIG_SEED, draw=EVAL_DRAW)
+    _run_update(cpp, got, **kw)
+    _run_update(ref, want, **kw)
+    _assert_state(got, want, ["mean", "momentum", "hess", "param"])
+
+
+def _assert_low_precision_rounding(device, dtype, op, mean):
+    """A bf16 / fp16 param receives exactly torch's rounding (to nearest, ties to even) of the
+    fp32 value the same kernel writes into an fp32 param."""
+    n = mean.numel()
+    written = {}
+    for param_dtype in (torch.float32, dtype):
+        param = torch.empty(n, dtype=param_dtype, device=device)
+        momentum, hess = torch.zeros(n, device=device), torch.ones(n, device=device)
+        if op == "sample":  # sigma = 1e-19: the sample is the mean, except for tiny means
+            cpp.sample(param, mean, hess, seed=5, draw=3, offset=1, ess=1e38, weight_decay=0.0)
+        else:  # lr = 0: the update writes the mean back as the param
+            grad = torch.ones(n, dtype=param_dtype, device=device)
+            cpp.update(param, grad, mean.clone(), momentum, hess, None, None, seed=5, draw=3,
+                       offset=1, count=1, hess_approx="gradsq",
+                       scalars=StepScalars.of(lr=0.0, ess=1.0, weight_decay=0.0, beta1=0.9,
+                                              beta2=0.99))
+        written[param_dtype] = param
+    torch.testing.assert_close(written[dtype], written[torch.float32].to(dtype), rtol=0, atol=0,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["sample", "update"])
+def test_every_cpu_build_rounds_to_nearest_even(cpu_isa, dtype, op, rounding_probe):
+    _assert_low_precision_rounding("cpu", dtype, op, rounding_probe)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["sample", "update"])
+def test_cuda_kernels_round_to_nearest_even(dtype, op, rounding_probe):
+    _skip_without_cuda("cuda")
+    _assert_low_precision_rounding("cuda", dtype, op, rounding_probe.cuda())
 
 
 # ---- builds, dispatch, registration, compile -------------------------------------------------
@@ -296,15 +389,18 @@ def test_cpu_kernels_registered_with_schema():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ivon_fast::{op}", "CPU")
     schema = str(torch.ops.ivon_fast.update.default._schema)
     assert "Tensor(a!) param" in schema and "Tensor(d!) hess" in schema and "int? next_draw" in schema
+    # the host-combined scalars come in formed (ivon_fast/scalars.py), not as beta2 alone
+    assert "float one_minus_beta1" in schema and "float hess_coef" in schema
 
 
 def test_torch_compile_matches_eager():
     n = 1003
+    scalars = _scalars(0.02, debias=0.1)
 
     def step(st, draw):
         cpp.update(st["param"], st["grad"], st["mean"], st["momentum"], st["hess"], None, None,
                    seed=BIG_SEED, draw=draw, next_draw=draw + 1, offset=2, count=1,
-                   hess_approx="price", clip_radius=0.02, debias=0.1, **HYPER)
+                   hess_approx="price", scalars=scalars)
         cpp.sample(st["grad"].view(-1), st["mean"], st["hess"], seed=3, draw=EVAL_DRAW,
                    offset=2, ess=HYPER["ess"], weight_decay=HYPER["weight_decay"])
         return st["param"] * 2.0

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ivon_fast import reference
+from ivon_fast.scalars import StepScalars
 
 # Random123's known answers for Philox4x32-10: (counter, key) -> output
 PHILOX_KAT = [
@@ -19,37 +20,6 @@ PHILOX_KAT = [
 def test_philox_known_answers(counter, key, expected):
     outputs = reference.philox4x32_10(*[torch.tensor([c]) for c in counter], *key)
     assert tuple(int(o.item()) for o in outputs) == expected
-
-
-def test_philox_matches_triton_tl_philox_under_the_interpreter():
-    triton = pytest.importorskip("triton")
-    import triton.language as tl
-
-    @triton.jit
-    def philox_kernel(c0_ptr, c1_ptr, c2_ptr, c3_ptr, out_ptr, seed, n, BLOCK: tl.constexpr):
-        k = tl.arange(0, BLOCK)
-        mask = k < n
-        c0 = tl.load(c0_ptr + k, mask=mask).to(tl.uint32)
-        c1 = tl.load(c1_ptr + k, mask=mask).to(tl.uint32)
-        c2 = tl.load(c2_ptr + k, mask=mask).to(tl.uint32)
-        c3 = tl.load(c3_ptr + k, mask=mask).to(tl.uint32)
-        x0, x1, x2, x3 = tl.philox(seed, c0, c1, c2, c3)
-        tl.store(out_ptr + 4 * k + 0, x0.to(tl.int64) & 0xFFFFFFFF, mask=mask)
-        tl.store(out_ptr + 4 * k + 1, x1.to(tl.int64) & 0xFFFFFFFF, mask=mask)
-        tl.store(out_ptr + 4 * k + 2, x2.to(tl.int64) & 0xFFFFFFFF, mask=mask)
-        tl.store(out_ptr + 4 * k + 3, x3.to(tl.int64) & 0xFFFFFFFF, mask=mask)
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    generator = torch.Generator().manual_seed(7)
-    counters = [torch.randint(0, 2**32, (64,), generator=generator, dtype=torch.int64)
-                for _ in range(4)]
-    seed = 0x0123456789ABCDEF
-    # tl.uint32 loads: store the counters as int32 bit patterns
-    as_int32 = [torch.where(c >= 2**31, c - 2**32, c).to(torch.int32).to(device) for c in counters]
-    out = torch.zeros(64 * 4, dtype=torch.int64, device=device)
-    philox_kernel[(1,)](*as_int32, out, seed, 64, BLOCK=64)
-    expected = torch.stack(reference.philox4x32_10(*counters, seed & 0xFFFFFFFF, seed >> 32), 1)
-    assert torch.equal(out.cpu().view(64, 4), expected)
 
 
 def test_noise_of_an_element_does_not_depend_on_the_segment_it_is_drawn_in():
@@ -114,10 +84,11 @@ def test_update_in_float64_matches_the_formula_written_out():
     mean0, mom0, hess0, grad = (inputs[k].clone() for k in ("mean", "momentum", "hess", "grad"))
     lr, ess, wd, b1, b2, radius, step = 0.1, 500.0, 1e-3, 0.9, 0.999, 0.02, 3
     eps = reference.philox_normal(5, 9, 17, 257).double()
+    scalars = StepScalars.of(lr=lr, ess=ess, weight_decay=wd, beta1=b1, beta2=b2,
+                             clip_radius=radius, debias=1 - b1 ** step)
     reference.update(inputs["param"], inputs["grad"], inputs["mean"], inputs["momentum"],
                      inputs["hess"], None, None, seed=5, draw=9, next_draw=None, offset=17,
-                     count=1, hess_approx="price", lr=lr, ess=ess, weight_decay=wd, beta1=b1,
-                     beta2=b2, clip_radius=radius, debias=1 - b1 ** step)
+                     count=1, hess_approx="price", scalars=scalars)
     noise = eps / torch.sqrt(ess * (hess0 + wd))
     g = b1 * mom0 + (1 - b1) * grad
     f = noise * grad * (hess0 + wd) * ess
@@ -131,8 +102,9 @@ def test_update_in_float64_matches_the_formula_written_out():
 
 def test_update_with_next_draw_writes_the_sample_of_the_new_state():
     inputs = _update_inputs(torch.float32)
-    kwargs = dict(seed=3, offset=2, hess_approx="gradsq", lr=0.01, ess=100.0,
-                  weight_decay=1e-4, beta1=0.9, beta2=0.99, clip_radius=math.inf, debias=0.1)
+    kwargs = dict(seed=3, offset=2, hess_approx="gradsq",
+                  scalars=StepScalars.of(lr=0.01, ess=100.0, weight_decay=1e-4, beta1=0.9,
+                                         beta2=0.99, debias=0.1))
     reference.update(inputs["param"], inputs["grad"], inputs["mean"], inputs["momentum"],
                      inputs["hess"], None, None, draw=0, next_draw=1, count=1, **kwargs)
     sigma = 1 / torch.sqrt(100.0 * (inputs["hess"] + 1e-4))
@@ -154,7 +126,12 @@ def test_accumulate_then_update_equals_averaging_by_hand():
     torch.testing.assert_close(avg_term, (noises[0] * grads[0] + noises[1] * grads[1]) / 2)
     state = dict(param=torch.empty(n, dtype=dtype), mean=torch.zeros(n, dtype=dtype),
                  momentum=torch.zeros(n, dtype=dtype), hess=hess.clone())
+    scalars = StepScalars.of(lr=1.0, ess=10.0, weight_decay=0.01, beta1=0.0, beta2=0.5)
     reference.update(state["param"], grads[2], state["mean"], state["momentum"], state["hess"],
-                     avg_grad, avg_term, draw=6, next_draw=None, count=3, lr=1.0, beta1=0.0,
-                     beta2=0.5, clip_radius=math.inf, debias=1.0, **common)
+                     avg_grad, avg_term, draw=6, next_draw=None, count=3, seed=1, offset=3,
+                     hess_approx="price", scalars=scalars)
     torch.testing.assert_close(state["momentum"], sum(grads) / 3)
+    # the third sample's noise * grad joins the average that drives the hess (price, beta2 0.5)
+    nll_hess = sum(e * g for e, g in zip(noises, grads)) / 3 * (hess + 0.01) * 10.0
+    expected_hess = 0.5 * hess + 0.5 * nll_hess + 0.125 * (hess - nll_hess) ** 2 / (hess + 0.01)
+    torch.testing.assert_close(state["hess"], expected_hess)

@@ -1,0 +1,74 @@
+// dispatch_flags.h: the one place where an op's run-time flags (OpArgs: param dtype, price or
+// gradsq, first sample, grad mode, resampling) become template parameters. The CPU kernels
+// (cpu_kernels.h) and the CUDA kernels (cuda_kernels.cu) both call these, so the two can never
+// disagree on which flag selects which instance.
+//
+// Each dispatcher calls a generic lambda once, with one argument per flag: a value of the param
+// type (float, BF16 or F16) and std::integral_constant values for the others, so the lambda
+// reads them as compile-time constants (decltype(flag)::value) and instantiates the kernel it
+// needs. Included after ivon_math.h, inside the same per-ISA namespace (the param types live
+// there).
+#pragma once
+
+#include <type_traits>
+
+#include "ivon_math.h"
+#include "kernel_args.h"
+
+namespace ivon_fast {
+namespace IVON_MATH_NS {
+
+template <typename F>
+inline void with_param_type(ParamType ptype, F&& f) {
+  switch (ptype) {
+    case ParamType::kFloat: return f(float{});
+    case ParamType::kBFloat16: return f(BF16{});
+    case ParamType::kHalf: return f(F16{});
+  }
+}
+
+template <typename F>
+inline void with_bool(bool flag, F&& f) {
+  if (flag) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
+template <typename F>
+inline void with_grad_mode(GradMode mode, F&& f) {
+  switch (mode) {
+    case GradMode::kGradOnly: return f(std::integral_constant<GradMode, GradMode::kGradOnly>{});
+    case GradMode::kGradAvg: return f(std::integral_constant<GradMode, GradMode::kGradAvg>{});
+    case GradMode::kAvgOnly: return f(std::integral_constant<GradMode, GradMode::kAvgOnly>{});
+  }
+}
+
+// sample: f(param_type)
+template <typename F>
+inline void dispatch_sample(const OpArgs& a, F&& f) {
+  with_param_type(a.ptype, f);
+}
+
+// accumulate: f(param_type, price, first)
+template <typename F>
+inline void dispatch_accumulate(const OpArgs& a, F&& f) {
+  with_param_type(a.ptype, [&](auto pt) {
+    with_bool(a.price, [&](auto price) {
+      with_bool(a.first, [&](auto first) { f(pt, price, first); });
+    });
+  });
+}
+
+// update: f(param_type, price, grad_mode, next) where next = a next sample is written
+template <typename F>
+inline void dispatch_update(const OpArgs& a, F&& f) {
+  with_param_type(a.ptype, [&](auto pt) {
+    with_bool(a.price, [&](auto price) {
+      with_grad_mode(a.mode, [&](auto mode) {
+        with_bool(a.has_next_draw, [&](auto next) { f(pt, price, mode, next); });
+      });
+    });
+  });
+}
+
+}  // namespace IVON_MATH_NS
+}  // namespace ivon_fast

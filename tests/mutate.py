@@ -1,0 +1,267 @@
+"""Mutation check: deliberate bugs that the test suite must catch.
+
+Usage (from anywhere; the repository is the parent of this file's folder):
+
+    python tests/mutate.py                  # run every mutation
+    python tests/mutate.py --only NAME ...  # run the named mutations
+    python tests/mutate.py --list           # list the mutations
+
+Each mutation is one row of ``MUTATIONS``: a name, a file, an exact piece of its text, the text
+that replaces it, and the pytest arguments of the tests that must catch it. For each mutation the
+script
+
+1. copies the repository into a temporary folder (tracked files and untracked ones git does not
+   ignore: ``git ls-files -co --exclude-standard``),
+2. replaces the text; it must occur exactly once, so that a refactor which moves or rewrites the
+   code fails loudly here instead of silently disabling the mutation,
+3. rebuilds the extension in the copy when the file is under csrc/ (CPU kernels only, to save
+   time), else copies the built ``ivon_fast/_C*.so`` (and ``_build_info.py``) in,
+4. runs pytest with the row's arguments in the copy, with the copy first on PYTHONPATH (the
+   repository is installed in editable mode; the script checks that the copy's ``ivon_fast``, and
+   its compiled extension, are the ones imported).
+
+A mutation is KILLED when pytest fails and SURVIVED when it passes. Before the mutations, every
+distinct set of pytest arguments runs once on an unmutated copy: a test that fails anyway would
+"kill" every mutation and prove nothing.
+
+Exit status: 0 when every mutation was killed, 1 when one survived, 2 when the check itself could
+not run (text not found exactly once, a build or the baseline failed, the wrong package imported).
+
+To add a mutation, append a ``Mutation`` to ``MUTATIONS``; keep its pytest arguments narrow (the
+tests that should catch it, with ``-k``) so the run stays short.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class SetupError(Exception):
+    """The mutation check itself could not run."""
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str           # relative to the repository root
+    old: str            # must occur exactly once in the file
+    new: str
+    pytest_args: tuple  # the tests that must fail
+
+
+TRITON = "ivon_fast/triton_backend.py"
+REFERENCE = "ivon_fast/reference.py"
+MATH = "csrc/ivon_math.h"
+
+MUTATIONS = [
+    # ---- rounding of bf16 / fp16 params ----
+    Mutation("triton-bf16-truncates", TRITON,
+             "    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16\n",
+             "    rounded = bits >> 16\n",
+             ("tests/test_triton.py", "-k", "round_to_nearest_even")),
+    Mutation("triton-fp16-truncates", TRITON,
+             "        value = value.to(ptr.dtype.element_ty)\n",
+             "        value = value.to(ptr.dtype.element_ty, fp_downcast_rounding=\"rtz\")\n",
+             ("tests/test_triton.py", "-k", "round_to_nearest_even")),
+    Mutation("cpp-bf16-truncates", MATH,
+             "  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;\n",
+             "  const uint32_t rounded = u >> 16;\n",
+             ("tests/test_cpp.py", "-k", "nearest_even")),
+    Mutation("cpp-fp16-truncates", MATH,
+             "  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;",
+             "  const uint32_t normal = (a + 0xc8000000u) >> 13;",
+             ("tests/test_cpp.py", "-k", "nearest_even")),
+    # ---- the high 32 bits of the noise counter i >> 2 ----
+    Mutation("avx512-avx2-counter-high-bits-dropped", "csrc/cpu_kernels.h",
+             "      c1[v] = P::hi(q);\n",
+             "      c1[v] = P::set1(0);\n",
+             ("tests/test_cpp.py", "-k", "whole_noise_counter")),
+    Mutation("generic-cuda-counter-high-bits-dropped", MATH,
+             "philox4x32_10(uint32_t(quad), uint32_t(quad >> 32), uint32_t(draw),",
+             "philox4x32_10(uint32_t(quad), 0u, uint32_t(draw),",
+             ("tests/test_cpp.py", "-k", "whole_noise_counter")),
+    Mutation("triton-counter-high-bits-dropped", TRITON,
+             "quad.to(tl.uint32), (quad >> 32).to(tl.uint32),",
+             "quad.to(tl.uint32), (quad * 0).to(tl.uint32),",
+             ("tests/test_triton.py", "-k", "noise_matches_reference")),
+    # ---- the update math ----
+    Mutation("reference-momentum-weight-of-beta2", REFERENCE,
+             "s.beta1 * momentum + s.one_minus_beta1 * grad_mean",
+             "s.beta1 * momentum + s.one_minus_beta2 * grad_mean",
+             ("tests/test_reference.py",)),
+    Mutation("reference-debias-ignored", REFERENCE,
+             "(new_momentum / s.debias + s.weight_decay * mean)",
+             "(new_momentum + s.weight_decay * mean)",
+             ("tests/test_reference.py",)),
+    Mutation("triton-hess-correction-dropped", TRITON,
+             "tl.div_rn(hess_coef * (diff * diff), hess + weight_decay)",
+             "tl.div_rn(0.0 * (diff * diff), hess + weight_decay)",
+             ("tests/test_triton.py", "-k", "update_flags")),
+    Mutation("triton-momentum-weight-of-beta2", TRITON,
+             "momentum = beta1 * momentum + one_minus_beta1 * grad_mean",
+             "momentum = beta1 * momentum + one_minus_beta2 * grad_mean",
+             ("tests/test_triton.py", "-k", "update_flags")),
+    # ---- launch options and flag dispatch ----
+    Mutation("triton-fp-contraction-on", TRITON,
+             "num_warps=warps,\n            enable_fp_fusion=False)",
+             "num_warps=warps)",
+             ("tests/test_triton.py", "-k", "contraction or fma")),
+    Mutation("cpp-dispatch-ignores-first-sample", "csrc/dispatch_flags.h",
+             "with_bool(a.first, [&](auto first) { f(pt, price, first); });",
+             "f(pt, price, std::false_type{});",
+             ("tests/test_cpp.py", "-k", "accumulate")),
+]
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _copy_repository(destination: str) -> None:
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                            check=True, capture_output=True).stdout.decode()
+    for relative in filter(None, listed.split("\0")):
+        source = os.path.join(REPO, relative)
+        if not os.path.isfile(source):  # tracked but deleted in the working tree
+            continue
+        target = os.path.join(destination, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(source, target)
+
+
+def _apply(root: str, mutation: Mutation, write: bool = True) -> None:
+    """Mutate the file under ``root`` (or, with write=False, only check that it can be)."""
+    path = os.path.join(root, mutation.file)
+    with open(path) as f:
+        text = f.read()
+    found = text.count(mutation.old)
+    if found != 1:
+        raise SetupError(f"{mutation.name}: its text occurs {found} times in {mutation.file}, "
+                         "not once; update the mutation to the current code")
+    if write:
+        with open(path, "w") as f:
+            f.write(text.replace(mutation.old, mutation.new))
+
+
+def _environment(copy: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [copy, env.get("PYTHONPATH")]))
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def _prepare_extension(copy: str, rebuild: bool) -> None:
+    if rebuild:
+        env = dict(_environment(copy), IVON_FAST_NO_CUDA="1", MAX_JOBS="2")
+        build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=copy,
+                               env=env, capture_output=True, text=True)
+        if build.returncode != 0:
+            raise SetupError(f"building the extension failed:\n{build.stderr[-3000:]}")
+        return
+    # the extension and setup.py's record of what it was built against (ivon_fast/_extension.py
+    # loads no extension without it); both are git-ignored
+    built = glob.glob(os.path.join(REPO, "ivon_fast", "_C*.so"))
+    record = os.path.join(REPO, "ivon_fast", "_build_info.py")
+    if not built or not os.path.exists(record):
+        raise SetupError("no built ivon_fast/_C*.so (and _build_info.py) in the repository: "
+                         "build the extension first")
+    for path in built + [record]:
+        shutil.copy2(path, os.path.join(copy, "ivon_fast"))
+
+
+def _check_imports(copy: str) -> None:
+    """The copy's ivon_fast, with a working extension, must be the one imported, not the editable
+    install's."""
+    probe = ("import ivon_fast, ivon_fast.cpp_backend as c; print(ivon_fast.__file__); "
+             "print(c.unavailable_reason('cpu'))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=copy, env=_environment(copy),
+                            capture_output=True, text=True)
+    lines = result.stdout.splitlines()
+    if result.returncode != 0 or len(lines) < 2:
+        raise SetupError(f"importing ivon_fast in the copy failed:\n{result.stderr[-3000:]}")
+    package_file, extension_problem = lines[-2], lines[-1]
+    if not os.path.realpath(package_file).startswith(os.path.realpath(copy) + os.sep):
+        raise SetupError(f"the copy imports {package_file}, not its own ivon_fast")
+    if extension_problem != "None":
+        raise SetupError(f"the copy's extension does not load: {extension_problem}")
+
+
+def _pytest_passes(copy: str, args: tuple) -> tuple[bool, str]:
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args]
+    result = subprocess.run(command, cwd=copy, env=_environment(copy), capture_output=True,
+                            text=True)
+    # exit status 5: no test collected, which must not count as a kill
+    if result.returncode == 5:
+        raise SetupError(f"pytest {' '.join(args)} selects no test")
+    lines = result.stdout.strip().splitlines()
+    return result.returncode == 0, lines[-1] if lines else result.stderr[-300:]
+
+
+def _prepared_copy(parent: str, mutation: Mutation | None) -> str:
+    copy = tempfile.mkdtemp(prefix=(mutation.name if mutation else "baseline") + "-", dir=parent)
+    _copy_repository(copy)
+    if mutation is not None:
+        _apply(copy, mutation)
+    _prepare_extension(copy, rebuild=mutation is not None and mutation.file.startswith("csrc/"))
+    _check_imports(copy)
+    return copy
+
+
+def run(mutations: list[Mutation]) -> int:
+    for mutation in mutations:  # fail in seconds, not after the baseline, on a stale mutation
+        _apply(REPO, mutation, write=False)
+    with tempfile.TemporaryDirectory(prefix="ivon_mutate_") as parent:
+        baseline = _prepared_copy(parent, None)
+        for args in dict.fromkeys(m.pytest_args for m in mutations):
+            passed, summary = _pytest_passes(baseline, args)
+            if not passed:
+                raise SetupError(f"pytest {' '.join(args)} fails without any mutation: {summary}")
+            _log(f"baseline  pytest {' '.join(args)}: {summary}")
+        shutil.rmtree(baseline)
+        survived = []
+        for mutation in mutations:
+            start = time.monotonic()
+            copy = _prepared_copy(parent, mutation)
+            passed, summary = _pytest_passes(copy, mutation.pytest_args)
+            shutil.rmtree(copy)
+            verdict = "SURVIVED" if passed else "KILLED"
+            _log(f"{verdict:8}  {mutation.name}  ({time.monotonic() - start:.0f} s; {summary})")
+            if passed:
+                survived.append(mutation.name)
+    _log(f"{len(mutations) - len(survived)} of {len(mutations)} mutations killed"
+         + (f"; survived: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    options = parser.parse_args(argv)
+    if options.list:
+        for m in MUTATIONS:
+            _log(f"{m.name:40}  {m.file:28}  pytest {' '.join(m.pytest_args)}")
+        return 0
+    by_name = {m.name: m for m in MUTATIONS}
+    unknown = [name for name in options.only or () if name not in by_name]
+    if unknown:
+        parser.error(f"unknown mutation(s): {', '.join(unknown)} (see --list)")
+    selected = [by_name[name] for name in options.only] if options.only else MUTATIONS
+    try:
+        return run(selected)
+    except SetupError as error:
+        _log(f"mutation check could not run: {error}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
