@@ -61,6 +61,9 @@ class Mutation:
 TRITON = "ivon_fast/triton_backend.py"
 REFERENCE = "ivon_fast/reference.py"
 MATH = "csrc/ivon_math.h"
+OPTIMIZER = "ivon_fast/optimizer.py"
+LAYOUT = "ivon_fast/_layout.py"
+USER_PATHS = "tests/test_user_paths.py"
 
 MUTATIONS = [
     # ---- rounding of bf16 / fp16 params ----
@@ -119,6 +122,59 @@ MUTATIONS = [
              "with_bool(a.first, [&](auto first) { f(pt, price, first); });",
              "f(pt, price, std::false_type{});",
              ("tests/test_cpp.py", "-k", "accumulate")),
+    # ---- the optimizer: noise streams, sync, and the paths users take ----
+    Mutation("eval-draws-collide-with-training-draws", OPTIMIZER,
+             "draw = EVAL_DRAW_BASE + self._next_eval_draw",
+             "draw = self._next_eval_draw",
+             (USER_PATHS, "-k", "evaluation_noise")),
+    Mutation("sync-average-not-divided-by-world-size", OPTIMIZER,
+             "                average.div_(world_size)\n",
+             "                pass\n",
+             ("tests/test_distributed.py", "-k", "averages_ranks")),
+    Mutation("sync-ranks-share-one-noise-key", "ivon_fast/noise.py",
+             "return rank_seed(self.seed, _rank(self.sync))",
+             "return self.seed",
+             ("tests/test_distributed.py", "-k", "distinct_noise")),
+    Mutation("pending-sample-not-folded-at-block-exit", OPTIMIZER,
+             "            if self._count + 1 < self.mc_samples:\n",
+             "            if False:\n",
+             (USER_PATHS, "-k", "clearing_grads")),
+    Mutation("zero-grad-drops-the-pending-sample", OPTIMIZER,
+             "                self._fold_pending()\n        self._layout.zero_grads()",
+             "                pass\n        self._layout.zero_grads()",
+             (USER_PATHS, "-k", "zero_grad_between_blocks")),
+    Mutation("model-checkpoint-after-load-becomes-the-mean", OPTIMIZER,
+             "if bucket.trainable[index] and not self._params_from_checkpoint:",
+             "if bucket.trainable[index]:",
+             (USER_PATHS, "-k", "resume")),
+    Mutation("moved-params-not-followed", LAYOUT,
+             "        if not moved:\n            return False\n",
+             "        return False\n",
+             (USER_PATHS, "-k", "model_to or model_half")),
+    Mutation("rebound-grad-view-trusted", LAYOUT,
+             "        return (self.params[index].grad is view and view.data_ptr()\n",
+             "        return (self.params[index].grad is view or view.data_ptr()\n",
+             (USER_PATHS, "-k", "to_empty")),
+    Mutation("channels-last-strides-dropped", LAYOUT,
+             "    return tuple(tensor.stride())\n",
+             "    return contiguous\n",
+             (USER_PATHS, "-k", "channels_last")),
+    Mutation("writes-in-mean-params-discarded", OPTIMIZER,
+             "            self._prepare()  # writes in the block were made to the mean\n",
+             "            self._layout.forget_writes()\n",
+             (USER_PATHS, "-k", "inside_mean_params")),
+    Mutation("compiled-step-traced-by-dynamo", OPTIMIZER,
+             "_disable_dynamo = torch.compiler.disable\n",
+             "_disable_dynamo = lambda function: function  # noqa: E731\n",
+             (USER_PATHS, "-k", "compile")),
+    Mutation("do-nothing-closure-takes-a-sample", OPTIMIZER,
+             "return loss, loss is not None or self._layout.grad_versions() != before",
+             "return loss, True",
+             (USER_PATHS, "-k", "do_nothing_closure")),
+    Mutation("beta1-of-one-accepted", "ivon_fast/_checks.py",
+             '"beta1": (0.0, 1.0, False, True),',
+             '"beta1": (0.0, 1.0, False, False),',
+             (USER_PATHS, "-k", "divide_by_zero")),
 ]
 
 
