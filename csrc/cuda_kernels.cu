@@ -1,5 +1,5 @@
 // cuda_kernels.cu: the CUDA kernels. One thread handles one quad (the four elements that share a
-// Philox call, DESIGN.md section 3) per iteration of a grid-stride loop; the math is the shared
+// Philox call, docs/DESIGN.md section 3) per iteration of a grid-stride loop; the math is the shared
 // scalar code of ivon_math.h, so the CPU tests exercise it.
 //
 // Note [vector loads]: when the segment starts on a quad boundary (offset % 4 == 0) and every

@@ -65,7 +65,7 @@ IVON_HD uint32_t float_to_bits(float f) {
 IVON_HD float fma_(float a, float b, float c) { return fmaf(a, b, c); }
 
 // ------------------------------------------------------------------------------------------------
-// Philox4x32-10 (Random123), DESIGN.md section 3.
+// Philox4x32-10 (Random123), docs/DESIGN.md section 3.
 
 struct U32x4 {
   uint32_t x0, x1, x2, x3;
@@ -247,7 +247,7 @@ IVON_HD F16 from_float<F16>(float f) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// The update (DESIGN.md section 2), per element, in fp32.
+// The update (docs/DESIGN.md section 2), per element, in fp32.
 
 
 // noise = eps / sqrt(ess * (hess + wd)) (ivon-opt writes randn / (ess * (hess + wd)).sqrt())

@@ -11,7 +11,7 @@ namespace ivon_fast {
 
 enum class ParamType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
-// How update obtains the gradient mean and hessian term (DESIGN.md section 5).
+// How update obtains the gradient mean and hessian term (docs/DESIGN.md section 5).
 enum class GradMode : int {
   kGradOnly = 0,   // grad given, count == 1: the averages are not read
   kGradAvg = 1,    // grad given, count > 1: fold grad into the averages of count - 1 samples

@@ -1,4 +1,4 @@
-"""Reference IVON: the op contract of DESIGN.md section 5 in plain torch.
+"""Reference IVON: the op contract of docs/DESIGN.md section 5 in plain torch.
 
 This module is the specification every kernel backend (Triton, CUDA, CPU C++) is tested against,
 element by element. It is written for clarity, not speed, and runs in float32 or float64.
@@ -18,7 +18,7 @@ same three functions with the same keyword arguments:
 
     update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed, draw, next_draw,
            offset, count, hess_approx, scalars)
-        the update of DESIGN.md section 2. ``count`` is the number of MC samples in this step.
+        the update of docs/DESIGN.md section 2. ``count`` is the number of MC samples in this step.
         With ``grad`` given, it is the gradient of the last sample (drawn with ``draw``) and the
         averages hold the first ``count - 1`` samples (unused when count == 1). With
         ``grad=None`` the averages already hold all ``count`` samples. Writes mean, momentum and
@@ -110,7 +110,7 @@ def _box_muller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def philox_normal(seed: int, draw: int, offset: int, numel: int, device=None) -> torch.Tensor:
     """Standard normal noise eps[k] for global indices offset .. offset + numel - 1 (float32).
 
-    DESIGN.md section 3: element i uses output (i & 3) of Philox4x32-10 with counter
+    docs/DESIGN.md section 3: element i uses output (i & 3) of Philox4x32-10 with counter
     (lo32(i >> 2), hi32(i >> 2), lo32(draw), hi32(draw)) and key (lo32(seed), hi32(seed)),
     turned into normals by Box-Muller on the output pairs (0, 1) and (2, 3).
     """

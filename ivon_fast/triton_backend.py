@@ -2,7 +2,7 @@
 
 ``sample``, ``accumulate`` and ``update`` take exactly the arguments of the reference ops (without
 the reference-only ``eps`` / ``next_eps``) and give the same results element by element with the
-same noise (DESIGN.md section 3), which the kernels regenerate from Philox instead of storing it.
+same noise (docs/DESIGN.md section 3), which the kernels regenerate from Philox instead of storing it.
 ``update`` takes its hyperparameters as one ``ivon_fast.scalars.StepScalars``.
 
 Layout of this file, one section per kernel family, each kernel next to its formula:
@@ -182,7 +182,7 @@ def _philox(seed, draw, quad):
 
 @triton.jit
 def _normal(seed, draw, quad):
-    """eps of DESIGN.md section 3 for 4 * len(quad) elements: eps[i] = n_(i & 3) of quad i >> 2.
+    """eps of docs/DESIGN.md section 3 for 4 * len(quad) elements: eps[i] = n_(i & 3) of quad i >> 2.
 
         (x0..x3) = _philox(seed, draw, quad)
         (n0, n1) = BM(u(x0), u(x1)),  (n2, n3) = BM(u(x2), u(x3)),
@@ -320,7 +320,7 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
                  weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
                  clip_radius, debias, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
                  PRICE: tl.constexpr, RESAMPLE: tl.constexpr, MASKED: tl.constexpr):
-    """The update of DESIGN.md section 2, op for op as the reference:
+    """The update of docs/DESIGN.md section 2, op for op as the reference:
 
         gbar, tbar = the averages, with the grad of the last sample folded in when HAS_GRAD
         g <- b1 g + (1 - b1) gbar

@@ -2,7 +2,7 @@ import os
 
 import torch
 
-# The Triton interpreter must be switched on before any kernel is defined (DESIGN.md section 7).
+# The Triton interpreter must be switched on before any kernel is defined (docs/DESIGN.md section 7).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

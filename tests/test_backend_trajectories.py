@@ -84,7 +84,7 @@ def test_auto_picks_the_fastest_backend_present():
 def test_backend_follows_the_reference_with_bf16_params(backend, mode):
     """bf16 params, fp32 master state. Every backend rounds the bf16 samples to nearest even from
     (nearly) the same fp32 values, so the master state follows the reference to the fp32 bound of
-    DESIGN.md section 7. The bf16 params themselves moved only a few bf16 ulps in these steps:
+    docs/DESIGN.md section 7. The bf16 params themselves moved only a few bf16 ulps in these steps:
     compared at bf16 precision, a state that never moved would pass, so the master state is what
     this test compares, and it checks that the state moved far more than the bound."""
     reason = backends.unavailable_reason(backend, _device_for(backend), torch.bfloat16)

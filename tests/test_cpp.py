@@ -1,6 +1,6 @@
 """The compiled C++/CUDA ops against ivon_fast.reference, element by element, with the same noise.
 
-The reference regenerates the Philox noise of DESIGN.md section 3 in torch code, so both sides
+The reference regenerates the Philox noise of docs/DESIGN.md section 3 in torch code, so both sides
 use the same eps; what remains are ulp-level differences of the transcendental functions, covered
 by the per-dtype tolerances below. CUDA tests run the same comparisons on CUDA tensors.
 """

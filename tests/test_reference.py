@@ -79,7 +79,7 @@ def _update_inputs(dtype, n=257, seed=0):
 
 
 def test_update_in_float64_matches_the_formula_written_out():
-    """The update of DESIGN.md section 2 written independently, in float64."""
+    """The update of docs/DESIGN.md section 2 written independently, in float64."""
     inputs = _update_inputs(torch.float64)
     mean0, mom0, hess0, grad = (inputs[k].clone() for k in ("mean", "momentum", "hess", "grad"))
     lr, ess, wd, b1, b2, radius, step = 0.1, 500.0, 1e-3, 0.9, 0.999, 0.02, 3

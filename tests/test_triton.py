@@ -90,7 +90,7 @@ def _probe(seed, draw, quad, quads, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_philox_known_answers(device):
-    """Random123's published answers (DESIGN.md section 3): counter (c0 c1 c2 c3), key (k0 k1)."""
+    """Random123's published answers (docs/DESIGN.md section 3): counter (c0 c1 c2 c3), key (k0 k1)."""
     cases = [  # (quad = c1:c0, draw = c3:c2, seed = k1:k0) -> outputs
         (0, 0, 0, [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
         ((1 << 64) - 1, (1 << 64) - 1, (1 << 64) - 1,
@@ -338,7 +338,7 @@ def _trajectory(ops, device, dtype, n, offset, mc, hess_approx, steps):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mc,hess_approx", [(1, "price"), (3, "price"), (2, "gradsq")])
 def test_trajectory(device, dtype, mc, hess_approx):
-    """The fp32 master state (mean, momentum, hess) follows the reference to the DESIGN.md
+    """The fp32 master state (mean, momentum, hess) follows the reference to the docs/DESIGN.md
     section 7 bound for every param dtype: both round the low-precision samples to nearest even
     from nearly the same fp32 values, so the grads they feed back agree too. The params are
     compared to one rounding step of their dtype."""
@@ -395,7 +395,7 @@ def test_hyperparameters_are_runtime_arguments(kernel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch options: no FMA contraction (DESIGN.md section 7's tolerances assume torch's rounding)
+# Launch options: no FMA contraction (docs/DESIGN.md section 7's tolerances assume torch's rounding)
 # ---------------------------------------------------------------------------------------------
 def _record_launches(monkeypatch, run_kernels=True):
     """(kernel name, args, kwargs) of every kernel launch from here on."""
@@ -547,7 +547,7 @@ def test_update_on_a_device_that_is_not_current():
 @pytest.mark.parametrize("mc,hess_approx", [(1, "price"), (3, "price"), (2, "gradsq")])
 def test_gpu_trajectory_matches_the_cpu_kernel(mc, hess_approx):
     """Triton on the GPU against the C++ kernel on the CPU, element by element, after several
-    steps: two compilers, two devices, neither contracting, within DESIGN.md section 7's 1e-5."""
+    steps: two compilers, two devices, neither contracting, within docs/DESIGN.md section 7's 1e-5."""
     from ivon_fast import cpp_backend
     reason = cpp_backend.unavailable_reason("cpu")
     if reason is not None:
