@@ -16,6 +16,8 @@ from ivon_fast import cpp_backend as cpp
 from ivon_fast import reference as ref
 from ivon_fast.scalars import StepScalars
 
+from kernel_checks import assert_low_precision_rounding
+
 _REASON = cpp.unavailable_reason("cpu")
 if _REASON is not None and (os.environ.get("IVON_FAST_EXPECT_EXT") == "1"
                             or os.environ.get("IVON_FAST_EXPECT_CUDA") == "1"):
@@ -297,31 +299,10 @@ def test_every_cpu_build_uses_the_whole_noise_counter(cpu_isa, offset):
     _assert_state(got, want, ["mean", "momentum", "hess", "param"])
 
 
-def _assert_low_precision_rounding(device, dtype, op, mean):
-    """A bf16 / fp16 param receives exactly torch's rounding (to nearest, ties to even) of the
-    fp32 value the same kernel writes into an fp32 param."""
-    n = mean.numel()
-    written = {}
-    for param_dtype in (torch.float32, dtype):
-        param = torch.empty(n, dtype=param_dtype, device=device)
-        momentum, hess = torch.zeros(n, device=device), torch.ones(n, device=device)
-        if op == "sample":  # sigma = 1e-19: the sample is the mean, except for tiny means
-            cpp.sample(param, mean, hess, seed=5, draw=3, offset=1, ess=1e38, weight_decay=0.0)
-        else:  # lr = 0: the update writes the mean back as the param
-            grad = torch.ones(n, dtype=param_dtype, device=device)
-            cpp.update(param, grad, mean.clone(), momentum, hess, None, None, seed=5, draw=3,
-                       offset=1, count=1, hess_approx="gradsq",
-                       scalars=StepScalars.of(lr=0.0, ess=1.0, weight_decay=0.0, beta1=0.9,
-                                              beta2=0.99))
-        written[param_dtype] = param
-    torch.testing.assert_close(written[dtype], written[torch.float32].to(dtype), rtol=0, atol=0,
-                               equal_nan=True)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("op", ["sample", "update"])
 def test_every_cpu_build_rounds_to_nearest_even(cpu_isa, dtype, op, rounding_probe):
-    _assert_low_precision_rounding("cpu", dtype, op, rounding_probe)
+    assert_low_precision_rounding(cpp, "cpu", dtype, op, rounding_probe)
 
 
 @pytest.mark.gpu
@@ -329,7 +310,7 @@ def test_every_cpu_build_rounds_to_nearest_even(cpu_isa, dtype, op, rounding_pro
 @pytest.mark.parametrize("op", ["sample", "update"])
 def test_cuda_kernels_round_to_nearest_even(dtype, op, rounding_probe):
     _skip_without_cuda("cuda")
-    _assert_low_precision_rounding("cuda", dtype, op, rounding_probe.cuda())
+    assert_low_precision_rounding(cpp, "cuda", dtype, op, rounding_probe.cuda())
 
 
 # ---- builds, dispatch, registration, compile -------------------------------------------------

@@ -146,6 +146,16 @@ def roundtrip(obj, **load_kwargs):
     return torch.load(buffer, weights_only=False, **load_kwargs)
 
 
+def load_checkpoint(model, opt, checkpoint, model_first):
+    """Load {'model': ..., 'opt': ...} in the order users do either way."""
+    if model_first:
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["opt"])
+    else:
+        opt.load_state_dict(checkpoint["opt"])
+        model.load_state_dict(checkpoint["model"])
+
+
 def moved(model, snap):
     return any(not torch.equal(p, s) for p, s in zip(model.parameters(), snap))
 
@@ -1018,12 +1028,7 @@ def test_drop_in_resume_in_either_load_order(model_first):
     model_b, opt_b = build("dropin", model_seed=5, opt_seed=99)
     buffer.seek(0)
     checkpoint = torch.load(buffer)
-    if model_first:
-        model_b.load_state_dict(checkpoint["model"])
-        opt_b.load_state_dict(checkpoint["opt"])
-    else:
-        opt_b.load_state_dict(checkpoint["opt"])
-        model_b.load_state_dict(checkpoint["model"])
+    load_checkpoint(model_b, opt_b, checkpoint, model_first)
     for i in range(3, 5):
         dropin_iter(model_b, opt_b, i)
     assert_same_run(model_a, opt_a, model_b, opt_b)

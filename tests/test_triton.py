@@ -18,6 +18,8 @@ from ivon_fast import reference
 from ivon_fast import triton_backend as tb
 from ivon_fast.scalars import StepScalars
 
+from kernel_checks import assert_low_precision_rounding
+
 triton = pytest.importorskip("triton")
 tl = triton.language
 
@@ -276,23 +278,7 @@ def test_low_precision_stores_round_to_nearest_even(device, dtype, op, rounding_
     """A bf16 / fp16 param receives exactly torch's rounding (to nearest, ties to even) of the
     fp32 value the same kernel writes into an fp32 param. The comparison with the reference
     cannot show this: there a one-ulp tolerance must absorb fp32 ulps of the noise."""
-    mean = rounding_probe.to(device)
-    n = mean.numel()
-    written = {}
-    for param_dtype in (torch.float32, dtype):
-        param = torch.empty(n, dtype=param_dtype, device=device)
-        momentum, hess = torch.zeros(n, device=device), torch.ones(n, device=device)
-        if op == "sample":  # sigma = 1e-19: the sample is the mean, except for tiny means
-            tb.sample(param, mean, hess, seed=5, draw=3, offset=1, ess=1e38, weight_decay=0.0)
-        else:  # lr = 0: the update writes the mean back as the param
-            grad = torch.ones(n, dtype=param_dtype, device=device)
-            tb.update(param, grad, mean.clone(), momentum, hess, None, None, seed=5, draw=3,
-                      offset=1, count=1, hess_approx="gradsq",
-                      scalars=StepScalars.of(lr=0.0, ess=1.0, weight_decay=0.0, beta1=0.9,
-                                             beta2=0.99))
-        written[param_dtype] = param
-    torch.testing.assert_close(written[dtype], written[torch.float32].to(dtype), rtol=0, atol=0,
-                               equal_nan=True)
+    assert_low_precision_rounding(tb, device, dtype, op, rounding_probe.to(device))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from ivon_fast import IVON, reference
 from ivon_fast.noise import EVAL_DRAW_BASE
 
 from test_optimizer import (HP, SEED, Simulator, assert_params_equal, assert_same_run,
-                            assert_state_dicts_equal, batch, build, dropin_iter, loss_fn,
-                            make_model, normalized_noise, snapshot, train)
+                            assert_state_dicts_equal, batch, build, dropin_iter, load_checkpoint,
+                            loss_fn, make_model, normalized_noise, snapshot, train)
 
 ESS, WD = HP["ess"], HP["weight_decay"]
 
@@ -123,12 +123,7 @@ def test_dropin_resume_across_backends_keeps_the_mean(pair, model_first):
     model_b, opt_b = make(loader, model_seed=9)
     saved.seek(0)
     checkpoint = torch.load(saved)
-    if model_first:
-        model_b.load_state_dict(checkpoint["model"])
-        opt_b.load_state_dict(checkpoint["opt"])
-    else:
-        opt_b.load_state_dict(checkpoint["opt"])
-        model_b.load_state_dict(checkpoint["model"])
+    load_checkpoint(model_b, opt_b, checkpoint, model_first)
     for i in range(3, 6):
         dropin_iter(model_b, opt_b, i)
     # the backends round differently by an ulp here and there; a mean replaced by a sample would
