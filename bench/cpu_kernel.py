@@ -17,6 +17,7 @@ import time
 import torch
 
 from ivon_fast import cpp_backend
+from ivon_fast.scalars import StepScalars
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -47,8 +48,8 @@ def main() -> None:
 
     param, grad = torch.randn(n), torch.randn(n)
     mean, momentum, hess = torch.randn(n), torch.zeros(n), torch.full((n,), 0.1)
-    hyper = dict(lr=0.1, ess=1e4, weight_decay=1e-4, beta1=0.9, beta2=0.99999,
-                 clip_radius=1e-3, debias=1.0)
+    hyper = dict(scalars=StepScalars.of(lr=0.1, ess=1e4, weight_decay=1e-4, beta1=0.9,
+                                        beta2=0.99999, clip_radius=1e-3))
     draw = [0]
 
     def fused_step():
