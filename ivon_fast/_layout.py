@@ -64,6 +64,8 @@ class Bucket:
     avg_hess_term: Optional[torch.Tensor] = None
     param_views: list = field(default_factory=list)  # each param's view into param_flat
     grad_views: list = field(default_factory=list)   # each param's view into grad_flat
+    view_ptrs: list = field(default_factory=list)    # data_ptr of each param view
+    grad_ptrs: list = field(default_factory=list)    # data_ptr of each grad view
     versions: list = field(default_factory=list)     # each param's _version after our last look
     trainable: list = field(default_factory=list)    # each param's requires_grad at our last look
     _segments_key: tuple = ()
@@ -101,8 +103,7 @@ class Bucket:
         itself away from the buffer: compare the storage, not only the object.
         """
         view = self.grad_views[index]
-        return (self.params[index].grad is view and view.data_ptr()
-                == self.grad_flat.data_ptr() + self.starts[index] * self.grad_flat.element_size())
+        return self.params[index].grad is view and view.data_ptr() == self.grad_ptrs[index]
 
     def renew_grad_view(self, index: int) -> torch.Tensor:
         """A fresh view for a param whose grad view object was rebound away from the buffer."""
@@ -198,6 +199,8 @@ class FlatLayout:
             strides = storage_strides(param)
             bucket.param_views.append(_view(bucket.param_flat, bucket.slice_of(index), param, strides))
             bucket.grad_views.append(_view(bucket.grad_flat, bucket.slice_of(index), param, strides))
+        bucket.view_ptrs = [view.data_ptr() for view in bucket.param_views]
+        bucket.grad_ptrs = [view.data_ptr() for view in bucket.grad_views]
         return bucket
 
     @staticmethod
@@ -268,8 +271,9 @@ class FlatLayout:
         wrote after moving it (``to_empty`` then ``reset_parameters``) takes its values as the mean.
         ``hess_init`` is each param group's initial Hessian, for state that never existed (meta).
         """
-        moved = any(p.device != b.device or p.dtype != b.param_flat.dtype
-                    for b in self.buckets for p in b.params)
+        # a move rebinds p.data: look at the device and dtype of rebound params only
+        moved = any(p.data_ptr() != ptr and (p.device != b.device or p.dtype != b.param_flat.dtype)
+                    for b in self.buckets for p, ptr in zip(b.params, b.view_ptrs))
         if not moved:
             return False
         old_buckets, self.buckets = self.buckets, []
@@ -327,11 +331,12 @@ class FlatLayout:
         made a view again; the caller decides what the new values mean.
         """
         for bucket in self.buckets:
-            for index, (param, view) in enumerate(zip(bucket.params, bucket.param_views)):
-                rebound = param.data_ptr() != view.data_ptr() or param.stride() != view.stride()
+            for index, (param, ptr) in enumerate(zip(bucket.params, bucket.view_ptrs)):
+                rebound = param.data_ptr() != ptr
                 if not rebound and param._version == bucket.versions[index]:
                     continue
                 if rebound:
+                    view = bucket.param_views[index]
                     if param.shape != view.shape:
                         raise RuntimeError(
                             "a parameter managed by IVON changed its shape from "
