@@ -43,7 +43,6 @@ class PhiloxNoise:
     Every backend regenerates it from (key, draw, global index), so the ops need nothing beyond
     ``seed=key`` and the draw number: ``op_kwargs`` is empty.
     """
-    name = "philox"
 
     def __init__(self, seed: int, sync: bool):
         self.seed, self.sync = seed, sync
@@ -72,7 +71,6 @@ class TorchNoise:
     Only the reference backend takes explicit noise; the tensors of a draw are kept until the draw
     is forgotten (its gradient folded in, or the sample discarded).
     """
-    name = "torch"
 
     def __init__(self, seed: int, sync: bool, group_params):
         self.seed, self.sync = seed, sync
@@ -84,15 +82,21 @@ class TorchNoise:
         return self.seed
 
     def _group_eps(self, draw: int, group_index: int) -> torch.Tensor:
-        if draw not in self._drawn:  # ivon-opt draws every group's noise, in group order
-            self._drawn[draw] = []
-            for params in self._group_params():
-                first = params[0]
-                generator = self._eval_generator(first.device) if draw >= EVAL_DRAW_BASE else None
-                self._drawn[draw].append(torch.randn(
-                    sum(p.numel() for p in params), dtype=first.dtype, device=first.device,
-                    generator=generator))
-        return self._drawn[draw][group_index]
+        # ivon-opt draws every group's noise, in group order, when it samples; a group added
+        # later (add_param_group in the middle of a step) draws its own when first needed
+        drawn = self._drawn.setdefault(draw, [])
+        groups = self._group_params()
+        wanted = group_index + 1 if drawn else len(groups)
+        while len(drawn) < wanted:
+            params = groups[len(drawn)]
+            if not params:
+                drawn.append(torch.empty(0))
+                continue
+            first = params[0]
+            generator = self._eval_generator(first.device) if draw >= EVAL_DRAW_BASE else None
+            drawn.append(torch.randn(sum(p.numel() for p in params), dtype=first.dtype,
+                                     device=first.device, generator=generator))
+        return drawn[group_index]
 
     def _eval_generator(self, device) -> torch.Generator:
         if device not in self._eval_generators:

@@ -559,3 +559,25 @@ def test_torch_state_dict_hooks_are_honoured():
     assert calls == ["save-pre", "load-pre", "load-post"]
     for p, q in zip(model.parameters(), model_b.parameters()):
         assert torch.equal(opt_b.state[q]["mean"], opt.state[p]["mean"])
+
+
+def test_add_param_group_between_a_block_and_step_with_torch_noise():
+    """rng='torch' draws per group; a group added while a sample is pending draws its own noise
+    for that sample, after the existing groups', so theirs is unchanged."""
+    def run(add):
+        model = make_model(0)
+        torch.manual_seed(5)
+        opt = IVON(model.parameters(), **HP, backend="reference", rng="torch")
+        extra = nn.Parameter(torch.ones(3))
+        with opt.sampled_params(train=True):
+            opt.zero_grad()
+            loss_fn(model, 0).backward()
+        if add:
+            opt.add_param_group({"params": [extra]})
+        opt.step()
+        return model, opt, extra
+
+    model_a, opt_a, _ = run(add=False)
+    model_b, opt_b, extra = run(add=True)
+    assert_same_run(model_a, opt_a, model_b, opt_b)
+    assert not torch.equal(opt_b.state[extra]["hess"], torch.ones(3))  # the new group updated
