@@ -1,0 +1,220 @@
+"""The microbenchmarks of `python -m bench` as a pytest-benchmark suite.
+
+Not part of the default test run (`python -m pytest tests` collects tests/ only), and skipped
+unless this file or bench/ is named on the command line, so a bare `pytest` stays quick:
+
+    python -m pytest bench/test_bench.py --benchmark-only                # the table, per group
+    python -m pytest bench/test_bench.py --benchmark-only --benchmark-json out.json
+    python -m pytest bench/test_bench.py --benchmark-disable -q          # smoke: each call once
+
+Two groups per parameter layout, each compared like for like in pytest-benchmark's table:
+  * "step":      torch AdamW(fused=True).step(), AdamW(foreach=True).step(), and the ivon_fast
+                 drop-in step (IVON(resample_on_step=True).step(): the update fused with drawing the
+                 next sample), per available backend;
+  * "iteration": the official loop's iteration (sampled_params(train=True) entered and left, then
+                 step()) per available backend, against ivon-opt's (where it is installed and the
+                 size is at most IVON_BENCH_SLOW_MAX), with AdamW(fused=True).step() as the anchor.
+Layouts: "flat" (IVON_BENCH_NUMEL params in IVON_BENCH_TENSORS equal tensors) and "gpt" (the
+parameter shapes of a bench/gpt.py config: a transformer's many tensors of mixed sizes).
+
+Environment (defaults: CPU / GPU):
+    IVON_BENCH_DEVICE     cpu / cuda
+    IVON_BENCH_DTYPE      float32 (or bfloat16, float16)
+    IVON_BENCH_NUMEL      1M / 64M      (K, M, G are powers of 10; 0 skips the flat layout)
+    IVON_BENCH_TENSORS    4
+    IVON_BENCH_GPT        tiny / gpt2-125m  (a bench/gpt.py config; "none" skips the gpt layout)
+    IVON_BENCH_BACKENDS   the available ones (Triton only on a GPU), comma-separated
+    IVON_BENCH_SLOW_MAX   4M / 128M     (largest size for ivon-opt)
+    IVON_BENCH_REFERENCE_MAX  0         (largest size for the reference backend, the pure-torch
+                          spec: its Philox in torch ops takes seconds per call at 1M on a CPU)
+Each timed call synchronizes the device. extra_info holds the size, the byte model's bytes per
+element (docs/DESIGN.md section 6; fp32 only) and, when timed, GB/s at the median.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("pytest_benchmark")
+
+import ivon_fast  # noqa: E402
+from ivon_fast import backends  # noqa: E402
+
+from bench.gpt import CONFIGS, param_shapes  # noqa: E402
+
+
+def parse_size(text: str) -> int:
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1].upper(), 1)
+    return int(float(text.rstrip("kKmMgG")) * scale)
+
+
+def _env(name: str, cpu: str, gpu: str) -> str:
+    return os.environ.get(name, gpu if DEVICE.type == "cuda" else cpu)
+
+
+DEVICE = torch.device(os.environ.get("IVON_BENCH_DEVICE",
+                                     "cuda" if torch.cuda.is_available() else "cpu"))
+DTYPE = getattr(torch, os.environ.get("IVON_BENCH_DTYPE", "float32"))
+NUMEL = parse_size(_env("IVON_BENCH_NUMEL", "1M", "64M"))
+TENSORS = int(os.environ.get("IVON_BENCH_TENSORS", "4"))
+GPT_CONFIG = _env("IVON_BENCH_GPT", "tiny", "gpt2-125m")
+SLOW_MAX = parse_size(_env("IVON_BENCH_SLOW_MAX", "4M", "128M"))
+REFERENCE_MAX = parse_size(os.environ.get("IVON_BENCH_REFERENCE_MAX", "0"))
+
+# bytes moved per element by the byte model of docs/DESIGN.md section 6 (fp32 params and state)
+BYTES_PER_ELEMENT = {"adamw": 28, "drop_in_step": 32, "official_iteration": 52}
+
+
+def _backends() -> list:
+    if "IVON_BENCH_BACKENDS" in os.environ:
+        return [b for b in os.environ["IVON_BENCH_BACKENDS"].split(",") if b]
+    return [b for b in ("cuda", "triton", "cpu", "reference")
+            if backends.unavailable_reason(b, DEVICE, DTYPE) is None
+            and not (b == "triton" and DEVICE.type != "cuda")]  # the interpreter is no perf path
+
+
+BACKENDS = _backends()
+
+
+class Layout:
+    def __init__(self, name: str, shapes: list):
+        self.shapes = shapes
+        self.numel = sum(math.prod(shape) for shape in shapes)
+        self.label = f"{name} {self.numel / 1e6:.4g}M in {len(shapes)} tensors"
+        self.id = name
+
+    def __repr__(self) -> str:
+        return self.label
+
+
+def _layouts() -> list:
+    layouts = []
+    if NUMEL > 0:
+        sizes = [NUMEL // TENSORS + (1 if i < NUMEL % TENSORS else 0) for i in range(TENSORS)]
+        layouts.append(Layout("flat", [(size,) for size in sizes]))
+    if GPT_CONFIG != "none":
+        layouts.append(Layout(f"gpt:{GPT_CONFIG}", param_shapes(CONFIGS[GPT_CONFIG])))
+    return layouts
+
+
+LAYOUTS = _layouts()
+
+
+@pytest.fixture(autouse=True)
+def _only_when_named(request):
+    """Skip unless this file or its folder was named on the command line (or IVON_BENCH=1)."""
+    here = Path(__file__).resolve()
+    named = {Path(arg.split("::")[0]).resolve() for arg in request.config.args}
+    if os.environ.get("IVON_BENCH") != "1" and not named & {here, here.parent}:
+        pytest.skip("benchmarks run when named: python -m pytest bench/test_bench.py")
+
+
+def make_params(layout: Layout, seed: int = 0) -> list:
+    """Params of the layout's shapes with random values and random grads."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    params = []
+    for shape in layout.shapes:
+        param = torch.nn.Parameter(
+            torch.randn(shape, generator=generator, device=DEVICE).to(DTYPE))
+        param.grad = (torch.randn(shape, generator=generator, device=DEVICE) * 1e-2).to(DTYPE)
+        params.append(param)
+    return params
+
+
+def adamw(layout: Layout, **kind):
+    return torch.optim.AdamW(make_params(layout), lr=1e-3, **kind).step
+
+
+def ivon_fast_call(layout: Layout, backend: str, mode: str):
+    params = make_params(layout)
+    grads = [p.grad.clone() for p in params]
+    optimizer = ivon_fast.IVON(params, lr=1e-3, ess=1e6, backend=backend,
+                               resample_on_step=mode == "drop_in_step")
+    with torch.no_grad():
+        for param, grad in zip(params, grads):  # the grads are views into the flat buffer now
+            param.grad.copy_(grad)
+    if mode == "drop_in_step":
+        return optimizer.step
+
+    def iteration():
+        with optimizer.sampled_params(train=True):
+            pass  # the grads are already in place
+        optimizer.step()
+    return iteration
+
+
+def ivon_opt_call(layout: Layout):
+    ivon = pytest.importorskip("ivon")
+    optimizer = ivon.IVON(make_params(layout), lr=1e-3, ess=1e6)
+
+    def iteration():
+        with optimizer.sampled_params(train=True):
+            pass
+        optimizer.step()
+    return iteration
+
+
+def measure(benchmark, layout: Layout, group: str, call, kind: str | None, **info) -> None:
+    """Benchmark ``call`` (device-synchronized) in the layout's ``group``."""
+    benchmark.group = f"{group} | {layout.label} | {str(DTYPE).replace('torch.', '')} | {DEVICE}"
+    element_bytes = BYTES_PER_ELEMENT.get(kind) if DTYPE == torch.float32 else None
+    benchmark.extra_info.update(numel=layout.numel, tensors=len(layout.shapes),
+                                device=str(DEVICE), dtype=str(DTYPE),
+                                bytes_per_element=element_bytes, **info)
+
+    def synchronized():
+        call()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+    if benchmark.enabled:
+        for _ in range(2):  # warm up: Triton compiles, allocators settle
+            synchronized()
+    benchmark(synchronized)
+    if benchmark.stats is not None and element_bytes:
+        median = benchmark.stats.stats.median
+        benchmark.extra_info["gbs_median"] = element_bytes * layout.numel / median / 1e9
+
+
+def _skip_slow(layout: Layout, backend: str | None = None) -> None:
+    if backend == "reference" and layout.numel > REFERENCE_MAX:
+        pytest.skip(f"the reference backend: {layout.numel} params > IVON_BENCH_REFERENCE_MAX "
+                    f"({REFERENCE_MAX})")
+    if backend is None and layout.numel > SLOW_MAX:
+        pytest.skip(f"ivon-opt: {layout.numel} params > IVON_BENCH_SLOW_MAX ({SLOW_MAX})")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.id)
+@pytest.mark.parametrize("contender", ["adamw_fused", "adamw_foreach"]
+                         + [f"ivon_fast[{b}]" for b in BACKENDS])
+def test_step(benchmark, layout, contender):
+    """One optimizer step: AdamW, or the ivon_fast drop-in step (update fused with resampling)."""
+    if contender.startswith("adamw"):
+        kind = contender.split("_")[1]
+        measure(benchmark, layout, "step", adamw(layout, **{kind: True}), "adamw")
+        return
+    backend = contender[len("ivon_fast["):-1]
+    _skip_slow(layout, backend)
+    measure(benchmark, layout, "step", ivon_fast_call(layout, backend, "drop_in_step"),
+            "drop_in_step", backend=backend)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.id)
+@pytest.mark.parametrize("contender", ["adamw_fused"] + [f"ivon_fast[{b}]" for b in BACKENDS]
+                         + ["ivon-opt"])
+def test_official_iteration(benchmark, layout, contender):
+    """One iteration of the official loop (sample, restore, step), against ivon-opt's."""
+    if contender == "adamw_fused":
+        measure(benchmark, layout, "iteration", adamw(layout, fused=True), "adamw")
+    elif contender == "ivon-opt":
+        _skip_slow(layout)
+        measure(benchmark, layout, "iteration", ivon_opt_call(layout), None)
+    else:
+        backend = contender[len("ivon_fast["):-1]
+        _skip_slow(layout, backend)
+        measure(benchmark, layout, "iteration",
+                ivon_fast_call(layout, backend, "official_iteration"), "official_iteration",
+                backend=backend)
