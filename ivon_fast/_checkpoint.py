@@ -130,6 +130,7 @@ def _load_own(opt, state_dict: dict, saved_groups) -> None:
                                  f"does not have the parameter's {param.numel()} elements")
 
     _copy_hyperparameters(opt, saved_groups)
+    opt._record_live_scalars()
     opt.current_step, opt.seed = meta["step"], meta["seed"]
     opt._noise.seed = meta["seed"]
     opt._next_train_draw, opt._next_eval_draw = meta["next_train_draw"], meta["next_eval_draw"]

@@ -64,8 +64,6 @@ class Bucket:
     avg_hess_term: Optional[torch.Tensor] = None
     param_views: list = field(default_factory=list)  # each param's view into param_flat
     grad_views: list = field(default_factory=list)   # each param's view into grad_flat
-    view_ptrs: list = field(default_factory=list)    # data_ptr of each param view
-    grad_ptrs: list = field(default_factory=list)    # data_ptr of each grad view
     versions: list = field(default_factory=list)     # each param's _version after our last look
     trainable: list = field(default_factory=list)    # each param's requires_grad at our last look
     _segments_key: tuple = ()
@@ -103,7 +101,8 @@ class Bucket:
         itself away from the buffer: compare the storage, not only the object.
         """
         view = self.grad_views[index]
-        return self.params[index].grad is view and view.data_ptr() == self.grad_ptrs[index]
+        return (self.params[index].grad is view
+                and view.data_ptr() == _element_ptr(self.grad_flat, self.starts[index]))
 
     def renew_grad_view(self, index: int) -> torch.Tensor:
         """A fresh view for a param whose grad view object was rebound away from the buffer."""
@@ -141,6 +140,12 @@ def storage_strides(tensor: torch.Tensor) -> tuple:
             return contiguous
         expected *= tensor.shape[dim]
     return tuple(tensor.stride())
+
+
+def _element_ptr(flat: torch.Tensor, start: int) -> int:
+    """The address of ``flat[start]``, from the buffer's current storage: ``share_memory_()``
+    moves a storage in place, and every view of it with it."""
+    return flat.data_ptr() + start * flat.element_size()
 
 
 def _view(flat: torch.Tensor, where: slice, like: torch.Tensor, strides: tuple) -> torch.Tensor:
@@ -199,8 +204,6 @@ class FlatLayout:
             strides = storage_strides(param)
             bucket.param_views.append(_view(bucket.param_flat, bucket.slice_of(index), param, strides))
             bucket.grad_views.append(_view(bucket.grad_flat, bucket.slice_of(index), param, strides))
-        bucket.view_ptrs = [view.data_ptr() for view in bucket.param_views]
-        bucket.grad_ptrs = [view.data_ptr() for view in bucket.grad_views]
         return bucket
 
     @staticmethod
@@ -258,8 +261,13 @@ class FlatLayout:
                 with torch.no_grad():
                     if param.requires_grad:
                         bucket.mean[where].copy_(bucket.param_flat[where])
-                        param.grad = bucket.grad_views[index]
-                        bucket.grad_views[index].zero_()
+                        # in the drop-in mode the backward may already have run: keep its grad
+                        view, grad = bucket.grad_views[index], param.grad
+                        if grad is None:
+                            view.zero_()
+                        elif grad is not view:
+                            view.copy_(grad.reshape(view.shape))
+                        param.grad = view
                     else:
                         bucket.param_flat[where].copy_(bucket.mean[where])
                 bucket.trainable[index] = param.requires_grad
@@ -272,8 +280,9 @@ class FlatLayout:
         ``hess_init`` is each param group's initial Hessian, for state that never existed (meta).
         """
         # a move rebinds p.data: look at the device and dtype of rebound params only
-        moved = any(p.data_ptr() != ptr and (p.device != b.device or p.dtype != b.param_flat.dtype)
-                    for b in self.buckets for p, ptr in zip(b.params, b.view_ptrs))
+        moved = any(p.data_ptr() != _element_ptr(b.param_flat, start)
+                    and (p.device != b.device or p.dtype != b.param_flat.dtype)
+                    for b in self.buckets for p, start in zip(b.params, b.starts))
         if not moved:
             return False
         old_buckets, self.buckets = self.buckets, []
@@ -305,15 +314,22 @@ class FlatLayout:
         where, new_where = old.slice_of(index), new.slice_of(new_index)
         sdtype = new.mean.dtype
         new.param_views[new_index].copy_(param.detach())
-        written = param._version != old.versions[index]
         if old.device.type == "meta":  # nothing was ever computed there: start afresh
             new.mean[new_where].copy_(new.param_flat[new_where])
             new.hess[new_where].fill_(float(hess_init))
         else:
             for name in ("mean", "momentum", "hess"):
                 getattr(new, name)[new_where].copy_(getattr(old, name)[where].to(sdtype))
-            if written and old.trainable[index]:
-                new.mean[new_where].copy_(new.param_flat[new_where])
+            if old.trainable[index]:
+                # a conversion keeps the values the optimizer wrote; what differs was written
+                # by user code after the move (to_empty, then reset_parameters). The version
+                # counter cannot tell: torch.utils.swap_tensors resets it.
+                moved_values = old.param_views[index].to(device=new.device, dtype=param.dtype)
+                written = new.param_views[new_index] != moved_values
+                if bool(written.any()):
+                    mean = torch.as_strided(new.mean[new_where], param.shape,
+                                            new.param_views[new_index].stride())
+                    mean.copy_(torch.where(written, new.param_views[new_index].to(sdtype), mean))
             if old.avg_grad is not None:
                 new.ensure_averages()
                 new.avg_grad[new_where].copy_(old.avg_grad[where].to(sdtype))
@@ -331,8 +347,9 @@ class FlatLayout:
         made a view again; the caller decides what the new values mean.
         """
         for bucket in self.buckets:
-            for index, (param, ptr) in enumerate(zip(bucket.params, bucket.view_ptrs)):
-                rebound = param.data_ptr() != ptr
+            base, size = bucket.param_flat.data_ptr(), bucket.param_flat.element_size()
+            for index, (param, start) in enumerate(zip(bucket.params, bucket.starts)):
+                rebound = param.data_ptr() != base + start * size
                 if not rebound and param._version == bucket.versions[index]:
                     continue
                 if rebound:
@@ -341,6 +358,14 @@ class FlatLayout:
                         raise RuntimeError(
                             "a parameter managed by IVON changed its shape from "
                             f"{tuple(view.shape)} to {tuple(param.shape)}; build a new optimizer")
+                    if param.numel() > 1 and storage_strides(param) != view.stride():
+                        # the noise index follows each param's storage order (DESIGN.md 3):
+                        # a new memory format would silently change every element's noise
+                        raise RuntimeError(
+                            "a parameter managed by IVON changed its memory layout (strides "
+                            f"{tuple(view.stride())} -> {tuple(param.stride())}), e.g. "
+                            "model.to(memory_format=...) after the optimizer was built; convert "
+                            "the model before building the optimizer")
                     with torch.no_grad():
                         view.copy_(param.data)
                     param.data = view
@@ -382,6 +407,13 @@ class FlatLayout:
         return [(bucket.grad_flat._version,
                  [param.grad is view for param, view in zip(bucket.params, bucket.grad_views)])
                 for bucket in self.buckets]
+
+    def grads_dropped(self, fingerprint: list) -> bool:
+        """Whether a param whose grad was its view at ``fingerprint`` (``grad_versions``) now has
+        no grad at all (``zero_grad(set_to_none=True)`` through the model)."""
+        return any(was_view and param.grad is None
+                   for bucket, (_, views) in zip(self.buckets, fingerprint)
+                   for param, was_view in zip(bucket.params, views))
 
     def zero_grads(self) -> None:
         for bucket in self.buckets:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from . import _checkpoint, backends
 from ._checks import check_group_hyperparameters, check_options, check_params
-from ._layout import FlatLayout
+from ._layout import FlatLayout, Segment
 from .noise import EVAL_DRAW_BASE, PhiloxNoise, TorchNoise
 from .scalars import StepScalars
 
@@ -62,6 +62,12 @@ _CLEARED_MESSAGE = (
     "model, or an assignment to .grad) between two sampled_params(train=True) blocks. Set "
     "mc_samples to the number of samples you take per step, or clear gradients inside the block "
     "or with optimizer.zero_grad().")
+
+_DROPPED_MESSAGE = (
+    "the gradient of the last posterior sample was set to None before step(), e.g. by "
+    "model.zero_grad() between the sampled_params(train=True) block and step(): the sample "
+    "would be lost. Clear gradients inside the block, or with optimizer.zero_grad(), which folds "
+    "the sample into the step first.")
 
 _disable_dynamo = torch.compiler.disable
 
@@ -156,6 +162,7 @@ class IVON(torch.optim.Optimizer):
         self._pending_grads = None   # gradient fingerprint when a sample was left pending
         self._in_context = False
         self._params_from_checkpoint = False  # Note [what the params hold] in _checkpoint
+        self._live_scalars: list = []  # noise scalars of the live training draw, per group
         self._layout = FlatLayout(backend_choice)
         self._noise = (TorchNoise(seed, sync, lambda: [g["params"] for g in self.param_groups])
                        if rng == "torch" else PhiloxNoise(seed, sync))
@@ -172,6 +179,7 @@ class IVON(torch.optim.Optimizer):
                 if param.is_leaf:
                     param.grad = grad
             raise
+        self._record_live_scalars()
         if resample_on_step:
             self._pending_draw = self._take_train_draw()
             self._sample(self._pending_draw)
@@ -203,8 +211,15 @@ class IVON(torch.optim.Optimizer):
         for param, views in self._layout.state_views():
             self.state[param] = views
 
-    def _prepare(self) -> None:
-        """Catch up with what user code did to the params since the last optimizer call."""
+    def _prepare(self, params_hold_mean: bool = False) -> None:
+        """Catch up with what user code did to the params since the last optimizer call.
+
+        Note [user writes to params] in _layout: the elements that a write changed, compared
+        with what the optimizer had put there (the mean rounded to the params' dtype, or the
+        pending sample; ``params_hold_mean`` inside ``mean_params()``), become the new mean. The
+        other elements keep their exact state: a no-op ``clamp_`` after ``step()`` changes
+        nothing, and a bf16 model keeps its fp32 master mean.
+        """
         layout = self._layout
         layout.check_materialized()
         if layout.follow_moves([g["hess_init"] for g in self.param_groups]):
@@ -212,11 +227,34 @@ class IVON(torch.optim.Optimizer):
             self._write_resting_params()
             layout.mark_seen()
         layout.sync_requires_grad()
-        for bucket, index, _ in layout.written_params():
-            if bucket.trainable[index] and not self._params_from_checkpoint:
-                where = bucket.slice_of(index)
-                bucket.mean[where].copy_(bucket.param_flat[where])
-        self._params_from_checkpoint = False
+        written = [(b, i) for b, i, _ in layout.written_params() if b.trainable[i]]
+        from_checkpoint, self._params_from_checkpoint = self._params_from_checkpoint, False
+        if not written:
+            return
+        holds_sample = self.resample_on_step and not params_hold_mean
+        if not from_checkpoint:
+            for bucket, index in written:
+                self._adopt_written(bucket, index, holds_sample)
+        if holds_sample or from_checkpoint:  # the params hold exactly what the state says
+            self._write_resting_params()
+            layout.mark_seen()
+
+    def _adopt_written(self, bucket, index: int, holds_sample: bool) -> None:
+        where = bucket.slice_of(index)
+        current, mean = bucket.param_flat[where], bucket.mean[where]
+        if holds_sample:
+            expected = torch.empty_like(current)
+            self._sample_segment(expected, bucket, Segment(where.start, where.stop,
+                                                           bucket.offsets[index]),
+                                 self._pending_draw)
+        else:
+            expected = mean.to(current.dtype)
+        mean.copy_(torch.where(current != expected, current.to(mean.dtype), mean))
+
+    def _check_pending_grads(self) -> None:
+        """The pending sample's gradient must still be there when it is read."""
+        if self._pending_grads is not None and self._layout.grads_dropped(self._pending_grads):
+            raise RuntimeError(_DROPPED_MESSAGE)
 
     def _take_train_draw(self) -> int:
         draw = self._next_train_draw
@@ -229,17 +267,38 @@ class IVON(torch.optim.Optimizer):
         group = self.param_groups[bucket.group_index]
         return dict(ess=float(group["ess"]), weight_decay=float(group["weight_decay"]))
 
+    def _noise_scalars(self, bucket, draw) -> dict:
+        """ess and weight_decay that scale a draw's noise: for the live training draw, the
+        values it was sampled with (a scheduler may change them before its gradient is used;
+        ivon-opt keeps the noise it drew), else the group's current ones."""
+        live = self._live_scalars
+        if draw is not None and draw < EVAL_DRAW_BASE and bucket.group_index < len(live):
+            return live[bucket.group_index]
+        return self._group_scalars(bucket)
+
+    def _record_live_scalars(self) -> None:
+        """The next training sample is drawn now: remember its noise scalars."""
+        self._live_scalars = [dict(ess=float(g["ess"]), weight_decay=float(g["weight_decay"]))
+                              for g in self.param_groups]
+
+    def _live_scalars_changed(self) -> bool:
+        return any(bucket.group_index < len(self._live_scalars)
+                   and self._live_scalars[bucket.group_index] != self._group_scalars(bucket)
+                   for bucket in self._layout.buckets)
+
     def _noise_kwargs(self, name, draw, bucket, segment) -> dict:
         return self._noise.op_kwargs(name, draw, bucket, segment)
 
+    def _sample_segment(self, out, bucket, seg, draw) -> None:
+        s = seg.slice
+        backends.get(bucket.backend).sample(
+            out, bucket.mean[s], bucket.hess[s], seed=self._noise.key(), draw=draw,
+            offset=seg.offset, **self._noise_scalars(bucket, draw),
+            **self._noise_kwargs("eps", draw, bucket, seg))
+
     def _sample(self, draw: int, buckets=None) -> None:
-        key = self._noise.key()
         for bucket, seg in self._layout.segments(buckets):
-            s = seg.slice
-            backends.get(bucket.backend).sample(
-                bucket.param_flat[s], bucket.mean[s], bucket.hess[s], seed=key, draw=draw,
-                offset=seg.offset, **self._group_scalars(bucket),
-                **self._noise_kwargs("eps", draw, bucket, seg))
+            self._sample_segment(bucket.param_flat[seg.slice], bucket, seg, draw)
 
     def _write_resting_params(self) -> None:
         """What the params hold between optimizer calls: the mean, or the pending sample."""
@@ -258,7 +317,7 @@ class IVON(torch.optim.Optimizer):
             backends.get(bucket.backend).accumulate(
                 bucket.grad_flat[s], bucket.hess[s], bucket.avg_grad[s], bucket.avg_hess_term[s],
                 seed=key, draw=draw, offset=seg.offset, count=count, hess_approx=self.hess_approx,
-                **self._group_scalars(bucket), **self._noise_kwargs("eps", draw, bucket, seg))
+                **self._noise_scalars(bucket, draw), **self._noise_kwargs("eps", draw, bucket, seg))
         self._noise.forget(draw)
         self._count, self._pending_draw, self._pending_grads = count, None, None
 
@@ -275,6 +334,8 @@ class IVON(torch.optim.Optimizer):
 
     def _update(self, next_draw: Optional[int]) -> None:
         """The update from the averages and the pending sample; params <- mean or next sample."""
+        if self._pending_draw is not None and self._live_scalars_changed():
+            self._fold_pending()  # its noise needs the old ess / weight_decay; the update the new
         with_grad = self._pending_draw is not None
         if with_grad:
             self._layout.gather_grads()
@@ -297,6 +358,7 @@ class IVON(torch.optim.Optimizer):
                 **self._noise_kwargs("next_eps", next_draw, bucket, seg))
         self._noise.forget(draw)
         self._count, self._pending_draw, self._pending_grads = 0, next_draw, None
+        self._record_live_scalars()
 
     def _finish_step(self) -> None:
         """Average across processes when asked, then update (and resample in drop-in mode)."""
@@ -348,6 +410,7 @@ class IVON(torch.optim.Optimizer):
             self._fold_pending()
         if train:
             draw = self._take_train_draw()
+            self._record_live_scalars()
         else:
             draw = EVAL_DRAW_BASE + self._next_eval_draw
             self._next_eval_draw += 1
@@ -425,7 +488,7 @@ class IVON(torch.optim.Optimizer):
     @torch.no_grad()
     def _exit_mean(self, adopt_writes: bool) -> None:
         if adopt_writes:
-            self._prepare()  # writes in the block were made to the mean
+            self._prepare(params_hold_mean=True)  # writes in the block were made to the mean
         else:
             self._layout.forget_writes()
             self._layout.sync_requires_grad()
@@ -454,6 +517,7 @@ class IVON(torch.optim.Optimizer):
                 f"mc_samples={self.mc_samples} pass a closure: optimizer.step(closure)")
         if self._pending_draw is None and self._count == 0:
             raise RuntimeError(_NO_SAMPLE_MESSAGE)
+        self._check_pending_grads()
         self._finish_step()
         return None
 
@@ -480,6 +544,7 @@ class IVON(torch.optim.Optimizer):
                     if index > 0:
                         self._fold_pending()
                         self._pending_draw = self._take_train_draw()
+                        self._record_live_scalars()
                         self._sample(self._pending_draw)
                     loss, computed = self._call_closure(closure)
                 else:
@@ -533,10 +598,14 @@ class IVON(torch.optim.Optimizer):
 
         Honours torch's state-dict hooks (``register_state_dict_pre_hook`` / ``post_hook``).
         """
+        # inside a block the params hold neither the mean nor the pending sample at rest, so a
+        # model checkpoint taken there would not match the state (Note [what the params hold])
+        self._check_not_in_context("state_dict()")
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         with torch.no_grad():
             self._prepare()
+            self._check_pending_grads()
             state_dict = _checkpoint.save(self)
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)

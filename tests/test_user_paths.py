@@ -15,6 +15,7 @@ import torch.nn as nn
 import ivon
 from ivon_fast import IVON, reference
 from ivon_fast.noise import EVAL_DRAW_BASE
+from ivon_fast.scalars import StepScalars
 
 from test_optimizer import (HP, SEED, Simulator, assert_params_equal, assert_same_run,
                             assert_state_dicts_equal, batch, build, dropin_iter, load_checkpoint,
@@ -68,7 +69,7 @@ def test_a_sample_beyond_mc_samples_after_clearing_grads_is_an_error():
     model, opt = build("official", mc=1)
     with opt.sampled_params(train=True):
         loss_fn(model, 0).backward()
-    model.zero_grad()
+    model.zero_grad(set_to_none=False)
     before = opt.state_dict()
     with pytest.raises(RuntimeError, match="mc_samples"):
         with opt.sampled_params(train=True):
@@ -581,3 +582,168 @@ def test_add_param_group_between_a_block_and_step_with_torch_noise():
     model_b, opt_b, extra = run(add=True)
     assert_same_run(model_a, opt_a, model_b, opt_b)
     assert not torch.equal(opt_b.state[extra]["hess"], torch.ones(3))  # the new group updated
+
+
+# ----------------------------------------------------------------------------- review findings
+
+def _run_with_projection(mode, project, steps=6):
+    model, opt = build(mode)
+    for i in range(steps):
+        train(model, opt, mode, i, 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                project(p)
+    return model, opt
+
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_a_write_that_changes_nothing_changes_nothing(mode):
+    """A projection after step() that changes no value (clamp to +-100) must not turn the sample
+    (drop-in) or the rounded mean into the mean."""
+    model_a, opt_a = _run_with_projection(mode, lambda p: p.clamp_(-100.0, 100.0))
+    model_b, opt_b = _run_with_projection(mode, lambda p: None)
+    assert_same_run(model_a, opt_a, model_b, opt_b)
+
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_a_projection_moves_exactly_the_elements_it_changed(mode):
+    model, opt = build(mode)
+    train(model, opt, mode, 0, 2)
+    w = model.body[0].weight
+    state = opt.state[w]
+    mean_before, held = state["mean"].clone(), w.detach().clone()
+    with torch.no_grad():
+        w.clamp_(min=0.0)
+    opt.state_dict()   # any optimizer call catches up with the write
+    changed = held < 0
+    assert changed.any() and (~changed).any()
+    assert torch.equal(state["mean"][changed], torch.zeros_like(state["mean"][changed]))
+    assert torch.equal(state["mean"][~changed], mean_before[~changed])
+
+
+def test_bf16_write_that_changes_nothing_keeps_the_fp32_master_mean():
+    model = make_model(0, dtype=torch.bfloat16)
+    opt = IVON(model.parameters(), **HP, backend="reference", seed=SEED)
+    x, y = batch(0, torch.bfloat16)
+    with opt.sampled_params(train=True):
+        ((model(x) - y) ** 2).mean().backward()
+    opt.step()
+    means = [opt.state[p]["mean"].clone() for p in model.parameters()]
+    assert any(not torch.equal(m, m.bfloat16().float()) for m in means)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.0)
+    opt.state_dict()
+    for p, m in zip(model.parameters(), means):
+        assert torch.equal(opt.state[p]["mean"], m)
+
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_share_memory_after_construction_changes_nothing(mode):
+    model_a, opt_a = build(mode)
+    model_b, opt_b = build(mode)
+    train(model_a, opt_a, mode, 0, 2)
+    train(model_b, opt_b, mode, 0, 2)
+    model_b.share_memory()
+    train(model_a, opt_a, mode, 2, 3)
+    train(model_b, opt_b, mode, 2, 3)
+    assert_same_run(model_a, opt_a, model_b, opt_b)
+
+
+def test_a_new_memory_format_after_construction_is_a_clear_error():
+    conv = nn.Conv2d(3, 4, 3)
+    opt = IVON(conv.parameters(), **HP, backend="reference")
+    before = snapshot(conv)
+    conv.to(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="memory layout"):
+        opt.state_dict()
+    assert_params_equal(conv, before)
+
+
+@pytest.mark.parametrize("conversion", ["double", "bfloat16"])
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_swapping_conversion_moves_the_state_like_the_default_one(mode, conversion):
+    def run(swap):
+        model, opt = build(mode)
+        train(model, opt, mode, 0, 2)
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+        try:
+            getattr(model, conversion)()
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(False)
+        with opt.mean_params():
+            pass
+        return [opt.state[p]["mean"].clone() for p in model.parameters()]
+
+    for swapped, default in zip(run(True), run(False)):
+        assert torch.equal(swapped, default)
+
+
+@pytest.mark.parametrize("frozen_at_construction", [True, False])
+def test_unfreezing_in_dropin_mode_keeps_the_first_gradient(frozen_at_construction):
+    model = make_model(0)
+    w = model.body[0].weight
+    if frozen_at_construction:   # then w.grad is None until the first backward after unfreezing
+        w.requires_grad_(False)
+    torch.manual_seed(1)
+    opt = IVON(model.parameters(), **HP, backend="reference", resample_on_step=True)
+    w.requires_grad_(False)
+    train(model, opt, "dropin", 0, 2)
+    w.requires_grad_(True)
+    loss_fn(model, 2).backward()
+    grad, momentum = w.grad.detach().clone(), opt.state[w]["momentum"].clone()
+    assert grad.abs().max() > 0
+    opt.step()
+    expected = HP["beta1"] * momentum + (1 - HP["beta1"]) * grad
+    torch.testing.assert_close(opt.state[w]["momentum"], expected, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("block", ["mean", "eval", "train"])
+def test_optimizer_state_dict_inside_a_block_is_refused(block):
+    model, opt = build("official")
+    train(model, opt, "official", 0, 1)
+    context = {"mean": opt.mean_params, "eval": lambda: opt.sampled_params(),
+               "train": lambda: opt.sampled_params(train=True)}[block]
+    with context():
+        with pytest.raises(RuntimeError, match="state_dict"):
+            opt.state_dict()
+
+
+def test_model_zero_grad_to_none_between_the_block_and_step_is_an_error():
+    model, opt = build("official")
+    with opt.sampled_params(train=True):
+        loss_fn(model, 0).backward()
+    model.zero_grad(set_to_none=True)
+    before = snapshot(model)
+    names = ("mean", "momentum", "hess")
+    state = [[opt.state[p][name].clone() for name in names] for p in model.parameters()]
+    for call in (opt.step, opt.state_dict):
+        with pytest.raises(RuntimeError, match="set to None"):
+            call()
+    assert_params_equal(model, before)
+    for p, saved in zip(model.parameters(), state):
+        for name, value in zip(names, saved):
+            assert torch.equal(opt.state[p][name], value)
+
+
+@pytest.mark.parametrize("change", [("weight_decay", 0.5), ("ess", 10.0)])
+def test_dropin_noise_scalars_changed_after_step_keep_the_drawn_noise(change):
+    """A scheduler changing weight_decay or ess after step(): the pending sample's noise (what
+    the params really hold) must enter the Hessian estimate, as ivon-opt's stored noise does."""
+    key, value = change
+    model, opt = build("dropin")
+    train(model, opt, "dropin", 0, 3)
+    for group in opt.param_groups:
+        group[key] = value
+    w = model.body[0].weight
+    state = opt.state[w]
+    noise = (w.detach() - state["mean"]).clone()
+    hess = state["hess"].clone()
+    loss_fn(model, 3).backward()
+    grad = w.grad.detach().clone()
+    opt.step()
+    s = StepScalars.for_group(opt.param_groups[0], 4, rescale_lr=True, debias=True)
+    f = (noise * grad * (hess + s.weight_decay)) * s.ess
+    expected = (s.beta2 * hess + s.one_minus_beta2 * f
+                + s.hess_coef * (hess - f).square() / (hess + s.weight_decay))
+    torch.testing.assert_close(state["hess"], expected, rtol=1e-6, atol=1e-9)
