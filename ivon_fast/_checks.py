@@ -77,6 +77,11 @@ def check_options(*, mc_samples, hess_approx, backend, rng, seed, flags: dict) -
 
 
 def check_params(params: list, backend_choice: str) -> None:
+    if len({id(p) for p in params}) != len(params):
+        # torch only warns; each param owns one slice of a flat bucket, so a second copy would
+        # be a second view that the optimizer overwrites
+        raise ValueError("Invalid params: a param group lists the same parameter twice (e.g. "
+                         "tied weights gathered from two modules); pass each parameter once")
     for param in params:
         if not isinstance(param, torch.Tensor):
             raise TypeError(f"IVON params must be tensors, got {type(param).__name__}")

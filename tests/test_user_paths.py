@@ -747,3 +747,12 @@ def test_dropin_noise_scalars_changed_after_step_keep_the_drawn_noise(change):
     expected = (s.beta2 * hess + s.one_minus_beta2 * f
                 + s.hess_coef * (hess - f).square() / (hess + s.weight_decay))
     torch.testing.assert_close(state["hess"], expected, rtol=1e-6, atol=1e-9)
+
+
+def test_the_same_parameter_twice_in_a_group_is_a_value_error_before_anything_moves():
+    model = make_model(0)
+    params = list(model.parameters())
+    before = [p.data_ptr() for p in params]
+    with pytest.raises(ValueError, match="same parameter twice"):
+        IVON(params + params[:1], **HP)
+    assert [p.data_ptr() for p in params] == before
