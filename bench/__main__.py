@@ -1,25 +1,75 @@
-"""Microbenchmark: one IVON iteration per backend against torch.optim.AdamW(fused=True).
+"""Microbenchmark: ivon_fast against torch.optim.AdamW and ivon-opt, per backend, size and shape.
 
-    python -m bench                         # the default device (cuda if present, else cpu)
-    python -m bench --sizes 16M,64M,256M --json results.json
+    python -m bench                     # the default sweep on the default device (cuda, else cpu)
+    python -m bench --quick             # smoke test (tiny sizes, 3 rounds; files in a temp folder)
+    python -m bench --sizes 16M,64M --shapes gpt2 --dtype bfloat16 --backends triton
 
-For every size it times, in one process and on the same device:
-  * AdamW(fused=True).step()                              (the anchor, 28 bytes / element)
-  * ivon_fast drop-in step (update fused with resampling) (32 bytes / element)
-  * ivon_fast official iteration: sample, restore, step   (52 bytes / element)
-  * ivon-opt's official iteration (sample, restore, step), where it is fast enough to time
-AdamW and the kernel backends are timed round by round in turn, so drift hits them alike. It prints
-time, effective GB/s by the byte budget of docs/DESIGN.md, and the ratio to fused AdamW. On a GPU
-it also measures device copy bandwidth and prints each run's share of it.
+What is timed, like for like, in one process on one device (for every available backend; Triton
+only on GPUs, where it is not the interpreter; the reference backend up to --reference-max):
+  * the drop-in step, ``IVON(..., resample_on_step=True).step()`` (the update fused with drawing
+    the next sample), against ``AdamW(fused=True).step()`` (the anchor of every ratio) and
+    ``AdamW(foreach=True).step()``;
+  * the official iteration, ``with opt.sampled_params(train=True): ...; opt.step()`` (sample,
+    restore, update), against ivon-opt 0.1.3's official iteration (up to --ivon-opt-max).
+The gradients are set once and never recomputed: only the optimizer is timed.
+
+Sizes are param counts (K, M, G: powers of 10), in two model shapes (bench/shapes.py):
+``few-large`` (--tensors equal 1-D tensors) and ``gpt2`` (GPT-2 small's 148 tensors scaled to the
+size). Params are fp32, bf16 or fp16 (--dtype; ivon_fast keeps fp32 state, AdamW and ivon-opt keep
+their state in the params' dtype).
+
+Every row: min / median / max milliseconds over the alternated rounds (bench/measure.py: all
+contenders of a configuration timed once per round, in a rotating order; slow ones in the first
+rounds only); host ms, the Python side of one step (on CUDA the wall time of the call with the
+device synchronized before it and the final synchronize not counted; on CPU, where the kernels run
+inside the call, the same step over the same tensors at one element each); bytes per element by
+the byte model of docs/DESIGN.md section 6 (the least traffic the operation needs, not what an
+implementation moves, so GB/s of AdamW(foreach) and ivon-opt are effective rates); GB/s and the
+share of the device's copy bandwidth (an fp32 copy measured at the start of the same run, on CPU
+too; a working set that fits in the last-level cache can exceed 100%); the ratio to
+AdamW(fused=True); for official iterations, how many times faster than ivon-opt's.
+
+Byte model, P = bytes per param element (4 fp32, 2 bf16):
+  AdamW step                     7P      (reads p, g, m, v; writes p, m, v; state in the param dtype)
+  drop-in step                   2P + 24 (reads g, mean, momentum, hess; writes those and theta)
+  official iteration             4P + 36 (sample 8 + P, restore 4 + P, update 24 + 2P)
+  ivon-opt official iteration    13P     (the same three ops with state in the param dtype)
+
+CPU floor (CPU only; docs/DESIGN.md section 6: a 2-core CPU is compute-bound): the step's memory
+traffic plus the noise it must generate, both measured in the same rounds. The traffic: a plain
+fp32 copy that moves the drop-in step's bytes (scaled by bytes for the other rows). The noise: two
+draws for the IVON rows (the consumed sample's noise, regenerated for the Hessian estimate, and
+the next sample's; the official iteration draws once in the sample, once in the update), none for
+AdamW; one draw is timed as the CPU kernel's ``sample`` op on one core over a cache-resident
+buffer, divided by the thread count (bench/measure.py ``noise_probe``). "x floor" is the row's
+median over that sum; a kernel that overlaps its traffic with its arithmetic can go below 1 (the
+JSON also keeps the fully overlapped bound, max(traffic, noise)).
+
+Memory (bytes per param, at every size; the table shows the largest): the optimizer's state
+tensors, state plus params and grads, and the peak transient memory of one step
+(torch.cuda.max_memory_allocated on CUDA; on CPU the peak of torch's CPU allocations from the
+profiler's memory events; see bench/measure.py).
+
+Output: a progress bar (tqdm, on a terminal), the tables, a JSON record (device, versions, date,
+command, every row) and a PNG plot (matplotlib) of time and ratio against size, in bench/results/
+(--quick: a temporary folder) or --out. tqdm and matplotlib come with the ``bench`` extra
+(``pip install -e '.[bench]'``); without them there is no bar or no plot, and a note says so.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import datetime
+import gc
+import importlib.metadata
+import importlib.util
+import math
 import os
 import platform
+import shlex
+import signal
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -27,104 +77,135 @@ import torch
 import ivon_fast
 from ivon_fast import backends
 
+from bench import measure, report
+from bench.measure import Contender
+from bench.shapes import SHAPES, describe, param_shapes
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# noise draws per element that the CPU floor charges
+DRAWS = {"adamw_fused": 0, "adamw_foreach": 0, "drop_in_step": 2, "official_iteration": 2}
+# kept for older callers: the fp32 byte model
 BYTES_PER_ELEMENT = {"adamw_fused": 28, "drop_in_step": 32, "official_iteration": 52}
 
 
+def bytes_per_element(kind: str, param_bytes: int) -> int:
+    """Bytes one element moves in ``kind`` by the byte model (docs/DESIGN.md section 6)."""
+    p = param_bytes
+    return {"adamw_fused": 7 * p, "adamw_foreach": 7 * p, "drop_in_step": 2 * p + 24,
+            "official_iteration": 4 * p + 36, "ivon_opt_iteration": 13 * p}[kind]
+
+
 def parse_size(text: str) -> int:
+    text = text.strip()
     scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1].upper(), 1)
     return int(float(text.rstrip("kKmMgG")) * scale)
 
 
-def time_once(fn, device: torch.device) -> float:
-    """Seconds of one call (device events on CUDA)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+# ------------------------------------------------------------------------------ the contenders
 
-
-def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median seconds per call."""
-    return timed_alternating({"fn": fn}, device, repeats, warmup)["fn"]
-
-
-def timed_alternating(calls: dict, device: torch.device, repeats: int, warmup: int = 2) -> dict:
-    """Median seconds per call of each of ``calls``, timed round by round in turn.
-
-    Alternating makes a drift of the machine (clocks, memory placement, neighbours on a shared
-    host) hit every contender alike, so the ratios stay meaningful.
-    """
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    times = {label: [] for label in calls}
-    for _ in range(repeats):
-        for label, fn in calls.items():
-            times[label].append(time_once(fn, device))
-    return {label: statistics.median(values) for label, values in times.items()}
-
-
-def make_params(numel: int, tensors: int, device, dtype, seed: int = 0):
-    """``tensors`` params of about equal size with random values and random grads."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    sizes = [numel // tensors + (1 if i < numel % tensors else 0) for i in range(tensors)]
+def make_shaped_params(shapes: list, device, dtype, seed: int = 0) -> list:
+    """Params of the given shapes with random values and random grads (made on ``device``)."""
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     params = []
-    for size in sizes:
-        param = torch.nn.Parameter(torch.randn(size, generator=generator).to(device, dtype))
-        param.grad = torch.randn(size, generator=generator).to(device, dtype) * 1e-2
+    for shape in shapes:
+        value = torch.randn(shape, generator=generator, device=device)
+        grad = torch.randn(shape, generator=generator, device=device).mul_(1e-2)
+        param = torch.nn.Parameter(value.to(dtype))
+        param.grad = grad.to(dtype)
         params.append(param)
     return params
 
 
-def copy_bandwidth(numel: int, device: torch.device, repeats: int) -> float:
-    """Device copy bandwidth in GB/s, counting bytes read plus bytes written."""
-    source = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
-    target = torch.empty_like(source)
-    seconds = timed(lambda: target.copy_(source), device, repeats)
-    return 2 * 4 * numel / seconds / 1e9
+def make_params(numel: int, tensors: int, device, dtype, seed: int = 0) -> list:
+    """``tensors`` 1-D params of about equal size with random values and random grads."""
+    return make_shaped_params(param_shapes("few-large", numel, tensors), device, dtype, seed)
 
 
-def adamw_call(numel, tensors, device, dtype):
-    """One fused AdamW step over fresh params, as a callable."""
-    optimizer = torch.optim.AdamW(make_params(numel, tensors, device, dtype), lr=1e-3, fused=True)
-    return optimizer.step
+def adamw_contender(shapes, device, dtype, mode: str = "fused") -> Contender:
+    params = make_shaped_params(shapes, device, dtype)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, **{mode: True})
+    optimizer.step()  # fails here where the mode does not take this device and dtype
+    return Contender(f"AdamW({mode}=True) step", f"adamw_{mode}", optimizer.step,
+                     optimizer=optimizer, params=params)
 
 
-def ivon_fast_call(numel, tensors, device, dtype, backend, mode):
-    """One ivon_fast drop-in step, or one official iteration (sample, restore, step)."""
-    params = make_params(numel, tensors, device, dtype)
+def ivon_fast_contender(shapes, device, dtype, backend: str, mode: str) -> Contender:
+    """The drop-in step (mode 'drop_in_step') or the official iteration ('official_iteration')."""
+    params = make_shaped_params(shapes, device, dtype)
     grads = [p.grad.clone() for p in params]
     resample = mode == "drop_in_step"
-    optimizer = ivon_fast.IVON(params, lr=1e-3, ess=1e6, backend=backend,
+    optimizer = ivon_fast.IVON(params, lr=1e-3, ess=1e6, backend=backend, seed=1234,
                                resample_on_step=resample)
-    for param, grad in zip(params, grads):  # the grads are views into the flat buffer now
-        param.grad.copy_(grad)
+    with torch.no_grad():
+        for param, grad in zip(params, grads):  # the grads are views into the flat buffer now
+            param.grad.copy_(grad)
+    del grads
+    label = f"ivon_fast[{backend}] " + ("drop-in step" if resample else "official iteration")
     if resample:
-        return optimizer.step
+        return Contender(label, mode, optimizer.step, backend=backend, optimizer=optimizer,
+                         params=params)
 
     def iteration():
         with optimizer.sampled_params(train=True):
             pass  # the grads are already in place
         optimizer.step()
-    return iteration
+    return Contender(label, mode, iteration, backend=backend, optimizer=optimizer, params=params)
 
 
-def ivon_opt_call(numel, tensors, device, dtype):
+def ivon_opt_version() -> str | None:
+    if importlib.util.find_spec("ivon") is None:
+        return None
+    try:
+        return importlib.metadata.version("ivon-opt")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def ivon_opt_contender(shapes, device, dtype) -> Contender:
     """One official ivon-opt iteration (sample, restore, step)."""
     import ivon
-    optimizer = ivon.IVON(make_params(numel, tensors, device, dtype), lr=1e-3, ess=1e6)
+    params = make_shaped_params(shapes, device, dtype)
+    optimizer = ivon.IVON(params, lr=1e-3, ess=1e6)
 
     def iteration():
         with optimizer.sampled_params(train=True):
             pass
         optimizer.step()
-    return iteration
+    return Contender(f"ivon-opt {ivon_opt_version()} official iteration", "ivon_opt_iteration",
+                     iteration, optimizer=optimizer, params=params)
+
+
+# Older entry points (bench/device_check.sh's Triton sweep, other scripts): few-large params.
+
+def adamw_call(numel, tensors, device, dtype):
+    """One fused AdamW step over fresh params, as a callable."""
+    return adamw_contender(param_shapes("few-large", numel, tensors), device, dtype).fn
+
+
+def ivon_fast_call(numel, tensors, device, dtype, backend, mode):
+    """One ivon_fast drop-in step, or one official iteration (sample, restore, step)."""
+    return ivon_fast_contender(param_shapes("few-large", numel, tensors), device, dtype,
+                               backend, mode).fn
+
+
+def ivon_opt_call(numel, tensors, device, dtype):
+    """One official ivon-opt iteration (sample, restore, step)."""
+    return ivon_opt_contender(param_shapes("few-large", numel, tensors), device, dtype).fn
+
+
+def timed_alternating(calls: dict, device, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each of ``calls``, timed round by round in turn."""
+    contenders = [Contender(label, "call", fn, warmup=warmup) for label, fn in calls.items()]
+    measure.run_rounds(contenders, torch.device(device), repeats)
+    return {c.label: statistics.median(c.seconds) for c in contenders}
+
+
+def timed(fn, device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds per call."""
+    return timed_alternating({"fn": fn}, device, repeats, warmup)["fn"]
 
 
 def bench_adamw(numel, tensors, device, dtype, repeats):
@@ -135,92 +216,434 @@ def bench_ivon_fast(numel, tensors, device, dtype, repeats, backend, mode):
     return timed(ivon_fast_call(numel, tensors, device, dtype, backend, mode), device, repeats)
 
 
-def run(args) -> list:
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+def copy_bandwidth(numel: int, device, repeats: int) -> float:
+    """Median device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    return measure.copy_bandwidth(numel, torch.device(device), repeats)["gbs_median"]
+
+
+# ------------------------------------------------------------------------------ the sweep
+
+def kernel_backends(args, device: torch.device, dtype: torch.dtype, notes: list) -> list:
+    """The ivon_fast backends to time on ``device`` with ``dtype`` params."""
+    if args.backends:
+        wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    else:  # the backends that can serve this device (Triton on CPU is the interpreter: no perf)
+        wanted = ["cuda", "triton", "reference"] if device.type == "cuda" else [
+            device.type, "reference"]
+    names = []
+    for name in wanted:
+        reason = (backends.unavailable_reason(name, device, dtype) if name in backends.BACKENDS
+                  else f"unknown backend; choose from {', '.join(backends.BACKENDS)}")
+        if reason is None:
+            names.append(name)
+        else:
+            notes.append(f"backend {name} ({dtype_name(dtype)}): skipped "
+                         f"({reason.splitlines()[0]})")
+    return names
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def build_contenders(shapes, device, dtype, numel, args, names, notes) -> list:
+    """Every contender of one configuration; the CPU floor's probes last."""
+    contenders = []
+    for mode in ("fused", "foreach"):
+        if mode == "foreach" and not args.foreach:
+            continue
+        try:
+            contenders.append(adamw_contender(shapes, device, dtype, mode))
+        except (RuntimeError, ValueError) as error:
+            if is_oom(error):
+                raise
+            note = f"AdamW({mode}=True) on {device.type} {dtype_name(dtype)}: {error}"
+            if note not in notes:
+                notes.append(note)
+    slow_rounds = max(2, args.rounds // 3)
+    for name in names:
+        if name == "reference" and numel > args.reference_max:
+            continue
+        for mode in ("drop_in_step", "official_iteration"):
+            contender = ivon_fast_contender(shapes, device, dtype, name, mode)
+            if name == "reference":  # the spec in plain torch: 50x to 200x AdamW on CPU
+                contender.max_rounds, contender.warmup = 2, 1
+            contenders.append(contender)
+    if args.ivon_opt and numel <= args.ivon_opt_max:
+        contender = ivon_opt_contender(shapes, device, dtype)
+        contender.max_rounds, contender.warmup = slow_rounds, 1
+        contenders.append(contender)
+    if device.type == "cpu" and args.floor:
+        numel = sum(math.prod(s) for s in shapes)
+        moved = bytes_per_element("drop_in_step", dtype_bytes(dtype)) * numel
+        contenders.append(measure.copy_probe(moved, device))
+        noise = measure.noise_probe(numel, torch.get_num_threads())
+        if noise is not None:
+            contenders.append(noise)
+    return contenders
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def footprint(numel: int, dtype: torch.dtype, args, names: list) -> int:
+    """A generous estimate of the bytes one configuration holds at once."""
+    p = dtype_bytes(dtype)
+    n_backends = sum(1 for n in names if n != "reference" or numel <= args.reference_max)
+    per = 2 * (4 * p) + (2 * p if args.foreach else 0)   # the two AdamWs, foreach temporaries
+    per += n_backends * 2 * (3 * p + 12)                 # ivon_fast: params, grads, clone, state
+    if args.ivon_opt and numel <= args.ivon_opt_max:
+        per += 14 * p                                    # ivon-opt: 4P held, ~10P transient
+    return int(1.15 * per * numel)
+
+
+def host_table_cpu(shape_count, device, dtype, args, names, sizes) -> dict:
+    """CPU host ms per contender label: the step over ``shape_count`` one-element tensors (for
+    the contenders that some of ``sizes`` time)."""
+    tiny_args = argparse.Namespace(**{
+        **vars(args), "floor": False,
+        "reference_max": math.inf if min(sizes) <= args.reference_max else -1,
+        "ivon_opt_max": math.inf if min(sizes) <= args.ivon_opt_max else -1})
+    contenders = build_contenders([(1,)] * shape_count, device, dtype, shape_count, tiny_args,
+                                  names, [])
+    for contender in contenders:
+        contender.warmup = 3
+    seconds = measure.host_times_cpu(contenders, rounds=max(3, args.rounds))
+    return {label: s * 1e3 for label, s in seconds.items()}
+
+
+def config_rows(contenders, size, dtype, shape, shapes, copy_gbs, host_ms) -> list:
+    """The rows of one configuration (``size`` requested, the shapes' count timed)."""
+    p = dtype_bytes(dtype)
+    numel = sum(math.prod(s) for s in shapes)
+    by_kind = {c.kind: c for c in contenders}
+    anchor = by_kind.get("adamw_fused") or by_kind.get("adamw_foreach")
+    anchor_ms = statistics.median(anchor.seconds) * 1e3 if anchor else None
+    ivon_opt = by_kind.get("ivon_opt_iteration")
+    ivon_opt_ms = statistics.median(ivon_opt.seconds) * 1e3 if ivon_opt else None
+    copy, noise = by_kind.get("copy"), by_kind.get("noise")
+    copy_ms = statistics.median(copy.seconds) * 1e3 if copy else None
+    draw_ms = statistics.median(noise.seconds) * 1e3 * noise.scale if noise else None
+    drop_bytes = bytes_per_element("drop_in_step", p)
     rows = []
-    names = args.backends.split(",") if args.backends else [
-        b for b in ("cuda", "triton", "cpu", "reference")
-        if backends.unavailable_reason(b, device) is None
-        and not (b == "triton" and device.type != "cuda")]  # the interpreter is no perf path
-    for name in backends.BACKENDS:
-        if name not in names:
-            reason = backends.unavailable_reason(name, device) or "not selected"
-            print(f"# backend {name}: skipped ({reason.splitlines()[0]})", file=sys.stderr)
-    for numel in [parse_size(s) for s in args.sizes.split(",")]:
-        copy_gbs = copy_bandwidth(numel * 4, device, args.repeats) if device.type == "cuda" else None
-        # the kernel backends are timed round by round against AdamW (timed_alternating)
-        calls, kinds = {"torch AdamW(fused=True)": adamw_call(numel, args.tensors, device, dtype)}, {}
-        kinds["torch AdamW(fused=True)"] = "adamw_fused"
-        slow = []
-        for name in names:
-            if name == "reference" and numel > args.reference_max:
-                continue
-            for mode in ("drop_in_step", "official_iteration"):
-                label = f"ivon_fast[{name}] {mode.replace('_', ' ')}"
-                kinds[label] = mode
-                call = ivon_fast_call(numel, args.tensors, device, dtype, name, mode)
-                if name == "reference":
-                    slow.append((label, call, 1))
-                else:
-                    calls[label] = call
-        if args.ivon_opt and numel <= args.ivon_opt_max:
-            label = "ivon-opt 0.1.3 official iteration"
-            kinds[label] = "official_iteration"
-            slow.append((label, ivon_opt_call(numel, args.tensors, device, dtype),
-                         max(1, args.repeats // 4)))
-        seconds_of = timed_alternating(calls, device, args.repeats)
-        for label, call, repeats in slow:
-            seconds_of[label] = timed(call, device, repeats, warmup=1)
-        del calls, slow
-        adamw = seconds_of["torch AdamW(fused=True)"]
-        results = [(label, kinds[label], seconds) for label, seconds in seconds_of.items()]
-        element_bytes = torch.empty((), dtype=dtype).element_size()
-        for label, kind, seconds in results:
-            gbs = BYTES_PER_ELEMENT[kind] * numel / seconds / 1e9 if element_bytes == 4 else None
-            rows.append(dict(numel=numel, run=label, ms=seconds * 1e3, gbs=gbs,
-                             copy_pct=(100 * gbs / copy_gbs) if copy_gbs and gbs else None,
-                             ratio_vs_adamw=seconds / adamw, copy_gbs=copy_gbs))
+    for contender in contenders:
+        if contender.is_probe:
+            continue
+        low, mid, high = (s * 1e3 for s in measure.spread(contender.seconds))
+        element_bytes = bytes_per_element(contender.kind, p)
+        gbs = element_bytes * numel / (mid / 1e3) / 1e9
+        if contender.host_seconds:
+            host = statistics.median(contender.host_seconds) * 1e3
+        else:
+            host = host_ms.get(contender.label)
+        floor_ms = floor_memory = floor_overlap = None
+        if copy_ms is not None and contender.kind in DRAWS:
+            floor_memory = copy_ms * element_bytes / drop_bytes
+            draws = DRAWS[contender.kind]
+            if draws == 0 or draw_ms is not None:
+                floor_ms = floor_memory + draws * (draw_ms or 0.0)
+                floor_overlap = max(floor_memory, draws * (draw_ms or 0.0))
+        rows.append({
+            "dtype": dtype_name(dtype), "shape": shape, "shape_desc": describe(shape, shapes),
+            "tensors": len(shapes), "size": size, "numel": numel,
+            "run": contender.label, "kind": contender.kind, "backend": contender.backend,
+            "rounds": len(contender.seconds), "times_ms": [s * 1e3 for s in contender.seconds],
+            "min_ms": low, "median_ms": mid, "max_ms": high, "host_ms": host,
+            "bytes_per_element": element_bytes, "gbs": gbs,
+            "copy_pct": 100 * gbs / copy_gbs if copy_gbs else None,
+            "ratio_vs_adamw": mid / anchor_ms if anchor_ms else None,
+            "speedup_vs_ivon_opt": (ivon_opt_ms / mid if ivon_opt_ms and contender.kind
+                                    == "official_iteration" else None),
+            "byte_floor_ratio": drop_bytes / bytes_per_element("adamw_fused", p),
+            "floor_ms": floor_ms, "floor_memory_ms": floor_memory, "floor_draw_ms": draw_ms,
+            "floor_draws": DRAWS.get(contender.kind), "floor_overlap_ms": floor_overlap,
+            "floor_ratio": mid / floor_ms if floor_ms else None,
+        })
     return rows
 
 
-def print_table(rows, header: str) -> None:
-    print(header)
-    print(f"{'params':>8}  {'run':<46} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'x AdamW':>8}")
-    for row in rows:
-        gbs = f"{row['gbs']:.0f}" if row["gbs"] else "-"
-        pct = f"{row['copy_pct']:.0f}" if row["copy_pct"] else "-"
-        print(f"{row['numel'] / 1e6:>7.4g}M  {row['run']:<46} {row['ms']:>9.3f} {gbs:>8} "
-              f"{pct:>6} {row['ratio_vs_adamw']:>8.2f}")
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
-def main(argv=None) -> None:
+def is_oom(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or (
+        "can't allocate" in text)
+
+
+class Progress:
+    """A tqdm bar on a terminal, else one line per configuration on stderr; nothing when not
+    ``enabled``."""
+
+    def __init__(self, total: int, enabled: bool, notes: list):
+        self.bar, self.done, self.total, self.started = None, 0, total, time.time()
+        self.enabled = enabled
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            notes.append("tqdm is not installed: no progress bar (pip install -e '.[bench]')")
+            print("# " + notes[-1], file=sys.stderr)
+            return
+        if sys.stderr.isatty():
+            self.bar = tqdm(total=total, unit="round", file=sys.stderr, dynamic_ncols=True)
+
+    def config(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+        elif self.enabled:
+            print(f"# [{time.time() - self.started:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def device_info(device: torch.device) -> dict:
+    info = {"type": device.type, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info["cpu"] = cpu_model
+    try:
+        from ivon_fast import cpp_backend
+        if cpp_backend.unavailable_reason("cpu") is None:
+            info["cpu_kernels"] = cpp_backend.cpu_isa()
+    except Exception:
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, memory_gb=props.total_memory / 2**30,
+                    capability=f"{props.major}.{props.minor}")
+    else:
+        info["name"] = cpu_model
+    return info
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "cuda": torch.version.cuda, "ivon_fast": ivon_fast.__version__,
+             "ivon-opt": ivon_opt_version(), "platform": platform.platform()}
+    for package in ("triton", "tqdm", "matplotlib"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def default_sizes(device: torch.device, quick: bool) -> str:
+    if quick:
+        return "64K,256K"
+    return "1M,4M,16M,64M,256M" if device.type == "cuda" else "1M,4M,16M"
+
+
+def sweep(plan, device, args, names_of, copy, progress, rows, host_tables, notes) -> None:
+    """Time every (dtype, shape, size) of ``plan``, appending to ``rows``."""
+    for index, (dtype, shape, numel) in enumerate(plan):
+        shapes = param_shapes(shape, numel, args.tensors)
+        names = names_of[dtype]
+        label = f"{dtype_name(dtype)} {shape} {report._size(numel)}"
+        if device.type == "cpu" and (dtype, shape) not in host_tables:
+            progress.config(f"{dtype_name(dtype)} {shape}: host time")
+            host_tables[(dtype, shape)] = host_table_cpu(
+                len(shapes), device, dtype, args, names,
+                [n for d, s, n in plan if (d, s) == (dtype, shape)])
+            progress.advance()
+            release(device)
+        progress.config(f"[{index + 1}/{len(plan)}] {label}")
+        contenders, rounds_done = [], [0]
+
+        def on_round():
+            rounds_done[0] += 1
+            progress.advance()
+        try:
+            contenders = build_contenders(shapes, device, dtype, numel, args, names, notes)
+            measure.run_rounds(contenders, device, args.rounds, on_round=on_round)
+            config = config_rows(contenders, numel, dtype, shape, shapes, copy["gbs_median"],
+                                 host_tables.get((dtype, shape), {}))
+            if args.memory:
+                for row, contender in zip(config, [c for c in contenders if not c.is_probe]):
+                    row["memory"] = measure.memory_of(contender, device, row["numel"])
+            rows += config
+        except Exception as error:  # noqa: BLE001 - one configuration must not end the sweep
+            if not is_oom(error):
+                raise
+            notes.append(f"{label}: out of memory ({str(error).splitlines()[0]})")
+            progress.advance(args.rounds - rounds_done[0])
+        finally:
+            del contenders
+            release(device)
+
+
+class Interrupted(BaseException):
+    """SIGTERM (e.g. from `timeout`): stop the sweep, keep what was measured."""
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted()
+
+
+def run(args) -> dict:
+    """The whole sweep; returns the record (also what the JSON holds)."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtypes = [DTYPES[d.strip()] for d in args.dtype.split(",") if d.strip()]
+    shapes_wanted = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    notes: list = []
+    if args.ivon_opt and ivon_opt_version() is None:
+        notes.append("ivon-opt is not installed: no ivon-opt rows (pip install ivon-opt==0.1.3, "
+                     "part of the test extra)")
+        args.ivon_opt = False
+    names_of = {dtype: kernel_backends(args, device, dtype, notes) for dtype in dtypes}
+
+    plan = []  # (dtype, shape, numel)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    for dtype in dtypes:
+        for shape in shapes_wanted:
+            for numel in sizes:
+                need = footprint(numel, dtype, args, names_of[dtype])
+                if free is not None and need > 0.9 * free:
+                    notes.append(f"{dtype_name(dtype)} {shape} {report._size(numel)}: skipped, "
+                                 f"needs about {need / 2**30:.0f} GiB of the "
+                                 f"{free / 2**30:.0f} GiB free")
+                    continue
+                plan.append((dtype, shape, numel))
+
+    copy_numel = args.copy_size or (256 * 2**20 if device.type == "cuda"
+                                    else (32 if args.quick else 64) * 2**20)
+    copy = measure.copy_bandwidth(copy_numel, device, max(5, args.rounds))
+    release(device)
+    host_passes = {(d, s) for d, s, _ in plan} if device.type == "cpu" else set()
+    progress = Progress(len(plan) * args.rounds + len(host_passes), args.progress, notes)
+    rows, host_tables, interrupted = [], {}, False
+    try:
+        sweep(plan, device, args, names_of, copy, progress, rows, host_tables, notes)
+    except (KeyboardInterrupt, Interrupted) as stop:
+        done = len({report.config_key(row) for row in rows})
+        notes.append(f"interrupted ({type(stop).__name__}) after {done} of {len(plan)} "
+                     "configurations: the record holds those")
+        interrupted = True
+    progress.close()
+    argv = getattr(args, "argv", None)
+    command = "python -m bench" + (" " + shlex.join(argv) if argv else "")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {
+        "tool": "python -m bench", "command": command,
+        "date": now.strftime("%Y-%m-%d %H:%M:%S UTC"), "stamp": now.strftime("%Y-%m-%d_%H%M%S"),
+        "device": device_info(device), "versions": versions(),
+        "args": {k: v for k, v in vars(args).items() if k != "argv"},
+        "copy_bandwidth": copy, "notes": notes, "interrupted": interrupted,
+        "methods": {"timing": measure.__doc__, "bench": __doc__}, "rows": rows,
+    }
+
+
+def main(argv=None) -> dict:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--sizes", default="16M,64M,256M" if cuda else "10M",
-                        help="comma-separated param counts; K, M, G are powers of 10")
-    parser.add_argument("--tensors", type=int, default=4, help="params per size (default 4)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=20 if cuda else 7)
-    parser.add_argument("--backends", default=None, help="comma-separated (default: available)")
-    parser.add_argument("--no-ivon-opt", dest="ivon_opt", action="store_false")
-    parser.add_argument("--ivon-opt-max", type=parse_size, default=parse_size("64M"))
-    parser.add_argument("--reference-max", type=parse_size, default=parse_size("2M"))
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu",
+                        help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: sizes 64K,256K, 3 rounds, no reference backend, files "
+                             "into a temporary folder unless --out (explicit options win)")
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated param counts; K, M, G are powers of 10 (default: "
+                             "1M,4M,16M on CPU, 1M,4M,16M,64M,256M on CUDA, skipping what does "
+                             "not fit in free memory)")
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help=f"comma-separated, of {', '.join(SHAPES)} (default: both)")
+    parser.add_argument("--tensors", type=int, default=4, help="tensors of the few-large shape")
+    parser.add_argument("--dtype", default="float32,bfloat16",
+                        help="comma-separated param dtypes: float32, bfloat16, float16 "
+                             "(default: float32,bfloat16)")
+    parser.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=None,
+                        help="timed rounds (default 25 on CUDA, 9 on CPU, 3 with --quick)")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated ivon_fast backends (default: those available; "
+                             "not triton on CPU)")
+    parser.add_argument("--no-foreach", dest="foreach", action="store_false",
+                        help="leave out AdamW(foreach=True)")
+    parser.add_argument("--no-ivon-opt", dest="ivon_opt", action="store_false",
+                        help="leave out ivon-opt")
+    parser.add_argument("--ivon-opt-max", type=parse_size, default=parse_size("64M"),
+                        help="largest size ivon-opt is timed at (default 64M)")
+    parser.add_argument("--reference-max", type=parse_size, default=None,
+                        help="largest size the reference backend is timed at (default 2M; "
+                             "--quick: none)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the memory figures")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the CPU floor's copy and noise probes")
+    parser.add_argument("--copy-size", type=parse_size, default=None,
+                        help="fp32 elements of the copy-bandwidth probe (default 2^26 on CPU, "
+                             "2^25 with --quick, 2^28 on CUDA)")
+    parser.add_argument("--out", default=None,
+                        help="folder for the JSON and PNG (default bench/results/; --quick: a "
+                             "new temporary folder)")
+    parser.add_argument("--json", default=None, help="JSON path (default: in --out)")
+    parser.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
+    parser.add_argument("--no-save", dest="save", action="store_false",
+                        help="write no files")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar")
     args = parser.parse_args(argv)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
-        platform.processor() or platform.machine())
-    header = (f"# ivon_fast {ivon_fast.__version__} | torch {torch.__version__} | {args.device}: "
-              f"{device_name} | {os.cpu_count()} CPUs | dtype {args.dtype} | "
-              f"{time.strftime('%Y-%m-%d')}")
-    rows = run(args)
-    print_table(rows, header)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"header": header, "rows": rows}, handle, indent=1)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    device = torch.device(args.device)
+    if args.sizes is None:
+        args.sizes = default_sizes(device, args.quick)
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else (25 if device.type == "cuda" else 9)
+    if args.reference_max is None:  # the reference is the spec, not a fast path: slow to time
+        args.reference_max = 0 if args.quick else parse_size("2M")
+    bad = [d for d in args.dtype.split(",") if d.strip() and d.strip() not in DTYPES]
+    if bad:
+        parser.error(f"--dtype: unknown {bad}; use float32, bfloat16, float16")
+    bad = [s for s in args.shapes.split(",") if s.strip() and s.strip() not in SHAPES]
+    if bad:
+        parser.error(f"--shapes: unknown {bad}; use {', '.join(SHAPES)}")
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    record = run(args)
+    print(f"# ivon_fast {ivon_fast.__version__} | torch {torch.__version__} | {device.type}: "
+          f"{record['device']['name']} | {record['device']['threads']} threads | "
+          f"copy {record['copy_bandwidth']['gbs_median']:.1f} GB/s "
+          f"(min {record['copy_bandwidth']['gbs_min']:.1f}, max "
+          f"{record['copy_bandwidth']['gbs_max']:.1f}) | {record['date']}")
+    report.print_table(record)
+    report.print_memory_table(record)
+    for note in record["notes"]:
+        print(f"# note: {note}")
+    if args.save:
+        out = args.out or (tempfile.mkdtemp(prefix="ivon_bench_") if args.quick else RESULTS_DIR)
+        stem = f"bench_{record['stamp']}_{device.type}" + ("_quick" if args.quick else "")
+        json_path = args.json or os.path.join(out, stem + ".json")
+        plot_path = args.plot or os.path.splitext(json_path)[0] + ".png"
+        report.write_json(record, json_path)
+        problem = report.plot(record, plot_path)
+        print(f"# results: {json_path}")
+        print(f"# {problem}" if problem else f"# plot: {plot_path}")
+    report.print_short_table([record])
+    return record
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["interrupted"] else 0)

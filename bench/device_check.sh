@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build the extension in place, run the GPU tests, benchmark the
-# backends against torch.optim.AdamW(fused=True), sweep the Triton launch configuration, and print
-# a short table last. Budget: under 8 minutes. From the device tool:
+# One call on a GPU machine: build the extension in place, benchmark the backends against
+# torch.optim.AdamW(fused=True), AdamW(foreach=True) and ivon-opt (`python -m bench`, fp32 and
+# bf16, both model shapes, 1M to 256M), run the GPU tests, run the CPU benchmark on the machine's
+# cores in quick form, sweep the Triton launch configuration if time is left, and print a short
+# table last. The whole run keeps to a budget of 470 s (BUDGET=...): every step gets a timeout
+# from what is left, and `python -m bench` writes what it measured when its timeout stops it.
+# From the device tool:
 #     run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=540)
-# where .whl/ holds the ivon-opt wheel (pure Python; the GPU machine has no network):
-#     pip download --no-deps -d .whl ivon-opt==0.1.3
-# Logs and JSON go to $OUT (the device tool's folder) or /tmp/ivon_device_check.
-# `bash bench/device_check.sh quick`: build, the extension's GPU tests, one 64M benchmark (~2 min).
+# where .whl/ holds pure-Python wheels (the GPU machine has no network):
+#     pip download --no-deps -d .whl ivon-opt==0.1.3 tqdm
+# (matplotlib, for the PNG plots, is rarely there; without it the JSON is written and the plots can
+# be drawn anywhere later: python -m bench.report --plot --out DIR .device_out/*.json)
+# Logs, JSON and plots go to $OUT (the device tool's folder) or /tmp/ivon_device_check.
+# `bash bench/device_check.sh quick`: build, the extension's GPU tests, one 64M fp32 benchmark.
 set -uo pipefail
 MODE=${1:-full}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ivon_device_check}
+BUDGET=${BUDGET:-470}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+
+# seconds for a step: min(want, what is left of the budget minus what the later steps need)
+slot() {
+    local want=$1 reserve=$2 left=$((BUDGET - SECONDS - $2))
+    [ "$left" -lt "$want" ] && want=$left
+    [ "$want" -lt 1 ] && want=1
+    echo "$want"
+}
 
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
@@ -22,6 +37,7 @@ fi
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
     python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    echo "cpu: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== build"
@@ -31,36 +47,49 @@ if [ -z "${CUDA_HOME:-}" ]; then
     export CUDA_HOME
 fi
 start=$SECONDS
-python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+timeout "$(slot 240 200)" python3 -m pip install --no-build-isolation --no-deps -e . \
+    > "$OUT/build.log" 2>&1
 build_rc=$?
 echo "build rc=$build_rc in $((SECONDS - start)) s" | tee "$OUT/summary.txt"
 [ "$build_rc" -eq 0 ] || tail -40 "$OUT/build.log"
 
-echo "== GPU tests"
-start=$SECONDS
-tests=tests
-[ "$MODE" = quick ] && tests="tests/test_cpp.py tests/test_backend_trajectories.py"
-timeout 240 python3 -m pytest -q -m gpu $tests -p no:cacheprovider --maxfail=30 \
-    > "$OUT/gpu_tests.log" 2>&1
-echo "gpu tests rc=$? in $((SECONDS - start)) s: $(tail -1 "$OUT/gpu_tests.log")" | tee -a "$OUT/summary.txt"
-grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
-
 if [ "$MODE" = quick ]; then
-    timeout 60 python3 -m bench --sizes 64M --no-ivon-opt --repeats 10 \
-        --json "$OUT/bench_fp32.json" > "$OUT/bench_fp32.txt" 2>&1
-    cat "$OUT/summary.txt" "$OUT/bench_fp32.txt"
+    timeout "$(slot 120 30)" python3 -m pytest -q -m gpu tests/test_cpp.py \
+        tests/test_backend_trajectories.py -p no:cacheprovider --maxfail=30 \
+        > "$OUT/gpu_tests.log" 2>&1
+    echo "gpu tests rc=$?: $(tail -1 "$OUT/gpu_tests.log")" | tee -a "$OUT/summary.txt"
+    timeout "$(slot 90 5)" python3 -m bench --sizes 64M --dtype float32 --shapes few-large \
+        --no-ivon-opt --rounds 10 --out "$OUT" --json "$OUT/bench_gpu.json" \
+        > "$OUT/bench_gpu.txt" 2>&1
+    echo "benchmark rc=$?" | tee -a "$OUT/summary.txt"
+    cat "$OUT/summary.txt" "$OUT/bench_gpu.txt"
     exit 0
 fi
 
-echo "== benchmark (fp32)"
-timeout 150 python3 -m bench --sizes 16M,64M,256M --json "$OUT/bench_fp32.json" \
-    > "$OUT/bench_fp32.txt" 2>&1
-echo "== benchmark (bf16)"
-timeout 60 python3 -m bench --sizes 64M --dtype bfloat16 --no-ivon-opt \
-    --json "$OUT/bench_bf16.json" > "$OUT/bench_bf16.txt" 2>&1
+echo "== benchmark (GPU: fp32 and bf16, few-large and gpt2 shapes, 1M to 256M)"
+start=$SECONDS
+timeout "$(slot 200 150)" python3 -m bench --sizes 1M,16M,64M,256M --rounds 15 \
+    --out "$OUT" --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.txt" 2>&1
+echo "gpu benchmark rc=$? in $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+grep -E "^# (note|results|plot)" "$OUT/bench_gpu.txt"
 
-echo "== Triton launch sweep (64M fp32, drop-in step)"
-timeout 100 python3 - > "$OUT/triton_sweep.txt" 2>&1 <<'EOF'
+echo "== GPU tests"
+start=$SECONDS
+timeout "$(slot 240 75)" python3 -m pytest -q -m gpu tests -p no:cacheprovider --maxfail=30 \
+    > "$OUT/gpu_tests.log" 2>&1
+echo "gpu tests rc=$? in $((SECONDS - start)) s: $(tail -1 "$OUT/gpu_tests.log")" \
+    | tee -a "$OUT/summary.txt"
+grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
+
+echo "== benchmark (CPU, $(nproc) cores, quick form)"
+start=$SECONDS
+timeout "$(slot 60 15)" python3 -m bench --device cpu --quick --sizes 1M,16M --dtype float32 \
+    --out "$OUT" --json "$OUT/bench_cpu.json" > "$OUT/bench_cpu.txt" 2>&1
+echo "cpu benchmark rc=$? in $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+
+if [ $((BUDGET - SECONDS)) -gt 60 ]; then
+    echo "== Triton launch sweep (64M fp32, drop-in step)"
+    timeout "$(slot 100 10)" python3 - > "$OUT/triton_sweep.txt" 2>&1 <<'EOF'
 import os
 import torch
 from bench.__main__ import bench_adamw, bench_ivon_fast
@@ -68,13 +97,23 @@ from bench.__main__ import bench_adamw, bench_ivon_fast
 numel, device = 64_000_000, torch.device("cuda")
 adamw = bench_adamw(numel, 4, device, torch.float32, 20)
 print(f"AdamW(fused=True) {adamw * 1e3:.3f} ms")
-for block in (1024, 2048, 4096, 8192):
+for block in (1024, 2048, 4096):
     for warps in (4, 8, 16):
         os.environ["IVON_TRITON_BLOCK"], os.environ["IVON_TRITON_WARPS"] = str(block), str(warps)
         seconds = bench_ivon_fast(numel, 4, device, torch.float32, 20, "triton", "drop_in_step")
         print(f"BLOCK={block:5d} warps={warps:2d}  {seconds * 1e3:.3f} ms  "
-              f"{32 * numel / seconds / 1e9:6.0f} GB/s  x AdamW {seconds / adamw:.3f}")
+              f"{32 * numel / seconds / 1e9:6.0f} GB/s  x AdamW {seconds / adamw:.3f}", flush=True)
 EOF
+else
+    echo "(no time left for the Triton launch sweep)" > "$OUT/triton_sweep.txt"
+fi
 
-echo "== results"
-cat "$OUT/summary.txt" "$OUT/triton_sweep.txt" "$OUT/bench_bf16.txt" "$OUT/bench_fp32.txt"
+echo "== results (total $SECONDS s)"
+cat "$OUT/summary.txt" "$OUT/triton_sweep.txt"
+grep -h "^# note" "$OUT/bench_gpu.txt" "$OUT/bench_cpu.txt" 2>/dev/null
+jsons=$(ls "$OUT"/bench_gpu.json "$OUT"/bench_cpu.json 2>/dev/null)
+if [ -n "$jsons" ]; then
+    python3 -m bench.report $jsons
+else
+    tail -30 "$OUT/bench_gpu.txt"
+fi

@@ -1,0 +1,224 @@
+"""The microbenchmark's output: the tables, the JSON record and the plot.
+
+    python -m bench.report RESULTS.json [...]           # the short table of recorded results
+    python -m bench.report --plot RESULTS.json [...]    # (re)draw RESULTS.png next to each JSON
+    python -m bench.report --plot --out DIR RESULTS.json # ... into DIR instead
+
+The plot needs matplotlib (the ``bench`` extra: ``pip install -e '.[bench]'``); without it the
+benchmark still writes its JSON and says so, and the plot can be drawn later from the JSON on any
+machine with ``--plot``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+ANCHOR = "adamw_fused"
+
+
+def _fmt(value, spec: str, empty: str = "-") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return empty
+    return format(value, spec)
+
+
+def _size(numel: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if numel >= scale:
+            return f"{numel / scale:.4g}{unit}"
+    return str(numel)
+
+
+def config_key(row: dict) -> tuple:
+    return (row["dtype"], row["shape"], row["size"])
+
+
+def print_table(record: dict, file=sys.stdout) -> None:
+    """Every row, one block per (dtype, shape, size)."""
+    cpu = record["device"]["type"] == "cpu"
+    header = (f"{'run':<40} {'min ms':>9} {'med ms':>9} {'max ms':>9} {'host ms':>8} {'B/el':>5} "
+              f"{'GB/s':>7} {'%copy':>6} {'xAdamW':>7} {'xivon-opt':>9}")
+    if cpu:
+        header += f" {'floor ms':>9} {'xfloor':>6}"
+    blocks: dict = {}
+    for row in record["rows"]:
+        blocks.setdefault(config_key(row), []).append(row)
+    for (dtype, shape, size), rows in blocks.items():
+        first = rows[0]
+        print(f"\n== {dtype} | {first['shape_desc']} | {_size(first['numel'])} params "
+              f"({first['numel']:,})", file=file)
+        print(header, file=file)
+        for row in rows:
+            speedup = row.get("speedup_vs_ivon_opt")
+            line = (f"{row['run']:<40} {row['min_ms']:>9.3f} {row['median_ms']:>9.3f} "
+                    f"{row['max_ms']:>9.3f} {_fmt(row['host_ms'], '8.3f'):>8} "
+                    f"{row['bytes_per_element']:>5g} {_fmt(row['gbs'], '7.1f'):>7} "
+                    f"{_fmt(row['copy_pct'], '6.0f'):>6} {row['ratio_vs_adamw']:>7.2f} "
+                    f"{_fmt(speedup, '8.1f') + ('x' if speedup else ''):>9}")
+            if cpu:
+                line += (f" {_fmt(row.get('floor_ms'), '9.3f'):>9} "
+                         f"{_fmt(row.get('floor_ratio'), '6.2f'):>6}")
+            print(line, file=file)
+
+
+def print_memory_table(record: dict, file=sys.stdout) -> None:
+    """Bytes per param at the largest size of each (dtype, shape)."""
+    largest: dict = {}
+    for row in record["rows"]:
+        if row.get("memory") is None:
+            continue
+        key = (row["dtype"], row["shape"])
+        if key not in largest or row["numel"] > largest[key]:
+            largest[key] = row["numel"]
+    if not largest:
+        return
+    method = next(r["memory"]["peak_method"] for r in record["rows"] if r.get("memory"))
+    print(f"\n== memory, bytes per param: optimizer state; resident (state + params + grads); "
+          f"peak transient of one step [{method}]", file=file)
+    print(f"{'dtype':<9} {'shape':<10} {'params':>7}  {'run':<40} {'state':>7} {'resident':>9} "
+          f"{'peak':>7}", file=file)
+    for row in record["rows"]:
+        memory = row.get("memory")
+        if memory is None or largest.get((row["dtype"], row["shape"])) != row["numel"]:
+            continue
+        print(f"{row['dtype']:<9} {row['shape']:<10} {_size(row['numel']):>7}  {row['run']:<40} "
+              f"{memory['state_bytes_per_param']:>7.2f} {memory['resident_bytes_per_param']:>9.2f} "
+              f"{_fmt(memory['peak_transient_bytes_per_param'], '7.2f'):>7}", file=file)
+
+
+def short_rows(rows: list) -> list:
+    """One line per (dtype, shape, size, backend): the drop-in and official IVON rows."""
+    table: dict = {}
+    for row in rows:
+        if row["kind"] not in ("drop_in_step", "official_iteration"):
+            continue
+        key = (row["dtype"], row["shape"], row["numel"], row["backend"])
+        entry = table.setdefault(key, {})
+        entry[row["kind"]] = row
+    return [(key, entry) for key, entry in table.items()]
+
+
+def print_short_table(records: list, file=sys.stdout) -> None:
+    """The headline figures: per size and backend, the drop-in step against fused AdamW and the
+    official iteration against ivon-opt's."""
+    for record in records:
+        device = record["device"]
+        cpu = device["type"] == "cpu"
+        print(f"\n# {device['name']} ({device['type']}, {device.get('threads', '?')} threads) | "
+              f"{record['date']} | copy {record['copy_bandwidth']['gbs_median']:.0f} GB/s | "
+              f"{record['command']}", file=file)
+        print(f"{'dtype':<9} {'shape':<10} {'params':>7} {'backend':<9} {'drop-in ms':>10} "
+              f"{'xAdamW':>7} {'%copy':>6}{' xfloor' if cpu else ''} {'official ms':>11} "
+              f"{'xAdamW':>7} {'xivon-opt':>9}", file=file)
+        for (dtype, shape, numel, backend), entry in short_rows(record["rows"]):
+            drop, official = entry.get("drop_in_step"), entry.get("official_iteration")
+            speedup = official.get("speedup_vs_ivon_opt") if official else None
+            line = (f"{dtype:<9} {shape:<10} {_size(numel):>7} {backend:<9} "
+                    f"{_fmt(drop and drop['median_ms'], '10.3f'):>10} "
+                    f"{_fmt(drop and drop['ratio_vs_adamw'], '7.2f'):>7} "
+                    f"{_fmt(drop and drop['copy_pct'], '6.0f'):>6}")
+            if cpu:
+                line += f" {_fmt(drop and drop.get('floor_ratio'), '6.2f'):>6}"
+            line += (f" {_fmt(official and official['median_ms'], '11.3f'):>11} "
+                     f"{_fmt(official and official['ratio_vs_adamw'], '7.2f'):>7} "
+                     f"{_fmt(speedup, '8.1f') + ('x' if speedup else ''):>9}")
+            print(line, file=file)
+
+
+def write_json(record: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(record, handle, indent=1)
+
+
+def plot(record: dict, path: str) -> str | None:
+    """Draw time and ratio against size; returns None, or why no plot was drawn."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ("matplotlib is not installed: no plot (pip install -e '.[bench]', or draw it "
+                f"later with `python -m bench.report --plot {path[:-4]}.json`)")
+    panels: dict = {}
+    for row in record["rows"]:
+        panels.setdefault((row["dtype"], row["shape"]), []).append(row)
+    if not panels:
+        return "no rows to plot"
+    fig, axes = plt.subplots(len(panels), 2, figsize=(13, 4.2 * len(panels)), squeeze=False)
+    for (dtype, shape), rows in panels.items():
+        time_ax, ratio_ax = axes[list(panels).index((dtype, shape))]
+        runs: dict = {}
+        for row in rows:
+            runs.setdefault(row["run"], []).append(row)
+        for run, points in runs.items():
+            points.sort(key=lambda r: r["numel"])
+            x = [r["numel"] for r in points]
+            med = [r["median_ms"] for r in points]
+            err = [[m - r["min_ms"] for m, r in zip(med, points)],
+                   [r["max_ms"] - m for m, r in zip(med, points)]]
+            style = "--" if points[0]["kind"].startswith("adamw") else "-"
+            time_ax.errorbar(x, med, yerr=err, fmt="o" + style, capsize=3, label=run, ms=4)
+            if points[0]["kind"] != "ivon_opt_iteration":
+                ratio_ax.plot(x, [r["ratio_vs_adamw"] for r in points], "o" + style, label=run,
+                              ms=4)
+        byte_floor = rows[0].get("byte_floor_ratio")
+        ratio_ax.axhline(1.0, color="gray", lw=0.8)
+        if byte_floor:
+            ratio_ax.axhline(byte_floor, color="gray", lw=0.8, ls=":",
+                             label=f"byte model, drop-in / AdamW = {byte_floor:.2f}")
+        for ax in (time_ax, ratio_ax):
+            ax.set_xscale("log")
+            ax.set_xlabel("params")
+            ax.grid(True, which="both", alpha=0.3)
+        time_ax.set_yscale("log")
+        time_ax.set_ylabel("ms per step (median, min-max)")
+        time_ax.set_title(f"{dtype}, {rows[0]['shape_desc'].split(' (')[0]}: time")
+        ratios = [r["ratio_vs_adamw"] for r in rows if r["kind"] != "ivon_opt_iteration"
+                  and r["ratio_vs_adamw"]]
+        if ratios and max(ratios) / min(ratios) > 20:
+            ratio_ax.set_yscale("log")
+        ratio_ax.set_ylabel("x AdamW(fused=True) (median)")
+        ratio_ax.set_title(f"{dtype}, {shape}: ratio to fused AdamW")
+        time_ax.legend(fontsize=7)
+        ratio_ax.legend(fontsize=7)
+    device = record["device"]
+    fig.suptitle(f"ivon_fast microbenchmark: {device['name']} ({device['type']}), "
+                 f"{record['date']}", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (4.2 * len(panels))))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+", help="JSON records written by python -m bench")
+    parser.add_argument("--plot", action="store_true", help="draw FILE.png next to each FILE.json")
+    parser.add_argument("--out", default=None, help="folder for the plots (default: the JSON's)")
+    parser.add_argument("--full", action="store_true", help="print the full tables too")
+    args = parser.parse_args(argv)
+    records = []
+    for name in args.files:
+        with open(name) as handle:
+            record = json.load(handle)
+        records.append(record)
+        if args.full:
+            print_table(record)
+            print_memory_table(record)
+        if args.plot:
+            target = os.path.splitext(name)[0] + ".png"
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                target = os.path.join(args.out, os.path.basename(target))
+            problem = plot(record, target)
+            print(problem or f"plot: {target}", file=sys.stderr)
+    print_short_table(records)
+
+
+if __name__ == "__main__":
+    main()
