@@ -95,7 +95,13 @@ class Contender:
             return self.model(tokens, targets)
 
     def train_step(self, tokens, targets, clock: Clock) -> torch.Tensor:
-        raise NotImplementedError
+        """The AdamW-style step: backward, then the optimizer's step and zero_grad."""
+        loss = self.loss(tokens, targets)
+        loss.backward()
+        with clock.optimizer():
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        return loss
 
     def holding_mean(self):
         """A context in which the params hold the trained weights (IVON: the mean)."""
@@ -112,14 +118,6 @@ class AdamWFused(Contender):
         super().__init__("torch AdamW(fused=True)", model, autocast, device)
         self.optimizer = torch.optim.AdamW(model.parameters(), fused=True, **ADAMW)
 
-    def train_step(self, tokens, targets, clock):
-        loss = self.loss(tokens, targets)
-        loss.backward()
-        with clock.optimizer():
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-        return loss
-
 
 class IVONDropIn(Contender):
     def __init__(self, model, autocast, device, backend, seed):
@@ -130,14 +128,6 @@ class IVONDropIn(Contender):
 
     def holding_mean(self):
         return self.optimizer.mean_params()
-
-    def train_step(self, tokens, targets, clock):
-        loss = self.loss(tokens, targets)
-        loss.backward()
-        with clock.optimizer():
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-        return loss
 
 
 class IVONOfficial(Contender):
