@@ -160,7 +160,7 @@ MUTATIONS = [
              "    return contiguous\n",
              (USER_PATHS, "-k", "channels_last")),
     Mutation("writes-in-mean-params-discarded", OPTIMIZER,
-             "            self._prepare()  # writes in the block were made to the mean\n",
+             "            self._prepare(params_hold_mean=True)  # writes in the block were made to the mean\n",
              "            self._layout.forget_writes()\n",
              (USER_PATHS, "-k", "inside_mean_params")),
     Mutation("compiled-step-traced-by-dynamo", OPTIMIZER,
