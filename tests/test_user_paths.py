@@ -455,7 +455,8 @@ def test_fullgraph_compile_of_step_refuses_loudly():
         opt.step()
 
     loss_fn(model, 0).backward()
-    with pytest.raises(Exception, match="(?i)disable|skip|unsupported"):
+    # the refusal names the reason: step() is opaque to Dynamo by design (Note [torch.compile])
+    with pytest.raises(Exception, match=r"torch\.compiler\.disable"):
         step()
 
 
