@@ -263,8 +263,9 @@ class IVON(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the ops over all segments
 
-    def _group_scalars(self, bucket) -> dict:
-        group = self.param_groups[bucket.group_index]
+    @staticmethod
+    def _scalars_of(group: dict) -> dict:
+        """The hyperparameters that scale a group's noise."""
         return dict(ess=float(group["ess"]), weight_decay=float(group["weight_decay"]))
 
     def _noise_scalars(self, bucket, draw) -> dict:
@@ -274,17 +275,15 @@ class IVON(torch.optim.Optimizer):
         live = self._live_scalars
         if draw is not None and draw < EVAL_DRAW_BASE and bucket.group_index < len(live):
             return live[bucket.group_index]
-        return self._group_scalars(bucket)
+        return self._scalars_of(self.param_groups[bucket.group_index])
 
     def _record_live_scalars(self) -> None:
         """The next training sample is drawn now: remember its noise scalars."""
-        self._live_scalars = [dict(ess=float(g["ess"]), weight_decay=float(g["weight_decay"]))
-                              for g in self.param_groups]
+        self._live_scalars = [self._scalars_of(group) for group in self.param_groups]
 
     def _live_scalars_changed(self) -> bool:
-        return any(bucket.group_index < len(self._live_scalars)
-                   and self._live_scalars[bucket.group_index] != self._group_scalars(bucket)
-                   for bucket in self._layout.buckets)
+        return any(live != self._scalars_of(group)
+                   for live, group in zip(self._live_scalars, self.param_groups))
 
     def _noise_kwargs(self, name, draw, bucket, segment) -> dict:
         return self._noise.op_kwargs(name, draw, bucket, segment)
