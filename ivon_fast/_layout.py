@@ -341,7 +341,7 @@ class FlatLayout:
         new.trainable[new_index] = old.trainable[index]
 
     def written_params(self) -> Iterator[tuple]:
-        """(bucket, index, rebound) for every param user code wrote or rebound since the last look.
+        """(bucket, index) for every param user code wrote or rebound since the last look.
 
         A rebound ``p.data`` (same device, dtype and shape) is copied into the bucket and the param
         made a view again; the caller decides what the new values mean.
@@ -370,7 +370,7 @@ class FlatLayout:
                         view.copy_(param.data)
                     param.data = view
                 bucket.versions[index] = param._version
-                yield bucket, index, rebound
+                yield bucket, index
 
     def forget_writes(self) -> bool:
         """Make every written or rebound param a view again, without taking its values.

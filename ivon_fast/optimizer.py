@@ -227,7 +227,7 @@ class IVON(torch.optim.Optimizer):
             self._write_resting_params()
             layout.mark_seen()
         layout.sync_requires_grad()
-        written = [(b, i) for b, i, _ in layout.written_params() if b.trainable[i]]
+        written = [(b, i) for b, i in layout.written_params() if b.trainable[i]]
         from_checkpoint, self._params_from_checkpoint = self._params_from_checkpoint, False
         if not written:
             return
