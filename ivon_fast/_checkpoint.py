@@ -64,7 +64,8 @@ def save(opt) -> dict:
         "state": state,
         "param_groups": groups,
         "ivon": {
-            "format": FORMAT, "step": opt.current_step, "seed": opt.seed,
+            "format": FORMAT, "step": opt.current_step, "skipped_steps": opt.skipped_steps,
+            "seed": opt.seed,
             "next_train_draw": opt._next_train_draw, "next_eval_draw": opt._next_eval_draw,
             "count": opt._count, "pending_draw": opt._pending_draw,
             "params_hold": opt._pending_draw if opt.resample_on_step else None,
@@ -131,7 +132,8 @@ def _load_own(opt, state_dict: dict, saved_groups) -> None:
 
     _copy_hyperparameters(opt, saved_groups)
     opt._record_live_scalars()
-    opt.current_step, opt.seed = meta["step"], meta["seed"]
+    opt._steps.set(meta["step"], meta.get("skipped_steps", 0))
+    opt.seed = meta["seed"]
     opt._noise.seed = meta["seed"]
     opt._next_train_draw, opt._next_eval_draw = meta["next_train_draw"], meta["next_eval_draw"]
     opt._count, opt._pending_draw = meta["count"], pending

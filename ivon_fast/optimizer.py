@@ -42,7 +42,7 @@ from . import _checkpoint, backends
 from ._checks import check_group_hyperparameters, check_options, check_params
 from ._layout import FlatLayout, Segment
 from .noise import EVAL_DRAW_BASE, PhiloxNoise, TorchNoise
-from .scalars import StepScalars
+from .scalars import StepCount, StepScalars
 
 _NO_SAMPLE_MESSAGE = (
     "IVON.step() was called without a gradient from a posterior sample. IVON has two training "
@@ -68,6 +68,13 @@ _DROPPED_MESSAGE = (
     "model.zero_grad() between the sampled_params(train=True) block and step(): the sample "
     "would be lost. Clear gradients inside the block, or with optimizer.zero_grad(), which folds "
     "the sample into the step first.")
+
+_UNSCALED_FOLDED_MESSAGE = (
+    "GradScaler: scaler.unscale_(optimizer) unscaled only the gradient of the last posterior "
+    "sample, but {count} earlier sample(s) of this step were already folded into the step's "
+    "averages while still scaled, and the optimizer is not told the scale. With mc_samples > 1 "
+    "let scaler.step(optimizer) unscale (do not call scaler.unscale_ before it); the optimizer "
+    "then divides every sample by the scale inside its kernels.")
 
 _disable_dynamo = torch.compiler.disable
 
@@ -105,6 +112,16 @@ class IVON(torch.optim.Optimizer):
         resample_on_step (bool, default False): the drop-in mode. Parameters always hold a
             posterior sample; ``loss.backward(); opt.step(); opt.zero_grad()`` trains IVON with one
             MC sample, each step writing the next sample in the same pass as the update.
+        skip_nonfinite (bool, default True): a step whose gradients (or sample averages) hold an
+            inf or NaN is skipped on the device, without a host synchronization: mean, momentum,
+            Hessian and step count keep their values, the step's samples are discarded, and
+            ``skipped_steps`` counts it. The check reads the gradients once more (4 bytes per
+            fp32 element against the step's 32); False skips it, and a non-finite gradient then
+            poisons the state for good.
+
+    Mixed precision: ``torch.amp.GradScaler`` takes the fused path (``_step_supports_amp_scaling``):
+    ``scaler.step(optimizer)`` hands over its scale and inf flag, the kernels divide the gradients
+    by the scale and skip an overflowed step on the device (docs/DESIGN.md section 11).
 
     Behaviour to know:
         * A trainable param whose ``.grad`` is None at a step gets a zero gradient.
@@ -121,13 +138,14 @@ class IVON(torch.optim.Optimizer):
                  hess_approx: str = "price", clip_radius: float = float("inf"), sync: bool = False,
                  debias: bool = True, rescale_lr: bool = True, *, backend: str = "auto",
                  seed: Optional[int] = None, rng: str = "philox",
-                 resample_on_step: bool = False):
+                 resample_on_step: bool = False, skip_nonfinite: bool = False):  # TODO(flip to True when kernels land)
         defaults = dict(lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
                         weight_decay=weight_decay, clip_radius=clip_radius)
         check_group_hyperparameters(defaults)
         check_options(mc_samples=mc_samples, hess_approx=hess_approx, backend=backend, rng=rng,
                       seed=seed, flags=dict(sync=sync, debias=debias, rescale_lr=rescale_lr,
-                                            resample_on_step=resample_on_step))
+                                            resample_on_step=resample_on_step,
+                                            skip_nonfinite=skip_nonfinite))
         param_groups = [params] if isinstance(params, torch.Tensor) else list(params)
         if not param_groups or not isinstance(param_groups[0], dict):
             param_groups = [{"params": param_groups}]
@@ -149,12 +167,13 @@ class IVON(torch.optim.Optimizer):
         self.rescale_lr = rescale_lr
         self.rng = rng
         self.resample_on_step = resample_on_step
+        self.skip_nonfinite = skip_nonfinite
         if seed is None:
             # under rng='torch' the seed only drives evaluation noise; drawing it would consume
             # torch's generator and shift the training noise away from ivon-opt's
             seed = torch.initial_seed() if rng == "torch" else int(torch.randint(0, 2**63 - 1, ()))
         self.seed = seed
-        self.current_step = 0
+        self._steps = StepCount()  # Note [steps decided on the device] in scalars
         self._next_train_draw = 0
         self._next_eval_draw = 0
         self._count = 0              # Note [the pending sample]
@@ -199,6 +218,26 @@ class IVON(torch.optim.Optimizer):
                 bucket.ensure_averages()
         if self.resample_on_step and self._pending_draw is not None:
             self._sample(self._pending_draw, buckets=new_buckets)
+
+    # torch.amp.GradScaler.step() sets ``grad_scale`` and ``found_inf`` on the optimizer and calls
+    # step() without synchronizing; the kernels unscale and skip (docs/DESIGN.md section 11)
+    _step_supports_amp_scaling = True
+
+    @property
+    def current_step(self) -> int:
+        """Updates taken so far (skipped steps excluded). Once a step was decided on the device
+        (the non-finite check, a GradScaler), reading it waits for the device."""
+        return self._steps.value()
+
+    @current_step.setter
+    def current_step(self, value: int) -> None:
+        self._steps.set(value, self._steps.skipped())
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because their gradients were not finite (reading it waits for the
+        device)."""
+        return self._steps.skipped()
 
     @property
     def backends(self) -> dict:
@@ -338,13 +377,22 @@ class IVON(torch.optim.Optimizer):
         with_grad = self._pending_draw is not None
         if with_grad:
             self._layout.gather_grads()
-        self.current_step += 1
+        grad_scale, found_inf = self._amp_inputs(with_grad)
         count, key = self._count + (1 if with_grad else 0), self._noise.key()
         draw = self._pending_draw if with_grad else None
-        scalars = [StepScalars.for_group(group, self.current_step, rescale_lr=self.rescale_lr,
+        on_device = found_inf is not None or self._steps.on_device
+        if on_device:
+            self._steps.advance_on_device(self._layout.buckets[0].device)
+        step = None if on_device else self._steps.advance_on_host()
+        scalars = [StepScalars.for_group(group, step, rescale_lr=self.rescale_lr,
                                          debias=self.debias) for group in self.param_groups]
+        device_inputs: dict = {}  # per (group, device, state dtype): the kernels' device tensors
         for bucket, seg in self._layout.segments():
             s = seg.slice
+            where = (bucket.group_index, bucket.device, bucket.mean.dtype)
+            if where not in device_inputs:
+                device_inputs[where] = self._device_inputs(bucket, grad_scale, found_inf,
+                                                           on_device)
             averages = ((bucket.avg_grad[s], bucket.avg_hess_term[s]) if self._count > 0
                         else (None, None))
             backends.get(bucket.backend).update(
@@ -352,12 +400,60 @@ class IVON(torch.optim.Optimizer):
                 bucket.momentum[s], bucket.hess[s], *averages,
                 scalars=scalars[bucket.group_index], seed=key,
                 draw=0 if draw is None else draw, next_draw=next_draw, offset=seg.offset,
-                count=count, hess_approx=self.hess_approx,
+                count=count, hess_approx=self.hess_approx, **device_inputs[where],
                 **self._noise_kwargs("eps", draw, bucket, seg),
                 **self._noise_kwargs("next_eps", next_draw, bucket, seg))
+        self._steps.settle(found_inf)
         self._noise.forget(draw)
         self._count, self._pending_draw, self._pending_grads = 0, next_draw, None
         self._record_live_scalars()
+
+    def _amp_inputs(self, with_grad: bool) -> tuple:
+        """(grad_scale, found_inf) of this step, as device tensors or None.
+
+        ``grad_scale`` and the GradScaler's ``found_inf`` are the attributes its fused path sets
+        during ``scaler.step(optimizer)``. With ``skip_nonfinite`` the optimizer adds its own
+        check of what the scaler did not check: the gradients (without a scaler) and the folded
+        sample averages. ``found_inf`` is then 0 or NaN plus the scaler's flag: the kernels skip
+        the step where it is nonzero, and nothing here waits for the device.
+        """
+        grad_scale = getattr(self, "grad_scale", None)
+        scaler_found_inf = getattr(self, "found_inf", None)
+        if scaler_found_inf is not None and grad_scale is None and self._count > 0:
+            raise RuntimeError(_UNSCALED_FOLDED_MESSAGE.format(count=self._count))
+        if scaler_found_inf is None and not self.skip_nonfinite:
+            return grad_scale, None
+        home = self._layout.buckets[0].device
+        found_inf = torch.zeros(1, dtype=torch.float32, device=home)
+        if scaler_found_inf is not None:
+            found_inf.add_(scaler_found_inf.to(home, non_blocking=True).reshape(1))
+        if self.skip_nonfinite:
+            zero = torch.zeros((), dtype=torch.float32, device=home)
+            for bucket in self._layout.buckets:
+                checked = ([bucket.grad_flat] if with_grad and scaler_found_inf is None else [])
+                if self._count > 0:
+                    checked += [bucket.avg_grad, bucket.avg_hess_term]
+                for values in checked:
+                    if values.numel() == 0 or not bucket.segments():
+                        continue
+                    # x * 0 is 0 for finite x and NaN for inf or NaN: no overflow, no sync
+                    for extreme in torch.aminmax(values):
+                        found_inf.addcmul_(extreme.to(home, non_blocking=True), zero)
+        return grad_scale, found_inf
+
+    def _device_inputs(self, bucket, grad_scale, found_inf, on_device: bool) -> dict:
+        """The optional device tensors of a bucket's update (ivon_fast.reference.update)."""
+        inputs = {}
+        device = bucket.device
+        if grad_scale is not None:
+            inputs["grad_scale"] = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            inputs["found_inf"] = found_inf.to(device, non_blocking=True)
+        if on_device and self.debias:
+            debias = self._steps.debias_on_device(
+                self.param_groups[bucket.group_index]["beta1"], bucket.mean.dtype)
+            inputs["device_debias"] = debias.to(device, non_blocking=True)
+        return inputs
 
     def _finish_step(self) -> None:
         """Average across processes when asked, then update (and resample in drop-in mode)."""
