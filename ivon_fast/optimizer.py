@@ -250,7 +250,7 @@ class IVON(torch.optim.Optimizer):
         for param, views in self._layout.state_views():
             self.state[param] = views
 
-    def _prepare(self, params_hold_mean: bool = False) -> None:
+    def _prepare(self, params_hold_mean: bool = False) -> bool:
         """Catch up with what user code did to the params since the last optimizer call.
 
         Note [user writes to params] in _layout: the elements that a write changed, compared
@@ -258,9 +258,14 @@ class IVON(torch.optim.Optimizer):
         pending sample; ``params_hold_mean`` inside ``mean_params()``), become the new mean. The
         other elements keep their exact state: a no-op ``clamp_`` after ``step()`` changes
         nothing, and a bf16 model keeps its fp32 master mean.
+
+        Returns whether user code changed nothing (then every grad is its flat view, too).
         """
         layout = self._layout
         layout.check_materialized()
+        if layout.unchanged():  # the common case: one cheap pass (Note [the per-step check])
+            self._params_from_checkpoint = False
+            return True
         if layout.follow_moves([g["hess_init"] for g in self.param_groups]):
             self._refresh_state_views()
             self._write_resting_params()
@@ -269,7 +274,7 @@ class IVON(torch.optim.Optimizer):
         written = [(b, i) for b, i in layout.written_params() if b.trainable[i]]
         from_checkpoint, self._params_from_checkpoint = self._params_from_checkpoint, False
         if not written:
-            return
+            return False
         holds_sample = self.resample_on_step and not params_hold_mean
         if not from_checkpoint:
             for bucket, index in written:
@@ -277,6 +282,7 @@ class IVON(torch.optim.Optimizer):
         if holds_sample or from_checkpoint:  # the params hold exactly what the state says
             self._write_resting_params()
             layout.mark_seen()
+        return False
 
     def _adopt_written(self, bucket, index: int, holds_sample: bool) -> None:
         where = bucket.slice_of(index)
@@ -370,12 +376,14 @@ class IVON(torch.optim.Optimizer):
                 dist.all_reduce(average)
                 average.div_(world_size)
 
-    def _update(self, next_draw: Optional[int]) -> None:
-        """The update from the averages and the pending sample; params <- mean or next sample."""
+    def _update(self, next_draw: Optional[int], grads_bound: bool = False) -> None:
+        """The update from the averages and the pending sample; params <- mean or next sample.
+
+        ``grads_bound``: the caller has just seen every grad bound to its flat view."""
         if self._pending_draw is not None and self._live_scalars_changed():
             self._fold_pending()  # its noise needs the old ess / weight_decay; the update the new
         with_grad = self._pending_draw is not None
-        if with_grad:
+        if with_grad and not grads_bound:
             self._layout.gather_grads()
         grad_scale, found_inf = self._amp_inputs(with_grad)
         count, key = self._count + (1 if with_grad else 0), self._noise.key()
@@ -412,10 +420,11 @@ class IVON(torch.optim.Optimizer):
         """(grad_scale, found_inf) of this step, as device tensors or None.
 
         ``grad_scale`` and the GradScaler's ``found_inf`` are the attributes its fused path sets
-        during ``scaler.step(optimizer)``. With ``skip_nonfinite`` the optimizer adds its own
-        check of what the scaler did not check: the gradients (without a scaler) and the folded
-        sample averages. ``found_inf`` is then 0 or NaN plus the scaler's flag: the kernels skip
-        the step where it is nonzero, and nothing here waits for the device.
+        during ``scaler.step(optimizer)``. The optimizer adds its own check of what the scaler
+        did not check: the gradients (without a scaler, with ``skip_nonfinite``) and the folded
+        sample averages (with ``skip_nonfinite`` or a scaler). ``found_inf`` is then 0 or NaN
+        plus the scaler's flag: the kernels skip the step where it is nonzero, and nothing here
+        waits for the device.
         """
         grad_scale = getattr(self, "grad_scale", None)
         scaler_found_inf = getattr(self, "found_inf", None)
@@ -427,11 +436,14 @@ class IVON(torch.optim.Optimizer):
         found_inf = torch.zeros(1, dtype=torch.float32, device=home)
         if scaler_found_inf is not None:
             found_inf.add_(scaler_found_inf.to(home, non_blocking=True).reshape(1))
-        if self.skip_nonfinite:
+        check_grads = with_grad and scaler_found_inf is None
+        # a scaler is there to catch overflows: the folded samples it never saw are always checked
+        check_averages = self._count > 0 and (self.skip_nonfinite or scaler_found_inf is not None)
+        if check_grads or check_averages:
             zero = torch.zeros((), dtype=torch.float32, device=home)
             for bucket in self._layout.buckets:
-                checked = ([bucket.grad_flat] if with_grad and scaler_found_inf is None else [])
-                if self._count > 0:
+                checked = [bucket.grad_flat] if check_grads else []
+                if check_averages:
                     checked += [bucket.avg_grad, bucket.avg_hess_term]
                 for values in checked:
                     if values.numel() == 0 or not bucket.segments():
@@ -455,11 +467,11 @@ class IVON(torch.optim.Optimizer):
             inputs["device_debias"] = debias.to(device, non_blocking=True)
         return inputs
 
-    def _finish_step(self) -> None:
+    def _finish_step(self, grads_bound: bool = False) -> None:
         """Average across processes when asked, then update (and resample in drop-in mode)."""
         if self.sync and dist.is_available() and dist.is_initialized():
             self._sync_averages()
-        self._update(self._take_train_draw() if self.resample_on_step else None)
+        self._update(self._take_train_draw() if self.resample_on_step else None, grads_bound)
 
     # ------------------------------------------------------------------ public API
 
@@ -605,7 +617,7 @@ class IVON(torch.optim.Optimizer):
         self._check_not_in_context("step()")
         if closure is not None:
             return self._step_with_closure(closure)
-        self._prepare()
+        grads_bound = self._prepare()
         if self.resample_on_step and self.mc_samples > 1:
             raise RuntimeError(
                 f"resample_on_step=True trains with one sample per plain step(); for "
@@ -613,7 +625,7 @@ class IVON(torch.optim.Optimizer):
         if self._pending_draw is None and self._count == 0:
             raise RuntimeError(_NO_SAMPLE_MESSAGE)
         self._check_pending_grads()
-        self._finish_step()
+        self._finish_step(grads_bound)
         return None
 
     def _step_with_closure(self, closure):
