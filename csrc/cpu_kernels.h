@@ -241,9 +241,11 @@ static void accumulate_block(const OpArgs& a, BlockRange r, const float* __restr
   }
 }
 
-template <typename PT, bool PRICE, GradMode MODE, bool NEXT>
-static void update_block(const OpArgs& a, BlockRange r, const float* __restrict eps,
-                         const float* __restrict eps_next) {
+// The update of one block; `scalars` holds the device scalars' values (read once per range by
+// update_range_t).
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED>
+static void update_block(const OpArgs& a, const Scalars& scalars, BlockRange r,
+                         const float* __restrict eps, const float* __restrict eps_next) {
   RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
   const RawT<PT>* __restrict grad = static_cast<const RawT<PT>*>(a.grad);
   float* __restrict mean = a.mean;
@@ -253,26 +255,43 @@ static void update_block(const OpArgs& a, BlockRange r, const float* __restrict 
   const float* __restrict avg_ht = a.avg_hess_term;
   const float* __restrict e = eps + r.shift;
   const float* __restrict e_next = eps_next + r.shift;
-  const Scalars s = a.s;
+  const Scalars s = scalars;  // a local copy: provably not aliased by the stores below
   for (int64_t k = r.k_lo; k < r.k_hi; ++k) {
     float m = mean[k], mom = momentum[k], h = hess[k];
+    // only what the mode reads is loaded: grad is null for kAvgOnly, the averages for kGradOnly
+    const float g = MODE == GradMode::kAvgOnly ? 0.0f : raw_to_float<PT>(grad[k]);
+    const float ag = MODE == GradMode::kGradOnly ? 0.0f : avg_grad[k];
+    const float at = MODE == GradMode::kGradOnly ? 0.0f : avg_ht[k];
+    const float ek = PRICE && MODE != GradMode::kAvgOnly ? e[k] : 0.0f;
     float grad_mean, hess_term;
-    if (MODE == GradMode::kAvgOnly) {
-      grad_mean = avg_grad[k];
-      hess_term = avg_ht[k];
-    } else {
-      const float g = raw_to_float<PT>(grad[k]);
-      const float noise = PRICE ? noise_of(e[k], h, s) : 0.0f;
-      const float ht = hess_term_of<PRICE>(g, noise);
-      constexpr bool kFirst = MODE == GradMode::kGradOnly;
-      grad_mean = running_mean<kFirst>(kFirst ? 0.0f : avg_grad[k], g, s);
-      hess_term = running_mean<kFirst>(kFirst ? 0.0f : avg_ht[k], ht, s);
-    }
+    grad_statistics<PRICE, MODE, SCALED>(g, ek, h, ag, at, s, grad_mean, hess_term);
     update_state<PRICE>(grad_mean, hess_term, m, mom, h, s);
     mean[k] = m;
     momentum[k] = mom;
     hess[k] = h;
-    param[k] = float_to_raw<PT>(NEXT ? m + noise_of(e_next[k], h, s) : m);
+    param[k] = float_to_raw<PT>(param_value<NEXT>(m, h, NEXT ? e_next[k] : 0.0f, s));
+  }
+}
+
+// A skipped update (found_inf nonzero, Note [device scalars of an update]): mean, momentum and
+// hess are neither read nor written beyond what the param needs; param <- the mean, or the sample
+// of next_draw around the mean and hess. Not a hot path.
+template <typename PT, bool NEXT>
+static void skipped_update_range_t(const OpArgs& a, const Scalars& s, int64_t q_begin,
+                                   int64_t q_end) {
+  alignas(64) float eps_next[4 * kBlockQuads];
+  RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
+  const float* __restrict mean = a.mean;
+  const float* __restrict hess = a.hess;
+  for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
+    const int64_t qe = std::min(qb + kBlockQuads, q_end);
+    if (NEXT) fill_normals(a.seed, a.next_draw, qb, qe - qb, eps_next);
+    const BlockRange r = block_range(a, qb, qe);
+    const float* __restrict e_next = eps_next + r.shift;
+    for (int64_t k = r.k_lo; k < r.k_hi; ++k) {
+      param[k] = float_to_raw<PT>(param_value<NEXT>(mean[k], NEXT ? hess[k] : 0.0f,
+                                                    NEXT ? e_next[k] : 0.0f, s));
+    }
   }
 }
 
@@ -336,8 +355,11 @@ static inline void prefetch_update_block(const OpArgs& a, int64_t qb, int64_t q_
   }
 }
 
-template <typename PT, bool PRICE, GradMode MODE, bool NEXT>
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED>
 static void update_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
+  // the device scalars, once per range (Note [device scalars of an update] in ivon_math.h)
+  const DeviceScalars d = read_device_scalars(a);
+  if (d.skip) return skipped_update_range_t<PT, NEXT>(a, d.s, q_begin, q_end);
   alignas(64) float eps[4 * kBlockQuads];
   alignas(64) float eps_next[4 * kBlockQuads];
   for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
@@ -346,7 +368,7 @@ static void update_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
     // the noise of `draw` is needed only to form price's noise * grad
     if (PRICE && MODE != GradMode::kAvgOnly) fill_normals(a.seed, a.draw, qb, qe - qb, eps);
     if (NEXT) fill_normals(a.seed, a.next_draw, qb, qe - qb, eps_next);
-    update_block<PT, PRICE, MODE, NEXT>(a, block_range(a, qb, qe), eps, eps_next);
+    update_block<PT, PRICE, MODE, NEXT, SCALED>(a, d.s, block_range(a, qb, qe), eps, eps_next);
   }
 }
 
@@ -361,9 +383,9 @@ static void accumulate_range(const OpArgs& a, int64_t qb, int64_t qe) {
   });
 }
 static void update_range(const OpArgs& a, int64_t qb, int64_t qe) {
-  dispatch_update(a, [&](auto pt, auto price, auto mode, auto next) {
+  dispatch_update(a, [&](auto pt, auto price, auto mode, auto next, auto scaled) {
     update_range_t<decltype(pt), decltype(price)::value, decltype(mode)::value,
-                   decltype(next)::value>(a, qb, qe);
+                   decltype(next)::value, decltype(scaled)::value>(a, qb, qe);
   });
 }
 

@@ -136,49 +136,43 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename PT, bool PRICE, GradMode MODE, bool NEXT>
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED>
 __global__ void __launch_bounds__(kThreads)
     update_kernel(const OpArgs a, int64_t nq, bool aligned) {
+  // the device scalars, once per thread (Note [device scalars of an update] in ivon_math.h); a
+  // skipped step is uniform over the grid, so the branch below never diverges
+  const DeviceScalars d = read_device_scalars(a);
+  const Scalars& s = d.s;
   IVON_GRID_STRIDE(i, nq) {
     const Quad t = quad_of(a, i, aligned);
-    float m[4], mom[4], h[4], gm[4], ht[4];
+    float m[4], h[4];
     load4(a.mean, t.k0, t.vec, a.n, m);
-    load4(a.momentum, t.k0, t.vec, a.n, mom);
     load4(a.hess, t.k0, t.vec, a.n, h);
-    if (MODE == GradMode::kAvgOnly) {
-      load4(a.avg_grad, t.k0, t.vec, a.n, gm);
-      load4(a.avg_hess_term, t.k0, t.vec, a.n, ht);
-    } else {
-      float g[4], e[4] = {0, 0, 0, 0}, ag[4] = {0, 0, 0, 0}, ah[4] = {0, 0, 0, 0};
-      load4(static_cast<const PT*>(a.grad), t.k0, t.vec, a.n, g);
-      if (PRICE) normals(a.seed, a.draw, t.q, e);
-      constexpr bool kFirst = MODE == GradMode::kGradOnly;
-      if (!kFirst) {
+    if (!d.skip) {  // skipped: mean, momentum and hess keep their values (not even rewritten)
+      float mom[4], gm[4], ht[4];
+      float g[4] = {0, 0, 0, 0}, e[4] = {0, 0, 0, 0}, ag[4] = {0, 0, 0, 0}, ah[4] = {0, 0, 0, 0};
+      load4(a.momentum, t.k0, t.vec, a.n, mom);
+      if (MODE != GradMode::kAvgOnly) {
+        load4(static_cast<const PT*>(a.grad), t.k0, t.vec, a.n, g);
+        if (PRICE) normals(a.seed, a.draw, t.q, e);
+      }
+      if (MODE != GradMode::kGradOnly) {
         load4(a.avg_grad, t.k0, t.vec, a.n, ag);
         load4(a.avg_hess_term, t.k0, t.vec, a.n, ah);
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const float noise = PRICE ? noise_of(e[j], h[j], a.s) : 0.0f;
-        gm[j] = running_mean<kFirst>(ag[j], g[j], a.s);
-        ht[j] = running_mean<kFirst>(ah[j], hess_term_of<PRICE>(g[j], noise), a.s);
+        grad_statistics<PRICE, MODE, SCALED>(g[j], e[j], h[j], ag[j], ah[j], s, gm[j], ht[j]);
+        update_state<PRICE>(gm[j], ht[j], m[j], mom[j], h[j], s);
       }
+      store4(a.mean, t.k0, t.vec, a.n, m);
+      store4(a.momentum, t.k0, t.vec, a.n, mom);
+      store4(a.hess, t.k0, t.vec, a.n, h);
     }
+    float e_next[4] = {0, 0, 0, 0}, out[4];
+    if (NEXT) normals(a.seed, a.next_draw, t.q, e_next);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) update_state<PRICE>(gm[j], ht[j], m[j], mom[j], h[j], a.s);
-    store4(a.mean, t.k0, t.vec, a.n, m);
-    store4(a.momentum, t.k0, t.vec, a.n, mom);
-    store4(a.hess, t.k0, t.vec, a.n, h);
-    float out[4];
-    if (NEXT) {
-      float e[4];
-      normals(a.seed, a.next_draw, t.q, e);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) out[j] = m[j] + noise_of(e[j], h[j], a.s);
-    } else {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) out[j] = m[j];
-    }
+    for (int j = 0; j < 4; ++j) out[j] = param_value<NEXT>(m[j], h[j], e_next[j], s);
     store4(static_cast<PT*>(a.param), t.k0, t.vec, a.n, out);
   }
 }
@@ -242,9 +236,10 @@ const char* cuda_update(const OpArgs& a, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
   const int64_t nq = num_quads(a);
   const bool al = vector_ok(a);
-  dispatch_update(a, [&](auto pt, auto price, auto mode, auto next) {
+  dispatch_update(a, [&](auto pt, auto price, auto mode, auto next, auto scaled) {
     update_kernel<decltype(pt), decltype(price)::value, decltype(mode)::value,
-                  decltype(next)::value><<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
+                  decltype(next)::value, decltype(scaled)::value>
+        <<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
   });
   return last_error();
 }

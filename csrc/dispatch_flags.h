@@ -1,7 +1,7 @@
 // dispatch_flags.h: the one place where an op's run-time flags (OpArgs: param dtype, price or
-// gradsq, first sample, grad mode, resampling) become template parameters. The CPU kernels
-// (cpu_kernels.h) and the CUDA kernels (cuda_kernels.cu) both call these, so the two can never
-// disagree on which flag selects which instance.
+// gradsq, first sample, grad mode, resampling, unscaling) become template parameters. The CPU
+// kernels (cpu_kernels.h) and the CUDA kernels (cuda_kernels.cu) both call these, so the two can
+// never disagree on which flag selects which instance.
 //
 // Each dispatcher calls a generic lambda once, with one argument per flag: a value of the param
 // type (float, BF16 or F16) and std::integral_constant values for the others, so the lambda
@@ -58,13 +58,18 @@ inline void dispatch_accumulate(const OpArgs& a, F&& f) {
   });
 }
 
-// update: f(param_type, price, grad_mode, next) where next = a next sample is written
+// update: f(param_type, price, grad_mode, next, scaled) where next = a next sample is written,
+// scaled = the grads are divided by a grad_scale (Note [device scalars of an update] in
+// ivon_math.h; the other device scalars are read once per launch and need no instance of their own)
 template <typename F>
 inline void dispatch_update(const OpArgs& a, F&& f) {
   with_param_type(a.ptype, [&](auto pt) {
     with_bool(a.price, [&](auto price) {
       with_grad_mode(a.mode, [&](auto mode) {
-        with_bool(a.has_next_draw, [&](auto next) { f(pt, price, mode, next); });
+        with_bool(a.has_next_draw, [&](auto next) {
+          with_bool(a.grad_scale != nullptr,
+                    [&](auto scaled) { f(pt, price, mode, next, scaled); });
+        });
       });
     });
   });

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernel_args.h"
 #include "scalars.h"
 
 #if defined(__CUDACC__)
@@ -264,6 +265,77 @@ IVON_HD float running_mean(float avg, float x, const ::ivon_fast::Scalars& s) {
 template <bool PRICE>
 IVON_HD float hess_term_of(float grad, float noise) {
   return PRICE ? noise * grad : grad * grad;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Note [device scalars of an update]: four optional 1-element float32 tensors on the params'
+// device (docs/DESIGN.md section 11, ivon_fast.reference.update) reach the kernels as pointers
+// (nullptr when absent), and only the kernels read them, so the host never waits for the device:
+//   grad_scale   the grads and the averages were multiplied by it (torch.amp.GradScaler); they
+//                are divided by it before use (true divisions, as the reference), 'gradsq''s
+//                average of squared grads twice. Absent: no division at all (template SCALED).
+//   found_inf    nonzero (NaN too): the step is skipped; mean, momentum and hess keep their
+//                values and the param gets the mean, or the sample of next_draw around mean and
+//                hess.
+//   device_lr, device_debias   replace the host's lr and debias.
+// read_device_scalars is called once per CPU range or CUDA thread, never per element, so absent
+// scalars cost one null check per range / thread and present ones a load.
+
+struct DeviceScalars {
+  ::ivon_fast::Scalars s;  // the host's scalars; lr, debias, grad_scale read from the device
+  bool skip;               // found_inf is given and nonzero
+};
+
+IVON_HD DeviceScalars read_device_scalars(const ::ivon_fast::OpArgs& a) {
+  DeviceScalars d{a.s, false};
+  if (a.device_lr != nullptr) d.s.lr = *a.device_lr;
+  if (a.device_debias != nullptr) d.s.debias = *a.device_debias;
+  if (a.grad_scale != nullptr) d.s.grad_scale = *a.grad_scale;
+  // `!= 0` is true for NaN: a NaN found_inf skips the step, as the reference's `found_inf != 0`
+  if (a.found_inf != nullptr) d.skip = *a.found_inf != 0.0f;
+  return d;
+}
+
+// A gradient value divided TIMES times by the grad scale (as the scaler multiplied it); the
+// identity when the op got no grad_scale (SCALED false).
+template <bool SCALED, int TIMES>
+IVON_HD float unscaled(float x, const ::ivon_fast::Scalars& s) {
+  if (SCALED) {
+    x = x / s.grad_scale;
+    if (TIMES == 2) x = x / s.grad_scale;
+  }
+  return x;
+}
+
+// The gradient mean and hessian term an update uses (GradMode in kernel_args.h), as the
+// reference forms them: the pending grad g (its sample's noise eps; unused for kAvgOnly) folded
+// into the averages avg_grad, avg_term of the first count - 1 samples (unused for kGradOnly), or
+// the averages alone (kAvgOnly); everything unscaled first (SCALED). The hessian term average
+// holds noise * grad ('price': scaled once) or grad^2 ('gradsq': scaled twice).
+template <bool PRICE, ::ivon_fast::GradMode MODE, bool SCALED>
+IVON_HD void grad_statistics(float g, float eps, float hess, float avg_grad, float avg_term,
+                             const ::ivon_fast::Scalars& s, float& grad_mean, float& hess_term) {
+  using ::ivon_fast::GradMode;
+  constexpr int kTermTimes = PRICE ? 1 : 2;
+  constexpr bool kFirst = MODE == GradMode::kGradOnly;
+  if (MODE == GradMode::kAvgOnly) {
+    grad_mean = unscaled<SCALED, 1>(avg_grad, s);
+    hess_term = unscaled<SCALED, kTermTimes>(avg_term, s);
+    return;
+  }
+  g = unscaled<SCALED, 1>(g, s);
+  const float noise = PRICE ? noise_of(eps, hess, s) : 0.0f;
+  const float ht = hess_term_of<PRICE>(g, noise);
+  grad_mean = running_mean<kFirst>(kFirst ? 0.0f : unscaled<SCALED, 1>(avg_grad, s), g, s);
+  hess_term =
+      running_mean<kFirst>(kFirst ? 0.0f : unscaled<SCALED, kTermTimes>(avg_term, s), ht, s);
+}
+
+// What an update writes into the param: the mean, or (NEXT) the sample of next_draw around the
+// mean and hess (eps_next its standard normal). After a skipped step these are the old values.
+template <bool NEXT>
+IVON_HD float param_value(float mean, float hess, float eps_next, const ::ivon_fast::Scalars& s) {
+  return NEXT ? mean + noise_of(eps_next, hess, s) : mean;
 }
 
 // The update proper, from the (averaged) gradient and hessian term: writes the new momentum,

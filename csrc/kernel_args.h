@@ -35,6 +35,13 @@ struct OpArgs {
   float* avg_grad = nullptr;
   float* avg_hess_term = nullptr;
   Scalars s{};
+  // update's optional device scalars (docs/DESIGN.md section 11): each points to the one float32
+  // element of a tensor on the params' device, nullptr when the op did not get it. Only the
+  // kernels read them (read_device_scalars in ivon_math.h), never the host: no synchronization.
+  const float* grad_scale = nullptr;     // divide the grads and averages by it
+  const float* found_inf = nullptr;      // nonzero (or NaN): skip the step
+  const float* device_lr = nullptr;      // replaces s.lr
+  const float* device_debias = nullptr;  // replaces s.debias
 };
 
 // CPU entry points (cpu_dispatch.cpp picks the instruction set at run time).

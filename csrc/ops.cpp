@@ -68,6 +68,21 @@ bool parse_hess_approx(c10::string_view hess_approx) {
 
 float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
 
+// An optional device scalar of update (Note [device scalars of an update] in ivon_math.h): one
+// float32 element on the params' device, or absent (nullptr). Only its pointer is taken; the
+// kernel reads the value, so the host never synchronizes with the device here.
+const float* device_scalar(const std::optional<at::Tensor>& t, const char* name,
+                           const at::Tensor& param) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->numel() == 1, "ivon_fast: ", name, " must be a tensor of 1 element, got ",
+              t->numel(), " elements");
+  TORCH_CHECK(t->scalar_type() == at::kFloat, "ivon_fast: ", name, " must be float32, got ",
+              t->scalar_type());
+  TORCH_CHECK(t->device() == param.device(), "ivon_fast: ", name,
+              " must be on the params' device ", param.device(), ", got ", t->device());
+  return t->data_ptr<float>();
+}
+
 // What every op shares: the segment (its length, dtype and global offset), the noise key and
 // draw, and the two hyperparameters of the noise scale.
 OpArgs segment_args(const at::Tensor& lead, int64_t offset, int64_t seed, int64_t draw,
@@ -144,7 +159,11 @@ void update(const at::Tensor& param, const std::optional<at::Tensor>& grad,
             std::optional<int64_t> next_draw, int64_t offset, int64_t count,
             c10::string_view hess_approx, double lr, double ess, double weight_decay,
             double beta1, double one_minus_beta1, double beta2, double one_minus_beta2,
-            double hess_coef, double clip_radius, double debias) {
+            double hess_coef, double clip_radius, double debias,
+            const std::optional<at::Tensor>& grad_scale,
+            const std::optional<at::Tensor>& found_inf,
+            const std::optional<at::Tensor>& device_lr,
+            const std::optional<at::Tensor>& device_debias) {
   OpArgs a = segment_args(param, offset, seed, draw, ess, weight_decay);
   check_tensor(mean, "mean", param, "param", at::kFloat);
   check_tensor(momentum, "momentum", param, "param", at::kFloat);
@@ -186,6 +205,11 @@ void update(const at::Tensor& param, const std::optional<at::Tensor>& grad,
   a.s.debias = static_cast<float>(debias);
   a.s.clip = static_cast<float>(clip_radius);
   a.s.count = static_cast<float>(count);
+  a.s.grad_scale = 1.0f;  // replaced by the device's value in the kernel when grad_scale is given
+  a.grad_scale = device_scalar(grad_scale, "grad_scale", param);
+  a.found_inf = device_scalar(found_inf, "found_inf", param);
+  a.device_lr = device_scalar(device_lr, "device_lr", param);
+  a.device_debias = device_scalar(device_debias, "device_debias", param);
   launch(Op::kUpdate, a, param);
 }
 
@@ -216,7 +240,9 @@ TORCH_LIBRARY(ivon_fast, m) {
       "Tensor(d!) hess, Tensor? avg_grad, Tensor? avg_hess_term, *, int seed, int draw, "
       "int? next_draw, int offset, int count, str hess_approx, float lr, float ess, "
       "float weight_decay, float beta1, float one_minus_beta1, float beta2, "
-      "float one_minus_beta2, float hess_coef, float clip_radius, float debias) -> ()");
+      "float one_minus_beta2, float hess_coef, float clip_radius, float debias, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? device_lr=None, "
+      "Tensor? device_debias=None) -> ()");
   // introspection (no tensor arguments: catch-all kernels)
   m.def("_cpu_isa", &cpu_isa);
   m.def("_set_cpu_isa", &set_cpu_isa);

@@ -16,7 +16,8 @@ struct Scalars {
   float debias;       // 1 - beta1^t, or 1
   float clip;         // rho (may be inf)
   float count;        // MC sample count as a float (divisor of the running mean)
-  float pad_;
+  float grad_scale;   // update: the GradScaler's scale, read on the device (used only when the
+                      // op got a grad_scale; see read_device_scalars in ivon_math.h)
 };
 
 }  // namespace ivon_fast

@@ -2,11 +2,26 @@
 
 The ops only mutate their annotated arguments in place and return nothing, so the fake kernels
 have nothing to compute: the shapes, dtypes and devices of the outputs are those of the inputs.
+The one thing they check is what the device kernels could not see in a traced graph, or in a
+call that mixes a meta tensor in (it dispatches here, not to the CPU / CUDA kernel): update's
+optional device scalars, with the messages of csrc/ops.cpp.
 Imported by ivon_fast.cpp_backend once ivon_fast._C (which defines the ops) has been loaded.
 """
 from __future__ import annotations
 
 import torch
+
+
+def _check_device_scalar(tensor, name: str, param: torch.Tensor) -> None:
+    """As device_scalar in csrc/ops.cpp: None, or 1 float32 element on the params' device."""
+    if tensor is None:
+        return
+    torch._check(tensor.numel() == 1, lambda: f"ivon_fast: {name} must be a tensor of 1 element, "
+                 f"got {tensor.numel()} elements")
+    torch._check(tensor.dtype == torch.float32,
+                 lambda: f"ivon_fast: {name} must be float32, got {tensor.dtype}")
+    torch._check(tensor.device == param.device, lambda: f"ivon_fast: {name} must be on the "
+                 f"params' device {param.device}, got {tensor.device}")
 
 
 @torch.library.register_fake("ivon_fast::sample")
@@ -23,5 +38,9 @@ def _accumulate_fake(grad, hess, avg_grad, avg_hess_term, *, seed, draw, offset,
 @torch.library.register_fake("ivon_fast::update")
 def _update_fake(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed, draw,
                  next_draw, offset, count, hess_approx, lr, ess, weight_decay, beta1,
-                 one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias):
+                 one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias,
+                 grad_scale=None, found_inf=None, device_lr=None, device_debias=None):
+    for name, tensor in (("grad_scale", grad_scale), ("found_inf", found_inf),
+                         ("device_lr", device_lr), ("device_debias", device_debias)):
+        _check_device_scalar(tensor, name, param)
     return None

@@ -12,7 +12,10 @@ Layout of this file, one section per kernel family, each kernel next to its form
 Conventions shared by all kernels:
 - params are fp32 / bf16 / fp16 (grads have the param's dtype), state is fp32, math is fp32.
 - Hyperparameters and step-dependent scalars are runtime arguments (never ``tl.constexpr``), so a
-  new lr or step never recompiles. Scalar combinations (1 - beta1, 0.5 (1 - beta2)^2) come
+  new lr or step never recompiles. ``update``'s optional device scalars (``grad_scale``,
+  ``found_inf``, ``device_lr``, ``device_debias``; docs/DESIGN.md section 11) are pointers the
+  kernel loads from, with one constexpr flag each saying whether it was given: an absent one
+  costs nothing, and a new value in the tensor never recompiles. Scalar combinations (1 - beta1, 0.5 (1 - beta2)^2) come
   formed in double from ``StepScalars`` and are rounded once to fp32, as torch does with Python
   scalars in the reference.
 - Offsets, indices and lengths are int64, so segments may exceed 2^31 elements.
@@ -258,12 +261,34 @@ def _hess_term(grad, hess, eps, ess, weight_decay, PRICE: tl.constexpr):
 
 
 @triton.jit
-def _running_means(grad, term, avg_grad_ptr, avg_hess_term_ptr, k, n, count, FIRST: tl.constexpr,
+def _unscaled(value, scale, SCALED: tl.constexpr):
+    """value / grad_scale (a true division, as the reference) when the op got a grad_scale."""
+    if SCALED:
+        value = tl.div_rn(value, scale)
+    return value
+
+
+@triton.jit
+def _averages(avg_grad_ptr, avg_hess_term_ptr, k, n, scale, PRICE: tl.constexpr,
+              SCALED: tl.constexpr, MASKED: tl.constexpr):
+    """The running averages as stored, or (SCALED) divided by the grad scale: avg_grad once, the
+    hess term once for price (noise * grad) and twice for gradsq (grad^2 is scaled twice)."""
+    avg_grad = _unscaled(_load(avg_grad_ptr, k, n, 0.0, MASKED), scale, SCALED)
+    avg_term = _unscaled(_load(avg_hess_term_ptr, k, n, 0.0, MASKED), scale, SCALED)
+    if not PRICE:
+        avg_term = _unscaled(avg_term, scale, SCALED)
+    return avg_grad, avg_term
+
+
+@triton.jit
+def _running_means(grad, term, avg_grad_ptr, avg_hess_term_ptr, k, n, count, scale,
+                   FIRST: tl.constexpr, PRICE: tl.constexpr, SCALED: tl.constexpr,
                    MASKED: tl.constexpr):
-    """avg <- new if count == 1 else avg + (new - avg) / count, for (grad, hess term)"""
+    """avg <- new if count == 1 else avg + (new - avg) / count, for (grad, hess term); the
+    averages read are unscaled as ``_averages`` says"""
     if not FIRST:  # the first sample overwrites, so stale averages are never read
-        avg_grad = _load(avg_grad_ptr, k, n, 0.0, MASKED)
-        avg_term = _load(avg_hess_term_ptr, k, n, 0.0, MASKED)
+        avg_grad, avg_term = _averages(avg_grad_ptr, avg_hess_term_ptr, k, n, scale, PRICE,
+                                       SCALED, MASKED)
         grad = avg_grad + tl.div_rn(grad - avg_grad, count)
         term = avg_term + tl.div_rn(term - avg_term, count)
     return grad, term
@@ -280,7 +305,8 @@ def _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, k, n, 
     if PRICE:  # gradsq needs no noise: skip the Philox work entirely
         eps = _normal(seed, draw, quad)
     grad, term = _running_means(grad, _hess_term(grad, hess, eps, ess, weight_decay, PRICE),
-                                avg_grad_ptr, avg_hess_term_ptr, k, n, count, FIRST, MASKED)
+                                avg_grad_ptr, avg_hess_term_ptr, k, n, count, 1.0, FIRST, PRICE,
+                                SCALED=False, MASKED=MASKED)
     _store(avg_grad_ptr, k, n, grad, MASKED)
     _store(avg_hess_term_ptr, k, n, term, MASKED)
 
@@ -318,78 +344,106 @@ def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0,
 def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
                  avg_hess_term_ptr, k, n, quad, seed, draw, next_draw, count, lr, ess,
                  weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
-                 clip_radius, debias, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
-                 PRICE: tl.constexpr, RESAMPLE: tl.constexpr, MASKED: tl.constexpr):
+                 clip_radius, debias, scale, skip, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
+                 PRICE: tl.constexpr, RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                 HAS_FOUND_INF: tl.constexpr, MASKED: tl.constexpr):
     """The update of docs/DESIGN.md section 2, op for op as the reference:
 
         gbar, tbar = the averages, with the grad of the last sample folded in when HAS_GRAD
+                     (grad and averages divided by the grad scale first when HAS_GRAD_SCALE)
         g <- b1 g + (1 - b1) gbar
         f <- (tbar (h + wd)) ess  [price]      f <- tbar ess  [gradsq]
         h <- (b2 h + (1 - b2) f) + (hess_coef (h - f)^2) / (h + wd),  hess_coef = 0.5 (1 - b2)^2
         m <- m - lr clip((g / debias + wd m) / (h + wd), -rho, rho)        (new g and h)
+        (skip, HAS_FOUND_INF only: g, h and m keep their old values)
         param <- m, or (RESAMPLE) m + eps(next_draw) / sqrt(ess (h + wd))   (new m and h)
     """
     mean = _load(mean_ptr, k, n, 0.0, MASKED)
     momentum = _load(momentum_ptr, k, n, 0.0, MASKED)
     hess = _load(hess_ptr, k, n, 1.0, MASKED)
     if HAS_GRAD:
-        grad = _load(grad_ptr, k, n, 0.0, MASKED)
+        grad = _unscaled(_load(grad_ptr, k, n, 0.0, MASKED), scale, HAS_GRAD_SCALE)
         eps = 0.0
         if PRICE:  # price needs the noise of the sample the grad was taken at (old hess)
             eps = _normal(seed, draw, quad)
         # FIRST (count == 1) reads no averages at all
         grad_mean, hess_term = _running_means(
             grad, _hess_term(grad, hess, eps, ess, weight_decay, PRICE), avg_grad_ptr,
-            avg_hess_term_ptr, k, n, count, FIRST, MASKED)
+            avg_hess_term_ptr, k, n, count, scale, FIRST, PRICE, HAS_GRAD_SCALE, MASKED)
     else:
-        grad_mean = _load(avg_grad_ptr, k, n, 0.0, MASKED)
-        hess_term = _load(avg_hess_term_ptr, k, n, 0.0, MASKED)
+        grad_mean, hess_term = _averages(avg_grad_ptr, avg_hess_term_ptr, k, n, scale, PRICE,
+                                         HAS_GRAD_SCALE, MASKED)
 
-    momentum = beta1 * momentum + one_minus_beta1 * grad_mean
+    new_momentum = beta1 * momentum + one_minus_beta1 * grad_mean
     if PRICE:
         nll_hess = (hess_term * (hess + weight_decay)) * ess
     else:
         nll_hess = hess_term * ess
     diff = hess - nll_hess
-    hess = ((beta2 * hess + one_minus_beta2 * nll_hess)
-            + tl.div_rn(hess_coef * (diff * diff), hess + weight_decay))
-    step = tl.div_rn(tl.div_rn(momentum, debias) + weight_decay * mean, hess + weight_decay)
-    mean = mean - lr * tl.minimum(tl.maximum(step, -clip_radius), clip_radius)
+    new_hess = ((beta2 * hess + one_minus_beta2 * nll_hess)
+                + tl.div_rn(hess_coef * (diff * diff), hess + weight_decay))
+    step = tl.div_rn(tl.div_rn(new_momentum, debias) + weight_decay * mean,
+                     new_hess + weight_decay)
+    new_mean = mean - lr * tl.minimum(tl.maximum(step, -clip_radius), clip_radius)
+    if HAS_FOUND_INF:  # a skipped step writes the old values back
+        new_momentum = tl.where(skip, momentum, new_momentum)
+        new_hess = tl.where(skip, hess, new_hess)
+        new_mean = tl.where(skip, mean, new_mean)
 
-    _store(momentum_ptr, k, n, momentum, MASKED)
-    _store(hess_ptr, k, n, hess, MASKED)
-    _store(mean_ptr, k, n, mean, MASKED)
+    _store(momentum_ptr, k, n, new_momentum, MASKED)
+    _store(hess_ptr, k, n, new_hess, MASKED)
+    _store(mean_ptr, k, n, new_mean, MASKED)
     if RESAMPLE:  # write the next sample now: saves a separate sample pass over m and h
-        mean = mean + _sigma_noise(_normal(seed, next_draw, quad), hess, ess, weight_decay)
-    _store(param_ptr, k, n, mean, MASKED)
+        new_mean = new_mean + _sigma_noise(_normal(seed, next_draw, quad), new_hess, ess,
+                                           weight_decay)
+    _store(param_ptr, k, n, new_mean, MASKED)
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
-                   avg_hess_term_ptr, n, quad_base, seed, draw, next_draw, count, lr, ess,
+                   avg_hess_term_ptr, grad_scale_ptr, found_inf_ptr, device_lr_ptr,
+                   device_debias_ptr, n, quad_base, seed, draw, next_draw, count, lr, ess,
                    weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
                    clip_radius, debias, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
-                   PRICE: tl.constexpr, RESAMPLE: tl.constexpr, LEAD: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   PRICE: tl.constexpr, RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                   HAS_FOUND_INF: tl.constexpr, HAS_DEVICE_LR: tl.constexpr,
+                   HAS_DEVICE_DEBIAS: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr):
+    # the device scalars (1-element fp32 tensors), read here, never on the host; an absent one
+    # costs nothing (its flag is off and its pointer is never touched)
+    scale = 1.0
+    if HAS_GRAD_SCALE:
+        scale = tl.load(grad_scale_ptr)
+    skip = False
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0.0  # NaN != 0: a NaN also skips, as the reference
+    if HAS_DEVICE_LR:
+        lr = tl.load(device_lr_ptr)
+    if HAS_DEVICE_DEBIAS:
+        debias = tl.load(device_debias_ptr)
     k, quad, full = _tile(quad_base, n, BLOCK, LEAD)
     if full:
         _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
                      avg_hess_term_ptr, k, n, quad, seed, draw, next_draw, count, lr, ess,
                      weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
-                     clip_radius, debias, HAS_GRAD, FIRST, PRICE, RESAMPLE, MASKED=False)
+                     clip_radius, debias, scale, skip, HAS_GRAD, FIRST, PRICE, RESAMPLE,
+                     HAS_GRAD_SCALE, HAS_FOUND_INF, MASKED=False)
     else:
         _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
                      avg_hess_term_ptr, k, n, quad, seed, draw, next_draw, count, lr, ess,
                      weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
-                     clip_radius, debias, HAS_GRAD, FIRST, PRICE, RESAMPLE, MASKED=True)
+                     clip_radius, debias, scale, skip, HAS_GRAD, FIRST, PRICE, RESAMPLE,
+                     HAS_GRAD_SCALE, HAS_FOUND_INF, MASKED=True)
 
 
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
-           next_draw=None, offset=0, count, hess_approx, scalars: StepScalars):
+           next_draw=None, offset=0, count, hess_approx, scalars: StepScalars, grad_scale=None,
+           found_inf=None, device_lr=None, device_debias=None):
     """Reference ``update`` (see ivon_fast.reference) in one kernel launch.
 
     With ``grad`` given and count == 1 the averages are neither read nor written (they may be
-    None); with ``grad=None`` they must hold all ``count`` samples.
+    None); with ``grad=None`` they must hold all ``count`` samples. ``grad_scale``,
+    ``found_inf``, ``device_lr`` and ``device_debias`` are 1-element float32 tensors on the
+    params' device (or None); the kernel reads them, the host never does.
     """
     price = _is_price(hess_approx)
     _check_count(count)
@@ -398,18 +452,25 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
         raise ValueError("update needs avg_grad and avg_hess_term unless grad is given and "
                          "count == 1")
     n = _check_segment((param, grad), (mean, momentum, hess, avg_grad, avg_hess_term))
+    device_scalars = dict(grad_scale=grad_scale, found_inf=found_inf, device_lr=device_lr,
+                          device_debias=device_debias)
+    for name, tensor in device_scalars.items():
+        _check_device_scalar(tensor, name, param.device)
     if n == 0:
         return
     s = scalars
     # unused pointers still need a tensor: hand the kernel one it never touches
+    pointers = [mean if tensor is None else tensor for tensor in device_scalars.values()]
     _launch(_update_kernel, param.device, n, offset, param, hess if grad is None else grad, mean,
             momentum, hess, hess if avg_grad is None else avg_grad,
-            hess if avg_hess_term is None else avg_hess_term, n, offset >> 2,
+            hess if avg_hess_term is None else avg_hess_term, *pointers, n, offset >> 2,
             _u64_bits(seed, "seed"), _u64_bits(draw, "draw"),
             _u64_bits(0 if next_draw is None else next_draw, "next_draw"), float(count), s.lr,
             s.ess, s.weight_decay, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2,
             s.hess_coef, s.clip_radius, s.debias, HAS_GRAD=grad is not None, FIRST=first,
-            PRICE=price, RESAMPLE=next_draw is not None)
+            PRICE=price, RESAMPLE=next_draw is not None, HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None, HAS_DEVICE_LR=device_lr is not None,
+            HAS_DEVICE_DEBIAS=device_debias is not None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -458,6 +519,20 @@ def _is_price(hess_approx: str) -> bool:
 def _check_count(count) -> None:
     if int(count) != count or count < 1:
         raise ValueError(f"count must be a positive integer, got {count!r}")
+
+
+def _check_device_scalar(tensor, name: str, device: torch.device) -> None:
+    """An update's optional device scalar: None, or 1 float32 element on the params' device."""
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(tensor).__name__}")
+    if tensor.numel() != 1:
+        raise ValueError(f"{name} must be a tensor of 1 element, got {tensor.numel()} elements")
+    if tensor.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {tensor.dtype}")
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on the params' device {device}, got {tensor.device}")
 
 
 def _check_segment(params, states) -> int:

@@ -267,6 +267,242 @@ def test_trajectory(device, hess_approx, mc_samples):
                                    msg=lambda m, key=key: f"{key}: {m}")
 
 
+# ---- update's device scalars: grad_scale, found_inf, device_lr, device_debias ------------------
+# (ivon_fast.reference.update; Note [device scalars of an update] in csrc/ivon_math.h)
+
+_GRAD_MODES = [(True, 1), (True, 3), (False, 3)]  # (grad given, count): the three GradModes
+
+
+def _bits(tensor):
+    """The tensor's bits as integers: equal bits compare equal, NaNs included."""
+    return tensor.view({4: torch.int32, 2: torch.int16}[tensor.element_size()])
+
+
+def _one(value, device):
+    return torch.tensor([value], dtype=torch.float32, device=device)
+
+
+def _scaled_state(n, dtype, device, scale, hess_approx, seed=20):
+    """A state whose grad and averages are those of _state multiplied by ``scale`` as a GradScaler
+    would have them (the 'gradsq' average holds squares, so scale^2), and the unscaled original."""
+    plain = _state(n, dtype, device, seed=seed)
+    plain["avg_hess_term"] = plain["avg_hess_term"].abs() if hess_approx == "gradsq" else \
+        plain["avg_hess_term"]
+    scaled = _clone(plain)
+    scaled["grad"] = (plain["grad"].float() * scale).to(dtype)
+    scaled["avg_grad"] = plain["avg_grad"] * scale
+    scaled["avg_hess_term"] = plain["avg_hess_term"] * (scale ** 2 if hess_approx == "gradsq"
+                                                        else scale)
+    return plain, scaled
+
+
+def _update_with(backend, st, *, grad, count, hess_approx, next_draw=12, offset=4099,
+                 scalars=None, **device_scalars):
+    backend.update(st["param"], st["grad"] if grad else None, st["mean"], st["momentum"],
+                   st["hess"], st["avg_grad"], st["avg_hess_term"], seed=5, draw=11,
+                   next_draw=next_draw, offset=offset, count=count, hess_approx=hess_approx,
+                   scalars=_scalars(0.02) if scalars is None else scalars, **device_scalars)
+
+
+_SCALE_CASES = list(itertools.product(
+    [torch.float32, torch.bfloat16, torch.float16], ["price", "gradsq"], _GRAD_MODES,
+    [1024.0, 3.0]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(len(_SCALE_CASES)))
+def test_update_grad_scale_equals_reference(device, case):
+    """grad, averages and the 'gradsq' average (twice) divided by grad_scale, as the reference.
+    fp32: the same bits as the update without grad_scale of the inputs divided by torch first
+    (true divisions, not a reciprocal multiply; for a power of two, the unscaled inputs)."""
+    _skip_without_cuda(device)
+    dtype, hess_approx, (grad, count), scale = _SCALE_CASES[case]
+    _, got = _scaled_state(4097, dtype, device, scale, hess_approx)
+    start, want = _clone(got), _clone(got)
+    kw = dict(grad=grad, count=count, hess_approx=hess_approx)
+    _update_with(cpp, got, grad_scale=_one(scale, device), **kw)
+    _update_with(ref, want, grad_scale=_one(scale, device), **kw)
+    _assert_state(got, want, ["mean", "momentum", "hess", "param"])
+    if dtype == torch.float32:
+        term = start["avg_hess_term"] / scale
+        divided = dict(start, grad=start["grad"] / scale, avg_grad=start["avg_grad"] / scale,
+                       avg_hess_term=term / scale if hess_approx == "gradsq" else term)
+        _update_with(cpp, divided, **kw)
+        for key in ("mean", "momentum", "hess", "param"):
+            assert torch.equal(got[key], divided[key]), key
+    # the scale must matter: without it the state moves elsewhere
+    ignored = _clone(start)
+    _update_with(cpp, ignored, **kw)
+    assert not torch.allclose(ignored["hess"], got["hess"], rtol=1e-3, atol=0)
+
+
+_SKIP_CASES = list(itertools.product(
+    [torch.float32, torch.bfloat16], ["price", "gradsq"], _GRAD_MODES, [None, 12]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("found", [1.0, float("nan"), float("-inf")])
+@pytest.mark.parametrize("case", range(len(_SKIP_CASES)))
+def test_update_found_inf_skips_the_step(device, found, case):
+    """A nonzero (or NaN) found_inf: state bit for bit unchanged, param <- the old mean, or the
+    sample of next_draw around the old mean and hess (the same bits as the sample op); the
+    non-finite grads and averages are never let into the state."""
+    _skip_without_cuda(device)
+    dtype, hess_approx, (grad, count), next_draw = _SKIP_CASES[case]
+    got = _state(4097, dtype, device, seed=21)
+    got["grad"][::7] = float("inf")
+    got["avg_grad"][1::5] = float("nan")
+    before = _clone(got)
+    want = _clone(got)
+    kw = dict(grad=grad, count=count, hess_approx=hess_approx, next_draw=next_draw)
+    _update_with(cpp, got, found_inf=_one(found, device), grad_scale=_one(3.0, device), **kw)
+    _update_with(ref, want, found_inf=_one(found, device), grad_scale=_one(3.0, device), **kw)
+    for key in ("mean", "momentum", "hess", "avg_grad", "avg_hess_term", "grad"):
+        assert torch.equal(_bits(got[key]), _bits(before[key])), key
+    if next_draw is None:
+        assert torch.equal(got["param"], before["mean"].to(dtype))
+    else:
+        sampled = torch.empty_like(got["param"])
+        cpp.sample(sampled, before["mean"], before["hess"], seed=5, draw=next_draw, offset=4099,
+                   ess=HYPER["ess"], weight_decay=HYPER["weight_decay"])
+        assert torch.equal(got["param"], sampled)
+    _assert_state(got, want, ["param"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("grad,count", _GRAD_MODES)
+def test_update_found_inf_zero_takes_the_step(device, hess_approx, grad, count):
+    """found_inf = 0 is the step without found_inf, bit for bit (and the reference's)."""
+    _skip_without_cuda(device)
+    got = _state(4097, torch.float32, device, seed=22)
+    plain, want = _clone(got), _clone(got)
+    kw = dict(grad=grad, count=count, hess_approx=hess_approx)
+    _update_with(cpp, got, found_inf=_one(0.0, device), **kw)
+    _update_with(cpp, plain, **kw)
+    _update_with(ref, want, found_inf=_one(0.0, device), **kw)
+    for key in ("mean", "momentum", "hess", "param"):
+        assert torch.equal(got[key], plain[key]), key
+    _assert_state(got, want, ["mean", "momentum", "hess", "param"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+def test_update_device_lr_and_debias(device, dtype, hess_approx):
+    """device_lr / device_debias holding the scalars' values give the scalars' bits; other values
+    give what the scalars with those values give (the kernel reads them, not the scalars)."""
+    _skip_without_cuda(device)
+    kw = dict(grad=True, count=3, hess_approx=hess_approx)
+    base = _state(4097, dtype, device, seed=23)
+    scalars = _scalars(float("inf"), debias=0.271)
+    other = StepScalars.of(clip_radius=float("inf"), debias=0.5, **dict(HYPER, lr=0.2))
+    runs = {}
+    for name, step_scalars, device_scalars in [
+            ("scalars", scalars, {}),
+            ("device", scalars, dict(device_lr=_one(scalars.lr, device),
+                                     device_debias=_one(scalars.debias, device))),
+            ("other_scalars", other, {}),
+            ("other_device", scalars, dict(device_lr=_one(0.2, device),
+                                           device_debias=_one(0.5, device))),
+            ("other_lr_only", StepScalars.of(clip_radius=float("inf"), debias=0.271,
+                                             **dict(HYPER, lr=0.2)), {}),
+            ("device_lr_only", scalars, dict(device_lr=_one(0.2, device)))]:
+        st = _clone(base)
+        _update_with(cpp, st, scalars=step_scalars, **device_scalars, **kw)
+        runs[name] = st
+    for key in ("mean", "momentum", "hess", "param"):
+        assert torch.equal(runs["device"][key], runs["scalars"][key]), key
+        assert torch.equal(runs["other_device"][key], runs["other_scalars"][key]), key
+        assert torch.equal(runs["device_lr_only"][key], runs["other_lr_only"][key]), key
+    assert not torch.equal(runs["other_device"]["mean"], runs["scalars"]["mean"])
+    want = _clone(base)
+    _update_with(ref, want, scalars=scalars, device_lr=_one(0.2, device),
+                 device_debias=_one(0.5, device), **kw)
+    _assert_state(runs["other_device"], want, ["mean", "momentum", "hess", "param"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,offset", [(1, 0), (3, 1), (5, 2), (7, 3), (4097, 4099),
+                                      (300_001, 1)])
+@pytest.mark.parametrize("found", [0.0, 1.0])
+def test_update_device_scalars_sizes_offsets(device, n, offset, found):
+    """All four together, on odd segments (partial quads at both ends, several threads)."""
+    _skip_without_cuda(device)
+    got = _state(n, torch.bfloat16, device, seed=24)
+    before, want = _clone(got), _clone(got)
+    dev = dict(grad_scale=_one(3.0, device), found_inf=_one(found, device),
+               device_lr=_one(0.1, device), device_debias=_one(0.4, device))
+    kw = dict(grad=True, count=3, hess_approx="price", offset=offset, next_draw=EVAL_DRAW)
+    _update_with(cpp, got, **dev, **kw)
+    _update_with(ref, want, **dev, **kw)
+    _assert_state(got, want, ["mean", "momentum", "hess", "param"])
+    if found:
+        for key in ("mean", "momentum", "hess"):
+            assert torch.equal(got[key], before[key]), key
+
+
+def test_update_device_scalars_validation():
+    st = _state(8, torch.float32, "cpu")
+    kw = dict(grad=True, count=1, hess_approx="price")
+    for name in ("grad_scale", "found_inf", "device_lr", "device_debias"):
+        with pytest.raises(RuntimeError, match=f"{name} must be float32, got Double"):
+            _update_with(cpp, _clone(st), **{name: torch.ones(1, dtype=torch.float64)}, **kw)
+        with pytest.raises(RuntimeError, match=f"{name} must be a tensor of 1 element, got 2"):
+            _update_with(cpp, _clone(st), **{name: torch.ones(2)}, **kw)
+        # a meta tensor dispatches the call to the fake kernel, which checks the same
+        with pytest.raises(RuntimeError, match=f"{name} must be on the params' device cpu, "
+                                               "got meta"):
+            _update_with(cpp, _clone(st), **{name: torch.ones(1, device="meta")}, **kw)
+        # the CPU kernel's own check of the device
+        op = torch.ops.ivon_fast.update.default
+        s = _scalars(1.0)
+        with pytest.raises(RuntimeError, match=f"{name} must be on the params' device cpu"):
+            op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), st["param"],
+                          st["grad"], st["mean"], st["momentum"], st["hess"], None, None,
+                          seed=0, draw=0, next_draw=None, offset=0, count=1,
+                          hess_approx="price", lr=s.lr, ess=s.ess,
+                          weight_decay=s.weight_decay, beta1=s.beta1,
+                          one_minus_beta1=s.one_minus_beta1, beta2=s.beta2,
+                          one_minus_beta2=s.one_minus_beta2, hess_coef=s.hess_coef,
+                          clip_radius=s.clip_radius, debias=s.debias,
+                          **{name: torch.ones(1, device="meta")})
+    # a 0-d tensor is one element too
+    _update_with(cpp, _clone(st), found_inf=torch.zeros(()), device_lr=torch.tensor(0.1), **kw)
+
+
+@pytest.mark.gpu
+def test_cuda_update_rejects_cpu_device_scalars():
+    _skip_without_cuda("cuda")
+    st = _state(8, torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="found_inf must be on the params' device cuda"):
+        _update_with(cpp, st, grad=True, count=1, hess_approx="price", found_inf=torch.ones(1))
+
+
+def test_torch_compile_with_device_scalars_matches_eager():
+    """The fake kernel takes the new arguments; a traced step reads their values at run time."""
+    n = 1003
+
+    def step(st, dev):
+        cpp.update(st["param"], st["grad"], st["mean"], st["momentum"], st["hess"], None, None,
+                   seed=BIG_SEED, draw=4, next_draw=5, offset=2, count=1,
+                   hess_approx="price", scalars=_scalars(0.02, debias=0.1), **dev)
+        return st["param"] * 2.0
+
+    torch._dynamo.reset()
+    compiled_step = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for found in (0.0, 1.0):
+        dev = dict(grad_scale=_one(3.0, "cpu"), found_inf=_one(found, "cpu"),
+                   device_lr=_one(0.3, "cpu"), device_debias=_one(0.2, "cpu"))
+        eager = _state(n, torch.float32, "cpu", seed=8)
+        compiled = _clone(eager)
+        out_eager = step(eager, dev)
+        out_compiled = compiled_step(compiled, dev)
+        torch.testing.assert_close(out_compiled, out_eager, rtol=0, atol=0)
+        for key in ("param", "mean", "momentum", "hess"):
+            assert torch.equal(compiled[key], eager[key]), key
+
+
 # ---- every CPU instruction-set build: the counter's high word, rounding of bf16 / fp16 --------
 
 @pytest.fixture(params=["avx512", "avx2", "generic"])
@@ -327,13 +563,22 @@ def test_cpu_isa_builds_agree_bitwise():
             st = _state(70_001, torch.bfloat16, "cpu", seed=6)
             _run_update(cpp, st, grad=True, count=3, hess_approx="price", clip_radius=0.02,
                         next_draw=EVAL_DRAW, offset=1)
-            results[isa] = st
+            scaled = _state(70_001, torch.float32, "cpu", seed=6)
+            _update_with(cpp, scaled, grad=True, count=3, hess_approx="gradsq", offset=1,
+                         grad_scale=_one(3.0, "cpu"), device_lr=_one(0.1, "cpu"),
+                         device_debias=_one(0.3, "cpu"), found_inf=_one(0.0, "cpu"))
+            skipped = _state(70_001, torch.float16, "cpu", seed=6)
+            _update_with(cpp, skipped, grad=False, count=3, hess_approx="price", offset=1,
+                         found_inf=_one(1.0, "cpu"))
+            results[isa] = {**st, **{f"scaled_{k}": v for k, v in scaled.items()},
+                            **{f"skipped_{k}": v for k, v in skipped.items()}}
         finally:
             cpp.set_cpu_isa("")
     assert "generic" in results
     for isa, st in results.items():
         for key in ("mean", "momentum", "hess", "param"):
-            assert torch.equal(st[key], results["generic"][key]), (isa, key)
+            for prefix in ("", "scaled_", "skipped_"):
+                assert torch.equal(st[prefix + key], results["generic"][prefix + key]), (isa, key)
 
 
 def test_input_validation():
@@ -372,6 +617,9 @@ def test_cpu_kernels_registered_with_schema():
     assert "Tensor(a!) param" in schema and "Tensor(d!) hess" in schema and "int? next_draw" in schema
     # the host-combined scalars come in formed (ivon_fast/scalars.py), not as beta2 alone
     assert "float one_minus_beta1" in schema and "float hess_coef" in schema
+    # update's device scalars: optional keywords, so callers without them keep working
+    for name in ("grad_scale", "found_inf", "device_lr", "device_debias"):
+        assert f"Tensor? {name}=None" in schema, name
 
 
 def test_torch_compile_matches_eager():

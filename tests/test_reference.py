@@ -135,3 +135,114 @@ def test_accumulate_then_update_equals_averaging_by_hand():
     nll_hess = sum(e * g for e, g in zip(noises, grads)) / 3 * (hess + 0.01) * 10.0
     expected_hess = 0.5 * hess + 0.5 * nll_hess + 0.125 * (hess - nll_hess) ** 2 / (hess + 0.01)
     torch.testing.assert_close(state["hess"], expected_hess)
+
+
+# ---- update's device scalars: grad_scale, found_inf, device_lr, device_debias -----------------
+
+_GRAD_MODES = [(True, 1), (True, 3), (False, 3)]  # (grad given, count)
+
+
+def _device_scalar_inputs(dtype, hess_approx, n=301, seed=4):
+    generator = torch.Generator().manual_seed(seed)
+    make = lambda scale=1.0: (torch.randn(n, generator=generator) * scale).to(dtype)  # noqa: E731
+    term = make(0.1)
+    return dict(param=torch.empty(n, dtype=dtype), grad=make(), mean=make(),
+                momentum=make(0.1), hess=make(0.1).abs() + 0.5, avg_grad=make(),
+                avg_hess_term=term.abs() if hess_approx == "gradsq" else term)
+
+
+def _reference_update(st, *, grad, count, hess_approx, next_draw=3, scalars=None, **device):
+    st = {k: v.clone() for k, v in st.items()}
+    scalars = scalars or StepScalars.of(lr=0.05, ess=30.0, weight_decay=1e-3, beta1=0.9,
+                                        beta2=0.99, clip_radius=0.5, debias=0.19)
+    reference.update(st["param"], st["grad"] if grad else None, st["mean"], st["momentum"],
+                     st["hess"], st["avg_grad"], st["avg_hess_term"], seed=7, draw=2,
+                     next_draw=next_draw, offset=5, count=count, hess_approx=hess_approx,
+                     scalars=scalars, **device)
+    return st
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("grad,count", _GRAD_MODES)
+def test_grad_scale_of_a_power_of_two_is_exact(dtype, hess_approx, grad, count):
+    """Grads and averages multiplied by 2^k (the 'gradsq' average by 2^2k: it holds squares) and
+    grad_scale = 2^k: bit for bit the update of the unscaled values."""
+    plain = _device_scalar_inputs(dtype, hess_approx)
+    scale = 2.0 ** 14
+    scaled = dict(plain, grad=plain["grad"] * scale, avg_grad=plain["avg_grad"] * scale,
+                  avg_hess_term=plain["avg_hess_term"] * (
+                      scale ** 2 if hess_approx == "gradsq" else scale))
+    kw = dict(grad=grad, count=count, hess_approx=hess_approx)
+    want = _reference_update(plain, **kw)
+    got = _reference_update(scaled, grad_scale=torch.tensor([scale], dtype=torch.float32), **kw)
+    for key in ("mean", "momentum", "hess", "param"):
+        assert torch.equal(got[key], want[key]), key
+    # and the scale is not ignored
+    ignored = _reference_update(scaled, **kw)
+    assert not torch.equal(ignored["mean"], want["mean"])
+
+
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+def test_grad_scale_divides_the_gradsq_average_twice(hess_approx):
+    """With the averages only (grad=None) and a scale of 3, the hess term the update uses is
+    avg / 3 (price) or avg / 3 / 3 (gradsq): the same update as the divided averages given."""
+    st = _device_scalar_inputs(torch.float64, hess_approx)
+    three = torch.tensor([3.0])
+    got = _reference_update(st, grad=False, count=3, hess_approx=hess_approx, grad_scale=three)
+    term = st["avg_hess_term"] / 3.0
+    if hess_approx == "gradsq":
+        term = term / 3.0
+    want = _reference_update(dict(st, avg_grad=st["avg_grad"] / 3.0, avg_hess_term=term),
+                             grad=False, count=3, hess_approx=hess_approx)
+    for key in ("mean", "momentum", "hess", "param"):
+        assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("found", [1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("next_draw", [None, 3])
+@pytest.mark.parametrize("grad,count", _GRAD_MODES)
+def test_found_inf_skips_the_step(found, next_draw, grad, count):
+    st = _device_scalar_inputs(torch.float32, "price")
+    st["grad"][::3] = float("inf")
+    got = _reference_update(st, grad=grad, count=count, hess_approx="price",
+                            next_draw=next_draw, found_inf=torch.tensor([found]))
+    for key in ("mean", "momentum", "hess", "avg_grad", "avg_hess_term"):
+        assert torch.equal(got[key], st[key]), key
+    sample = torch.empty_like(st["param"])
+    if next_draw is None:
+        sample.copy_(st["mean"])
+    else:
+        reference.sample(sample, st["mean"], st["hess"], seed=7, draw=next_draw, offset=5,
+                         ess=30.0, weight_decay=1e-3)
+    assert torch.equal(got["param"], sample)
+
+
+def test_found_inf_zero_takes_the_step():
+    st = _device_scalar_inputs(torch.float32, "price")
+    kw = dict(grad=True, count=3, hess_approx="price")
+    got = _reference_update(st, found_inf=torch.tensor([0.0]), **kw)
+    want = _reference_update(st, **kw)
+    for key in ("mean", "momentum", "hess", "param"):
+        assert torch.equal(got[key], want[key]), key
+    assert not torch.equal(got["mean"], st["mean"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_device_lr_and_debias_equal_the_scalars(dtype):
+    """Tensors in the state dtype holding lr and debias give the Python floats' bits."""
+    st = _device_scalar_inputs(dtype, "price")
+    kw = dict(grad=True, count=3, hess_approx="price")
+
+    def scalars(lr, debias):
+        return StepScalars.of(lr=lr, ess=30.0, weight_decay=1e-3, beta1=0.9, beta2=0.99,
+                              clip_radius=0.5, debias=debias)
+
+    base = scalars(0.05, 0.19)
+    with_floats = _reference_update(st, scalars=scalars(0.3, 0.6), **kw)
+    with_tensors = _reference_update(st, scalars=base, device_lr=torch.tensor([0.3], dtype=dtype),
+                                     device_debias=torch.tensor([0.6], dtype=dtype), **kw)
+    unchanged = _reference_update(st, scalars=base, **kw)
+    for key in ("mean", "momentum", "hess", "param"):
+        assert torch.equal(with_tensors[key], with_floats[key]), key
+    assert not torch.equal(with_tensors["mean"], unchanged["mean"])

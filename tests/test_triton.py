@@ -266,6 +266,230 @@ def test_update_count_one_needs_no_averages(device):
 
 
 # ---------------------------------------------------------------------------------------------
+# update's device scalars: grad_scale, found_inf, device_lr, device_debias (ivon_fast.reference)
+# ---------------------------------------------------------------------------------------------
+GRAD_MODES = [(True, 1), (True, 3), (False, 3)]  # (grad given, count): the three modes
+
+
+def one(value, device):
+    return torch.tensor([value], dtype=torch.float32, device=device)
+
+
+def bits(tensor):
+    """The tensor's bits as integers: equal bits compare equal, NaNs included."""
+    return tensor.view({4: torch.int32, 2: torch.int16}[tensor.element_size()])
+
+
+def scaled_inputs(n, dtype, device, scale, hess_approx):
+    """The unscaled (grad, state), and (grad, state) as a GradScaler leaves them: grad and
+    avg_grad times ``scale``, the hess-term average times scale ('price': noise * grad) or
+    scale^2 ('gradsq': grad^2)."""
+    mean, momentum, hess, avg_grad, avg_term = make_state(n, device, seed=5)
+    if hess_approx == "gradsq":
+        avg_term = avg_term.abs()
+    grad = make_grad(n, dtype, device, seed=6)
+    plain = (grad, [mean, momentum, hess, avg_grad, avg_term])
+    term_scale = scale ** 2 if hess_approx == "gradsq" else scale
+    scaled = ((grad.float() * scale).to(dtype),
+              [mean, momentum, hess, avg_grad * scale, avg_term * term_scale])
+    return plain, scaled
+
+
+def run_update(backend, param, grad, state, *, count, hess_approx, next_draw=9, offset=4099,
+               scalars=None, **device_scalars):
+    """``backend.update`` on copies; returns (param, [mean, momentum, hess, avg_grad, avg_term])."""
+    param, state = param.clone(), clones(state)
+    backend.update(param, grad, *state, seed=BIG_SEED, draw=6, next_draw=next_draw,
+                   offset=offset, count=count, hess_approx=hess_approx,
+                   scalars=update_scalars(0.1) if scalars is None else scalars, **device_scalars)
+    return param, state
+
+
+def assert_update_close(got, expected, dtype):
+    assert_close(got[0].float(), expected[0].float(), dtype)
+    for a, e in zip(got[1][:3], expected[1][:3]):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", [1024.0, 3.0])
+@pytest.mark.parametrize("grad_mode", GRAD_MODES)
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_update_grad_scale(device, dtype, hess_approx, grad_mode, scale):
+    """The grad and the averages divided by grad_scale ('gradsq''s average twice), as the
+    reference. fp32: the same bits as the update without grad_scale of the inputs divided by
+    torch first (true divisions, not a reciprocal multiply; for a power of two, the unscaled
+    inputs)."""
+    with_grad, count = grad_mode
+    n = 4097
+    _, (grad, state) = scaled_inputs(n, dtype, device, scale, hess_approx)
+    grad = grad if with_grad else None
+    param = torch.zeros(n, dtype=dtype, device=device)
+    kw = dict(count=count, hess_approx=hess_approx)
+    got = run_update(tb, param, grad, state, grad_scale=one(scale, device), **kw)
+    expected = run_update(reference, param, grad, state, grad_scale=one(scale, device), **kw)
+    assert_update_close(got, expected, dtype)
+    if dtype == torch.float32:
+        mean, momentum, hess, avg_grad, avg_term = state
+        avg_term = avg_term / scale
+        if hess_approx == "gradsq":
+            avg_term = avg_term / scale
+        divided = run_update(tb, param, None if grad is None else grad / scale,
+                             [mean, momentum, hess, avg_grad / scale, avg_term], **kw)
+        assert torch.equal(got[0], divided[0])
+        for a, e in zip(got[1][:3], divided[1][:3]):  # mean, momentum, hess
+            assert torch.equal(a, e)
+    ignored = run_update(tb, param, grad, state, **kw)  # the scale must matter
+    assert not torch.allclose(ignored[1][2], got[1][2], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("found", [1.0, float("nan"), float("-inf")])
+@pytest.mark.parametrize("next_draw", [None, 7])
+@pytest.mark.parametrize("grad_mode", GRAD_MODES)
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# the interpreter's numpy warns about the skipped step's inf and NaN arithmetic
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                            "ignore:overflow encountered:RuntimeWarning")
+def test_update_found_inf_skips_the_step(device, dtype, hess_approx, grad_mode, next_draw,
+                                         found):
+    """A nonzero (or NaN) found_inf: mean, momentum, hess (and the averages) keep their bits, the
+    param gets the old mean or the sample op's sample of next_draw around the old state; the
+    non-finite grads never reach the state."""
+    with_grad, count = grad_mode
+    n = 4097
+    state = make_state(n, device, seed=7)
+    state[3][1::5] = float("nan")
+    grad = make_grad(n, dtype, device) if with_grad else None
+    if grad is not None:
+        grad[::7] = float("inf")
+    param = torch.zeros(n, dtype=dtype, device=device)
+    kw = dict(count=count, hess_approx=hess_approx, next_draw=next_draw,
+              found_inf=one(found, device), grad_scale=one(3.0, device))
+    got = run_update(tb, param, grad, state, **kw)
+    expected = run_update(reference, param, grad, state, **kw)
+    for a, before in zip(got[1], state):
+        assert torch.equal(bits(a), bits(before))
+    if next_draw is None:
+        assert torch.equal(got[0], state[0].to(dtype))
+    else:
+        sampled = torch.empty_like(param)
+        tb.sample(sampled, state[0], state[2], seed=BIG_SEED, draw=next_draw, offset=4099,
+                  **HYPER)
+        assert torch.equal(got[0], sampled)
+    assert_close(got[0].float(), expected[0].float(), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad_mode", GRAD_MODES)
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+def test_update_found_inf_zero_takes_the_step(device, hess_approx, grad_mode):
+    with_grad, count = grad_mode
+    n = 4097
+    state = make_state(n, device, seed=8)
+    grad = make_grad(n, torch.float32, device) if with_grad else None
+    param = torch.zeros(n, device=device)
+    kw = dict(count=count, hess_approx=hess_approx)
+    got = run_update(tb, param, grad, state, found_inf=one(0.0, device), **kw)
+    plain = run_update(tb, param, grad, state, **kw)
+    expected = run_update(reference, param, grad, state, found_inf=one(0.0, device), **kw)
+    assert torch.equal(got[0], plain[0])
+    for a, e in zip(got[1], plain[1]):
+        assert torch.equal(a, e)
+    assert_update_close(got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+def test_update_device_lr_and_debias(device, dtype, hess_approx):
+    """device_lr / device_debias holding the scalars' values give the scalars' bits; other values
+    give what scalars with those values give."""
+    n = 4097
+    state = make_state(n, device, seed=9)
+    grad = make_grad(n, dtype, device)
+    param = torch.zeros(n, dtype=dtype, device=device)
+    kw = dict(count=3, hess_approx=hess_approx)
+
+    def scalars(lr, debias):
+        return StepScalars.of(lr=lr, beta1=0.9, beta2=0.99, clip_radius=float("inf"),
+                              debias=debias, **HYPER)
+
+    base = scalars(0.05, 0.271)
+    runs = {
+        "scalars": run_update(tb, param, grad, state, scalars=base, **kw),
+        "device": run_update(tb, param, grad, state, scalars=base, device_lr=one(0.05, device),
+                             device_debias=one(0.271, device), **kw),
+        "other_scalars": run_update(tb, param, grad, state, scalars=scalars(0.2, 0.5), **kw),
+        "other_device": run_update(tb, param, grad, state, scalars=base,
+                                   device_lr=one(0.2, device), device_debias=one(0.5, device),
+                                   **kw),
+        "lr_scalars": run_update(tb, param, grad, state, scalars=scalars(0.2, 0.271), **kw),
+        "lr_device": run_update(tb, param, grad, state, scalars=base,
+                                device_lr=one(0.2, device), **kw),
+        "debias_scalars": run_update(tb, param, grad, state, scalars=scalars(0.05, 0.5), **kw),
+        "debias_device": run_update(tb, param, grad, state, scalars=base,
+                                    device_debias=one(0.5, device), **kw),
+    }
+    for a, b in [("device", "scalars"), ("other_device", "other_scalars"),
+                 ("lr_device", "lr_scalars"), ("debias_device", "debias_scalars")]:
+        assert torch.equal(runs[a][0], runs[b][0]), a
+        for x, y in zip(runs[a][1], runs[b][1]):
+            assert torch.equal(x, y), a
+    assert not torch.equal(runs["other_device"][1][0], runs["scalars"][1][0])
+    expected = run_update(reference, param, grad, state, scalars=base,
+                          device_lr=one(0.2, device), device_debias=one(0.5, device), **kw)
+    assert_update_close(runs["other_device"], expected, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,offset", SEGMENTS)
+@pytest.mark.parametrize("found", [0.0, 1.0])
+def test_update_device_scalars_segments(device, n, offset, found, block):
+    """All four together on every segment shape (partial tiles at both ends, many programs)."""
+    if block is not None and n > 10_000:
+        pytest.skip("tiny blocks on big segments are slow under the interpreter")
+    state = make_state(n, device, seed=10)
+    grad = make_grad(n, torch.bfloat16, device)
+    param = torch.zeros(n, dtype=torch.bfloat16, device=device)
+    kw = dict(count=3, hess_approx="price", offset=offset, next_draw=EVAL_DRAW,
+              grad_scale=one(3.0, device), found_inf=one(found, device),
+              device_lr=one(0.1, device), device_debias=one(0.4, device))
+    got = run_update(tb, param, grad, state, **kw)
+    expected = run_update(reference, param, grad, state, **kw)
+    assert_update_close(got, expected, torch.bfloat16)
+    if found:
+        for a, before in zip(got[1], state):
+            assert torch.equal(a, before)
+
+
+@pytest.mark.parametrize("name", ["grad_scale", "found_inf", "device_lr", "device_debias"])
+def test_update_device_scalars_validation(name):
+    n = 8
+    state = make_state(n, "cpu")
+    grad, param = make_grad(n, torch.float32, "cpu"), torch.zeros(n)
+    kw = dict(count=1, hess_approx="price")
+    with pytest.raises(TypeError, match=f"{name} must be float32, got torch.float64"):
+        run_update(tb, param, grad, state, **{name: torch.ones(1, dtype=torch.float64)}, **kw)
+    with pytest.raises(ValueError, match=f"{name} must be a tensor of 1 element, got 2"):
+        run_update(tb, param, grad, state, **{name: torch.ones(2)}, **kw)
+    with pytest.raises(ValueError, match=f"{name} must be on the params' device cpu, got meta"):
+        run_update(tb, param, grad, state, **{name: torch.ones(1, device="meta")}, **kw)
+    with pytest.raises(TypeError, match=f"{name} must be a tensor or None"):
+        run_update(tb, param, grad, state, **{name: 0.5}, **kw)
+
+
+@pytest.mark.gpu
+def test_update_rejects_cpu_device_scalars_for_cuda_params():
+    state = make_state(8, "cuda")
+    with pytest.raises(ValueError, match="found_inf must be on the params' device cuda"):
+        run_update(tb, torch.zeros(8, device="cuda"), make_grad(8, torch.float32, "cuda"),
+                   state, count=1, hess_approx="price", found_inf=torch.ones(1))
+
+
+# ---------------------------------------------------------------------------------------------
 # Rounding of bf16 / fp16 params
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
@@ -380,6 +604,40 @@ def test_hyperparameters_are_runtime_arguments(kernel):
     assert "BLOCK" in constexprs and "LEAD" in constexprs
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_scalar_values_do_not_recompile(device, monkeypatch):
+    """The kernel reads device_lr / found_inf / grad_scale / device_debias through pointers: a new
+    value in the same tensors (as a CUDA graph replay or a GradScaler update writes it) launches
+    with exactly the same arguments, so the same compiled kernel, and changes the result."""
+    n = 37
+    state = make_state(n, device)
+    grad, param = make_grad(n, torch.float32, device), torch.zeros(n, device=device)
+    dev = dict(grad_scale=one(2.0, device), found_inf=one(0.0, device),
+               device_lr=one(0.05, device), device_debias=one(0.3, device))
+    kernel = tb._update_kernel
+    compiled_before = (len(kernel.device_caches[torch.cuda.current_device()][0])
+                       if device == "cuda" else None)
+    launches = _record_launches(monkeypatch)
+    results = []
+    for lr, found in [(0.05, 0.0), (0.2, 0.0), (0.2, 1.0)]:
+        dev["device_lr"].fill_(lr)
+        dev["found_inf"].fill_(found)
+        results.append(run_update(tb, param, grad, state, count=1, hess_approx="price", **dev))
+    assert len(launches) == 3
+    for _, args, kwargs in launches[1:]:
+        assert kwargs == launches[0][2]
+        assert len(args) == len(launches[0][1])
+        for a, b in zip(args, launches[0][1]):
+            if isinstance(a, torch.Tensor) and any(a is t for t in dev.values()):
+                assert a is b  # the same device scalar tensors
+            elif not isinstance(a, torch.Tensor):
+                assert a == b
+    assert not torch.equal(results[0][1][0], results[1][1][0])   # the new lr was used
+    assert torch.equal(results[2][1][0], state[0])                # the step was skipped
+    if device == "cuda":
+        assert len(kernel.device_caches[torch.cuda.current_device()][0]) <= compiled_before + 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Launch options: no FMA contraction (docs/DESIGN.md section 7's tolerances assume torch's rounding)
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +664,11 @@ def _launch_every_op(device, dtype=torch.float32):
     tb.accumulate(grad, hess, avg_grad, avg_term, draw=1, count=1, hess_approx="price", **common)
     tb.update(param, grad, mean, momentum, hess, avg_grad, avg_term, seed=BIG_SEED, offset=3,
               draw=2, next_draw=3, count=2, hess_approx="price", scalars=update_scalars(0.1))
+    # with every device scalar (their loads, the unscaling and the skip compile for the GPU too)
+    tb.update(param, grad, mean, momentum, hess, avg_grad, avg_term, seed=BIG_SEED, offset=3,
+              draw=2, next_draw=3, count=2, hess_approx="gradsq", scalars=update_scalars(0.1),
+              grad_scale=one(3.0, device), found_inf=one(0.0, device),
+              device_lr=one(0.1, device), device_debias=one(0.5, device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -413,7 +676,7 @@ def test_every_launch_turns_fp_contraction_off(device, monkeypatch):
     launches = _record_launches(monkeypatch)
     _launch_every_op(device)
     assert [name for name, _, _ in launches] == ["_sample_kernel", "_accumulate_kernel",
-                                                 "_update_kernel"]
+                                                 "_update_kernel", "_update_kernel"]
     for name, _, kwargs in launches:
         assert kwargs.get("enable_fp_fusion") is False, name
 
