@@ -21,7 +21,7 @@ shard and ``torch.distributed.checkpoint`` sees ordinary sharded tensors. DCP's
 FQN), so every saved group carries a copy of the counters (key ``ivon``), and loading maps the
 saved state by the saved groups' param order (torch's convention), not by index. A full
 (unsharded) tensor loads into a sharded param too: each rank takes its shard (docs/DESIGN.md
-section 11).
+section 12).
 
 Every load checks everything before it changes anything.
 """
@@ -80,7 +80,8 @@ def save(opt) -> dict:
                     entry["pending_noise"] = noise
             state[param_ids[id(param)]] = entry
     meta = {
-        "format": FORMAT, "step": opt.current_step, "seed": opt.seed,
+        "format": FORMAT, "step": opt.current_step, "skipped_steps": opt.skipped_steps,
+        "seed": opt.seed,
         "next_train_draw": opt._next_train_draw, "next_eval_draw": opt._next_eval_draw,
         "count": opt._count, "pending_draw": opt._pending_draw,
         "params_hold": opt._pending_draw if opt.resample_on_step else None,
@@ -160,7 +161,8 @@ def _load_own(opt, state_dict: dict, saved_groups) -> None:
 
     _copy_hyperparameters(opt, saved_groups)
     opt._record_live_scalars()
-    opt.current_step, opt.seed = meta["step"], meta["seed"]
+    opt._steps.set(meta["step"], meta.get("skipped_steps", 0))
+    opt.seed = meta["seed"]
     opt._noise.seed = meta["seed"]
     opt._next_train_draw, opt._next_eval_draw = meta["next_train_draw"], meta["next_eval_draw"]
     opt._count, opt._pending_draw = meta["count"], pending

@@ -72,6 +72,9 @@ class Bucket:
     trainable: list = field(default_factory=list)    # each param's requires_grad at our last look
     _segments_key: tuple = ()
     _segments: list = field(default_factory=list)
+    _bases: tuple = ()      # (param_flat, grad_flat) addresses the two lists below are from
+    _param_ptrs: list = field(default_factory=list)  # each param's first element's address
+    _grad_ptrs: list = field(default_factory=list)   # each grad view's first element's address
 
     sharded = False  # ShardedBucket (_sharded): params in storage the framework owns
 
@@ -102,6 +105,44 @@ class Bucket:
                     self._segments.append(run)
             self._segments_key = key
         return self._segments
+
+    def _expected_ptrs(self) -> tuple:
+        """Each param's and grad view's expected address, from the buffers' current storage (a
+        ``share_memory_()`` moves a storage in place, and every view with it)."""
+        bases = (self.param_flat.data_ptr(), self.grad_flat.data_ptr())
+        if bases != self._bases:
+            param_size, grad_size = self.param_flat.element_size(), self.grad_flat.element_size()
+            self._param_ptrs = [bases[0] + start * param_size for start in self.starts]
+            self._grad_ptrs = [bases[1] + start * grad_size for start in self.starts]
+            self._bases = bases
+        return self._param_ptrs, self._grad_ptrs
+
+    def unchanged(self) -> bool:
+        """Whether every param and grad is exactly as the layout left them: no write, rebind or
+        ``requires_grad`` change, every trainable grad its view into ``grad_flat``.
+
+        Note [the per-step check]: this is the only per-param work of an optimizer call when user
+        code changed nothing: a few attribute reads per param in one loop. Anything it finds
+        sends the caller down the full, slower paths, which sort out what happened.
+        """
+        param_ptrs, grad_ptrs = self._expected_ptrs()
+        for param, version, trainable, param_ptr, view, grad_ptr in zip(
+                self.params, self.versions, self.trainable, param_ptrs, self.grad_views,
+                grad_ptrs):
+            if (param._version != version or param.requires_grad != trainable
+                    or param.data_ptr() != param_ptr):
+                return False
+            if trainable and (param.grad is not view or view.data_ptr() != grad_ptr):
+                return False
+        return True
+
+    def grads_bound(self) -> bool:
+        """Whether every trainable param's grad is its view into ``grad_flat``."""
+        _, grad_ptrs = self._expected_ptrs()
+        return all(param.grad is view and view.data_ptr() == grad_ptr
+                   for param, trainable, view, grad_ptr in zip(
+                       self.params, self.trainable, self.grad_views, grad_ptrs)
+                   if trainable)
 
     def holds_grad(self, index: int) -> bool:
         """Whether the param's ``.grad`` is its view into ``grad_flat``.
@@ -260,6 +301,11 @@ class FlatLayout:
 
     # -------------------------------------------------------------------------- user code
 
+    def unchanged(self) -> bool:
+        """Whether user code left every param and grad as the layout bound them (Note [the
+        per-step check] in Bucket.unchanged)."""
+        return all(bucket.unchanged() for bucket in self.buckets)
+
     def check_materialized(self) -> None:
         for bucket in self.buckets:
             if bucket.device.type == "meta":
@@ -408,6 +454,8 @@ class FlatLayout:
 
         Returns whether there was any; the caller then writes the params itself.
         """
+        if self.unchanged():
+            return False
         return sum(1 for _ in self.written_params()) > 0
 
     def mark_seen(self) -> None:
@@ -420,6 +468,8 @@ class FlatLayout:
         for bucket in self.buckets:
             if bucket.sharded:
                 bucket.gather_grads()
+                continue
+            if bucket.grads_bound():
                 continue
             for index, param in enumerate(bucket.params):
                 if not bucket.trainable[index] or bucket.holds_grad(index):

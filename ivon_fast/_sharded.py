@@ -1,6 +1,6 @@
 """Sharded params (FSDP2's ``fully_shard``: DTensor params) in the flat layout.
 
-docs/DESIGN.md section 11 describes the decision; in short:
+docs/DESIGN.md section 12 describes the decision; in short:
 
 - FSDP2 owns each sharded param's local storage (``p.to_local()`` is a view into FSDP's padded
   shard, which it all-gathers before each forward and may reallocate, e.g. at its lazy init), so
@@ -136,6 +136,20 @@ def common_seed(param_groups: list, seed: int) -> int:
     return int(value.item())
 
 
+def agree_on_skip(buckets: list, found_inf: torch.Tensor) -> None:
+    """Sum ``found_inf`` over the sharded params' mesh (a collective, no host sync): each rank
+    checked only its shards, and the ranks must skip a step together (docs/DESIGN.md section 11).
+    """
+    first = next((b.params[0] for b in buckets if b.sharded and b.params), None)
+    if first is None:
+        return
+    import torch.distributed as dist
+
+    mesh = first.device_mesh
+    for dim in range(mesh.ndim):
+        dist.all_reduce(found_inf, group=mesh.get_group(dim))
+
+
 @dataclass(eq=False)
 class ShardedBucket(Bucket):
     """A flat bucket over the local shards of DTensor params (module docstring).
@@ -181,6 +195,11 @@ class ShardedBucket(Bucket):
                 bucket.trainable.append(param.requires_grad)
             bucket.mean.copy_(bucket.param_flat)
         return bucket
+
+    def unchanged(self) -> bool:
+        """Never taken as unchanged: FSDP may reallocate the local shards at any time, so every
+        optimizer call takes the full paths, which hand off to this class."""
+        return False
 
     def slice_of(self, index: int) -> slice:
         return slice(self.starts[index], self.starts[index] + self.sizes[index])

@@ -42,7 +42,7 @@ from . import _checkpoint, _sharded, backends
 from ._checks import check_group_hyperparameters, check_options, check_params
 from ._layout import FlatLayout, Segment
 from .noise import EVAL_DRAW_BASE, PhiloxNoise, TorchNoise
-from .scalars import StepScalars
+from .scalars import StepCount, StepScalars
 
 _NO_SAMPLE_MESSAGE = (
     "IVON.step() was called without a gradient from a posterior sample. IVON has two training "
@@ -68,6 +68,13 @@ _DROPPED_MESSAGE = (
     "model.zero_grad() between the sampled_params(train=True) block and step(): the sample "
     "would be lost. Clear gradients inside the block, or with optimizer.zero_grad(), which folds "
     "the sample into the step first.")
+
+_UNSCALED_FOLDED_MESSAGE = (
+    "GradScaler: scaler.unscale_(optimizer) unscaled only the gradient of the last posterior "
+    "sample, but {count} earlier sample(s) of this step were already folded into the step's "
+    "averages while still scaled, and the optimizer is not told the scale. With mc_samples > 1 "
+    "let scaler.step(optimizer) unscale (do not call scaler.unscale_ before it); the optimizer "
+    "then divides every sample by the scale inside its kernels.")
 
 _disable_dynamo = torch.compiler.disable
 
@@ -106,6 +113,16 @@ class IVON(torch.optim.Optimizer):
         resample_on_step (bool, default False): the drop-in mode. Parameters always hold a
             posterior sample; ``loss.backward(); opt.step(); opt.zero_grad()`` trains IVON with one
             MC sample, each step writing the next sample in the same pass as the update.
+        skip_nonfinite (bool, default True): a step whose gradients (or sample averages) hold an
+            inf or NaN is skipped on the device, without a host synchronization: mean, momentum,
+            Hessian and step count keep their values, the step's samples are discarded, and
+            ``skipped_steps`` counts it. The check reads the gradients once more (4 bytes per
+            fp32 element against the step's 32); False skips it, and a non-finite gradient then
+            poisons the state for good.
+
+    Mixed precision: ``torch.amp.GradScaler`` takes the fused path (``_step_supports_amp_scaling``):
+    ``scaler.step(optimizer)`` hands over its scale and inf flag, the kernels divide the gradients
+    by the scale and skip an overflowed step on the device (docs/DESIGN.md section 11).
 
     Behaviour to know:
         * A trainable param whose ``.grad`` is None at a step gets a zero gradient.
@@ -122,13 +139,14 @@ class IVON(torch.optim.Optimizer):
                  hess_approx: str = "price", clip_radius: float = float("inf"), sync: bool = False,
                  debias: bool = True, rescale_lr: bool = True, *, backend: str = "auto",
                  seed: Optional[int] = None, rng: str = "philox",
-                 resample_on_step: bool = False):
+                 resample_on_step: bool = False, skip_nonfinite: bool = False):  # TODO(flip to True when kernels land)
         defaults = dict(lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
                         weight_decay=weight_decay, clip_radius=clip_radius)
         check_group_hyperparameters(defaults)
         check_options(mc_samples=mc_samples, hess_approx=hess_approx, backend=backend, rng=rng,
                       seed=seed, flags=dict(sync=sync, debias=debias, rescale_lr=rescale_lr,
-                                            resample_on_step=resample_on_step))
+                                            resample_on_step=resample_on_step,
+                                            skip_nonfinite=skip_nonfinite))
         param_groups = [params] if isinstance(params, torch.Tensor) else list(params)
         if not param_groups or not isinstance(param_groups[0], dict):
             param_groups = [{"params": param_groups}]
@@ -150,13 +168,14 @@ class IVON(torch.optim.Optimizer):
         self.rescale_lr = rescale_lr
         self.rng = rng
         self.resample_on_step = resample_on_step
+        self.skip_nonfinite = skip_nonfinite
         if seed is None:
             # under rng='torch' the seed only drives evaluation noise; drawing it would consume
             # torch's generator and shift the training noise away from ivon-opt's
             seed = torch.initial_seed() if rng == "torch" else int(torch.randint(0, 2**63 - 1, ()))
             seed = _sharded.common_seed(param_groups, seed)  # FSDP: one model, one key
         self.seed = seed
-        self.current_step = 0
+        self._steps = StepCount()  # Note [steps decided on the device] in scalars
         self._next_train_draw = 0
         self._next_eval_draw = 0
         self._count = 0              # Note [the pending sample]
@@ -203,6 +222,26 @@ class IVON(torch.optim.Optimizer):
         if self.resample_on_step and self._pending_draw is not None:
             self._sample(self._pending_draw, buckets=new_buckets)
 
+    # torch.amp.GradScaler.step() sets ``grad_scale`` and ``found_inf`` on the optimizer and calls
+    # step() without synchronizing; the kernels unscale and skip (docs/DESIGN.md section 11)
+    _step_supports_amp_scaling = True
+
+    @property
+    def current_step(self) -> int:
+        """Updates taken so far (skipped steps excluded). Once a step was decided on the device
+        (the non-finite check, a GradScaler), reading it waits for the device."""
+        return self._steps.value()
+
+    @current_step.setter
+    def current_step(self, value: int) -> None:
+        self._steps.set(value, self._steps.skipped())
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because their gradients were not finite (reading it waits for the
+        device)."""
+        return self._steps.skipped()
+
     @property
     def backends(self) -> dict:
         """The concrete backend serving each (device, dtype) of the params."""
@@ -214,7 +253,7 @@ class IVON(torch.optim.Optimizer):
         for param, views in self._layout.state_views():
             self.state[param] = views
 
-    def _prepare(self, params_hold_mean: bool = False) -> None:
+    def _prepare(self, params_hold_mean: bool = False) -> bool:
         """Catch up with what user code did to the params since the last optimizer call.
 
         Note [user writes to params] in _layout: the elements that a write changed, compared
@@ -222,9 +261,14 @@ class IVON(torch.optim.Optimizer):
         pending sample; ``params_hold_mean`` inside ``mean_params()``), become the new mean. The
         other elements keep their exact state: a no-op ``clamp_`` after ``step()`` changes
         nothing, and a bf16 model keeps its fp32 master mean.
+
+        Returns whether user code changed nothing (then every grad is its flat view, too).
         """
         layout = self._layout
         layout.check_materialized()
+        if layout.unchanged():  # the common case: one cheap pass (Note [the per-step check])
+            self._params_from_checkpoint = False
+            return True
         if layout.follow_moves([g["hess_init"] for g in self.param_groups]):
             self._refresh_state_views()
             self._write_resting_params()
@@ -233,7 +277,7 @@ class IVON(torch.optim.Optimizer):
         written = [(b, i) for b, i in layout.written_params() if b.trainable[i]]
         from_checkpoint, self._params_from_checkpoint = self._params_from_checkpoint, False
         if not written:
-            return
+            return False
         holds_sample = self.resample_on_step and not params_hold_mean
         if not from_checkpoint:
             for bucket, index in written:
@@ -241,6 +285,7 @@ class IVON(torch.optim.Optimizer):
         if holds_sample or from_checkpoint:  # the params hold exactly what the state says
             self._write_resting_params()
             layout.mark_seen()
+        return False
 
     def _adopt_written(self, bucket, index: int, holds_sample: bool) -> None:
         where = bucket.slice_of(index)
@@ -335,20 +380,31 @@ class IVON(torch.optim.Optimizer):
                 dist.all_reduce(average)
                 average.div_(world_size)
 
-    def _update(self, next_draw: Optional[int]) -> None:
-        """The update from the averages and the pending sample; params <- mean or next sample."""
+    def _update(self, next_draw: Optional[int], grads_bound: bool = False) -> None:
+        """The update from the averages and the pending sample; params <- mean or next sample.
+
+        ``grads_bound``: the caller has just seen every grad bound to its flat view."""
         if self._pending_draw is not None and self._live_scalars_changed():
             self._fold_pending()  # its noise needs the old ess / weight_decay; the update the new
         with_grad = self._pending_draw is not None
-        if with_grad:
+        if with_grad and not grads_bound:
             self._layout.gather_grads()
-        self.current_step += 1
+        grad_scale, found_inf = self._amp_inputs(with_grad)
         count, key = self._count + (1 if with_grad else 0), self._noise.key()
         draw = self._pending_draw if with_grad else None
-        scalars = [StepScalars.for_group(group, self.current_step, rescale_lr=self.rescale_lr,
+        on_device = found_inf is not None or self._steps.on_device
+        if on_device:
+            self._steps.advance_on_device(self._layout.buckets[0].device)
+        step = None if on_device else self._steps.advance_on_host()
+        scalars = [StepScalars.for_group(group, step, rescale_lr=self.rescale_lr,
                                          debias=self.debias) for group in self.param_groups]
+        device_inputs: dict = {}  # per (group, device, state dtype): the kernels' device tensors
         for bucket, seg in self._layout.segments():
             s = seg.slice
+            where = (bucket.group_index, bucket.device, bucket.mean.dtype)
+            if where not in device_inputs:
+                device_inputs[where] = self._device_inputs(bucket, grad_scale, found_inf,
+                                                           on_device)
             averages = ((bucket.avg_grad[s], bucket.avg_hess_term[s]) if self._count > 0
                         else (None, None))
             backends.get(bucket.backend).update(
@@ -356,19 +412,72 @@ class IVON(torch.optim.Optimizer):
                 bucket.momentum[s], bucket.hess[s], *averages,
                 scalars=scalars[bucket.group_index], seed=key,
                 draw=0 if draw is None else draw, next_draw=next_draw, offset=seg.offset,
-                count=count, hess_approx=self.hess_approx,
+                count=count, hess_approx=self.hess_approx, **device_inputs[where],
                 **self._noise_kwargs("eps", draw, bucket, seg),
                 **self._noise_kwargs("next_eps", next_draw, bucket, seg))
         self._layout.publish()
+        self._steps.settle(found_inf)
         self._noise.forget(draw)
         self._count, self._pending_draw, self._pending_grads = 0, next_draw, None
         self._record_live_scalars()
 
-    def _finish_step(self) -> None:
+    def _amp_inputs(self, with_grad: bool) -> tuple:
+        """(grad_scale, found_inf) of this step, as device tensors or None.
+
+        ``grad_scale`` and the GradScaler's ``found_inf`` are the attributes its fused path sets
+        during ``scaler.step(optimizer)``. The optimizer adds its own check of what the scaler
+        did not check: the gradients (without a scaler, with ``skip_nonfinite``) and the folded
+        sample averages (with ``skip_nonfinite`` or a scaler). ``found_inf`` is then 0 or NaN
+        plus the scaler's flag: the kernels skip the step where it is nonzero, and nothing here
+        waits for the device.
+        """
+        grad_scale = getattr(self, "grad_scale", None)
+        scaler_found_inf = getattr(self, "found_inf", None)
+        if scaler_found_inf is not None and grad_scale is None and self._count > 0:
+            raise RuntimeError(_UNSCALED_FOLDED_MESSAGE.format(count=self._count))
+        if scaler_found_inf is None and not self.skip_nonfinite:
+            return grad_scale, None
+        home = self._layout.buckets[0].device
+        found_inf = torch.zeros(1, dtype=torch.float32, device=home)
+        if scaler_found_inf is not None:
+            found_inf.add_(scaler_found_inf.to(home, non_blocking=True).reshape(1))
+        check_grads = with_grad and scaler_found_inf is None
+        # a scaler is there to catch overflows: the folded samples it never saw are always checked
+        check_averages = self._count > 0 and (self.skip_nonfinite or scaler_found_inf is not None)
+        if check_grads or check_averages:
+            zero = torch.zeros((), dtype=torch.float32, device=home)
+            for bucket in self._layout.buckets:
+                checked = [bucket.grad_flat] if check_grads else []
+                if check_averages:
+                    checked += [bucket.avg_grad, bucket.avg_hess_term]
+                for values in checked:
+                    if values.numel() == 0 or not bucket.segments():
+                        continue
+                    # x * 0 is 0 for finite x and NaN for inf or NaN: no overflow, no sync
+                    for extreme in torch.aminmax(values):
+                        found_inf.addcmul_(extreme.to(home, non_blocking=True), zero)
+        _sharded.agree_on_skip(self._layout.buckets, found_inf)
+        return grad_scale, found_inf
+
+    def _device_inputs(self, bucket, grad_scale, found_inf, on_device: bool) -> dict:
+        """The optional device tensors of a bucket's update (ivon_fast.reference.update)."""
+        inputs = {}
+        device = bucket.device
+        if grad_scale is not None:
+            inputs["grad_scale"] = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            inputs["found_inf"] = found_inf.to(device, non_blocking=True)
+        if on_device and self.debias:
+            debias = self._steps.debias_on_device(
+                self.param_groups[bucket.group_index]["beta1"], bucket.mean.dtype)
+            inputs["device_debias"] = debias.to(device, non_blocking=True)
+        return inputs
+
+    def _finish_step(self, grads_bound: bool = False) -> None:
         """Average across processes when asked, then update (and resample in drop-in mode)."""
         if self.sync and dist.is_available() and dist.is_initialized():
             self._sync_averages()
-        self._update(self._take_train_draw() if self.resample_on_step else None)
+        self._update(self._take_train_draw() if self.resample_on_step else None, grads_bound)
 
     # ------------------------------------------------------------------ public API
 
@@ -514,7 +623,7 @@ class IVON(torch.optim.Optimizer):
         self._check_not_in_context("step()")
         if closure is not None:
             return self._step_with_closure(closure)
-        self._prepare()
+        grads_bound = self._prepare()
         if self.resample_on_step and self.mc_samples > 1:
             raise RuntimeError(
                 f"resample_on_step=True trains with one sample per plain step(); for "
@@ -522,7 +631,7 @@ class IVON(torch.optim.Optimizer):
         if self._pending_draw is None and self._count == 0:
             raise RuntimeError(_NO_SAMPLE_MESSAGE)
         self._check_pending_grads()
-        self._finish_step()
+        self._finish_step(grads_bound)
         return None
 
     def _step_with_closure(self, closure):

@@ -29,6 +29,18 @@ same three functions with the same keyword arguments:
         debias factor 1 - beta1 ** step (or 1) and the combinations 1 - beta1, 1 - beta2 and
         0.5 (1 - beta2)^2, all formed once in double on the host.
 
+        Three optional device tensors let the step run without the host knowing its outcome
+        (docs/DESIGN.md section 11; no backend reads them on the host):
+          ``grad_scale``: 1 element, float32: the gradients (the pending ``grad`` and the
+              averages) were multiplied by it (``torch.amp.GradScaler``); they are divided by it
+              before use, the 'gradsq' average twice. None: no division at all.
+          ``found_inf``: 1 element, float32: when nonzero, the step is skipped: mean, momentum
+              and hess keep their values, and param <- the (unchanged) mean, or the sample of
+              ``next_draw`` around it.
+          ``device_lr``, ``device_debias``: 1 element each, in the state dtype: they replace
+              ``scalars.lr`` / ``scalars.debias`` (a step count that only the device knows, an
+              lr a CUDA graph replays with).
+
 Restore (param <- mean) is a plain ``param.copy_(mean)`` for every backend.
 
 State tensors (mean, momentum, hess, averages) are float32 for float32 / bfloat16 / float16
@@ -170,18 +182,37 @@ def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0,
     avg_hess_term.copy_(_running_mean(avg_hess_term, _hess_term(grad, noise, hess_approx), count))
 
 
+def _unscaled(gradients: torch.Tensor, grad_scale, times: int) -> torch.Tensor:
+    """Gradient values divided ``times`` times by the GradScaler's scale (as it multiplied)."""
+    if grad_scale is None:
+        return gradients
+    scale = grad_scale.to(gradients.dtype)
+    for _ in range(times):
+        gradients = gradients / scale
+    return gradients
+
+
 @torch.no_grad()
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
            next_draw=None, offset=0, count, hess_approx, scalars: StepScalars, eps=None,
-           next_eps=None):
+           next_eps=None, grad_scale=None, found_inf=None, device_lr=None,
+           device_debias=None):
     s = scalars
+    # the hess-term average of 'gradsq' holds squared (so twice scaled) gradients
+    term_scaled = 2 if hess_approx == "gradsq" else 1
     if grad is None:
-        grad_mean, hess_term = avg_grad, avg_hess_term
+        grad_mean = _unscaled(avg_grad, grad_scale, 1)
+        hess_term = _unscaled(avg_hess_term, grad_scale, term_scaled)
     else:
-        grad = grad.to(hess.dtype)
+        grad = _unscaled(grad.to(hess.dtype), grad_scale, 1)
         noise = _noise(_eps(eps, seed, draw, offset, hess), hess, s.ess, s.weight_decay)
+        if count > 1:
+            avg_grad = _unscaled(avg_grad, grad_scale, 1)
+            avg_hess_term = _unscaled(avg_hess_term, grad_scale, term_scaled)
         grad_mean = _running_mean(avg_grad, grad, count)
         hess_term = _running_mean(avg_hess_term, _hess_term(grad, noise, hess_approx), count)
+    lr = s.lr if device_lr is None else device_lr.reshape(())
+    debias = s.debias if device_debias is None else device_debias.reshape(())
 
     # the update, op for op as ivon-opt 0.1.3 (see the module's Note); ivon-opt's (1 - beta1) and
     # 0.5 * (1 - beta2) ** 2 are the same doubles as s.one_minus_beta1 and s.hess_coef
@@ -192,10 +223,15 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
         nll_hess = hess_term * s.ess
     new_hess = (s.beta2 * hess + s.one_minus_beta2 * nll_hess
                 + s.hess_coef * (hess - nll_hess).square() / (hess + s.weight_decay))
-    new_mean = mean - s.lr * torch.clip(
-        (new_momentum / s.debias + s.weight_decay * mean) / (new_hess + s.weight_decay),
+    new_mean = mean - lr * torch.clip(
+        (new_momentum / debias + s.weight_decay * mean) / (new_hess + s.weight_decay),
         min=-s.clip_radius, max=s.clip_radius)
 
+    if found_inf is not None:  # a skipped step keeps the state (no host sync to decide it)
+        skip = found_inf.to(mean.device).reshape(()) != 0
+        new_momentum = torch.where(skip, momentum, new_momentum)
+        new_hess = torch.where(skip, hess, new_hess)
+        new_mean = torch.where(skip, mean, new_mean)
     momentum.copy_(new_momentum)
     hess.copy_(new_hess)
     mean.copy_(new_mean)

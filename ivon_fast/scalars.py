@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -48,16 +51,78 @@ class StepScalars:
                    hess_coef=0.5 * (1 - beta2) ** 2)
 
     @classmethod
-    def for_group(cls, group: dict, step: int, *, rescale_lr: bool, debias: bool
+    def for_group(cls, group: dict, step: Optional[int], *, rescale_lr: bool, debias: bool
                   ) -> "StepScalars":
         """The scalars of update number ``step`` (1 for the first) of a param group.
 
         Written op for op as ivon-opt 0.1.3: lr * (hess_init + weight_decay), 1 - beta1 ** step.
+        ``step=None``: only the device knows the step (Note [steps decided on the device]); the
+        debias factor is then 1.0 here and the update takes it from ``device_debias``.
         """
         lr, weight_decay = float(group["lr"]), float(group["weight_decay"])
         beta1 = float(group["beta1"])
         if rescale_lr:
             lr = lr * (float(group["hess_init"]) + weight_decay)
-        factor = 1.0 - math.pow(beta1, float(step)) if debias else 1.0
+        factor = 1.0 - math.pow(beta1, float(step)) if debias and step is not None else 1.0
         return cls.of(lr=lr, ess=group["ess"], weight_decay=weight_decay, beta1=beta1,
                       beta2=group["beta2"], clip_radius=group["clip_radius"], debias=factor)
+
+
+class StepCount:
+    """The number of updates taken, kept on the host until a step's outcome is decided on a device.
+
+    Note [steps decided on the device]: a step whose gradients are not finite is skipped by the
+    kernels themselves (``found_inf``), so that neither the GradScaler's fused path nor the
+    optimizer's own check waits for the device. The host then cannot know whether the step count
+    advanced; from the first such step on, the count lives in a float64 device tensor (exact up to
+    2^53 steps), the debias factor 1 - beta1^t is formed from it on the device (in double, as the
+    host would), and reading ``value()`` synchronizes.
+    """
+
+    def __init__(self):
+        self._host_taken = 0
+        self._host_skipped = 0
+        self._taken: Optional[torch.Tensor] = None    # float64, 1 element, once on a device
+        self._skipped: Optional[torch.Tensor] = None
+
+    @property
+    def on_device(self) -> bool:
+        return self._taken is not None
+
+    def value(self) -> int:
+        return self._host_taken if self._taken is None else int(self._taken.item())
+
+    def skipped(self) -> int:
+        return self._host_skipped if self._skipped is None else int(self._skipped.item())
+
+    def set(self, taken: int, skipped: int = 0) -> None:
+        self._host_taken, self._host_skipped = int(taken), int(skipped)
+        self._taken = self._skipped = None
+
+    def advance_on_host(self) -> int:
+        """The next update's number, when no device decides whether it happens."""
+        self._host_taken += 1
+        return self._host_taken
+
+    def advance_on_device(self, device: torch.device) -> torch.Tensor:
+        """The next update's number as a device tensor; ``settle`` takes it back if skipped."""
+        if self._taken is None:
+            self._taken = torch.full((1,), float(self._host_taken), dtype=torch.float64,
+                                     device=device)
+            self._skipped = torch.full((1,), float(self._host_skipped), dtype=torch.float64,
+                                       device=device)
+        elif self._taken.device != device:  # the params moved (model.to)
+            self._taken, self._skipped = self._taken.to(device), self._skipped.to(device)
+        return self._taken.add_(1)
+
+    def settle(self, found_inf: Optional[torch.Tensor]) -> None:
+        """A skipped update (found_inf nonzero) does not count; it is counted as skipped."""
+        if found_inf is None:
+            return
+        skipped = found_inf.to(self._taken.device, non_blocking=True).ne(0).to(torch.float64)
+        self._taken.sub_(skipped)
+        self._skipped.add_(skipped)
+
+    def debias_on_device(self, beta1: float, dtype: torch.dtype) -> torch.Tensor:
+        """1 - beta1^t of the update being taken, in double on the device, rounded to ``dtype``."""
+        return torch.pow(float(beta1), self._taken).neg_().add_(1.0).to(dtype)
