@@ -368,7 +368,28 @@ def scenario_from_unsharded(rank, world_size, mesh, out_dir, loop, steps_before,
     return _final(model, optimizer)
 
 
+def scenario_nonfinite(rank, world_size, mesh, out_dir, backend):
+    """Drop-in training where only rank 1's gradient shard turns NaN in the second step: each
+    rank checks only its shards, so the ranks must agree (docs/DESIGN.md section 11)."""
+    model = build_model()
+    shard_model(model, mesh)
+    optimizer = ivon_fast.IVON(model.parameters(), backend=backend, seed=SEED,
+                               resample_on_step=True, skip_nonfinite=True, **HP)
+    x, y = local_batch(rank, world_size)
+    states = []
+    for step in range(3):
+        loss_of(model, x, y).backward()
+        if step == 1 and rank == 1:
+            poisoned = next(p for p in model.parameters() if p.to_local().numel() > 0)
+            poisoned.grad.to_local().view(-1)[0] = float("nan")
+        optimizer.step()
+        optimizer.zero_grad()
+        states.append(state_of(optimizer, full=True))
+    return dict(states=states, skipped=optimizer.skipped_steps, step=optimizer.current_step)
+
+
 SCENARIOS = {
+    "nonfinite": scenario_nonfinite,
     "train": scenario_train,
     "noise": scenario_noise,
     "options": scenario_options,

@@ -130,6 +130,7 @@ CONFIGS = {
                          steps=[3])),
     "noise": _configs(loop=["official", "drop_in"], backend=["reference", "auto"]),
     "options": [dict(id="options")],
+    "nonfinite": _configs(backend=["reference"]),
     "meta": [dict(id="meta", steps=3)],
     "resume": [
         # mid-step: one of two samples folded into the averages (avg_grad, avg_hess_term)
@@ -362,3 +363,21 @@ def test_unsharded_checkpoint_loads_into_sharded_optimizer(run_ranks, config_id)
         for name in ("mean", "momentum", "hess"):
             _assert_close(result["state"][name], expected["state"][name], f"rank {rank}: {name}")
         _assert_close(result["params"], expected["params"], f"rank {rank}: params")
+
+
+# ----------------------------------------------------------------------------- non-finite grads
+
+@pytest.mark.parametrize("config_id", _ids("nonfinite"))
+def test_a_nan_in_one_ranks_shard_skips_the_step_on_every_rank(run_ranks, config_id):
+    """Rank 1's shard alone holds the NaN; both ranks skip (their found_inf is summed over the
+    mesh), keep the state of the step before, and go on together."""
+    results = run_ranks("nonfinite", config_id)
+    for rank, result in enumerate(results):
+        assert result["skipped"] == 1 and result["step"] == 2, f"rank {rank}"
+        before, skipped, after = result["states"]
+        for name in ("mean", "momentum", "hess"):
+            _assert_equal(skipped[name], before[name], f"rank {rank}: {name} after the skip")
+            assert torch.isfinite(after[name]).all()
+            assert not torch.equal(after[name], before[name])
+    for name in ("mean", "momentum", "hess"):
+        _assert_equal(results[0]["states"][2][name], results[1]["states"][2][name], name)
