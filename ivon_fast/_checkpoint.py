@@ -14,6 +14,15 @@ a model checkpoint loaded right after (before the next optimizer call) is taken 
 of the same thing, not as new weights, so the two load orders resume alike, also across backends
 and devices where the copies differ by rounding.
 
+Note [sharded state dicts]: the entries of a sharded (FSDP2 DTensor) param are DTensors of the
+param's global shape and placements over the rank's local shard's state, so each rank saves its
+shard and ``torch.distributed.checkpoint`` sees ordinary sharded tensors. DCP's
+``get_optimizer_state_dict`` keeps only ``state`` and ``param_groups`` (with params named by
+FQN), so every saved group carries a copy of the counters (key ``ivon``), and loading maps the
+saved state by the saved groups' param order (torch's convention), not by index. A full
+(unsharded) tensor loads into a sharded param too: each rank takes its shard (docs/DESIGN.md
+section 12).
+
 Every load checks everything before it changes anything.
 """
 from __future__ import annotations
@@ -25,12 +34,24 @@ import torch
 from ._checks import check_group_hyperparameters
 
 FORMAT = "ivon_fast/1"
+_GROUP_KEY = "ivon"  # each saved param group's copy of the counters
 _STATE = ("mean", "momentum", "hess")
 _AVERAGES = ("avg_grad", "avg_hess_term")
 
 
 def _flat_params(opt) -> list:
     return [p for group in opt.param_groups for p in group["params"]]
+
+
+def _saved(bucket, index: int, flat: torch.Tensor) -> torch.Tensor:
+    """How a param's flat state is saved: flat, or for a sharded param as a DTensor placed like
+    the param (Note [sharded state dicts])."""
+    return bucket.as_dtensor(index, flat) if bucket.sharded else flat
+
+
+def _values(bucket, index: int, saved: torch.Tensor) -> torch.Tensor:
+    """The flat values of the bucket's part of a saved tensor (ValueError when they don't fit)."""
+    return bucket.local_values(index, saved) if bucket.sharded else saved.reshape(-1)
 
 
 def save(opt) -> dict:
@@ -44,12 +65,13 @@ def save(opt) -> dict:
         group_start = bucket.group_start
         for index, param in enumerate(bucket.params):
             where = bucket.slice_of(index)
-            entry = {name: getattr(bucket, name)[where].clone() for name in _STATE}
+            entry = {name: _saved(bucket, index, getattr(bucket, name)[where].clone())
+                     for name in _STATE}
             if opt._count > 0:
                 for name in _AVERAGES:
-                    entry[name] = getattr(bucket, name)[where].clone()
+                    entry[name] = _saved(bucket, index, getattr(bucket, name)[where].clone())
             if pending_grad:
-                entry["pending_grad"] = bucket.grad_flat[where].clone()
+                entry["pending_grad"] = _saved(bucket, index, bucket.grad_flat[where].clone())
             if opt._pending_draw is not None:
                 local = bucket.offsets[index] - group_start
                 noise = opt._noise.pending_noise(opt._pending_draw, bucket.group_index, local,
@@ -57,22 +79,21 @@ def save(opt) -> dict:
                 if noise is not None:
                     entry["pending_noise"] = noise
             state[param_ids[id(param)]] = entry
-    groups = [{**{k: v for k, v in group.items() if k != "params"},
-               "params": [param_ids[id(p)] for p in group["params"]]}
-              for group in opt.param_groups]
-    return {
-        "state": state,
-        "param_groups": groups,
-        "ivon": {
-            "format": FORMAT, "step": opt.current_step, "skipped_steps": opt.skipped_steps,
-            "seed": opt.seed,
-            "next_train_draw": opt._next_train_draw, "next_eval_draw": opt._next_eval_draw,
-            "count": opt._count, "pending_draw": opt._pending_draw,
-            "params_hold": opt._pending_draw if opt.resample_on_step else None,
-            "resample_on_step": opt.resample_on_step, "hess_approx": opt.hess_approx,
-            "rng": opt.rng, "mc_samples": opt.mc_samples,
-        },
+    meta = {
+        "format": FORMAT, "step": opt.current_step, "skipped_steps": opt.skipped_steps,
+        "seed": opt.seed,
+        "next_train_draw": opt._next_train_draw, "next_eval_draw": opt._next_eval_draw,
+        "count": opt._count, "pending_draw": opt._pending_draw,
+        "params_hold": opt._pending_draw if opt.resample_on_step else None,
+        "resample_on_step": opt.resample_on_step, "hess_approx": opt.hess_approx,
+        "rng": opt.rng, "mc_samples": opt.mc_samples,
     }
+    # each group carries a copy of the counters too (Note [sharded state dicts]: DCP's
+    # get_optimizer_state_dict keeps only "state" and "param_groups")
+    groups = [{**{k: v for k, v in group.items() if k != "params"},
+               "params": [param_ids[id(p)] for p in group["params"]], _GROUP_KEY: dict(meta)}
+              for group in opt.param_groups]
+    return {"state": state, "param_groups": groups, "ivon": meta}
 
 
 def load(opt, state_dict: dict, step: Optional[int]) -> None:
@@ -84,7 +105,7 @@ def load(opt, state_dict: dict, step: Optional[int]) -> None:
         if len(saved["params"]) != len(group["params"]):
             raise ValueError("state_dict's param groups differ in size from this optimizer's")
         check_group_hyperparameters(saved)
-    if "ivon" in state_dict:
+    if "ivon" in state_dict or any(_GROUP_KEY in group for group in saved_groups):
         _load_own(opt, state_dict, saved_groups)
     elif all("momentum" in g and "hess" in g for g in saved_groups):
         if step is None or isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -99,12 +120,14 @@ def load(opt, state_dict: dict, step: Optional[int]) -> None:
 def _copy_hyperparameters(opt, saved_groups) -> None:
     for saved, group in zip(saved_groups, opt.param_groups):
         for key, value in saved.items():
-            if key not in ("params", "momentum", "hess", "numel"):
+            if key not in ("params", "momentum", "hess", "numel", _GROUP_KEY):
                 group[key] = value
 
 
 def _load_own(opt, state_dict: dict, saved_groups) -> None:
-    meta = state_dict["ivon"]
+    meta = state_dict.get("ivon")
+    if meta is None:  # passed through DCP's set_optimizer_state_dict: the groups' copy
+        meta = next(group[_GROUP_KEY] for group in saved_groups if _GROUP_KEY in group)
     if meta.get("format") != FORMAT:
         raise ValueError(f"unknown state_dict format {meta.get('format')!r}")
     for key, mine in (("resample_on_step", opt.resample_on_step), ("rng", opt.rng)):
@@ -121,14 +144,20 @@ def _load_own(opt, state_dict: dict, saved_groups) -> None:
         needed.append("pending_noise")
     saved_state = state_dict["state"]
     flat_params = _flat_params(opt)
+    # the saved groups' param keys, in order: indices here, names after DCP's helpers (which
+    # rely on torch's convention that the order is the param order)
+    keys = [key for saved in saved_groups for key in saved["params"]]
+    place = {id(param): (bucket, index) for bucket in opt._layout.buckets
+             for index, param in enumerate(bucket.params)}
     for index, param in enumerate(flat_params):
-        entry = saved_state.get(index)
+        entry = saved_state.get(keys[index])
         if entry is None:
             raise ValueError(f"state_dict has no state for parameter {index}")
         for name in needed:
             if name not in entry or entry[name].numel() != param.numel():
                 raise ValueError(f"state_dict's {name!r} of parameter {index} is missing or "
                                  f"does not have the parameter's {param.numel()} elements")
+            _values(*place[id(param)], entry[name])  # a sharded param's shard must fit
 
     _copy_hyperparameters(opt, saved_groups)
     opt._record_live_scalars()
@@ -147,19 +176,23 @@ def _load_own(opt, state_dict: dict, saved_groups) -> None:
             if opt._count > 0:
                 bucket.ensure_averages()
             for index, param in enumerate(bucket.params):
-                entry, where = saved_state[index_of[id(param)]], bucket.slice_of(index)
+                entry, where = saved_state[keys[index_of[id(param)]]], bucket.slice_of(index)
                 for name in needed:
                     if name in _STATE or name in _AVERAGES:
-                        getattr(bucket, name)[where].copy_(entry[name].reshape(-1))
+                        getattr(bucket, name)[where].copy_(_values(bucket, index, entry[name]))
                 if "pending_grad" in needed:
-                    bucket.grad_flat[where].copy_(entry["pending_grad"].reshape(-1))
-                    param.grad = bucket.grad_views[index]
+                    bucket.grad_flat[where].copy_(_values(bucket, index, entry["pending_grad"]))
+                    if bucket.sharded:
+                        bucket.attach_grad(index)
+                    else:
+                        param.grad = bucket.grad_views[index]
         if "pending_noise" in needed:
             noise = []
             for group in opt.param_groups:
                 first = group["params"][0]
-                noise.append(torch.cat([saved_state[index_of[id(p)]]["pending_noise"].reshape(-1)
-                                        for p in group["params"]]).to(first.device, first.dtype))
+                pieces = [saved_state[keys[index_of[id(p)]]]["pending_noise"].reshape(-1)
+                          for p in group["params"]]
+                noise.append(torch.cat(pieces).to(first.device, first.dtype))
             opt._noise.restore_pending(pending, noise)
         opt._write_resting_params()
         layout.mark_seen()
@@ -191,13 +224,14 @@ def _load_ivon_opt(opt, state_dict: dict, saved_groups, step: int) -> None:
             saved, group_start = saved_groups[bucket.group_index], bucket.group_start
             if count > 0:
                 bucket.ensure_averages()
-            for index, param in enumerate(bucket.params):
+            for index in range(len(bucket.params)):
                 local = bucket.offsets[index] - group_start
                 where = bucket.slice_of(index)
-                bucket.momentum[where].copy_(saved["momentum"][local:local + param.numel()])
-                bucket.hess[where].copy_(saved["hess"][local:local + param.numel()])
+                size = where.stop - where.start  # a sharded param's: its local shard's
+                bucket.momentum[where].copy_(saved["momentum"][local:local + size])
+                bucket.hess[where].copy_(saved["hess"][local:local + size])
                 if count > 0:
-                    flat = slice(bucket.offsets[index], bucket.offsets[index] + param.numel())
+                    flat = slice(bucket.offsets[index], bucket.offsets[index] + size)
                     bucket.avg_grad[where].copy_(saved_state["avg_grad"][flat])
                     bucket.avg_hess_term[where].copy_(saved_state[hess_key][flat])
         opt._count = count

@@ -76,7 +76,8 @@ def check_options(*, mc_samples, hess_approx, backend, rng, seed, flags: dict) -
             raise ValueError(f"Invalid {name}: {flag!r}; it must be True or False")
 
 
-def check_params(params: list, backend_choice: str) -> None:
+def check_params(params: list, backend_choice: str, *, sync: bool = False,
+                 rng: str = "philox") -> None:
     if len({id(p) for p in params}) != len(params):
         # torch only warns; each param owns one slice of a flat bucket, so a second copy would
         # be a second view that the optimizer overwrites
@@ -90,3 +91,5 @@ def check_params(params: list, backend_choice: str) -> None:
         if param.is_sparse:
             raise ValueError("Invalid param: sparse tensors are not supported by IVON")
         backends.resolve(backend_choice, param.device, param.dtype)  # ValueError if it can't
+    from ._sharded import check_params as check_sharded
+    check_sharded(params, sync=sync, rng=rng)

@@ -6,6 +6,10 @@ A bucket holds the params of one param group with one (device, dtype). Every ``p
 which is also the order of the noise index (docs/DESIGN.md sections 3 and 4). The state (mean,
 momentum, hess, and the sample averages while a step takes several samples) is flat alongside.
 
+Sharded params (FSDP2 DTensors) cannot be views: FSDP owns their storage. They go to a
+``ShardedBucket`` (``_sharded``): flat state over the rank's local shards, with the params and
+grads copied in and out (``gather_grads``, ``publish``); the loops below hand such buckets to it.
+
 This module also follows what user code does to the params between optimizer calls:
 
 Note [user writes to params]: between optimizer calls the params hold the mean (or, in the drop-in
@@ -72,6 +76,8 @@ class Bucket:
     _param_ptrs: list = field(default_factory=list)  # each param's first element's address
     _grad_ptrs: list = field(default_factory=list)   # each grad view's first element's address
 
+    sharded = False  # ShardedBucket (_sharded): params in storage the framework owns
+
     @property
     def device(self) -> torch.device:
         return self.param_flat.device
@@ -84,15 +90,18 @@ class Bucket:
         key = tuple(self.trainable)
         if key != self._segments_key:
             self._segments, run = [], None
-            for index, param in enumerate(self.params):
+            for index in range(len(self.params)):
                 if not self.trainable[index]:
                     run = None
                     continue
-                start, offset = self.starts[index], self.offsets[index]
+                where, offset = self.slice_of(index), self.offsets[index]
+                start = where.start
+                if where.stop == start:  # empty (e.g. a rank's share of a one-row param)
+                    continue
                 if run is not None and run.stop == start and run.offset + start - run.start == offset:
-                    run.stop = start + param.numel()
+                    run.stop = where.stop
                 else:
-                    run = Segment(start, start + param.numel(), offset)
+                    run = Segment(start, where.stop, offset)
                     self._segments.append(run)
             self._segments_key = key
         return self._segments
@@ -205,13 +214,23 @@ class FlatLayout:
 
     def add_group(self, group_index: int, params: list, hess_init: float) -> list:
         """Move a param group's params into new buckets; returns them."""
+        from ._sharded import ShardedBucket, is_sharded
+
         by_key: dict = {}
         group_start = self.numel
         for param in params:
-            by_key.setdefault((param.device, param.dtype), []).append((param, self.numel))
-            self.numel += param.numel()
+            by_key.setdefault((param.device, param.dtype, is_sharded(param)), []).append(
+                (param, self.numel))
+            self.numel += param.numel()  # a DTensor's numel is the unsharded param's
         new_buckets = []
-        for (device, dtype), members in by_key.items():
+        for (device, dtype, sharded), members in by_key.items():
+            if sharded:  # FSDP2 keeps their storage: no rebinding (_sharded)
+                bucket = ShardedBucket.create(group_index, group_start, device, dtype,
+                                              [p for p, _ in members], [o for _, o in members],
+                                              self.backend_choice, hess_init)
+                self.buckets.append(bucket)
+                new_buckets.append(bucket)
+                continue
             bucket = self._make_bucket(group_index, group_start, device, dtype,
                                        [p for p, _ in members], [offset for _, offset in members])
             for index, param in enumerate(bucket.params):
@@ -263,6 +282,9 @@ class FlatLayout:
     def state_views(self) -> Iterator[tuple]:
         """(param, {'mean', 'momentum', 'hess'} views shaped like the param) for every param."""
         for bucket in self.buckets:
+            if bucket.sharded:
+                yield from bucket.state_views()
+                continue
             for index, param in enumerate(bucket.params):
                 where, view = bucket.slice_of(index), bucket.param_views[index]
                 yield param, {name: torch.as_strided(getattr(bucket, name)[where], view.shape,
@@ -300,6 +322,9 @@ class FlatLayout:
         from its current value.
         """
         for bucket in self.buckets:
+            if bucket.sharded:
+                bucket.sync_requires_grad()
+                continue
             for index, param in enumerate(bucket.params):
                 if param.requires_grad == bucket.trainable[index]:
                     continue
@@ -326,12 +351,15 @@ class FlatLayout:
         ``hess_init`` is each param group's initial Hessian, for state that never existed (meta).
         """
         # a move rebinds p.data: look at the device and dtype of rebound params only
+        # sharded params never move with the layout: ShardedBucket.local refuses a moved shard
         moved = any(p.data_ptr() != _element_ptr(b.param_flat, start)
                     and (p.device != b.device or p.dtype != b.param_flat.dtype)
-                    for b in self.buckets for p, start in zip(b.params, b.starts))
+                    for b in self.buckets if not b.sharded
+                    for p, start in zip(b.params, b.starts))
         if not moved:
             return False
-        old_buckets, self.buckets = self.buckets, []
+        old_buckets = [b for b in self.buckets if not b.sharded]
+        self.buckets = [b for b in self.buckets if b.sharded]
         by_group: dict = {}
         for old in old_buckets:
             by_group.setdefault(old.group_index, []).append(old)
@@ -393,6 +421,9 @@ class FlatLayout:
         made a view again; the caller decides what the new values mean.
         """
         for bucket in self.buckets:
+            if bucket.sharded:
+                yield from ((bucket, index) for index in bucket.written())
+                continue
             base, size = bucket.param_flat.data_ptr(), bucket.param_flat.element_size()
             for index, (param, start) in enumerate(zip(bucket.params, bucket.starts)):
                 rebound = param.data_ptr() != base + start * size
@@ -435,6 +466,9 @@ class FlatLayout:
     def gather_grads(self) -> None:
         """Make the flat gradient buffer hold every trainable param's current ``.grad``."""
         for bucket in self.buckets:
+            if bucket.sharded:
+                bucket.gather_grads()
+                continue
             if bucket.grads_bound():
                 continue
             for index, param in enumerate(bucket.params):
@@ -454,7 +488,8 @@ class FlatLayout:
 
     def grad_versions(self) -> list:
         """A fingerprint of the gradients: changes when a backward, zero_grad or assignment did."""
-        return [(bucket.grad_flat._version,
+        return [bucket.grad_fingerprint() if bucket.sharded else
+                (bucket.grad_flat._version,
                  [param.grad is view for param, view in zip(bucket.params, bucket.grad_views)])
                 for bucket in self.buckets]
 
@@ -467,6 +502,9 @@ class FlatLayout:
 
     def zero_grads(self) -> None:
         for bucket in self.buckets:
+            if bucket.sharded:
+                bucket.zero_grads()
+                continue
             bucket.grad_flat.zero_()
             for index, param in enumerate(bucket.params):
                 if param.requires_grad and not bucket.holds_grad(index):
@@ -478,3 +516,10 @@ class FlatLayout:
         """Trainable params <- their mean."""
         for bucket, segment in self.segments():
             bucket.param_flat[segment.slice].copy_(bucket.mean[segment.slice])
+        self.publish()
+
+    def publish(self, buckets=None) -> None:
+        """After the optimizer wrote ``param_flat``: sharded params get the values (_sharded)."""
+        for bucket in self.buckets if buckets is None else buckets:
+            if bucket.sharded:
+                bucket.publish()

@@ -38,7 +38,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import _checkpoint, backends
+from . import _checkpoint, _sharded, backends
 from ._checks import check_group_hyperparameters, check_options, check_params
 from ._layout import FlatLayout, Segment
 from .noise import EVAL_DRAW_BASE, PhiloxNoise, TorchNoise
@@ -100,7 +100,8 @@ class IVON(torch.optim.Optimizer):
         clip_radius (float, default inf): elementwise clip of the preconditioned step, > 0.
         sync (bool, default False): each process is one MC sample: the sample averages are
             all-reduced (and divided by the world size) across the default process group, and
-            each rank draws its own noise (key ``noise.rank_seed(seed, rank)``).
+            each rank draws its own noise (key ``noise.rank_seed(seed, rank)``). Not with
+            sharded (FSDP2) params, whose ranks hold different elements of one model.
         debias (bool, default True): debias the momentum by 1 - beta1^t.
         rescale_lr (bool, default True): scale lr by hess_init + weight_decay.
         backend (str, default 'auto'): 'auto', 'reference', 'triton', 'cuda' or 'cpu'. 'auto' takes
@@ -158,7 +159,7 @@ class IVON(torch.optim.Optimizer):
         backend_choice = "reference" if rng == "torch" else backend
         for group in param_groups:
             check_group_hyperparameters(group)
-            check_params(group["params"], backend_choice)
+            check_params(group["params"], backend_choice, sync=sync, rng=rng)
 
         self.mc_samples = int(mc_samples)
         self.hess_approx = hess_approx
@@ -172,6 +173,7 @@ class IVON(torch.optim.Optimizer):
             # under rng='torch' the seed only drives evaluation noise; drawing it would consume
             # torch's generator and shift the training noise away from ivon-opt's
             seed = torch.initial_seed() if rng == "torch" else int(torch.randint(0, 2**63 - 1, ()))
+            seed = _sharded.common_seed(param_groups, seed)  # FSDP: one model, one key
         self.seed = seed
         self._steps = StepCount()  # Note [steps decided on the device] in scalars
         self._next_train_draw = 0
@@ -207,7 +209,8 @@ class IVON(torch.optim.Optimizer):
         """Add a param group; its params join new flat buckets, existing storage does not move."""
         check_group_hyperparameters(param_group)
         param_group["params"] = _param_list(param_group["params"])
-        check_params(param_group["params"], self._layout.backend_choice)
+        check_params(param_group["params"], self._layout.backend_choice, sync=self.sync,
+                     rng=self.rng)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         new_buckets = self._layout.add_group(len(self.param_groups) - 1, group["params"],
@@ -343,6 +346,7 @@ class IVON(torch.optim.Optimizer):
     def _sample(self, draw: int, buckets=None) -> None:
         for bucket, seg in self._layout.segments(buckets):
             self._sample_segment(bucket.param_flat[seg.slice], bucket, seg, draw)
+        self._layout.publish(buckets)
 
     def _write_resting_params(self) -> None:
         """What the params hold between optimizer calls: the mean, or the pending sample."""
@@ -411,6 +415,7 @@ class IVON(torch.optim.Optimizer):
                 count=count, hess_approx=self.hess_approx, **device_inputs[where],
                 **self._noise_kwargs("eps", draw, bucket, seg),
                 **self._noise_kwargs("next_eps", next_draw, bucket, seg))
+        self._layout.publish()
         self._steps.settle(found_inf)
         self._noise.forget(draw)
         self._count, self._pending_draw, self._pending_grads = 0, next_draw, None
@@ -451,6 +456,7 @@ class IVON(torch.optim.Optimizer):
                     # x * 0 is 0 for finite x and NaN for inf or NaN: no overflow, no sync
                     for extreme in torch.aminmax(values):
                         found_inf.addcmul_(extreme.to(home, non_blocking=True), zero)
+        _sharded.agree_on_skip(self._layout.buckets, found_inf)
         return grad_scale, found_inf
 
     def _device_inputs(self, bucket, grad_scale, found_inf, on_device: bool) -> dict:

@@ -64,6 +64,8 @@ MATH = "csrc/ivon_math.h"
 OPTIMIZER = "ivon_fast/optimizer.py"
 LAYOUT = "ivon_fast/_layout.py"
 USER_PATHS = "tests/test_user_paths.py"
+SHARDED = "ivon_fast/_sharded.py"
+FSDP = "tests/test_fsdp.py"
 
 MUTATIONS = [
     # ---- rounding of bf16 / fp16 params ----
@@ -241,6 +243,35 @@ MUTATIONS = [
              '"beta1": (0.0, 1.0, False, True),',
              '"beta1": (0.0, 1.0, False, False),',
              (USER_PATHS, "-k", "divide_by_zero")),
+    # ---- sharded params (FSDP2) ----
+    Mutation("sharded-noise-offset-ignores-the-shard", SHARDED,
+             "offsets=[offset + _shard_start(p) for p, offset in zip(params, offsets)],",
+             "offsets=list(offsets),",
+             (FSDP, "-k", "noise_is_indexed")),
+    Mutation("sharded-update-not-published", OPTIMIZER,
+             "        self._layout.publish()\n        self._noise.forget(draw)\n",
+             "        self._noise.forget(draw)\n",
+             (FSDP, "-k", "equals_unsharded")),
+    Mutation("sharded-grads-not-gathered", SHARDED,
+             "            torch._foreach_copy_(targets, sources)\n",
+             "            pass\n",
+             (FSDP, "-k", "equals_unsharded")),
+    Mutation("sharded-ranks-keep-their-own-seed", OPTIMIZER,
+             "            seed = _sharded.common_seed(param_groups, seed)",
+             "            pass",
+             (FSDP, "-k", "options")),
+    Mutation("sharded-checkpoint-pending-grad-not-attached", "ivon_fast/_checkpoint.py",
+             "                        bucket.attach_grad(index)\n",
+             "                        pass\n",
+             (FSDP, "-k", "round_trip")),
+    Mutation("dcp-helpers-drop-the-counters", "ivon_fast/_checkpoint.py",
+             '"params": [param_ids[id(p)] for p in group["params"]], _GROUP_KEY: dict(meta)}',
+             '"params": [param_ids[id(p)] for p in group["params"]]}',
+             (FSDP, "-k", "distributed_checkpoint")),
+    Mutation("full-checkpoint-sliced-from-the-start", SHARDED,
+             "        start = _shard_start(param)\n        return value",
+             "        start = 0\n        return value",
+             (FSDP, "-k", "unsharded_checkpoint")),
 ]
 
 
