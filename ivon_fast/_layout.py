@@ -126,11 +126,12 @@ class Bucket:
         sends the caller down the full, slower paths, which sort out what happened.
         """
         param_ptrs, grad_ptrs = self._expected_ptrs()
-        for param, version, trainable, param_ptr, view, grad_ptr in zip(
+        for param, version, trainable, param_ptr, view, grad_ptr, param_view in zip(
                 self.params, self.versions, self.trainable, param_ptrs, self.grad_views,
-                grad_ptrs):
+                grad_ptrs, self.param_views):
+            # the shape too: p.data = p.data.view(...) keeps the address and the version
             if (param._version != version or param.requires_grad != trainable
-                    or param.data_ptr() != param_ptr):
+                    or param.data_ptr() != param_ptr or param.shape != param_view.shape):
                 return False
             if trainable and (param.grad is not view or view.data_ptr() != grad_ptr):
                 return False
@@ -426,7 +427,8 @@ class FlatLayout:
                 continue
             base, size = bucket.param_flat.data_ptr(), bucket.param_flat.element_size()
             for index, (param, start) in enumerate(zip(bucket.params, bucket.starts)):
-                rebound = param.data_ptr() != base + start * size
+                rebound = (param.data_ptr() != base + start * size
+                           or param.shape != bucket.param_views[index].shape)
                 if not rebound and param._version == bucket.versions[index]:
                     continue
                 if rebound:

@@ -139,7 +139,7 @@ class IVON(torch.optim.Optimizer):
                  hess_approx: str = "price", clip_radius: float = float("inf"), sync: bool = False,
                  debias: bool = True, rescale_lr: bool = True, *, backend: str = "auto",
                  seed: Optional[int] = None, rng: str = "philox",
-                 resample_on_step: bool = False, skip_nonfinite: bool = False):  # TODO(flip to True when kernels land)
+                 resample_on_step: bool = False, skip_nonfinite: bool = True):
         defaults = dict(lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
                         weight_decay=weight_decay, clip_radius=clip_radius)
         check_group_hyperparameters(defaults)
@@ -547,7 +547,12 @@ class IVON(torch.optim.Optimizer):
         if train:
             self._pending_draw = draw
             if self._count + 1 < self.mc_samples:
-                self._fold_pending()  # a later sample's zero_grad could clear this gradient
+                try:
+                    self._fold_pending()  # a later sample's zero_grad could clear this gradient
+                except BaseException:  # e.g. a sparse gradient: the sample does not count
+                    self._pending_draw = None
+                    self._discard_sample(train, draw)
+                    raise
             else:
                 self._pending_grads = self._layout.grad_versions()
         else:
@@ -621,6 +626,8 @@ class IVON(torch.optim.Optimizer):
         ``step(closure)`` leaves params and optimizer as they were.
         """
         self._check_not_in_context("step()")
+        for group in self.param_groups:  # a value written into param_groups since the last step
+            check_group_hyperparameters(group)
         if closure is not None:
             return self._step_with_closure(closure)
         grads_bound = self._prepare()

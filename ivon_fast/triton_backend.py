@@ -384,7 +384,9 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
                 + tl.div_rn(hess_coef * (diff * diff), hess + weight_decay))
     step = tl.div_rn(tl.div_rn(new_momentum, debias) + weight_decay * mean,
                      new_hess + weight_decay)
-    new_mean = mean - lr * tl.minimum(tl.maximum(step, -clip_radius), clip_radius)
+    # NaN stays NaN, as in torch.clip (tl.minimum / tl.maximum would drop it)
+    new_mean = mean - lr * tl.clamp(step, -clip_radius, clip_radius,
+                                    propagate_nan=tl.PropagateNan.ALL)
     if HAS_FOUND_INF:  # a skipped step writes the old values back
         new_momentum = tl.where(skip, momentum, new_momentum)
         new_hess = tl.where(skip, hess, new_hess)

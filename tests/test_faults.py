@@ -191,18 +191,25 @@ def test_global_options_given_in_a_param_group_are_ignored():
     assert_same_run(model_a, opt_a, model_b, opt_b)
 
 
-def test_a_hyperparameter_put_out_of_range_after_construction_is_not_checked():
-    """The ranges are checked where values enter (constructor, add_param_group,
-    load_state_dict), not at each step (as torch.optim): beta1 = 1 written into param_groups
-    makes the debias factor 1 - beta1^t zero, and the next update writes inf into the mean.
-    The non-finite check looks at gradients, so it does not catch it."""
+def test_a_hyperparameter_put_out_of_range_after_construction_is_refused_at_the_step():
+    """step() checks the groups' ranges again (a scheduler or user code may write into
+    param_groups): beta1 = 1 would make the debias factor 1 - beta1^t zero and the mean inf.
+    The error names the argument and nothing changes; a valid value trains on."""
     model, opt = build("official")
-    opt.skip_nonfinite = True   # explicitly, whatever the default
     train(model, opt, "official", 0, 1)
     opt.param_groups[0]["beta1"] = 1.0
-    train(model, opt, "official", 1, 1)
-    assert opt.skipped_steps == 0 and opt.current_step == 2
-    assert not all(torch.isfinite(opt.state[p]["mean"]).all() for p in model.parameters())
+    with opt.sampled_params(train=True):
+        opt.zero_grad()
+        loss_fn(model, 1).backward()
+    before = _frozen(model, opt)
+    with pytest.raises(ValueError, match=r"Invalid beta1: 1\.0"):
+        opt.step()
+    _assert_unchanged(model, opt, before)
+    assert opt.current_step == 1
+    opt.param_groups[0]["beta1"] = 0.9
+    opt.step()
+    assert opt.current_step == 2
+    assert all(torch.isfinite(opt.state[p]["mean"]).all() for p in model.parameters())
 
 
 # ============================================================================ 2. params
@@ -332,12 +339,7 @@ def _sparse_backward(embedding):
 
 @pytest.mark.parametrize("mode,mc", [
     ("official", 1), ("dropin", 1),
-    pytest.param("official", 2, marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="package bug: with mc_samples > 1 the sparse gradient is refused at the exit of "
-               "the sampled_params(train=True) block (_exit_sample folds it in), after the "
-               "sample was left pending and before the params got their mean back: the params "
-               "keep holding the posterior sample, and every later call refuses again"))])
+    ("official", 2)])
 def test_sparse_gradients_are_refused_and_change_nothing(mode, mc):
     embedding, opt = _sparse_setup(mode, mc)
     before_params, before_state = snapshot(embedding), _state_tensors(embedding, opt)
@@ -354,13 +356,8 @@ def test_sparse_gradients_are_refused_and_change_nothing(mode, mc):
     assert opt.current_step == 0
 
 
-_DEFAULT_SKIP_NONFINITE = inspect.signature(IVON.__init__).parameters["skip_nonfinite"].default
 
 
-@pytest.mark.xfail(_DEFAULT_SKIP_NONFINITE is not True, strict=True, raises=AssertionError,
-                   reason="skip_nonfinite defaults to False in ivon_fast/optimizer.py (a TODO "
-                          "says it flips to True when the kernels take the arguments); the "
-                          "docstring and docs/DESIGN.md section 11 say True")
 def test_a_nonfinite_gradient_is_skipped_by_default():
     model = make_model(0)
     opt = IVON(model.parameters(), **HP, backend="reference", seed=SEED)
@@ -883,12 +880,6 @@ def test_a_param_rebound_to_another_shape_is_refused_until_put_back():
     assert_same_run(model_a, opt_a, model_b, opt_b)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="package bug: p.data = p.data.view(other shape) keeps the storage "
-                          "address and the version, so the per-call check (Bucket.unchanged) "
-                          "sees no change and the shape check in written_params never runs; "
-                          "the next backward then fails inside autograd ('The size of tensor a "
-                          "must match ...') against the optimizer's old-shaped grad view")
 def test_a_param_reshaped_in_place_is_refused_like_any_shape_change():
     model, opt = build("official")
     train(model, opt, "official", 0, 1)
