@@ -3,15 +3,22 @@
     python -m bench                     # the default sweep on the default device (cuda, else cpu)
     python -m bench --quick             # smoke test (tiny sizes, 3 rounds; files in a temp folder)
     python -m bench --sizes 16M,64M --shapes gpt2 --dtype bfloat16 --backends triton
+    python -m bench --host-only         # only the host cost against the tensor count
 
 What is timed, like for like, in one process on one device (for every available backend; Triton
 only on GPUs, where it is not the interpreter; the reference backend up to --reference-max):
-  * the drop-in step, ``IVON(..., resample_on_step=True).step()`` (the update fused with drawing
-    the next sample), against ``AdamW(fused=True).step()`` (the anchor of every ratio) and
-    ``AdamW(foreach=True).step()``;
+  * the drop-in step, ``IVON(..., resample_on_step=True, skip_nonfinite=True).step()`` (the
+    update fused with drawing the next sample, after the on-device check of the gradients for
+    inf / NaN, docs/DESIGN.md section 11), against ``AdamW(fused=True).step()`` (the anchor of
+    every ratio) and ``AdamW(foreach=True).step()``;
+  * the same drop-in step with ``skip_nonfinite=False`` ("no finite check"): the check's cost is
+    the checked step's median over this one's ("x unchecked"; the JSON also keeps the median of
+    the two's ratios round by round);
   * the official iteration, ``with opt.sampled_params(train=True): ...; opt.step()`` (sample,
-    restore, update), against ivon-opt 0.1.3's official iteration (up to --ivon-opt-max).
-The gradients are set once and never recomputed: only the optimizer is timed.
+    restore, update; ``skip_nonfinite=True``), against ivon-opt 0.1.3's official iteration (up to
+    --ivon-opt-max).
+``skip_nonfinite`` is always passed explicitly, whatever the optimizer's default. The gradients
+are set once and never recomputed: only the optimizer is timed.
 
 Sizes are param counts (K, M, G: powers of 10), in two model shapes (bench/shapes.py):
 ``few-large`` (--tensors equal 1-D tensors) and ``gpt2`` (GPT-2 small's 148 tensors scaled to the
@@ -31,8 +38,10 @@ AdamW(fused=True); for official iterations, how many times faster than ivon-opt'
 
 Byte model, P = bytes per param element (4 fp32, 2 bf16):
   AdamW step                     7P      (reads p, g, m, v; writes p, m, v; state in the param dtype)
-  drop-in step                   2P + 24 (reads g, mean, momentum, hess; writes those and theta)
-  official iteration             4P + 36 (sample 8 + P, restore 4 + P, update 24 + 2P)
+  drop-in step, no finite check  2P + 24 (reads g, mean, momentum, hess; writes those and theta)
+  drop-in step (checked)         3P + 24 (the finite check reads the grads once more: aminmax of
+                                         each flat gradient buffer, 4 B per fp32 element)
+  official iteration (checked)   5P + 36 (sample 8 + P, restore 4 + P, check P, update 24 + 2P)
   ivon-opt official iteration    13P     (the same three ops with state in the param dtype)
 
 CPU floor (CPU only; docs/DESIGN.md section 6: a 2-core CPU is compute-bound): the step's memory
@@ -44,6 +53,17 @@ AdamW; one draw is timed as the CPU kernel's ``sample`` op on one core over a ca
 buffer, divided by the thread count (bench/measure.py ``noise_probe``). "x floor" is the row's
 median over that sum; a kernel that overlaps its traffic with its arithmetic can go below 1 (the
 JSON also keeps the fully overlapped bound, max(traffic, noise)).
+
+Host cost against the tensor count (its own table, JSON key "host_cost" and a second PNG,
+*_host.png): the host time of one step() (as above: on CUDA the call with the device synchronized
+before it; on CPU the step over one-element tensors) for N = 30, 300, 3000 tensors of one element
+(--host-tensors; --quick: 300 only), for AdamW(fused=True) and, per backend, the checked and
+unchecked drop-in step and the official iteration (the reference backend up to --reference-max
+tensors); alternated rounds (--host-rounds), min / median / max microseconds per step, x AdamW,
+and microseconds per tensor: the slope of the medians between consecutive N (the headline: 300 to
+3000). The target: with hundreds of tensors, IVON's host time at or below AdamW(fused=True)'s,
+and a per-tensor slope that does not make the step's Python work grow with the tensor count.
+It runs first, so a timeout that stops the sweep keeps it.
 
 Memory (bytes per param, at every size; the table shows the largest): the optimizer's state
 tensors, state plus params and grads, and the peak transient memory of one step
@@ -85,16 +105,34 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 # noise draws per element that the CPU floor charges
-DRAWS = {"adamw_fused": 0, "adamw_foreach": 0, "drop_in_step": 2, "official_iteration": 2}
+DRAWS = {"adamw_fused": 0, "adamw_foreach": 0, "drop_in_step": 2, "drop_in_step_unchecked": 2,
+         "official_iteration": 2}
 # kept for older callers: the fp32 byte model
-BYTES_PER_ELEMENT = {"adamw_fused": 28, "drop_in_step": 32, "official_iteration": 52}
+BYTES_PER_ELEMENT = {"adamw_fused": 28, "drop_in_step": 36, "drop_in_step_unchecked": 32,
+                     "official_iteration": 56}
+# the IVON contenders: kind -> (drop-in mode, skip_nonfinite, label after "ivon_fast[backend] ")
+IVON_KINDS = {
+    "drop_in_step": (True, True, "drop-in step"),
+    "drop_in_step_unchecked": (True, False, "drop-in step, no finite check"),
+    "official_iteration": (False, True, "official iteration"),
+}
+# the kind whose bytes the CPU floor's copy probe moves (other kinds scale it by their bytes)
+FLOOR_KIND = "drop_in_step_unchecked"
 
 
 def bytes_per_element(kind: str, param_bytes: int) -> int:
-    """Bytes one element moves in ``kind`` by the byte model (docs/DESIGN.md section 6)."""
+    """Bytes one element moves in ``kind`` by the byte model (docs/DESIGN.md section 6).
+
+    The update fused with the next sample moves 2P + 24 (section 6's 32 B in fp32). With
+    ``skip_nonfinite=True`` (docs/DESIGN.md section 11) the optimizer first checks the gradients
+    on the device, ``torch.aminmax`` of each flat gradient buffer: one more read of the grads, P
+    bytes (4 B per fp32 element against the step's 32), so the checked drop-in step is 3P + 24
+    and the checked official iteration 5P + 36; ``skip_nonfinite=False`` removes that read.
+    """
     p = param_bytes
-    return {"adamw_fused": 7 * p, "adamw_foreach": 7 * p, "drop_in_step": 2 * p + 24,
-            "official_iteration": 4 * p + 36, "ivon_opt_iteration": 13 * p}[kind]
+    return {"adamw_fused": 7 * p, "adamw_foreach": 7 * p, "drop_in_step": 2 * p + 24 + p,
+            "drop_in_step_unchecked": 2 * p + 24, "official_iteration": 4 * p + 36 + p,
+            "ivon_opt_iteration": 13 * p}[kind]
 
 
 def parse_size(text: str) -> int:
@@ -133,17 +171,19 @@ def adamw_contender(shapes, device, dtype, mode: str = "fused") -> Contender:
 
 
 def ivon_fast_contender(shapes, device, dtype, backend: str, mode: str) -> Contender:
-    """The drop-in step (mode 'drop_in_step') or the official iteration ('official_iteration')."""
+    """One of ``IVON_KINDS``: the drop-in step with the finite check ('drop_in_step'), without it
+    ('drop_in_step_unchecked'), or the official iteration with it ('official_iteration').
+    ``skip_nonfinite`` is always passed explicitly, whatever the optimizer's default."""
+    resample, skip_nonfinite, what = IVON_KINDS[mode]
     params = make_shaped_params(shapes, device, dtype)
     grads = [p.grad.clone() for p in params]
-    resample = mode == "drop_in_step"
     optimizer = ivon_fast.IVON(params, lr=1e-3, ess=1e6, backend=backend, seed=1234,
-                               resample_on_step=resample)
+                               resample_on_step=resample, skip_nonfinite=skip_nonfinite)
     with torch.no_grad():
         for param, grad in zip(params, grads):  # the grads are views into the flat buffer now
             param.grad.copy_(grad)
     del grads
-    label = f"ivon_fast[{backend}] " + ("drop-in step" if resample else "official iteration")
+    label = f"ivon_fast[{backend}] {what}"
     if resample:
         return Contender(label, mode, optimizer.step, backend=backend, optimizer=optimizer,
                          params=params)
@@ -264,7 +304,7 @@ def build_contenders(shapes, device, dtype, numel, args, names, notes) -> list:
     for name in names:
         if name == "reference" and numel > args.reference_max:
             continue
-        for mode in ("drop_in_step", "official_iteration"):
+        for mode in IVON_KINDS:
             contender = ivon_fast_contender(shapes, device, dtype, name, mode)
             if name == "reference":  # the spec in plain torch: 50x to 200x AdamW on CPU
                 contender.max_rounds, contender.warmup = 2, 1
@@ -275,7 +315,7 @@ def build_contenders(shapes, device, dtype, numel, args, names, notes) -> list:
         contenders.append(contender)
     if device.type == "cpu" and args.floor:
         numel = sum(math.prod(s) for s in shapes)
-        moved = bytes_per_element("drop_in_step", dtype_bytes(dtype)) * numel
+        moved = bytes_per_element(FLOOR_KIND, dtype_bytes(dtype)) * numel
         contenders.append(measure.copy_probe(moved, device))
         noise = measure.noise_probe(numel, torch.get_num_threads())
         if noise is not None:
@@ -292,7 +332,8 @@ def footprint(numel: int, dtype: torch.dtype, args, names: list) -> int:
     p = dtype_bytes(dtype)
     n_backends = sum(1 for n in names if n != "reference" or numel <= args.reference_max)
     per = 2 * (4 * p) + (2 * p if args.foreach else 0)   # the two AdamWs, foreach temporaries
-    per += n_backends * 2 * (3 * p + 12)                 # ivon_fast: params, grads, clone, state
+    per += n_backends * 3 * (3 * p + 12)                 # ivon_fast (3 kinds): params, grads,
+                                                         # clone, state
     if args.ivon_opt and numel <= args.ivon_opt_max:
         per += 14 * p                                    # ivon-opt: 4P held, ~10P transient
     return int(1.15 * per * numel)
@@ -313,6 +354,83 @@ def host_table_cpu(shape_count, device, dtype, args, names, sizes) -> dict:
     return {label: s * 1e3 for label, s in seconds.items()}
 
 
+def check_cost(contender: Contender, unchecked: Contender | None) -> dict:
+    """What the finite check costs, for the checked drop-in step: its median over the unchecked
+    drop-in step's (same backend, same rounds), and the median of the two's ratios round by
+    round (the pair timed in the same round sees the same machine)."""
+    if contender.kind != "drop_in_step" or unchecked is None or not unchecked.seconds:
+        return {}
+    paired = [c / u for c, u in zip(contender.seconds, unchecked.seconds)]
+    return {"check_ratio": statistics.median(contender.seconds)
+            / statistics.median(unchecked.seconds),
+            "check_ratio_paired": statistics.median(paired),
+            "check_ms": (statistics.median(contender.seconds)
+                         - statistics.median(unchecked.seconds)) * 1e3}
+
+
+HOST_METHOD = {
+    "cuda": "host time of one step() on CUDA: the call's wall time with the device synchronized "
+            "before it and the synchronize after it not counted (Python, checks, dispatch, "
+            "launches)",
+    "cpu": "host time of one step() on CPU: the wall time of the step over one-element tensors "
+           "(the kernels run inside the call; one element each leaves the per-step and "
+           "per-tensor work)",
+}
+
+
+def host_cost_contenders(count: int, device, dtype, args, names) -> list:
+    """The host-cost section's contenders at ``count`` one-element tensors: AdamW(fused=True)
+    and, per backend, the checked and unchecked drop-in step and the official iteration."""
+    shapes = [(1,)] * count
+    contenders = [adamw_contender(shapes, device, dtype, "fused")]
+    for name in names:
+        if name == "reference" and count > args.reference_max:
+            continue
+        contenders += [ivon_fast_contender(shapes, device, dtype, name, mode)
+                       for mode in IVON_KINDS]
+    for contender in contenders:
+        contender.warmup = 3
+    return contenders
+
+
+def host_cost(device, dtype, args, names, progress) -> dict:
+    """The host-cost section: host microseconds of one step() against the tensor count, and the
+    slope (microseconds per tensor) between consecutive counts."""
+    rows, slopes = [], []
+    for count in args.host_tensors:
+        progress.config(f"host cost: {count} tensors")
+        contenders = host_cost_contenders(count, device, dtype, args, names)
+        try:
+            measure.host_rounds(contenders, device, args.host_rounds, on_round=progress.advance)
+            anchor = statistics.median(contenders[0].host_seconds)
+            for contender in contenders:
+                low, mid, high = (s * 1e6 for s in measure.spread(contender.host_seconds))
+                rows.append({
+                    "tensors": count, "run": contender.label, "kind": contender.kind,
+                    "backend": contender.backend, "rounds": len(contender.host_seconds),
+                    "inner": contender.inner,
+                    "times_us": [s * 1e6 for s in contender.host_seconds],
+                    "min_us": low, "median_us": mid, "max_us": high,
+                    "ratio_vs_adamw": mid / (anchor * 1e6)})
+        finally:
+            del contenders
+            release(device)
+    counts = sorted(set(args.host_tensors))
+    runs = list(dict.fromkeys(row["run"] for row in rows))
+    for run in runs:
+        medians = {row["tensors"]: row for row in rows if row["run"] == run}
+        for low, high in zip(counts, counts[1:]):
+            if low in medians and high in medians:
+                slopes.append({
+                    "run": run, "kind": medians[low]["kind"], "backend": medians[low]["backend"],
+                    "from_tensors": low, "to_tensors": high,
+                    "us_per_tensor": (medians[high]["median_us"] - medians[low]["median_us"])
+                    / (high - low)})
+    return {"dtype": dtype_name(dtype), "tensors": args.host_tensors, "elements_per_tensor": 1,
+            "rounds": args.host_rounds, "method": HOST_METHOD.get(device.type, HOST_METHOD["cpu"]),
+            "rows": rows, "slopes": slopes}
+
+
 def config_rows(contenders, size, dtype, shape, shapes, copy_gbs, host_ms) -> list:
     """The rows of one configuration (``size`` requested, the shapes' count timed)."""
     p = dtype_bytes(dtype)
@@ -325,7 +443,8 @@ def config_rows(contenders, size, dtype, shape, shapes, copy_gbs, host_ms) -> li
     copy, noise = by_kind.get("copy"), by_kind.get("noise")
     copy_ms = statistics.median(copy.seconds) * 1e3 if copy else None
     draw_ms = statistics.median(noise.seconds) * 1e3 * noise.scale if noise else None
-    drop_bytes = bytes_per_element("drop_in_step", p)
+    probe_bytes = bytes_per_element(FLOOR_KIND, p)       # what the copy probe moved per element
+    unchecked = {c.backend: c for c in contenders if c.kind == "drop_in_step_unchecked"}
     rows = []
     for contender in contenders:
         if contender.is_probe:
@@ -339,7 +458,7 @@ def config_rows(contenders, size, dtype, shape, shapes, copy_gbs, host_ms) -> li
             host = host_ms.get(contender.label)
         floor_ms = floor_memory = floor_overlap = None
         if copy_ms is not None and contender.kind in DRAWS:
-            floor_memory = copy_ms * element_bytes / drop_bytes
+            floor_memory = copy_ms * element_bytes / probe_bytes
             draws = DRAWS[contender.kind]
             if draws == 0 or draw_ms is not None:
                 floor_ms = floor_memory + draws * (draw_ms or 0.0)
@@ -355,7 +474,10 @@ def config_rows(contenders, size, dtype, shape, shapes, copy_gbs, host_ms) -> li
             "ratio_vs_adamw": mid / anchor_ms if anchor_ms else None,
             "speedup_vs_ivon_opt": (ivon_opt_ms / mid if ivon_opt_ms and contender.kind
                                     == "official_iteration" else None),
-            "byte_floor_ratio": drop_bytes / bytes_per_element("adamw_fused", p),
+            "byte_floor_ratio": probe_bytes / bytes_per_element("adamw_fused", p),
+            "byte_floor_ratio_checked": (bytes_per_element("drop_in_step", p)
+                                         / bytes_per_element("adamw_fused", p)),
+            **check_cost(contender, unchecked.get(contender.backend)),
             "floor_ms": floor_ms, "floor_memory_ms": floor_memory, "floor_draw_ms": draw_ms,
             "floor_draws": DRAWS.get(contender.kind), "floor_overlap_ms": floor_overlap,
             "floor_ratio": mid / floor_ms if floor_ms else None,
@@ -516,6 +638,8 @@ def run(args) -> dict:
     names_of = {dtype: kernel_backends(args, device, dtype, notes) for dtype in dtypes}
 
     plan = []  # (dtype, shape, numel)
+    if args.host_only:
+        dtypes = []
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     for dtype in dtypes:
         for shape in shapes_wanted:
@@ -533,9 +657,15 @@ def run(args) -> dict:
     copy = measure.copy_bandwidth(copy_numel, device, max(5, args.rounds))
     release(device)
     host_passes = {(d, s) for d, s, _ in plan} if device.type == "cpu" else set()
-    progress = Progress(len(plan) * args.rounds + len(host_passes), args.progress, notes)
-    rows, host_tables, interrupted = [], {}, False
+    host_dtype = DTYPES[args.dtype.split(",")[0].strip()]
+    host_dtype = torch.float32 if torch.float32 in names_of else host_dtype
+    host_rounds = len(args.host_tensors) * args.host_rounds
+    progress = Progress(len(plan) * args.rounds + len(host_passes) + host_rounds, args.progress,
+                        notes)
+    rows, host_tables, interrupted, host = [], {}, False, None
     try:
+        if args.host_tensors:  # first: short, and kept when a timeout stops the sweep
+            host = host_cost(device, host_dtype, args, names_of[host_dtype], progress)
         sweep(plan, device, args, names_of, copy, progress, rows, host_tables, notes)
     except (KeyboardInterrupt, Interrupted) as stop:
         done = len({report.config_key(row) for row in rows})
@@ -553,6 +683,7 @@ def run(args) -> dict:
         "args": {k: v for k, v in vars(args).items() if k != "argv"},
         "copy_bandwidth": copy, "notes": notes, "interrupted": interrupted,
         "methods": {"timing": measure.__doc__, "bench": __doc__}, "rows": rows,
+        "host_cost": host,
     }
 
 
@@ -596,6 +727,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--copy-size", type=parse_size, default=None,
                         help="fp32 elements of the copy-bandwidth probe (default 2^26 on CPU, "
                              "2^25 with --quick, 2^28 on CUDA)")
+    parser.add_argument("--host-tensors", default=None,
+                        help="comma-separated tensor counts of the host-cost section (default "
+                             "30,300,3000; --quick: 300)")
+    parser.add_argument("--host-rounds", type=int, default=None,
+                        help="rounds of the host-cost section (default 15; --quick: 5)")
+    parser.add_argument("--no-host", dest="host", action="store_false",
+                        help="skip the host-cost section")
+    parser.add_argument("--host-only", action="store_true",
+                        help="only the host-cost section (and the copy bandwidth), no sweep")
     parser.add_argument("--out", default=None,
                         help="folder for the JSON and PNG (default bench/results/; --quick: a "
                              "new temporary folder)")
@@ -612,6 +752,12 @@ def main(argv=None) -> dict:
         args.sizes = default_sizes(device, args.quick)
     if args.rounds is None:
         args.rounds = 3 if args.quick else (25 if device.type == "cuda" else 9)
+    if args.host_tensors is None:
+        args.host_tensors = "300" if args.quick else "30,300,3000"
+    args.host_tensors = sorted({int(parse_size(n)) for n in args.host_tensors.split(",")
+                                if n.strip()}) if args.host else []
+    if args.host_rounds is None:
+        args.host_rounds = 5 if args.quick else 15
     if args.reference_max is None:  # the reference is the spec, not a fast path: slow to time
         args.reference_max = 0 if args.quick else parse_size("2M")
     bad = [d for d in args.dtype.split(",") if d.strip() and d.strip() not in DTYPES]
@@ -630,6 +776,7 @@ def main(argv=None) -> dict:
           f"{record['copy_bandwidth']['gbs_max']:.1f}) | {record['date']}")
     report.print_table(record)
     report.print_memory_table(record)
+    report.print_host_table(record)
     for note in record["notes"]:
         print(f"# note: {note}")
     if args.save:
@@ -638,9 +785,14 @@ def main(argv=None) -> dict:
         json_path = args.json or os.path.join(out, stem + ".json")
         plot_path = args.plot or os.path.splitext(json_path)[0] + ".png"
         report.write_json(record, json_path)
-        problem = report.plot(record, plot_path)
         print(f"# results: {json_path}")
-        print(f"# {problem}" if problem else f"# plot: {plot_path}")
+        if record["rows"]:
+            problem = report.plot(record, plot_path)
+            print(f"# {problem}" if problem else f"# plot: {plot_path}")
+        if record.get("host_cost"):
+            host_path = os.path.splitext(plot_path)[0] + "_host.png"
+            problem = report.plot_host(record, host_path)
+            print(f"# {problem}" if problem else f"# host-cost plot: {host_path}")
     report.print_short_table([record])
     return record
 

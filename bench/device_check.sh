@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the extension in place, benchmark the backends against
 # torch.optim.AdamW(fused=True), AdamW(foreach=True) and ivon-opt (`python -m bench`, fp32 and
-# bf16, both model shapes, 1M to 256M), run the GPU tests, run the CPU benchmark on the machine's
+# bf16, both model shapes, 1M to 256M; the drop-in step with and without the finite check; first
+# its host-cost section: one step() over 30, 300 and 3000 one-element tensors), run the GPU tests, run the CPU benchmark on the machine's
 # cores in quick form, sweep the Triton launch configuration if time is left, and print a short
 # table last. The whole run keeps to a budget of 470 s (BUDGET=...): every step gets a timeout
 # from what is left, and `python -m bench` writes what it measured when its timeout stops it.
@@ -88,21 +89,22 @@ timeout "$(slot 60 15)" python3 -m bench --device cpu --quick --sizes 1M,16M --d
 echo "cpu benchmark rc=$? in $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
 
 if [ $((BUDGET - SECONDS)) -gt 60 ]; then
-    echo "== Triton launch sweep (64M fp32, drop-in step)"
+    echo "== Triton launch sweep (64M fp32, drop-in step without the finite check: the kernel)"
     timeout "$(slot 100 10)" python3 - > "$OUT/triton_sweep.txt" 2>&1 <<'EOF'
 import os
 import torch
-from bench.__main__ import bench_adamw, bench_ivon_fast
+from bench.__main__ import bench_adamw, bench_ivon_fast, bytes_per_element
 
-numel, device = 64_000_000, torch.device("cuda")
+numel, device, mode = 64_000_000, torch.device("cuda"), "drop_in_step_unchecked"
 adamw = bench_adamw(numel, 4, device, torch.float32, 20)
 print(f"AdamW(fused=True) {adamw * 1e3:.3f} ms")
 for block in (1024, 2048, 4096):
     for warps in (4, 8, 16):
         os.environ["IVON_TRITON_BLOCK"], os.environ["IVON_TRITON_WARPS"] = str(block), str(warps)
-        seconds = bench_ivon_fast(numel, 4, device, torch.float32, 20, "triton", "drop_in_step")
+        seconds = bench_ivon_fast(numel, 4, device, torch.float32, 20, "triton", mode)
         print(f"BLOCK={block:5d} warps={warps:2d}  {seconds * 1e3:.3f} ms  "
-              f"{32 * numel / seconds / 1e9:6.0f} GB/s  x AdamW {seconds / adamw:.3f}", flush=True)
+              f"{bytes_per_element(mode, 4) * numel / seconds / 1e9:6.0f} GB/s  "
+              f"x AdamW {seconds / adamw:.3f}", flush=True)
 EOF
 else
     echo "(no time left for the Triton launch sweep)" > "$OUT/triton_sweep.txt"
@@ -113,7 +115,7 @@ cat "$OUT/summary.txt" "$OUT/triton_sweep.txt"
 grep -h "^# note" "$OUT/bench_gpu.txt" "$OUT/bench_cpu.txt" 2>/dev/null
 jsons=$(ls "$OUT"/bench_gpu.json "$OUT"/bench_cpu.json 2>/dev/null)
 if [ -n "$jsons" ]; then
-    python3 -m bench.report $jsons
+    python3 -m bench.report --host $jsons
 else
     tail -30 "$OUT/bench_gpu.txt"
 fi

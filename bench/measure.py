@@ -16,6 +16,13 @@ the step's kernels are short):
     same step over the same number of tensors with one element each (`host_times_cpu`), i.e. all
     the per-step and per-tensor work without the per-element work.
 
+Host cost against the tensor count (`host_rounds`, the benchmark's host-cost section): the same
+host time of one ``step()`` (on CUDA the call's wall time after a synchronize, on CPU the wall
+time of the step over one-element tensors) for N = 30, 300, 3000 tensors, every contender timed
+once per round in a rotating order; one round's sample is the mean of ``inner`` calls (as many as
+fill about 2 ms, at most 50), each timed alone, with Python's garbage collector paused (as timeit
+does). The slope between two tensor counts is the host cost per tensor.
+
 Memory (`memory_of`), per param:
   * state: the optimizer's own tensors (AdamW: exp_avg, exp_avg_sq, step; ivon_fast: its flat
     mean / momentum / hess buffers, and the sample averages if allocated; ivon-opt: momentum and
@@ -47,7 +54,8 @@ import torch
 class Contender:
     """One thing timed in the rounds of a configuration."""
     label: str
-    kind: str                    # adamw_fused, adamw_foreach, drop_in_step, official_iteration,
+    kind: str                    # adamw_fused, adamw_foreach, drop_in_step (with the finite
+                                 # check), drop_in_step_unchecked, official_iteration,
                                  # ivon_opt_iteration; or the CPU floor's probes: copy, noise
     fn: Callable[[], object]
     backend: Optional[str] = None
@@ -58,6 +66,7 @@ class Contender:
     scale: float = 1.0           # probes: what one timed call stands for
     seconds: list = field(default_factory=list)
     host_seconds: list = field(default_factory=list)
+    inner: int = 1               # host-cost section: calls per timed sample
 
     @property
     def is_probe(self) -> bool:
@@ -179,6 +188,47 @@ def host_times_cpu(contenders: list, rounds: int, inner: int = 20) -> dict:
                 contender.fn()
             per_call[contender.label].append((time.perf_counter() - start) / inner)
     return {label: statistics.median(values) for label, values in per_call.items()}
+
+
+def host_rounds(contenders: list, device: torch.device, rounds: int,
+                sample_seconds: float = 2e-3, max_inner: int = 50,
+                on_round: Optional[Callable[[], None]] = None) -> None:
+    """Host seconds per call of each contender into its ``host_seconds``, one sample per round.
+
+    Each call is timed alone: on CUDA after a synchronize (the launch queue empty) and without
+    the synchronize after it, i.e. the CPU time of the call (as `time_call`); on CPU its wall
+    time. A sample is the mean over ``inner`` calls, chosen from the warm-up so that a sample
+    takes about ``sample_seconds``; the order of the contenders rotates from round to round and
+    the garbage collector is paused while timing.
+    """
+    def one_call(fn) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for contender in contenders:
+            for _ in range(contender.warmup):
+                contender.fn()
+            estimate = min(one_call(contender.fn) for _ in range(3))
+            contender.inner = max(1, min(max_inner, math.ceil(sample_seconds / max(estimate,
+                                                                                   1e-7))))
+        synchronize(device)
+        for round_index in range(rounds):
+            shift = round_index % max(1, len(contenders))
+            for contender in contenders[shift:] + contenders[:shift]:
+                total = sum(one_call(contender.fn) for _ in range(contender.inner))
+                contender.host_seconds.append(total / contender.inner)
+            if on_round is not None:
+                on_round()
+        synchronize(device)
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # ---------------------------------------------------------------------------------- memory

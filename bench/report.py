@@ -3,6 +3,7 @@
     python -m bench.report RESULTS.json [...]           # the short table of recorded results
     python -m bench.report --plot RESULTS.json [...]    # (re)draw RESULTS.png next to each JSON
     python -m bench.report --plot --out DIR RESULTS.json # ... into DIR instead
+    python -m bench.report --host RESULTS.json [...]    # the host-cost tables too
 
 The plot needs matplotlib (the ``bench`` extra: ``pip install -e '.[bench]'``); without it the
 benchmark still writes its JSON and says so, and the plot can be drawn later from the JSON on any
@@ -39,7 +40,7 @@ def config_key(row: dict) -> tuple:
 def print_table(record: dict, file=sys.stdout) -> None:
     """Every row, one block per (dtype, shape, size)."""
     cpu = record["device"]["type"] == "cpu"
-    header = (f"{'run':<40} {'min ms':>9} {'med ms':>9} {'max ms':>9} {'host ms':>8} {'B/el':>5} "
+    header = (f"{'run':<50} {'min ms':>9} {'med ms':>9} {'max ms':>9} {'host ms':>8} {'B/el':>5} "
               f"{'GB/s':>7} {'%copy':>6} {'xAdamW':>7} {'xivon-opt':>9}")
     if cpu:
         header += f" {'floor ms':>9} {'xfloor':>6}"
@@ -53,7 +54,7 @@ def print_table(record: dict, file=sys.stdout) -> None:
         print(header, file=file)
         for row in rows:
             speedup = row.get("speedup_vs_ivon_opt")
-            line = (f"{row['run']:<40} {row['min_ms']:>9.3f} {row['median_ms']:>9.3f} "
+            line = (f"{row['run']:<50} {row['min_ms']:>9.3f} {row['median_ms']:>9.3f} "
                     f"{row['max_ms']:>9.3f} {_fmt(row['host_ms'], '8.3f'):>8} "
                     f"{row['bytes_per_element']:>5g} {_fmt(row['gbs'], '7.1f'):>7} "
                     f"{_fmt(row['copy_pct'], '6.0f'):>6} {row['ratio_vs_adamw']:>7.2f} "
@@ -78,22 +79,26 @@ def print_memory_table(record: dict, file=sys.stdout) -> None:
     method = next(r["memory"]["peak_method"] for r in record["rows"] if r.get("memory"))
     print(f"\n== memory, bytes per param: optimizer state; resident (state + params + grads); "
           f"peak transient of one step [{method}]", file=file)
-    print(f"{'dtype':<9} {'shape':<10} {'params':>7}  {'run':<40} {'state':>7} {'resident':>9} "
+    print(f"{'dtype':<9} {'shape':<10} {'params':>7}  {'run':<50} {'state':>7} {'resident':>9} "
           f"{'peak':>7}", file=file)
     for row in record["rows"]:
         memory = row.get("memory")
         if memory is None or largest.get((row["dtype"], row["shape"])) != row["numel"]:
             continue
-        print(f"{row['dtype']:<9} {row['shape']:<10} {_size(row['numel']):>7}  {row['run']:<40} "
+        print(f"{row['dtype']:<9} {row['shape']:<10} {_size(row['numel']):>7}  {row['run']:<50} "
               f"{memory['state_bytes_per_param']:>7.2f} {memory['resident_bytes_per_param']:>9.2f} "
               f"{_fmt(memory['peak_transient_bytes_per_param'], '7.2f'):>7}", file=file)
 
 
+IVON_KINDS = ("drop_in_step", "drop_in_step_unchecked", "official_iteration")
+
+
 def short_rows(rows: list) -> list:
-    """One line per (dtype, shape, size, backend): the drop-in and official IVON rows."""
+    """One line per (dtype, shape, size, backend): the drop-in (checked and unchecked) and
+    official IVON rows."""
     table: dict = {}
     for row in rows:
-        if row["kind"] not in ("drop_in_step", "official_iteration"):
+        if row["kind"] not in IVON_KINDS:
             continue
         key = (row["dtype"], row["shape"], row["numel"], row["backend"])
         entry = table.setdefault(key, {})
@@ -102,8 +107,9 @@ def short_rows(rows: list) -> list:
 
 
 def print_short_table(records: list, file=sys.stdout) -> None:
-    """The headline figures: per size and backend, the drop-in step against fused AdamW and the
-    official iteration against ivon-opt's."""
+    """The headline figures: per size and backend, the drop-in step (with the finite check)
+    against fused AdamW, what the check costs (x unchecked: the checked step's median over the
+    unchecked one's), and the official iteration against ivon-opt's."""
     for record in records:
         device = record["device"]
         cpu = device["type"] == "cpu"
@@ -111,7 +117,8 @@ def print_short_table(records: list, file=sys.stdout) -> None:
               f"{record['date']} | copy {record['copy_bandwidth']['gbs_median']:.0f} GB/s | "
               f"{record['command']}", file=file)
         print(f"{'dtype':<9} {'shape':<10} {'params':>7} {'backend':<9} {'drop-in ms':>10} "
-              f"{'xAdamW':>7} {'%copy':>6}{' xfloor' if cpu else ''} {'official ms':>11} "
+              f"{'xAdamW':>7} {'%copy':>6}{' xfloor' if cpu else ''} {'xunchk':>6} "
+              f"{'official ms':>11} "
               f"{'xAdamW':>7} {'xivon-opt':>9}", file=file)
         for (dtype, shape, numel, backend), entry in short_rows(record["rows"]):
             drop, official = entry.get("drop_in_step"), entry.get("official_iteration")
@@ -122,10 +129,38 @@ def print_short_table(records: list, file=sys.stdout) -> None:
                     f"{_fmt(drop and drop['copy_pct'], '6.0f'):>6}")
             if cpu:
                 line += f" {_fmt(drop and drop.get('floor_ratio'), '6.2f'):>6}"
+            line += f" {_fmt(drop and drop.get('check_ratio'), '6.3f'):>6}"
             line += (f" {_fmt(official and official['median_ms'], '11.3f'):>11} "
                      f"{_fmt(official and official['ratio_vs_adamw'], '7.2f'):>7} "
                      f"{_fmt(speedup, '8.1f') + ('x' if speedup else ''):>9}")
             print(line, file=file)
+        if any(entry.get("drop_in_step", {}).get("check_ratio")
+               for _, entry in short_rows(record["rows"])):
+            print("# xunchk: the drop-in step (skip_nonfinite=True) over the same step without the "
+                  "finite check, medians of the same rounds", file=file)
+
+
+def print_host_table(record: dict, file=sys.stdout) -> None:
+    """The host-cost section: microseconds of one step() per tensor count, and per tensor."""
+    host = record.get("host_cost")
+    if not host or not host.get("rows"):
+        return
+    slopes = {(s["run"], s["to_tensors"]): s["us_per_tensor"] for s in host["slopes"]}
+    print(f"\n== host cost of one step(), {host['dtype']}, N one-element tensors, "
+          f"{host['rounds']} alternated rounds [{host['method']}]", file=file)
+    print(f"{'N':>5} {'run':<50} {'min us':>9} {'med us':>9} {'max us':>9} {'xAdamW':>7} "
+          f"{'us/tensor':>9}", file=file)
+    previous = None
+    for row in host["rows"]:
+        if previous is not None and row["tensors"] != previous:
+            print(file=file)
+        previous = row["tensors"]
+        print(f"{row['tensors']:>5} {row['run']:<50} {row['min_us']:>9.1f} "
+              f"{row['median_us']:>9.1f} {row['max_us']:>9.1f} {row['ratio_vs_adamw']:>7.2f} "
+              f"{_fmt(slopes.get((row['run'], row['tensors'])), '9.3f'):>9}", file=file)
+    if host["slopes"]:
+        print("# us/tensor: (median at N - median at the previous N) / (N - previous N)",
+              file=file)
 
 
 def write_json(record: dict, path: str) -> None:
@@ -160,16 +195,21 @@ def plot(record: dict, path: str) -> str | None:
             med = [r["median_ms"] for r in points]
             err = [[m - r["min_ms"] for m, r in zip(med, points)],
                    [r["max_ms"] - m for m, r in zip(med, points)]]
-            style = "--" if points[0]["kind"].startswith("adamw") else "-"
+            style = "--" if points[0]["kind"].startswith("adamw") else (
+                ":" if points[0]["kind"].endswith("unchecked") else "-")
             time_ax.errorbar(x, med, yerr=err, fmt="o" + style, capsize=3, label=run, ms=4)
             if points[0]["kind"] != "ivon_opt_iteration":
                 ratio_ax.plot(x, [r["ratio_vs_adamw"] for r in points], "o" + style, label=run,
                               ms=4)
         byte_floor = rows[0].get("byte_floor_ratio")
+        checked_floor = rows[0].get("byte_floor_ratio_checked")
         ratio_ax.axhline(1.0, color="gray", lw=0.8)
         if byte_floor:
             ratio_ax.axhline(byte_floor, color="gray", lw=0.8, ls=":",
                              label=f"byte model, drop-in / AdamW = {byte_floor:.2f}")
+        if checked_floor:
+            ratio_ax.axhline(checked_floor, color="gray", lw=0.8, ls="-.",
+                             label=f"byte model, checked drop-in / AdamW = {checked_floor:.2f}")
         for ax in (time_ax, ratio_ax):
             ax.set_xscale("log")
             ax.set_xlabel("params")
@@ -194,6 +234,46 @@ def plot(record: dict, path: str) -> str | None:
     return None
 
 
+def plot_host(record: dict, path: str) -> str | None:
+    """Host microseconds per step against the tensor count (log-log); None, or why no plot."""
+    host = record.get("host_cost")
+    if not host or not host.get("rows"):
+        return "no host-cost rows to plot"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ("matplotlib is not installed: no host-cost plot (pip install -e '.[bench]', or "
+                f"draw it later with `python -m bench.report --plot {path[:-9]}.json`)")
+    runs: dict = {}
+    for row in host["rows"]:
+        runs.setdefault(row["run"], []).append(row)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for run, points in runs.items():
+        points.sort(key=lambda r: r["tensors"])
+        x = [r["tensors"] for r in points]
+        med = [r["median_us"] for r in points]
+        err = [[m - r["min_us"] for m, r in zip(med, points)],
+               [r["max_us"] - m for m, r in zip(med, points)]]
+        style = "--" if points[0]["kind"].startswith("adamw") else (
+            ":" if points[0]["kind"].endswith("unchecked") else "-")
+        ax.errorbar(x, med, yerr=err, fmt="o" + style, capsize=3, label=run, ms=4)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_xlabel("tensors (one element each)")
+    ax.set_ylabel("host us per step() (median, min-max)")
+    device = record["device"]
+    ax.set_title(f"host cost of one step(), {host['dtype']}: {device['name']} "
+                 f"({device['type']}), {record['date']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,6 +281,7 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", action="store_true", help="draw FILE.png next to each FILE.json")
     parser.add_argument("--out", default=None, help="folder for the plots (default: the JSON's)")
     parser.add_argument("--full", action="store_true", help="print the full tables too")
+    parser.add_argument("--host", action="store_true", help="print the host-cost tables too")
     args = parser.parse_args(argv)
     records = []
     for name in args.files:
@@ -210,13 +291,20 @@ def main(argv=None) -> None:
         if args.full:
             print_table(record)
             print_memory_table(record)
+        if args.full or args.host:
+            print_host_table(record)
         if args.plot:
             target = os.path.splitext(name)[0] + ".png"
             if args.out:
                 os.makedirs(args.out, exist_ok=True)
                 target = os.path.join(args.out, os.path.basename(target))
-            problem = plot(record, target)
-            print(problem or f"plot: {target}", file=sys.stderr)
+            if record["rows"]:
+                problem = plot(record, target)
+                print(problem or f"plot: {target}", file=sys.stderr)
+            if record.get("host_cost"):
+                host_target = os.path.splitext(target)[0] + "_host.png"
+                problem = plot_host(record, host_target)
+                print(problem or f"host-cost plot: {host_target}", file=sys.stderr)
     print_short_table(records)
 
 

@@ -10,10 +10,18 @@ unless this file or bench/ is named on the command line, so a bare `pytest` stay
 Two groups per parameter layout, each compared like for like in pytest-benchmark's table:
   * "step":      torch AdamW(fused=True).step(), AdamW(foreach=True).step(), and the ivon_fast
                  drop-in step (IVON(resample_on_step=True).step(): the update fused with drawing the
-                 next sample), per available backend;
+                 next sample), per available backend, with the on-device finite check of the
+                 gradients (skip_nonfinite=True, docs/DESIGN.md section 11) and without it;
   * "iteration": the official loop's iteration (sampled_params(train=True) entered and left, then
-                 step()) per available backend, against ivon-opt's (where it is installed and the
-                 size is at most IVON_BENCH_SLOW_MAX), with AdamW(fused=True).step() as the anchor.
+                 step(); skip_nonfinite=True) per available backend, against ivon-opt's (where it
+                 is installed and the size is at most IVON_BENCH_SLOW_MAX), with
+                 AdamW(fused=True).step() as the anchor.
+And one group for the host cost, "host": one step() over IVON_BENCH_HOST_TENSORS one-element
+tensors, AdamW(fused=True) against the ivon_fast drop-in step (checked and unchecked) per backend
+(on CPU the kernels run inside the call: one element each leaves the per-tensor work; on CUDA
+the timed call includes the synchronize after it, so the tiny kernels' latency too: the host time
+proper is in python -m bench's host-cost section).
+skip_nonfinite is always passed explicitly, whatever the optimizer's default.
 Layouts: "flat" (IVON_BENCH_NUMEL params in IVON_BENCH_TENSORS equal tensors) and "gpt" (the
 parameter shapes of a bench/gpt.py config: a transformer's many tensors of mixed sizes).
 
@@ -27,6 +35,7 @@ Environment (defaults: CPU / GPU):
     IVON_BENCH_SLOW_MAX   4M / 128M     (largest size for ivon-opt)
     IVON_BENCH_REFERENCE_MAX  0         (largest size for the reference backend, the pure-torch
                           spec: its Philox in torch ops takes seconds per call at 1M on a CPU)
+    IVON_BENCH_HOST_TENSORS   300       (tensors of the host group; 0 skips it)
 Each timed call synchronizes the device. extra_info holds the size, the byte model's bytes per
 element (docs/DESIGN.md section 6; fp32 only) and, when timed, GB/s at the median.
 """
@@ -64,9 +73,15 @@ TENSORS = int(os.environ.get("IVON_BENCH_TENSORS", "4"))
 GPT_CONFIG = _env("IVON_BENCH_GPT", "tiny", "gpt2-125m")
 SLOW_MAX = parse_size(_env("IVON_BENCH_SLOW_MAX", "4M", "128M"))
 REFERENCE_MAX = parse_size(os.environ.get("IVON_BENCH_REFERENCE_MAX", "0"))
+HOST_TENSORS = int(os.environ.get("IVON_BENCH_HOST_TENSORS", "300"))
 
-# bytes moved per element by the byte model of docs/DESIGN.md section 6 (fp32 params and state)
-BYTES_PER_ELEMENT = {"adamw": 28, "drop_in_step": 32, "official_iteration": 52}
+# bytes moved per element by the byte model of docs/DESIGN.md sections 6 and 11 (fp32 params and
+# state): the finite check (skip_nonfinite=True) reads the grads once more, 4 B per element
+BYTES_PER_ELEMENT = {"adamw": 28, "drop_in_step": 36, "drop_in_step_unchecked": 32,
+                     "official_iteration": 56}
+# mode -> (resample_on_step, skip_nonfinite)
+MODES = {"drop_in_step": (True, True), "drop_in_step_unchecked": (True, False),
+         "official_iteration": (False, True)}
 
 
 def _backends() -> list:
@@ -132,12 +147,13 @@ def adamw(layout: Layout, **kind):
 def ivon_fast_call(layout: Layout, backend: str, mode: str):
     params = make_params(layout)
     grads = [p.grad.clone() for p in params]
+    resample, skip_nonfinite = MODES[mode]
     optimizer = ivon_fast.IVON(params, lr=1e-3, ess=1e6, backend=backend,
-                               resample_on_step=mode == "drop_in_step")
+                               resample_on_step=resample, skip_nonfinite=skip_nonfinite)
     with torch.no_grad():
         for param, grad in zip(params, grads):  # the grads are views into the flat buffer now
             param.grad.copy_(grad)
-    if mode == "drop_in_step":
+    if resample:
         return optimizer.step
 
     def iteration():
@@ -189,17 +205,20 @@ def _skip_slow(layout: Layout, backend: str | None = None) -> None:
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.id)
 @pytest.mark.parametrize("contender", ["adamw_fused", "adamw_foreach"]
-                         + [f"ivon_fast[{b}]" for b in BACKENDS])
+                         + [f"ivon_fast[{b}]" for b in BACKENDS]
+                         + [f"ivon_fast[{b}]-unchecked" for b in BACKENDS])
 def test_step(benchmark, layout, contender):
-    """One optimizer step: AdamW, or the ivon_fast drop-in step (update fused with resampling)."""
+    """One optimizer step: AdamW, or the ivon_fast drop-in step (update fused with resampling),
+    with the finite check or (``-unchecked``) without it."""
     if contender.startswith("adamw"):
         kind = contender.split("_")[1]
         measure(benchmark, layout, "step", adamw(layout, **{kind: True}), "adamw")
         return
-    backend = contender[len("ivon_fast["):-1]
+    mode = "drop_in_step_unchecked" if contender.endswith("-unchecked") else "drop_in_step"
+    backend = contender.removesuffix("-unchecked")[len("ivon_fast["):-1]
     _skip_slow(layout, backend)
-    measure(benchmark, layout, "step", ivon_fast_call(layout, backend, "drop_in_step"),
-            "drop_in_step", backend=backend)
+    measure(benchmark, layout, "step", ivon_fast_call(layout, backend, mode), mode,
+            backend=backend)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.id)
@@ -218,3 +237,23 @@ def test_official_iteration(benchmark, layout, contender):
         measure(benchmark, layout, "iteration",
                 ivon_fast_call(layout, backend, "official_iteration"), "official_iteration",
                 backend=backend)
+
+
+HOST_LAYOUT = Layout(f"host:{HOST_TENSORS}", [(1,)] * max(1, HOST_TENSORS))
+
+
+@pytest.mark.parametrize("contender", ["adamw_fused"]
+                         + [f"ivon_fast[{b}]" for b in BACKENDS]
+                         + [f"ivon_fast[{b}]-unchecked" for b in BACKENDS])
+def test_host(benchmark, contender):
+    """The host cost of one step() over many one-element tensors (python -m bench's host-cost
+    section as a pytest-benchmark group)."""
+    if HOST_TENSORS <= 0:
+        pytest.skip("IVON_BENCH_HOST_TENSORS=0")
+    if contender == "adamw_fused":
+        measure(benchmark, HOST_LAYOUT, "host", adamw(HOST_LAYOUT, fused=True), None)
+        return
+    mode = "drop_in_step_unchecked" if contender.endswith("-unchecked") else "drop_in_step"
+    backend = contender.removesuffix("-unchecked")[len("ivon_fast["):-1]
+    measure(benchmark, HOST_LAYOUT, "host", ivon_fast_call(HOST_LAYOUT, backend, mode), None,
+            backend=backend)
