@@ -66,6 +66,9 @@ LAYOUT = "ivon_fast/_layout.py"
 USER_PATHS = "tests/test_user_paths.py"
 SHARDED = "ivon_fast/_sharded.py"
 FSDP = "tests/test_fsdp.py"
+AMP = "tests/test_amp.py"
+FAULTS = "tests/test_faults.py"
+SCALARS = "ivon_fast/scalars.py"
 
 MUTATIONS = [
     # ---- rounding of bf16 / fp16 params ----
@@ -104,7 +107,7 @@ MUTATIONS = [
              "s.beta1 * momentum + s.one_minus_beta2 * grad_mean",
              ("tests/test_reference.py",)),
     Mutation("reference-debias-ignored", REFERENCE,
-             "(new_momentum / s.debias + s.weight_decay * mean)",
+             "(new_momentum / debias + s.weight_decay * mean)",
              "(new_momentum + s.weight_decay * mean)",
              ("tests/test_reference.py",)),
     Mutation("triton-hess-correction-dropped", TRITON,
@@ -249,8 +252,8 @@ MUTATIONS = [
              "offsets=list(offsets),",
              (FSDP, "-k", "noise_is_indexed")),
     Mutation("sharded-update-not-published", OPTIMIZER,
-             "        self._layout.publish()\n        self._noise.forget(draw)\n",
-             "        self._noise.forget(draw)\n",
+             "        self._layout.publish()\n        self._steps.settle(found_inf)\n",
+             "        self._steps.settle(found_inf)\n",
              (FSDP, "-k", "equals_unsharded")),
     Mutation("sharded-grads-not-gathered", SHARDED,
              "            torch._foreach_copy_(targets, sources)\n",
@@ -272,7 +275,67 @@ MUTATIONS = [
              "        start = _shard_start(param)\n        return value",
              "        start = 0\n        return value",
              (FSDP, "-k", "unsharded_checkpoint")),
+    # issue 8: mixed precision, non-finite gradients, the per-step check
+    Mutation("nonfinite-grads-not-checked", OPTIMIZER,
+             "        check_grads = with_grad and scaler_found_inf is None\n",
+             "        check_grads = False\n",
+             (AMP, "-k", "skips_the_step_by_default and reference")),
+    Mutation("scaler-folded-samples-not-checked", OPTIMIZER,
+             "(self.skip_nonfinite or scaler_found_inf is not None)",
+             "self.skip_nonfinite",
+             (FAULTS, "-k", "scaler")),
+    Mutation("skipped-step-still-counted", SCALARS,
+             "        self._taken.sub_(skipped)\n",
+             "",
+             (AMP, "-k", "reference")),
+    Mutation("grad-scale-not-handed-to-the-kernels", OPTIMIZER,
+             '            inputs["grad_scale"] = grad_scale.to(device, non_blocking=True)\n',
+             "            pass\n",
+             (AMP, "-k", "scaled_training and reference")),
+    Mutation("device-debias-one-step-ahead", SCALARS,
+             "torch.pow(float(beta1), self._taken)",
+             "torch.pow(float(beta1), self._taken + 1)",
+             ("tests/test_ivon_opt_equivalence.py",)),
+    Mutation("unscale-with-folded-samples-allowed", OPTIMIZER,
+             "            raise RuntimeError(_UNSCALED_FOLDED_MESSAGE.format(count=self._count))\n",
+             "            pass\n",
+             (AMP, "-k", "unscale_before_step")),
+    Mutation("step-synchronizes-with-the-device", OPTIMIZER,
+             "        found_inf = torch.zeros(1, dtype=torch.float32, device=home)\n",
+             "        found_inf = torch.zeros(1, dtype=torch.float32, device=home)\n"
+             "        found_inf.add_(float(found_inf))\n",
+             (AMP, "-k", "no_tensor_value_on_the_host")),
+    Mutation("fsdp-ranks-skip-alone", OPTIMIZER,
+             "        _sharded.agree_on_skip(self._layout.buckets, found_inf)\n",
+             "",
+             (FSDP, "-k", "nan_in_one")),
+    Mutation("per-step-check-ignores-requires-grad", LAYOUT,
+             "            if (param._version != version or param.requires_grad != trainable\n",
+             "            if (param._version != version\n",
+             (USER_PATHS, "-k", "requires_grad or frozen or unfrozen")),
+    Mutation("per-step-check-ignores-rebinds", LAYOUT,
+             "                    or param.data_ptr() != param_ptr or param.shape != param_view.shape):",
+             "                    or param.shape != param_view.shape):",
+             (USER_PATHS,)),
+    Mutation("per-step-check-ignores-in-place-reshape", LAYOUT,
+             " or param.shape != param_view.shape):",
+             "):",
+             (FAULTS, "-k", "reshaped_in_place")),
+    Mutation("sparse-fold-keeps-the-sample", OPTIMIZER,
+             "                except BaseException:  # e.g. a sparse gradient: the sample does not count\n"
+             "                    self._pending_draw = None\n"
+             "                    self._discard_sample(train, draw)\n"
+             "                    raise\n",
+             "                except BaseException:  # e.g. a sparse gradient: the sample does not count\n"
+             "                    raise\n",
+             (FAULTS, "-k", "sparse")),
+    Mutation("step-skips-the-range-recheck", OPTIMIZER,
+             "        for group in self.param_groups:  # a value written into param_groups since the last step\n"
+             "            check_group_hyperparameters(group)\n",
+             "",
+             (FAULTS, "-k", "out_of_range_after_construction")),
 ]
+
 
 
 def _log(message: str) -> None:
