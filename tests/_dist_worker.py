@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 import ivon
 import ivon_fast
@@ -61,6 +62,76 @@ def fast_state(optimizer) -> dict:
     state = optimizer.state_dict()["state"]
     return {name: torch.cat([state[i][name].reshape(-1).clone() for i in sorted(state)])
             for name in ("mean", "momentum", "hess")}
+
+
+class ScaledNet(nn.Module):
+    """Linear-Tanh-Linear times a buffer (DDP broadcasts buffers from rank 0 before each forward).
+
+    39 params (not a multiple of 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.register_buffer("scale", torch.tensor([1.0, 0.5, 2.0]))
+
+    def forward(self, x):
+        return self.body(x) * self.scale
+
+
+def build_ddp_model(init_seed: int = INIT_SEED) -> nn.Module:
+    torch.manual_seed(init_seed)
+    return ScaledNet()
+
+
+def full_batch(world_size: int):
+    """Every rank's shard, concatenated in rank order: what one process trains on."""
+    shards = [shard(rank) for rank in range(world_size)]
+    return torch.cat([x for x, _ in shards]), torch.cat([y for _, y in shards])
+
+
+def ddp_options(loop, mc_samples, hess_approx, backend) -> dict:
+    """IVON's options in the DDP scenario: no sync, one seed everywhere (shared noise)."""
+    return dict(HP, mc_samples=mc_samples, hess_approx=hess_approx, backend=backend,
+                seed=PHILOX_SEED, resample_on_step=loop == "drop_in")
+
+
+def train_steps(model, optimizer, x, y, loop, mc_samples, steps, recorded) -> list:
+    """``steps`` IVON steps on (x, y) in the given loop; the flat params after each step.
+
+    official: ``mc_samples`` sampled_params(train=True) blocks (zero_grad inside), then step().
+    drop_in: backward(); step(); zero_grad(), or step(closure) when mc_samples > 1.
+    ``recorded``: the module whose parameters are recorded (the model inside a DDP wrapper).
+    """
+    trajectory = []
+    for _ in range(steps):
+        if loop == "official":
+            for _ in range(mc_samples):
+                with optimizer.sampled_params(train=True):
+                    optimizer.zero_grad()
+                    loss_of(model, x, y).backward()
+            optimizer.step()
+        elif mc_samples == 1:
+            loss_of(model, x, y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        else:
+            def closure():
+                optimizer.zero_grad()
+                loss = loss_of(model, x, y)
+                loss.backward()
+                return loss
+            optimizer.step(closure)
+        trajectory.append(flat(recorded.parameters()))
+    return trajectory
+
+
+def run_record(model, optimizer, x, y, loop, mc_samples, steps, recorded) -> dict:
+    """Train, then record the params after each step, the final state and mean_params()."""
+    trajectory = train_steps(model, optimizer, x, y, loop, mc_samples, steps, recorded)
+    with optimizer.mean_params():
+        mean_params = flat(recorded.parameters())
+    return dict(trajectory=trajectory, state=fast_state(optimizer), mean_params=mean_params,
+                backends=str(optimizer.backends))
 
 
 class IvonOptSyncAllTerms(ivon.IVON):
@@ -111,34 +182,59 @@ def scenario_ivon_opt(rank, world_size, hess_approx, mc_samples, steps):
     return dict(official=official, fast=fast)
 
 
-def scenario_division(rank, world_size, rng, backend, hess_approx, mc_samples, steps):
+def scenario_division(rank, world_size, rng, backend, hess_approx, mc_samples, steps,
+                      loop="official"):
     """Train ``steps`` synced steps; record what the last one started from and what it produced.
 
     Recorded for the last step: the state before it, each sample's gradient, and (rng='torch')
     torch's generator state before each sample, from which the test regenerates the noise.
+    loop='official': mc_samples sampled_params(train=True) blocks, then step(); loop='drop_in'
+    (resample_on_step=True): backward(); step(); zero_grad(), or step(closure) for 2 samples.
+    Either way step k draws the training draws k * mc_samples .. (k + 1) * mc_samples - 1.
     """
     x, y = shard(rank)
     model = build_model()
     seed = PHILOX_SEED if rng == "philox" else None
     optimizer = ivon_fast.IVON(model.parameters(), mc_samples=mc_samples, hess_approx=hess_approx,
-                               sync=True, backend=backend, rng=rng, seed=seed, **HP)
+                               sync=True, backend=backend, rng=rng, seed=seed,
+                               resample_on_step=loop == "drop_in", **HP)
     torch.manual_seed(TORCH_NOISE_SEED + rank)
     before, grads, rng_states = None, [], []
+
+    def backward(last):
+        loss = loss_of(model, x, y)
+        loss.backward()
+        if last:
+            grads.append(flat(p.grad for p in model.parameters()))
+        return loss
+
     for step in range(steps):
         last = step == steps - 1
         if last:
             before = fast_state(optimizer)
+        if loop == "drop_in":
+            if mc_samples == 1:
+                backward(last)
+                optimizer.step()
+                optimizer.zero_grad()
+            else:
+                def closure():
+                    optimizer.zero_grad()
+                    return backward(last)
+                optimizer.step(closure)
+            continue
         for _ in range(mc_samples):
             if last:
                 rng_states.append(torch.get_rng_state())
             with optimizer.sampled_params(train=True):
                 optimizer.zero_grad()
-                loss_of(model, x, y).backward()
-                if last:
-                    grads.append(flat(p.grad for p in model.parameters()))
+                backward(last)
         optimizer.step()
+    params = flat(model.parameters())
+    with optimizer.mean_params():
+        mean_params = flat(model.parameters())
     return dict(before=before, grads=grads, rng_states=rng_states, after=fast_state(optimizer),
-                params=flat(model.parameters()), backends=str(optimizer.backends))
+                params=params, mean_params=mean_params, backends=str(optimizer.backends))
 
 
 def scenario_noise(rank, world_size, backend, sync, loop):
@@ -199,11 +295,41 @@ def scenario_drop_in(rank, world_size, backend, loop, sync, steps):
                 first_grad=first_grad, backends=str(optimizer.backends))
 
 
+def scenario_ddp(rank, world_size, loop, mc_samples, hess_approx, backend, steps, order="ddp_first",
+                 bucket_view=False, init="per_rank"):
+    """Shared-noise data parallel: the model wrapped in torch's DistributedDataParallel (which
+    averages the gradients over the ranks), IVON without sync and with one seed on every rank,
+    each rank on its own half of the batch.
+
+    order: 'ddp_first' (``IVON(DDP(model).parameters())``, the usual order) or 'ivon_first' (the
+    optimizer is built before DDP, whose constructor then broadcasts rank 0's params and buffers
+    into params that the optimizer already owns). bucket_view: DDP's
+    ``gradient_as_bucket_view`` (DDP rebinds every ``p.grad`` to a view into its own buckets).
+    init: 'per_rank' (rank r initializes with INIT_SEED + r and scales its buffer by 1 + r: DDP's
+    broadcast from rank 0 must fix both) or 'same'.
+    """
+    x, y = shard(rank)
+    model = build_ddp_model(INIT_SEED + (rank if init == "per_rank" else 0))
+    if init == "per_rank":
+        model.scale.mul_(1.0 + rank)
+    options = ddp_options(loop, mc_samples, hess_approx, backend)
+    if order == "ddp_first":
+        wrapped = DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
+        optimizer = ivon_fast.IVON(wrapped.parameters(), **options)
+    else:
+        optimizer = ivon_fast.IVON(model.parameters(), **options)
+        wrapped = DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
+    result = run_record(wrapped, optimizer, x, y, loop, mc_samples, steps, recorded=model)
+    result["scale"] = model.scale.clone()
+    return result
+
+
 SCENARIOS = {
     "ivon_opt": scenario_ivon_opt,
     "division": scenario_division,
     "noise": scenario_noise,
     "drop_in": scenario_drop_in,
+    "ddp": scenario_ddp,
 }
 
 
