@@ -76,7 +76,17 @@ _UNSCALED_FOLDED_MESSAGE = (
     "let scaler.step(optimizer) unscale (do not call scaler.unscale_ before it); the optimizer "
     "then divides every sample by the scale inside its kernels.")
 
-_disable_dynamo = torch.compiler.disable
+_EAGER_REASON = ("IVON's optimizer calls run eagerly: they advance the noise draw counters, which "
+                 "a traced graph would freeze (Note [torch.compile] in ivon_fast/optimizer.py); "
+                 "compile the model or the loss, or let the call break the graph")
+
+
+def _disable_dynamo(function):
+    """``torch.compiler.disable`` with the reason Dynamo shows under ``fullgraph=True``."""
+    try:
+        return torch.compiler.disable(function, reason=_EAGER_REASON)
+    except TypeError:  # torch before the reason argument
+        return torch.compiler.disable(function)
 
 
 class IVON(torch.optim.Optimizer):

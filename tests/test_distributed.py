@@ -475,7 +475,8 @@ def test_ddp_shared_noise_follows_one_process_on_the_whole_batch(run_ranks, conf
 
 @pytest.mark.parametrize("config_id", DDP_XFAIL)
 @pytest.mark.xfail(strict=True, reason=(
-    "package bug: IVON(resample_on_step=True) built BEFORE DistributedDataParallel, ranks "
+    "known limitation (docs/FAULTS.md): IVON(resample_on_step=True) built BEFORE "
+    "DistributedDataParallel, ranks "
     "initialized differently: DDP's constructor broadcasts rank 0's params, which hold rank 0's "
     "training sample (mean + noise), into rank 1's params; rank 1's optimizer adopts that write "
     "as its new mean (Note [user writes to params]), so rank 1's mean is rank 0's mean plus one "
