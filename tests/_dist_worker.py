@@ -1,23 +1,19 @@
 """One rank of the multi-process tests in ``tests/test_distributed.py`` (not a test module).
 
-Run as a script by the test file, once per rank:
+Run as a script by the test file (through ``_ranks.spawn``), once per rank:
 
     python _dist_worker.py RANK WORLD_SIZE INIT_FILE CONFIGS_JSON OUT_DIR
 
-CONFIGS_JSON maps a scenario name to its list of configs (dicts with an "id"). The rank joins a
-gloo process group (rendezvous through a FileStore at INIT_FILE, CPU only), runs every config of
-every scenario, and saves ``{scenario: {config id: result}}`` to ``OUT_DIR/rank<RANK>.pt``. A
-config that raises records ``{"error": traceback}`` instead, so one broken config fails only its
-own test. All scenarios share one pair of processes: starting one costs seconds (importing torch,
-and torch._dynamo on the first optimizer). The assertions are made by the test process.
+This module holds the scenarios (and the model, data and hyperparameters they share with the test
+file); ``tests/_ranks.py`` does the rest: ``_ranks.run`` joins the gloo process group (FileStore
+at INIT_FILE, CPU only), runs every config of every scenario as
+``scenario(rank, world_size, **config)``, and saves ``{scenario: {config id: result}}`` to
+``OUT_DIR/rank<RANK>.pt``; a config that raises records ``{"error": traceback}`` instead, so one
+broken config fails only its own test. The assertions are made by the test process.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import sys
-import traceback
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,6 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import ivon
 import ivon_fast
+
+# the tests folder: first on sys.path when this runs as a script; the test module puts it there
+import _ranks
 
 # The model and the hyperparameters every scenario uses. beta2 is small so that the Hessian term
 # (and so its averaging across ranks) visibly moves the Hessian within a step or two.
@@ -333,30 +332,5 @@ SCENARIOS = {
 }
 
 
-def main(argv):
-    rank, world_size, init_file = int(argv[1]), int(argv[2]), argv[3]
-    configs, out_dir = json.loads(argv[4]), Path(argv[5])
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
-        for scenario, scenario_configs in configs.items():
-            results[scenario] = {}
-            for config in scenario_configs:
-                config = dict(config)
-                config_id = config.pop("id")
-                try:
-                    result = SCENARIOS[scenario](rank, world_size, **config)
-                except Exception:  # noqa: BLE001 -- recorded, reported by the test of this config
-                    result = {"error": traceback.format_exc()}
-                results[scenario][config_id] = result
-                dist.barrier()  # keep the ranks in step from one config to the next
-    finally:
-        torch.save(results, out_dir / f"rank{rank}.pt")
-        dist.destroy_process_group()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(_ranks.run(sys.argv, SCENARIOS))

@@ -1,28 +1,29 @@
 """One rank of the FSDP2 tests in ``tests/test_fsdp.py`` (not a test module).
 
-Run as a script by the test file, once per rank:
+Run as a script by the test file (through ``_ranks.spawn``), once per rank:
 
     python _fsdp_worker.py RANK WORLD_SIZE INIT_FILE CONFIGS_JSON OUT_DIR
 
-As ``tests/_dist_worker.py``: the rank joins a gloo process group (FileStore at INIT_FILE, CPU),
-builds a 1-D device mesh over all ranks, runs every config of every scenario and saves
+This module holds the scenarios; ``tests/_ranks.py`` does the rest, as for
+``tests/_dist_worker.py``: ``_ranks.run`` joins a gloo process group (FileStore at INIT_FILE,
+CPU), calls :func:`setup` (a 1-D device mesh over all ranks), runs every config of every scenario
+as ``scenario(rank, world_size, mesh=..., out_dir=..., **config)`` and saves
 ``{scenario: {config id: result}}`` to ``OUT_DIR/rank<RANK>.pt``; a config that raises records
 ``{"error": traceback}``. The test process imports this module too, for the model, the data and
 the training events, and runs the unsharded single-process expectations itself.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import sys
-import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 import ivon_fast
+
+# the tests folder: first on sys.path when this runs as a script; the test module puts it there
+import _ranks
 
 HP = dict(lr=0.1, ess=50.0, hess_init=1.0, beta1=0.9, beta2=0.9, weight_decay=1e-3)
 SEED = (1 << 40) + 777       # the noise seed passed on every rank (hi32 != 0)
@@ -400,33 +401,13 @@ SCENARIOS = {
 }
 
 
-def main(argv):
+def setup(rank, world_size, out_dir):
+    """What every scenario takes besides its config: the 1-D mesh over all ranks, the output
+    folder (checkpoints)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    rank, world_size, init_file = int(argv[1]), int(argv[2]), argv[3]
-    configs, out_dir = json.loads(argv[4]), Path(argv[5])
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    mesh = init_device_mesh("cpu", (world_size,))
-    results = {}
-    try:
-        for scenario, scenario_configs in configs.items():
-            results[scenario] = {}
-            for config in scenario_configs:
-                config = dict(config)
-                config_id = config.pop("id")
-                try:
-                    result = SCENARIOS[scenario](rank, world_size, mesh, out_dir, **config)
-                except Exception:  # noqa: BLE001 -- recorded, reported by the test of this config
-                    result = {"error": traceback.format_exc()}
-                results[scenario][config_id] = result
-                dist.barrier()  # keep the ranks in step from one config to the next
-    finally:
-        torch.save(results, out_dir / f"rank{rank}.pt")
-        dist.destroy_process_group()
-    return 0
+    return dict(mesh=init_device_mesh("cpu", (world_size,)), out_dir=out_dir)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(_ranks.run(sys.argv, SCENARIOS, setup=setup))

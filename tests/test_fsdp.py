@@ -5,8 +5,9 @@ uneven (5 rows -> 3 + 2) and empty (a one-row weight leaves rank 1 nothing). Des
 docs/DESIGN.md section 9 and ``ivon_fast/_sharded.py``.
 
 The module starts two processes (``tests/_fsdp_worker.py``) once, for all scenarios, through a
-FileStore in a temporary directory, under a timeout; the ranks save their results to files and
-every assertion is made here. The expectations are independent of the sharded code under test:
+FileStore in a temporary directory, under a timeout (``tests/_ranks.py``, shared with
+``tests/test_distributed.py``); the ranks save their results to files and every assertion is
+made here. The expectations are independent of the sharded code under test:
 an unsharded single-process IVON run on the full batch, computed here (FSDP's gradient is the
 average of the ranks' gradients, and each rank trains on half the batch with a mean loss, so the
 runs agree up to the rounding of the reduce-scatter); the noise spec ``reference.philox_normal``
@@ -14,22 +15,18 @@ at offsets computed from torch.chunk's row split; an uninterrupted run.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-import ivon_fast
 from ivon_fast import reference
 from ivon_fast.noise import EVAL_DRAW_BASE
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _ranks  # noqa: E402  (starting the ranks, collecting their results)
 import _fsdp_worker as worker  # noqa: E402  (the rank's code: model, data, loops, HP)
 
 pytest.importorskip("torch.distributed.fsdp")
@@ -42,73 +39,14 @@ NUMEL = sum(p.numel() for p in worker.build_model().parameters())
 
 # ----------------------------------------------------------------------------- running the ranks
 
-def _spawn(configs: dict, directory: Path) -> list:
-    """Run every scenario's configs on WORLD_SIZE processes; by rank, {scenario: {id: result}}."""
-    env = dict(os.environ)
-    package_root = str(Path(ivon_fast.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    logs = [directory / f"rank{rank}.log" for rank in range(WORLD_SIZE)]
-    processes = []
-    for rank in range(WORLD_SIZE):
-        with open(logs[rank], "w") as log:
-            processes.append(subprocess.Popen(
-                [sys.executable, str(Path(worker.__file__).resolve()), str(rank), str(WORLD_SIZE),
-                 str(directory / "store"), json.dumps(configs), str(directory)],
-                env=env, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
-        if any(p.poll() not in (None, 0) for p in processes):
-            break
-        time.sleep(0.05)
-    timed_out = any(p.poll() is None for p in processes) and time.monotonic() >= deadline
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    failures = [f"rank {rank} exited with {process.returncode}:\n{logs[rank].read_text()[-4000:]}"
-                for rank, process in enumerate(processes) if process.returncode != 0]
-    if timed_out or failures:
-        what = f"timed out after {SPAWN_TIMEOUT_S} s" if timed_out else "failed"
-        raise RuntimeError(f"the ranks {what}\n" + "\n".join(failures))
-    return [torch.load(directory / f"rank{rank}.pt", weights_only=False)
-            for rank in range(WORLD_SIZE)]
-
-
 @pytest.fixture(scope="module")
 def run_ranks(tmp_path_factory):
     """run_ranks(scenario, config id) -> the config's result on each rank (one spawn in all)."""
-    cache = {}
-
-    def run(scenario: str, config_id: str) -> list:
-        if "ranks" not in cache:
-            try:
-                cache["ranks"] = _spawn(CONFIGS, tmp_path_factory.mktemp("fsdp"))
-            except RuntimeError as error:
-                cache["ranks"] = str(error)
-        if isinstance(cache["ranks"], str):
-            pytest.fail(cache["ranks"], pytrace=False)
-        results = [per_rank[scenario][config_id] for per_rank in cache["ranks"]]
-        errors = [f"rank {rank}:\n{result['error']}" for rank, result in enumerate(results)
-                  if "error" in result]
-        if errors:
-            pytest.fail("\n".join(errors), pytrace=False)
-        return results
-
-    return run
+    return _ranks.results(worker.__file__, CONFIGS, WORLD_SIZE, SPAWN_TIMEOUT_S,
+                          lambda: tmp_path_factory.mktemp("fsdp"))
 
 
-def _configs(**axes):
-    configs = [{}]
-    for name, values in axes.items():
-        configs = [{**config, name: value} for config in configs for value in values]
-    for config in configs:
-        config["id"] = "-".join(f"{name}={value}" for name, value in config.items()
-                                if name != "events")
-    return configs
+_configs = _ranks.configs  # every combination of the axes, each with an id
 
 
 def _config(scenario, config_id):
