@@ -277,15 +277,15 @@ static void update_block(const OpArgs& a, const Scalars& scalars, BlockRange r,
 // hess are neither read nor written beyond what the param needs; param <- the mean, or the sample
 // of next_draw around the mean and hess. Not a hot path.
 template <typename PT, bool NEXT>
-static void skipped_update_range_t(const OpArgs& a, const Scalars& s, int64_t q_begin,
-                                   int64_t q_end) {
+static void skipped_update_range_t(const OpArgs& a, const Scalars& s, uint64_t next_draw,
+                                   int64_t q_begin, int64_t q_end) {
   alignas(64) float eps_next[4 * kBlockQuads];
   RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
   const float* __restrict mean = a.mean;
   const float* __restrict hess = a.hess;
   for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
     const int64_t qe = std::min(qb + kBlockQuads, q_end);
-    if (NEXT) fill_normals(a.seed, a.next_draw, qb, qe - qb, eps_next);
+    if (NEXT) fill_normals(a.seed, next_draw, qb, qe - qb, eps_next);
     const BlockRange r = block_range(a, qb, qe);
     const float* __restrict e_next = eps_next + r.shift;
     for (int64_t k = r.k_lo; k < r.k_hi; ++k) {
@@ -314,6 +314,7 @@ static inline void prefetch_elems(const T* base, int64_t k_lo, int64_t k_hi) {
 
 template <typename PT>
 static void sample_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
+  const uint64_t draw = read_draws(a).draw;  // once per range
   alignas(64) float eps[4 * kBlockQuads];
   for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
     const int64_t qe = std::min(qb + kBlockQuads, q_end);
@@ -324,17 +325,18 @@ static void sample_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
       prefetch_elems(a.hess, r.k_lo, r.k_hi);
       prefetch_elems(static_cast<const RawT<PT>*>(a.param), r.k_lo, r.k_hi);
     }
-    fill_normals(a.seed, a.draw, qb, qe - qb, eps);
+    fill_normals(a.seed, draw, qb, qe - qb, eps);
     sample_block<PT>(a, block_range(a, qb, qe), eps);
   }
 }
 
 template <typename PT, bool PRICE, bool FIRST>
 static void accumulate_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
+  const uint64_t draw = read_draws(a).draw;  // once per range
   alignas(64) float eps[4 * kBlockQuads];
   for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
     const int64_t qe = std::min(qb + kBlockQuads, q_end);
-    if (PRICE) fill_normals(a.seed, a.draw, qb, qe - qb, eps);
+    if (PRICE) fill_normals(a.seed, draw, qb, qe - qb, eps);
     accumulate_block<PT, PRICE, FIRST>(a, block_range(a, qb, qe), eps);
   }
 }
@@ -359,15 +361,16 @@ template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED>
 static void update_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
   // the device scalars, once per range (Note [device scalars of an update] in ivon_math.h)
   const DeviceScalars d = read_device_scalars(a);
-  if (d.skip) return skipped_update_range_t<PT, NEXT>(a, d.s, q_begin, q_end);
+  const Draws draws = read_draws(a);
+  if (d.skip) return skipped_update_range_t<PT, NEXT>(a, d.s, draws.next_draw, q_begin, q_end);
   alignas(64) float eps[4 * kBlockQuads];
   alignas(64) float eps_next[4 * kBlockQuads];
   for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
     const int64_t qe = std::min(qb + kBlockQuads, q_end);
     prefetch_update_block<PT, MODE>(a, qb, q_end);
     // the noise of `draw` is needed only to form price's noise * grad
-    if (PRICE && MODE != GradMode::kAvgOnly) fill_normals(a.seed, a.draw, qb, qe - qb, eps);
-    if (NEXT) fill_normals(a.seed, a.next_draw, qb, qe - qb, eps_next);
+    if (PRICE && MODE != GradMode::kAvgOnly) fill_normals(a.seed, draws.draw, qb, qe - qb, eps);
+    if (NEXT) fill_normals(a.seed, draws.next_draw, qb, qe - qb, eps_next);
     update_block<PT, PRICE, MODE, NEXT, SCALED>(a, d.s, block_range(a, qb, qe), eps, eps_next);
   }
 }

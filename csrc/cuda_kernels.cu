@@ -97,12 +97,13 @@ __device__ __forceinline__ Quad quad_of(const OpArgs& a, int64_t i, bool aligned
 template <typename PT>
 __global__ void __launch_bounds__(kThreads)
     sample_kernel(const OpArgs a, int64_t nq, bool aligned) {
+  const uint64_t draw = read_draws(a).draw;  // once per thread
   IVON_GRID_STRIDE(i, nq) {
     const Quad t = quad_of(a, i, aligned);
     float m[4], h[4], e[4], out[4];
     load4(a.mean, t.k0, t.vec, a.n, m);
     load4(a.hess, t.k0, t.vec, a.n, h);
-    normals(a.seed, a.draw, t.q, e);
+    normals(a.seed, draw, t.q, e);
 #pragma unroll
     for (int j = 0; j < 4; ++j) out[j] = m[j] + noise_of(e[j], h[j], a.s);
     store4(static_cast<PT*>(a.param), t.k0, t.vec, a.n, out);
@@ -112,13 +113,14 @@ __global__ void __launch_bounds__(kThreads)
 template <typename PT, bool PRICE, bool FIRST>
 __global__ void __launch_bounds__(kThreads)
     accumulate_kernel(const OpArgs a, int64_t nq, bool aligned) {
+  const uint64_t draw = read_draws(a).draw;  // once per thread
   IVON_GRID_STRIDE(i, nq) {
     const Quad t = quad_of(a, i, aligned);
     float g[4], h[4], e[4], ag[4] = {0, 0, 0, 0}, ah[4] = {0, 0, 0, 0};
     load4(static_cast<const PT*>(a.grad), t.k0, t.vec, a.n, g);
     if (PRICE) {
       load4(a.hess, t.k0, t.vec, a.n, h);
-      normals(a.seed, a.draw, t.q, e);
+      normals(a.seed, draw, t.q, e);
     }
     if (!FIRST) {
       load4(a.avg_grad, t.k0, t.vec, a.n, ag);
@@ -142,6 +144,7 @@ __global__ void __launch_bounds__(kThreads)
   // the device scalars, once per thread (Note [device scalars of an update] in ivon_math.h); a
   // skipped step is uniform over the grid, so the branch below never diverges
   const DeviceScalars d = read_device_scalars(a);
+  const Draws draws = read_draws(a);
   const Scalars& s = d.s;
   IVON_GRID_STRIDE(i, nq) {
     const Quad t = quad_of(a, i, aligned);
@@ -154,7 +157,7 @@ __global__ void __launch_bounds__(kThreads)
       load4(a.momentum, t.k0, t.vec, a.n, mom);
       if (MODE != GradMode::kAvgOnly) {
         load4(static_cast<const PT*>(a.grad), t.k0, t.vec, a.n, g);
-        if (PRICE) normals(a.seed, a.draw, t.q, e);
+        if (PRICE) normals(a.seed, draws.draw, t.q, e);
       }
       if (MODE != GradMode::kGradOnly) {
         load4(a.avg_grad, t.k0, t.vec, a.n, ag);
@@ -170,7 +173,7 @@ __global__ void __launch_bounds__(kThreads)
       store4(a.hess, t.k0, t.vec, a.n, h);
     }
     float e_next[4] = {0, 0, 0, 0}, out[4];
-    if (NEXT) normals(a.seed, a.next_draw, t.q, e_next);
+    if (NEXT) normals(a.seed, draws.next_draw, t.q, e_next);
 #pragma unroll
     for (int j = 0; j < 4; ++j) out[j] = param_value<NEXT>(m[j], h[j], e_next[j], s);
     store4(static_cast<PT*>(a.param), t.k0, t.vec, a.n, out);

@@ -296,6 +296,19 @@ IVON_HD DeviceScalars read_device_scalars(const ::ivon_fast::OpArgs& a) {
   return d;
 }
 
+// The draw numbers of an op: the host's (launch arguments), or the device's (device_draws, the
+// uint64 bits of an int64 tensor that a captured CUDA graph advances between replays). Read once
+// per CPU range or CUDA thread, like the device scalars; next_draw only when the op writes a
+// next sample, so sample and accumulate read one element.
+struct Draws {
+  uint64_t draw, next_draw;
+};
+
+IVON_HD Draws read_draws(const ::ivon_fast::OpArgs& a) {
+  if (a.device_draws == nullptr) return {a.draw, a.next_draw};
+  return {uint64_t(a.device_draws[0]), a.has_next_draw ? uint64_t(a.device_draws[1]) : 0u};
+}
+
 // A gradient value divided TIMES times by the grad scale (as the scaler multiplied it); the
 // identity when the op got no grad_scale (SCALED false).
 template <bool SCALED, int TIMES>

@@ -42,6 +42,10 @@ struct OpArgs {
   const float* found_inf = nullptr;      // nonzero (or NaN): skip the step
   const float* device_lr = nullptr;      // replaces s.lr
   const float* device_debias = nullptr;  // replaces s.debias
+  // the training draw numbers read on the device (capturable steps, docs/DESIGN.md section 9):
+  // sample / accumulate read [0] in place of draw, update [0] and (has_next_draw) [1] in place of
+  // draw and next_draw; nullptr: the host's draw / next_draw (read_draws in ivon_math.h).
+  const int64_t* device_draws = nullptr;
 };
 
 // CPU entry points (cpu_dispatch.cpp picks the instruction set at run time).

@@ -83,6 +83,22 @@ const float* device_scalar(const std::optional<at::Tensor>& t, const char* name,
   return t->data_ptr<float>();
 }
 
+// The optional device draws of an op (capturable steps): `count` int64 elements on the params'
+// device (1 for sample / accumulate: the draw; 2 for update: draw, next_draw), holding the uint64
+// draw numbers' bits. Only the pointer is taken; the kernels read the values.
+const int64_t* device_draws_of(const std::optional<at::Tensor>& t, int64_t count,
+                               const at::Tensor& param) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->numel() == count, "ivon_fast: device_draws must be a tensor of ", count,
+              " element(s), got ", t->numel(), " elements");
+  TORCH_CHECK(t->scalar_type() == at::kLong, "ivon_fast: device_draws must be int64, got ",
+              t->scalar_type());
+  TORCH_CHECK(t->is_contiguous(), "ivon_fast: device_draws must be contiguous");
+  TORCH_CHECK(t->device() == param.device(), "ivon_fast: device_draws must be on the params' "
+              "device ", param.device(), ", got ", t->device());
+  return t->data_ptr<int64_t>();
+}
+
 // What every op shares: the segment (its length, dtype and global offset), the noise key and
 // draw, and the two hyperparameters of the noise scale.
 OpArgs segment_args(const at::Tensor& lead, int64_t offset, int64_t seed, int64_t draw,
@@ -124,8 +140,10 @@ void launch(Op op, const OpArgs& a, const at::Tensor& param) {
 }
 
 void sample(const at::Tensor& param, const at::Tensor& mean, const at::Tensor& hess, int64_t seed,
-            int64_t draw, int64_t offset, double ess, double weight_decay) {
+            int64_t draw, int64_t offset, double ess, double weight_decay,
+            const std::optional<at::Tensor>& device_draws) {
   OpArgs a = segment_args(param, offset, seed, draw, ess, weight_decay);
+  a.device_draws = device_draws_of(device_draws, 1, param);
   check_tensor(mean, "mean", param, "param", at::kFloat);
   check_tensor(hess, "hess", param, "param", at::kFloat);
   a.param = param.data_ptr();
@@ -136,8 +154,10 @@ void sample(const at::Tensor& param, const at::Tensor& mean, const at::Tensor& h
 
 void accumulate(const at::Tensor& grad, const at::Tensor& hess, const at::Tensor& avg_grad,
                 const at::Tensor& avg_hess_term, int64_t seed, int64_t draw, int64_t offset,
-                int64_t count, double ess, double weight_decay, c10::string_view hess_approx) {
+                int64_t count, double ess, double weight_decay, c10::string_view hess_approx,
+                const std::optional<at::Tensor>& device_draws) {
   OpArgs a = segment_args(grad, offset, seed, draw, ess, weight_decay);
+  a.device_draws = device_draws_of(device_draws, 1, grad);
   check_tensor(hess, "hess", grad, "grad", at::kFloat);
   check_tensor(avg_grad, "avg_grad", grad, "grad", at::kFloat);
   check_tensor(avg_hess_term, "avg_hess_term", grad, "grad", at::kFloat);
@@ -163,8 +183,10 @@ void update(const at::Tensor& param, const std::optional<at::Tensor>& grad,
             const std::optional<at::Tensor>& grad_scale,
             const std::optional<at::Tensor>& found_inf,
             const std::optional<at::Tensor>& device_lr,
-            const std::optional<at::Tensor>& device_debias) {
+            const std::optional<at::Tensor>& device_debias,
+            const std::optional<at::Tensor>& device_draws) {
   OpArgs a = segment_args(param, offset, seed, draw, ess, weight_decay);
+  a.device_draws = device_draws_of(device_draws, 2, param);
   check_tensor(mean, "mean", param, "param", at::kFloat);
   check_tensor(momentum, "momentum", param, "param", at::kFloat);
   check_tensor(hess, "hess", param, "param", at::kFloat);
@@ -230,11 +252,11 @@ bool built_with_cuda() {
 TORCH_LIBRARY(ivon_fast, m) {
   m.def(
       "sample(Tensor(a!) param, Tensor mean, Tensor hess, *, int seed, int draw, int offset, "
-      "float ess, float weight_decay) -> ()");
+      "float ess, float weight_decay, Tensor? device_draws=None) -> ()");
   m.def(
       "accumulate(Tensor grad, Tensor hess, Tensor(a!) avg_grad, Tensor(b!) avg_hess_term, *, "
       "int seed, int draw, int offset, int count, float ess, float weight_decay, "
-      "str hess_approx) -> ()");
+      "str hess_approx, Tensor? device_draws=None) -> ()");
   m.def(
       "update(Tensor(a!) param, Tensor? grad, Tensor(b!) mean, Tensor(c!) momentum, "
       "Tensor(d!) hess, Tensor? avg_grad, Tensor? avg_hess_term, *, int seed, int draw, "
@@ -242,7 +264,7 @@ TORCH_LIBRARY(ivon_fast, m) {
       "float weight_decay, float beta1, float one_minus_beta1, float beta2, "
       "float one_minus_beta2, float hess_coef, float clip_radius, float debias, "
       "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? device_lr=None, "
-      "Tensor? device_debias=None) -> ()");
+      "Tensor? device_debias=None, Tensor? device_draws=None) -> ()");
   // introspection (no tensor arguments: catch-all kernels)
   m.def("_cpu_isa", &cpu_isa);
   m.def("_set_cpu_isa", &set_cpu_isa);

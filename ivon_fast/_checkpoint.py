@@ -121,6 +121,11 @@ def _copy_hyperparameters(opt, saved_groups) -> None:
     for saved, group in zip(saved_groups, opt.param_groups):
         for key, value in saved.items():
             if key not in ("params", "momentum", "hess", "numel", _GROUP_KEY):
+                if key == "lr" and opt.capturable and isinstance(group["lr"], torch.Tensor):
+                    # in place: a captured graph and the schedulers hold this tensor
+                    if group["lr"] is not value:
+                        group["lr"].copy_(torch.as_tensor(value).reshape(group["lr"].shape))
+                    continue
                 group[key] = value
 
 
@@ -166,6 +171,7 @@ def _load_own(opt, state_dict: dict, saved_groups) -> None:
     opt._noise.seed = meta["seed"]
     opt._next_train_draw, opt._next_eval_draw = meta["next_train_draw"], meta["next_eval_draw"]
     opt._count, opt._pending_draw = meta["count"], pending
+    opt._draws_set_on_host()  # capturable: the device's counters, in place
     opt.hess_approx, opt.mc_samples = meta["hess_approx"], meta["mc_samples"]
     opt._pending_grads = None
     index_of = {id(p): i for i, p in enumerate(flat_params)}
@@ -220,6 +226,7 @@ def _load_ivon_opt(opt, state_dict: dict, saved_groups, step: int) -> None:
         opt._prepare()
         _copy_hyperparameters(opt, saved_groups)
         opt.current_step = step
+        opt._draws_set_on_host()
         for bucket in layout.buckets:
             saved, group_start = saved_groups[bucket.group_index], bucket.group_start
             if count > 0:

@@ -40,7 +40,9 @@ def check_range(name, value, low, high, low_open=False, high_open=False) -> None
         raise ValueError(f"Invalid {name}: {value!r}; it must be in {interval}")
 
 
-def check_group_hyperparameters(group: dict) -> None:
+def check_group_hyperparameters(group: dict, read_tensors: bool = True) -> None:
+    """``read_tensors=False`` (capturable steps): a one-element tensor's value is not read (that
+    would wait for the device, which a CUDA graph capture forbids); its shape still is."""
     for name, (low, high, low_open, high_open) in _GROUP_RANGES.items():
         if name in group:
             value = group[name]
@@ -48,6 +50,8 @@ def check_group_hyperparameters(group: dict) -> None:
                 if value.numel() != 1:
                     raise ValueError(f"Invalid {name}: a tensor of {value.numel()} elements; it "
                                      "must be a number or a one-element tensor")
+                if not read_tensors:
+                    continue
                 value = value.item()
             check_range(name, value, low, high, low_open, high_open)
 

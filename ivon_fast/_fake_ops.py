@@ -24,14 +24,30 @@ def _check_device_scalar(tensor, name: str, param: torch.Tensor) -> None:
                  f"params' device {param.device}, got {tensor.device}")
 
 
+def _check_device_draws(tensor, count: int, param: torch.Tensor) -> None:
+    """As device_draws_of in csrc/ops.cpp: None, or ``count`` int64 elements on the params'
+    device."""
+    if tensor is None:
+        return
+    torch._check(tensor.numel() == count, lambda: f"ivon_fast: device_draws must be a tensor of "
+                 f"{count} element(s), got {tensor.numel()} elements")
+    torch._check(tensor.dtype == torch.int64,
+                 lambda: f"ivon_fast: device_draws must be int64, got {tensor.dtype}")
+    torch._check(tensor.device == param.device, lambda: f"ivon_fast: device_draws must be on "
+                 f"the params' device {param.device}, got {tensor.device}")
+
+
 @torch.library.register_fake("ivon_fast::sample")
-def _sample_fake(param, mean, hess, *, seed, draw, offset, ess, weight_decay):
+def _sample_fake(param, mean, hess, *, seed, draw, offset, ess, weight_decay,
+                 device_draws=None):
+    _check_device_draws(device_draws, 1, param)
     return None
 
 
 @torch.library.register_fake("ivon_fast::accumulate")
 def _accumulate_fake(grad, hess, avg_grad, avg_hess_term, *, seed, draw, offset, count, ess,
-                     weight_decay, hess_approx):
+                     weight_decay, hess_approx, device_draws=None):
+    _check_device_draws(device_draws, 1, grad)
     return None
 
 
@@ -39,7 +55,9 @@ def _accumulate_fake(grad, hess, avg_grad, avg_hess_term, *, seed, draw, offset,
 def _update_fake(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed, draw,
                  next_draw, offset, count, hess_approx, lr, ess, weight_decay, beta1,
                  one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias,
-                 grad_scale=None, found_inf=None, device_lr=None, device_debias=None):
+                 grad_scale=None, found_inf=None, device_lr=None, device_debias=None,
+                 device_draws=None):
+    _check_device_draws(device_draws, 2, param)
     for name, tensor in (("grad_scale", grad_scale), ("found_inf", found_inf),
                          ("device_lr", device_lr), ("device_debias", device_debias)):
         _check_device_scalar(tensor, name, param)

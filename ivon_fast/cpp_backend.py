@@ -66,29 +66,32 @@ def _no_eps(eps, next_eps=None):
                          "are reference-only")
 
 
-def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, eps=None):
+def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, eps=None,
+           device_draws=None):
     _no_eps(eps)
     torch.ops.ivon_fast.sample(param, mean, hess, seed=_i64(seed), draw=_i64(draw),
                                offset=int(offset), ess=float(ess),
-                               weight_decay=float(weight_decay))
+                               weight_decay=float(weight_decay), device_draws=device_draws)
 
 
 def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
-               weight_decay, hess_approx, eps=None):
+               weight_decay, hess_approx, eps=None, device_draws=None):
     _no_eps(eps)
     torch.ops.ivon_fast.accumulate(grad, hess, avg_grad, avg_hess_term, seed=_i64(seed),
                                    draw=_i64(draw), offset=int(offset), count=int(count),
                                    ess=float(ess), weight_decay=float(weight_decay),
-                                   hess_approx=hess_approx)
+                                   hess_approx=hess_approx, device_draws=device_draws)
 
 
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
            next_draw=None, offset=0, count, hess_approx, scalars, eps=None, next_eps=None,
-           grad_scale=None, found_inf=None, device_lr=None, device_debias=None):
+           grad_scale=None, found_inf=None, device_lr=None, device_debias=None,
+           device_draws=None):
     """Reference ``update``; ``scalars`` (an ``ivon_fast.scalars.StepScalars``) reaches the
     kernel field by field, so the C++ side combines no hyperparameters itself. The optional
     device scalars (1-element float32 tensors on the params' device) go to the kernel as
-    pointers and are read there, never here."""
+    pointers and are read there, never here; so are the draws of ``device_draws`` (int64, 2
+    elements: draw, next_draw)."""
     _no_eps(eps, next_eps)
     s = scalars
     torch.ops.ivon_fast.update(
@@ -98,4 +101,4 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
         weight_decay=s.weight_decay, beta1=s.beta1, one_minus_beta1=s.one_minus_beta1,
         beta2=s.beta2, one_minus_beta2=s.one_minus_beta2, hess_coef=s.hess_coef,
         clip_radius=s.clip_radius, debias=s.debias, grad_scale=grad_scale, found_inf=found_inf,
-        device_lr=device_lr, device_debias=device_debias)
+        device_lr=device_lr, device_debias=device_debias, device_draws=device_draws)

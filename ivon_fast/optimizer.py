@@ -129,6 +129,14 @@ class IVON(torch.optim.Optimizer):
             ``skipped_steps`` counts it. The check reads the gradients once more (4 bytes per
             fp32 element against the step's 32); False skips it, and a non-finite gradient then
             poisons the state for good.
+        capturable (bool, default False): every value that changes from step to step lives on
+            the params' device, so a whole training step (forward, backward, ``step()``; or the
+            official loop's ``sampled_params(train=True)`` blocks and ``step()``) can be captured
+            once in a CUDA graph and replayed: the training draw numbers (an int64 tensor the
+            kernels read), the step count and debias factor, and each group's ``lr``, which
+            becomes a 0-dim float64 tensor on the params' device (an lr given as a tensor is
+            kept when it is on that device), so LR schedulers update it in place (``fill_``)
+            between replays. Not with ``rng='torch'``.
 
     Mixed precision: ``torch.amp.GradScaler`` takes the fused path (``_step_supports_amp_scaling``):
     ``scaler.step(optimizer)`` hands over its scale and inf flag, the kernels divide the gradients
@@ -149,14 +157,20 @@ class IVON(torch.optim.Optimizer):
                  hess_approx: str = "price", clip_radius: float = float("inf"), sync: bool = False,
                  debias: bool = True, rescale_lr: bool = True, *, backend: str = "auto",
                  seed: Optional[int] = None, rng: str = "philox",
-                 resample_on_step: bool = False, skip_nonfinite: bool = True):
+                 resample_on_step: bool = False, skip_nonfinite: bool = True,
+                 capturable: bool = False):
         defaults = dict(lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
                         weight_decay=weight_decay, clip_radius=clip_radius)
         check_group_hyperparameters(defaults)
         check_options(mc_samples=mc_samples, hess_approx=hess_approx, backend=backend, rng=rng,
                       seed=seed, flags=dict(sync=sync, debias=debias, rescale_lr=rescale_lr,
                                             resample_on_step=resample_on_step,
-                                            skip_nonfinite=skip_nonfinite))
+                                            skip_nonfinite=skip_nonfinite,
+                                            capturable=capturable))
+        if capturable and rng == "torch":
+            raise ValueError("Invalid capturable: True with rng='torch'; torch.randn noise is "
+                             "drawn on the host per step and cannot be replayed by a CUDA graph "
+                             "(use the default rng='philox')")
         param_groups = [params] if isinstance(params, torch.Tensor) else list(params)
         if not param_groups or not isinstance(param_groups[0], dict):
             param_groups = [{"params": param_groups}]
@@ -179,6 +193,9 @@ class IVON(torch.optim.Optimizer):
         self.rng = rng
         self.resample_on_step = resample_on_step
         self.skip_nonfinite = skip_nonfinite
+        self.capturable = capturable
+        # capturable: [last training draw taken, next one] on the device (Note [capturable steps])
+        self._device_draws: Optional[torch.Tensor] = None
         if seed is None:
             # under rng='torch' the seed only drives evaluation noise; drawing it would consume
             # torch's generator and shift the training noise away from ivon-opt's
@@ -211,6 +228,10 @@ class IVON(torch.optim.Optimizer):
                     param.grad = grad
             raise
         self._record_live_scalars()
+        if capturable:
+            home = self._layout.buckets[0].device
+            self._device_draws = torch.tensor([-1, 0], dtype=torch.int64, device=home)
+            self._steps.pin_to_device(home)
         if resample_on_step:
             self._pending_draw = self._take_train_draw()
             self._sample(self._pending_draw)
@@ -223,6 +244,8 @@ class IVON(torch.optim.Optimizer):
                      rng=self.rng)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if self.capturable:
+            group["lr"] = _device_lr_tensor(group["lr"], group["params"])
         new_buckets = self._layout.add_group(len(self.param_groups) - 1, group["params"],
                                              group["hess_init"])
         self._refresh_state_views()
@@ -314,10 +337,57 @@ class IVON(torch.optim.Optimizer):
         if self._pending_grads is not None and self._layout.grads_dropped(self._pending_grads):
             raise RuntimeError(_DROPPED_MESSAGE)
 
-    def _take_train_draw(self) -> int:
+    def _take_train_draw(self, on_device: bool = True) -> int:
+        """The next training draw number. Capturable: the device's counter advances too
+        (``on_device``; the drop-in step advances it after its update has read it)."""
         draw = self._next_train_draw
         self._next_train_draw += 1
+        if on_device and self._device_draws is not None:
+            self._device_draws.add_(1)
         return draw
+
+    # Note [capturable steps]: with capturable=True the kernels never see a training draw number
+    # as a launch argument. ``_device_draws`` holds [d, d + 1] on the device, d the last training
+    # draw taken (-1 before the first); taking a draw adds 1 to both, on the device, so a
+    # captured graph takes fresh draws at every replay. A training draw's op gets draw=0 and
+    # device_draws (sample / accumulate: [d]; update: [d, d + 1], the pending sample's draw and
+    # the next sample's). The host's counters (``_next_train_draw``, ``_pending_draw``) keep
+    # the state machine's bookkeeping; after graph replays they lag behind the device, whose
+    # values ``_settle_host_draws`` copies back (state_dict). Evaluation draws stay on the host.
+
+    def _draw_kwargs(self, draw, device: torch.device, *, update: bool = False,
+                     next_draw=None) -> dict:
+        """The draw arguments of an op on ``device``: host numbers, or the device's draws."""
+        training = draw is not None and draw < EVAL_DRAW_BASE
+        if self._device_draws is None or not (training or next_draw is not None):
+            kwargs = {"draw": 0 if draw is None else draw}
+            if update:
+                kwargs["next_draw"] = next_draw
+            return kwargs
+        draws = self._device_draws
+        if draws.device != device:
+            draws = draws.to(device, non_blocking=True)
+        if update:
+            return {"draw": 0, "next_draw": None if next_draw is None else 0,
+                    "device_draws": draws}
+        return {"draw": 0, "device_draws": draws[:1]}
+
+    def _settle_host_draws(self) -> None:
+        """Capturable: the host's draw counters from the device's (graph replays advanced them;
+        waits for the device)."""
+        if self._device_draws is None:
+            return
+        self._next_train_draw = int(self._device_draws[1].item())
+        if self._pending_draw is not None:
+            self._pending_draw = self._next_train_draw - 1
+
+    def _draws_set_on_host(self) -> None:
+        """Capturable: the device's counters from the host's (load_state_dict), in place."""
+        if self._device_draws is None:
+            return
+        self._device_draws.copy_(torch.tensor(
+            [self._next_train_draw - 1, self._next_train_draw], dtype=torch.int64))
+        self._steps.pin_to_device(self._device_draws.device)
 
     # ------------------------------------------------------------------ the ops over all segments
 
@@ -349,8 +419,9 @@ class IVON(torch.optim.Optimizer):
     def _sample_segment(self, out, bucket, seg, draw) -> None:
         s = seg.slice
         backends.get(bucket.backend).sample(
-            out, bucket.mean[s], bucket.hess[s], seed=self._noise.key(), draw=draw,
-            offset=seg.offset, **self._noise_scalars(bucket, draw),
+            out, bucket.mean[s], bucket.hess[s], seed=self._noise.key(),
+            **self._draw_kwargs(draw, bucket.device), offset=seg.offset,
+            **self._noise_scalars(bucket, draw),
             **self._noise_kwargs("eps", draw, bucket, seg))
 
     def _sample(self, draw: int, buckets=None) -> None:
@@ -374,7 +445,8 @@ class IVON(torch.optim.Optimizer):
             s = seg.slice
             backends.get(bucket.backend).accumulate(
                 bucket.grad_flat[s], bucket.hess[s], bucket.avg_grad[s], bucket.avg_hess_term[s],
-                seed=key, draw=draw, offset=seg.offset, count=count, hess_approx=self.hess_approx,
+                seed=key, **self._draw_kwargs(draw, bucket.device), offset=seg.offset,
+                count=count, hess_approx=self.hess_approx,
                 **self._noise_scalars(bucket, draw), **self._noise_kwargs("eps", draw, bucket, seg))
         self._noise.forget(draw)
         self._count, self._pending_draw, self._pending_grads = count, None, None
@@ -402,12 +474,14 @@ class IVON(torch.optim.Optimizer):
         grad_scale, found_inf = self._amp_inputs(with_grad)
         count, key = self._count + (1 if with_grad else 0), self._noise.key()
         draw = self._pending_draw if with_grad else None
-        on_device = found_inf is not None or self._steps.on_device
+        on_device = found_inf is not None or self._steps.on_device or self.capturable
         if on_device:
             self._steps.advance_on_device(self._layout.buckets[0].device)
         step = None if on_device else self._steps.advance_on_host()
-        scalars = [StepScalars.for_group(group, step, rescale_lr=self.rescale_lr,
-                                         debias=self.debias) for group in self.param_groups]
+        # capturable: the lr is the group's device tensor (device_lr), the host's a constant 0
+        scalars = [StepScalars.for_group({**group, "lr": 0.0} if self.capturable else group, step,
+                                         rescale_lr=self.rescale_lr, debias=self.debias)
+                   for group in self.param_groups]
         device_inputs: dict = {}  # per (group, device, state dtype): the kernels' device tensors
         for bucket, seg in self._layout.segments():
             s = seg.slice
@@ -421,11 +495,14 @@ class IVON(torch.optim.Optimizer):
                 bucket.param_flat[s], bucket.grad_flat[s] if with_grad else None, bucket.mean[s],
                 bucket.momentum[s], bucket.hess[s], *averages,
                 scalars=scalars[bucket.group_index], seed=key,
-                draw=0 if draw is None else draw, next_draw=next_draw, offset=seg.offset,
+                **self._draw_kwargs(draw, bucket.device, update=True, next_draw=next_draw),
+                offset=seg.offset,
                 count=count, hess_approx=self.hess_approx, **device_inputs[where],
                 **self._noise_kwargs("eps", draw, bucket, seg),
                 **self._noise_kwargs("next_eps", next_draw, bucket, seg))
         self._layout.publish()
+        if self._device_draws is not None and next_draw is not None:
+            self._device_draws.add_(1)  # the next sample, just written, is now the pending one
         self._steps.settle(found_inf)
         self._noise.forget(draw)
         self._count, self._pending_draw, self._pending_grads = 0, next_draw, None
@@ -477,17 +554,32 @@ class IVON(torch.optim.Optimizer):
             inputs["grad_scale"] = grad_scale.to(device, non_blocking=True)
         if found_inf is not None:
             inputs["found_inf"] = found_inf.to(device, non_blocking=True)
+        if self.capturable:
+            inputs["device_lr"] = self._lr_on_device(bucket)
         if on_device and self.debias:
             debias = self._steps.debias_on_device(
                 self.param_groups[bucket.group_index]["beta1"], bucket.mean.dtype)
             inputs["device_debias"] = debias.to(device, non_blocking=True)
         return inputs
 
+    def _lr_on_device(self, bucket) -> torch.Tensor:
+        """The effective lr of a bucket's group, formed on the device from the group's lr tensor
+        in double (as ``StepScalars.for_group`` on the host), rounded to the state dtype."""
+        group = self.param_groups[bucket.group_index]
+        lr = group["lr"]
+        if not isinstance(lr, torch.Tensor):  # a float written into the group since: on device
+            lr = group["lr"] = _device_lr_tensor(lr, group["params"])
+        lr = lr.to(device=bucket.device, dtype=torch.float64, non_blocking=True).reshape(1)
+        if self.rescale_lr:
+            lr = lr * (float(group["hess_init"]) + float(group["weight_decay"]))
+        return lr.to(bucket.mean.dtype)
+
     def _finish_step(self, grads_bound: bool = False) -> None:
         """Average across processes when asked, then update (and resample in drop-in mode)."""
         if self.sync and dist.is_available() and dist.is_initialized():
             self._sync_averages()
-        self._update(self._take_train_draw() if self.resample_on_step else None, grads_bound)
+        next_draw = self._take_train_draw(on_device=False) if self.resample_on_step else None
+        self._update(next_draw, grads_bound)
 
     # ------------------------------------------------------------------ public API
 
@@ -577,6 +669,8 @@ class IVON(torch.optim.Optimizer):
         """Undo a sample that does not count: the params get back what they held before."""
         if train:
             self._next_train_draw -= 1
+            if self._device_draws is not None:
+                self._device_draws.sub_(1)
         else:
             self._next_eval_draw -= 1
         self._noise.forget(draw)
@@ -637,7 +731,7 @@ class IVON(torch.optim.Optimizer):
         """
         self._check_not_in_context("step()")
         for group in self.param_groups:  # a value written into param_groups since the last step
-            check_group_hyperparameters(group)
+            check_group_hyperparameters(group, read_tensors=not self.capturable)
         if closure is not None:
             return self._step_with_closure(closure)
         grads_bound = self._prepare()
@@ -658,9 +752,12 @@ class IVON(torch.optim.Optimizer):
         checkpoint = (self._count, self._pending_draw, self._next_train_draw,
                       [(b.avg_grad.clone(), b.avg_hess_term.clone())
                        for b in self._layout.buckets] if self._count > 0 else None)
+        device_draws = None if self._device_draws is None else self._device_draws.clone()
 
         def roll_back():
             self._count, self._pending_draw, self._next_train_draw, averages = checkpoint
+            if device_draws is not None:
+                self._device_draws.copy_(device_draws)
             for bucket, saved in zip(self._layout.buckets, averages or ()):
                 bucket.avg_grad.copy_(saved[0])
                 bucket.avg_hess_term.copy_(saved[1])
@@ -736,6 +833,7 @@ class IVON(torch.optim.Optimizer):
         with torch.no_grad():
             self._prepare()
             self._check_pending_grads()
+            self._settle_host_draws()
             state_dict = _checkpoint.save(self)
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
@@ -761,6 +859,17 @@ class IVON(torch.optim.Optimizer):
         _checkpoint.load(self, state_dict, step)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+def _device_lr_tensor(lr, params) -> torch.Tensor:
+    """A capturable group's lr: the given tensor when it is a float tensor of one element on
+    the params' device (schedulers then ``fill_`` it in place), else a 0-dim float64 tensor
+    there holding the value (read once, here)."""
+    device = params[0].device if params else torch.device("cpu")
+    if (isinstance(lr, torch.Tensor) and lr.device == device and lr.is_floating_point()
+            and lr.numel() == 1):
+        return lr
+    return torch.tensor(float(lr), dtype=torch.float64, device=device)
 
 
 def _param_list(params) -> list:

@@ -41,6 +41,13 @@ same three functions with the same keyword arguments:
               ``scalars.lr`` / ``scalars.debias`` (a step count that only the device knows, an
               lr a CUDA graph replays with).
 
+    Every op also takes ``device_draws``: an int64 tensor on the params' device holding the
+    training draw numbers (their uint64 bits), read by the kernel in place of the host's ``draw``
+    (sample, accumulate: 1 element) or ``draw`` and ``next_draw`` (update: 2 elements; the second
+    is read only when ``next_draw`` is not None, which still says whether a next sample is
+    written). The host values are then ignored, so one launch with the same arguments replays
+    with fresh draws when the tensor advances (capturable steps, CUDA graphs).
+
 Restore (param <- mean) is a plain ``param.copy_(mean)`` for every backend.
 
 State tensors (mean, momentum, hess, averages) are float32 for float32 / bfloat16 / float16
@@ -119,8 +126,10 @@ def _box_muller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return radius * torch.cos(theta), radius * torch.sin(theta)
 
 
-def philox_normal(seed: int, draw: int, offset: int, numel: int, device=None) -> torch.Tensor:
+def philox_normal(seed: int, draw, offset: int, numel: int, device=None) -> torch.Tensor:
     """Standard normal noise eps[k] for global indices offset .. offset + numel - 1 (float32).
+
+    ``draw``: an int, or a one-element int64 tensor holding the draw's uint64 bits.
 
     docs/DESIGN.md section 3: element i uses output (i & 3) of Philox4x32-10 with counter
     (lo32(i >> 2), hi32(i >> 2), lo32(draw), hi32(draw)) and key (lo32(seed), hi32(seed)),
@@ -130,8 +139,13 @@ def philox_normal(seed: int, draw: int, offset: int, numel: int, device=None) ->
         return torch.empty(0, dtype=torch.float32, device=device)
     first_quad, last_quad = offset >> 2, (offset + numel - 1) >> 2
     quad = torch.arange(first_quad, last_quad + 1, dtype=torch.int64, device=device)
+    if isinstance(draw, torch.Tensor):  # a device draw: its int64 bits, read without the host
+        draw = draw.reshape(()).to(device=quad.device, dtype=torch.int64)
+        draw_lo, draw_hi = draw & _MASK32, (draw >> 32) & _MASK32
+    else:
+        draw_lo, draw_hi = draw & _MASK32, draw >> 32
     x0, x1, x2, x3 = philox4x32_10(
-        quad & _MASK32, quad >> 32, draw & _MASK32, draw >> 32, seed & _MASK32, seed >> 32)
+        quad & _MASK32, quad >> 32, draw_lo, draw_hi, seed & _MASK32, seed >> 32)
     n0, n1 = _box_muller(_uint32_to_uniform(x0), _uint32_to_uniform(x1))
     n2, n3 = _box_muller(_uint32_to_uniform(x2), _uint32_to_uniform(x3))
     per_quad = torch.stack((n0, n1, n2, n3), dim=1).reshape(-1)
@@ -167,15 +181,31 @@ def _running_mean(avg: torch.Tensor, new: torch.Tensor, count: int) -> torch.Ten
     return new if count == 1 else avg + (new - avg) / count
 
 
+def _device_draw(device_draws, count: int, index: int, like: torch.Tensor):
+    """Element ``index`` of an op's device draws (checked as the kernels check them)."""
+    if device_draws.numel() != count or device_draws.dtype != torch.int64:
+        raise ValueError(f"device_draws must be an int64 tensor of {count} element(s), got "
+                         f"{device_draws.numel()} of {device_draws.dtype}")
+    if device_draws.device != like.device:
+        raise ValueError(f"device_draws must be on the params' device {like.device}, got "
+                         f"{device_draws.device}")
+    return device_draws.reshape(-1)[index]
+
+
 @torch.no_grad()
-def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, eps=None):
+def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, eps=None,
+           device_draws=None):
+    if device_draws is not None:
+        draw = _device_draw(device_draws, 1, 0, param)
     noise = _noise(_eps(eps, seed, draw, offset, mean), hess, ess, weight_decay)
     param.copy_(mean + noise)
 
 
 @torch.no_grad()
 def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
-               weight_decay, hess_approx, eps=None):
+               weight_decay, hess_approx, eps=None, device_draws=None):
+    if device_draws is not None:
+        draw = _device_draw(device_draws, 1, 0, grad)
     grad = grad.to(hess.dtype)
     noise = _noise(_eps(eps, seed, draw, offset, hess), hess, ess, weight_decay)
     avg_grad.copy_(_running_mean(avg_grad, grad, count))
@@ -196,7 +226,10 @@ def _unscaled(gradients: torch.Tensor, grad_scale, times: int) -> torch.Tensor:
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
            next_draw=None, offset=0, count, hess_approx, scalars: StepScalars, eps=None,
            next_eps=None, grad_scale=None, found_inf=None, device_lr=None,
-           device_debias=None):
+           device_debias=None, device_draws=None):
+    if device_draws is not None:
+        draw = _device_draw(device_draws, 2, 0, param)
+        next_draw = None if next_draw is None else _device_draw(device_draws, 2, 1, param)
     s = scalars
     # the hess-term average of 'gradsq' holds squared (so twice scaled) gradients
     term_scaled = 2 if hess_approx == "gradsq" else 1

@@ -84,6 +84,7 @@ class StepCount:
         self._host_skipped = 0
         self._taken: Optional[torch.Tensor] = None    # float64, 1 element, once on a device
         self._skipped: Optional[torch.Tensor] = None
+        self._pinned = False  # capturable: the tensors above exist and are never replaced
 
     @property
     def on_device(self) -> bool:
@@ -97,7 +98,21 @@ class StepCount:
 
     def set(self, taken: int, skipped: int = 0) -> None:
         self._host_taken, self._host_skipped = int(taken), int(skipped)
+        if self._pinned and self._taken is not None:  # in place: a captured graph reads them
+            self._taken.fill_(float(taken))
+            self._skipped.fill_(float(skipped))
+            return
         self._taken = self._skipped = None
+
+    def pin_to_device(self, device: torch.device) -> None:
+        """Keep the count on ``device`` from now on, in the same two tensors (capturable steps:
+        a CUDA graph captured once keeps reading and advancing them; ``set`` fills them)."""
+        if self._taken is None or self._taken.device != torch.device(device):
+            self._taken = torch.full((1,), float(self.value()), dtype=torch.float64,
+                                     device=device)
+            self._skipped = torch.full((1,), float(self.skipped()), dtype=torch.float64,
+                                       device=device)
+        self._pinned = True
 
     def advance_on_host(self) -> int:
         """The next update's number, when no device decides whether it happens."""

@@ -15,7 +15,8 @@ Conventions shared by all kernels:
   new lr or step never recompiles. ``update``'s optional device scalars (``grad_scale``,
   ``found_inf``, ``device_lr``, ``device_debias``; docs/DESIGN.md section 11) are pointers the
   kernel loads from, with one constexpr flag each saying whether it was given: an absent one
-  costs nothing, and a new value in the tensor never recompiles. Scalar combinations (1 - beta1, 0.5 (1 - beta2)^2) come
+  costs nothing, and a new value in the tensor never recompiles. Every op's optional
+  ``device_draws`` (int64 draw numbers, capturable steps) is passed the same way. Scalar combinations (1 - beta1, 0.5 (1 - beta2)^2) come
   formed in double from ``StepScalars`` and are rounded once to fp32, as torch does with Python
   scalars in the reference.
 - Offsets, indices and lengths are int64, so segments may exceed 2^31 elements.
@@ -228,8 +229,11 @@ def _sample_tile(param_ptr, mean_ptr, hess_ptr, k, n, quad, seed, draw, ess, wei
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED[:3])
-def _sample_kernel(param_ptr, mean_ptr, hess_ptr, n, quad_base, seed, draw, ess, weight_decay,
-                   LEAD: tl.constexpr, BLOCK: tl.constexpr):
+def _sample_kernel(param_ptr, mean_ptr, hess_ptr, device_draws_ptr, n, quad_base, seed, draw, ess,
+                   weight_decay, HAS_DEVICE_DRAWS: tl.constexpr, LEAD: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    if HAS_DEVICE_DRAWS:  # the draw number on the device (capturable steps)
+        draw = tl.load(device_draws_ptr)
     k, quad, full = _tile(quad_base, n, BLOCK, LEAD)
     if full:
         _sample_tile(param_ptr, mean_ptr, hess_ptr, k, n, quad, seed, draw, ess, weight_decay,
@@ -239,13 +243,16 @@ def _sample_kernel(param_ptr, mean_ptr, hess_ptr, n, quad_base, seed, draw, ess,
                      MASKED=True)
 
 
-def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay):
+def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, device_draws=None):
     """Reference ``sample`` (see ivon_fast.reference) in one kernel launch."""
     n = _check_segment((param,), (mean, hess))
+    _check_device_draws(device_draws, 1, param.device)
     if n == 0:
         return
-    _launch(_sample_kernel, param.device, n, offset, param, mean, hess, n, offset >> 2,
-            _u64_bits(seed, "seed"), _u64_bits(draw, "draw"), float(ess), float(weight_decay))
+    _launch(_sample_kernel, param.device, n, offset, param, mean, hess,
+            mean if device_draws is None else device_draws, n, offset >> 2,
+            _u64_bits(seed, "seed"), _u64_bits(draw, "draw"), float(ess), float(weight_decay),
+            HAS_DEVICE_DRAWS=device_draws is not None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,9 +319,12 @@ def _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, k, n, 
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED[:3])
-def _accumulate_kernel(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, n, quad_base, seed,
-                       draw, count, ess, weight_decay, FIRST: tl.constexpr, PRICE: tl.constexpr,
-                       LEAD: tl.constexpr, BLOCK: tl.constexpr):
+def _accumulate_kernel(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, device_draws_ptr, n,
+                       quad_base, seed, draw, count, ess, weight_decay, FIRST: tl.constexpr,
+                       PRICE: tl.constexpr, HAS_DEVICE_DRAWS: tl.constexpr, LEAD: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    if HAS_DEVICE_DRAWS:  # the draw number on the device (capturable steps)
+        draw = tl.load(device_draws_ptr)
     k, quad, full = _tile(quad_base, n, BLOCK, LEAD)
     if full:
         _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, k, n, quad, seed,
@@ -325,16 +335,19 @@ def _accumulate_kernel(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, n, q
 
 
 def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
-               weight_decay, hess_approx):
+               weight_decay, hess_approx, device_draws=None):
     """Reference ``accumulate`` (see ivon_fast.reference) in one kernel launch."""
     n = _check_segment((grad,), (hess, avg_grad, avg_hess_term))
     price = _is_price(hess_approx)
     _check_count(count)
+    _check_device_draws(device_draws, 1, grad.device)
     if n == 0:
         return
-    _launch(_accumulate_kernel, hess.device, n, offset, grad, hess, avg_grad, avg_hess_term, n,
-            offset >> 2, _u64_bits(seed, "seed"), _u64_bits(draw, "draw"), float(count),
-            float(ess), float(weight_decay), FIRST=count == 1, PRICE=price)
+    _launch(_accumulate_kernel, hess.device, n, offset, grad, hess, avg_grad, avg_hess_term,
+            hess if device_draws is None else device_draws, n, offset >> 2,
+            _u64_bits(seed, "seed"), _u64_bits(draw, "draw"), float(count), float(ess),
+            float(weight_decay), FIRST=count == 1, PRICE=price,
+            HAS_DEVICE_DRAWS=device_draws is not None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,12 +417,14 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
                    avg_hess_term_ptr, grad_scale_ptr, found_inf_ptr, device_lr_ptr,
-                   device_debias_ptr, n, quad_base, seed, draw, next_draw, count, lr, ess,
+                   device_debias_ptr, device_draws_ptr, n, quad_base, seed, draw, next_draw,
+                   count, lr, ess,
                    weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
                    clip_radius, debias, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
                    PRICE: tl.constexpr, RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                    HAS_FOUND_INF: tl.constexpr, HAS_DEVICE_LR: tl.constexpr,
-                   HAS_DEVICE_DEBIAS: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr):
+                   HAS_DEVICE_DEBIAS: tl.constexpr, HAS_DEVICE_DRAWS: tl.constexpr,
+                   LEAD: tl.constexpr, BLOCK: tl.constexpr):
     # the device scalars (1-element fp32 tensors), read here, never on the host; an absent one
     # costs nothing (its flag is off and its pointer is never touched)
     scale = 1.0
@@ -422,6 +437,10 @@ def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_gr
         lr = tl.load(device_lr_ptr)
     if HAS_DEVICE_DEBIAS:
         debias = tl.load(device_debias_ptr)
+    if HAS_DEVICE_DRAWS:  # the draw numbers on the device (int64: draw, next_draw)
+        draw = tl.load(device_draws_ptr)
+        if RESAMPLE:
+            next_draw = tl.load(device_draws_ptr + 1)
     k, quad, full = _tile(quad_base, n, BLOCK, LEAD)
     if full:
         _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
@@ -439,7 +458,7 @@ def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_gr
 
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
            next_draw=None, offset=0, count, hess_approx, scalars: StepScalars, grad_scale=None,
-           found_inf=None, device_lr=None, device_debias=None):
+           found_inf=None, device_lr=None, device_debias=None, device_draws=None):
     """Reference ``update`` (see ivon_fast.reference) in one kernel launch.
 
     With ``grad`` given and count == 1 the averages are neither read nor written (they may be
@@ -458,11 +477,13 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
                           device_debias=device_debias)
     for name, tensor in device_scalars.items():
         _check_device_scalar(tensor, name, param.device)
+    _check_device_draws(device_draws, 2, param.device)
     if n == 0:
         return
     s = scalars
     # unused pointers still need a tensor: hand the kernel one it never touches
     pointers = [mean if tensor is None else tensor for tensor in device_scalars.values()]
+    pointers.append(hess if device_draws is None else device_draws)
     _launch(_update_kernel, param.device, n, offset, param, hess if grad is None else grad, mean,
             momentum, hess, hess if avg_grad is None else avg_grad,
             hess if avg_hess_term is None else avg_hess_term, *pointers, n, offset >> 2,
@@ -472,7 +493,8 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
             s.hess_coef, s.clip_radius, s.debias, HAS_GRAD=grad is not None, FIRST=first,
             PRICE=price, RESAMPLE=next_draw is not None, HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, HAS_DEVICE_LR=device_lr is not None,
-            HAS_DEVICE_DEBIAS=device_debias is not None)
+            HAS_DEVICE_DEBIAS=device_debias is not None,
+            HAS_DEVICE_DRAWS=device_draws is not None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -535,6 +557,20 @@ def _check_device_scalar(tensor, name: str, device: torch.device) -> None:
         raise TypeError(f"{name} must be float32, got {tensor.dtype}")
     if tensor.device != device:
         raise ValueError(f"{name} must be on the params' device {device}, got {tensor.device}")
+
+
+def _check_device_draws(tensor, count: int, device: torch.device) -> None:
+    """An op's optional device draws: None, or ``count`` int64 elements on the params' device."""
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"device_draws must be a tensor or None, got {type(tensor).__name__}")
+    if tensor.numel() != count or tensor.dtype != torch.int64 or not tensor.is_contiguous():
+        raise ValueError(f"device_draws must be a contiguous int64 tensor of {count} element(s), "
+                         f"got {tensor.numel()} of {tensor.dtype}")
+    if tensor.device != device:
+        raise ValueError(f"device_draws must be on the params' device {device}, got "
+                         f"{tensor.device}")
 
 
 def _check_segment(params, states) -> int:

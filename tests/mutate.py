@@ -332,9 +332,30 @@ MUTATIONS = [
              (FAULTS, "-k", "sparse")),
     Mutation("step-skips-the-range-recheck", OPTIMIZER,
              "        for group in self.param_groups:  # a value written into param_groups since the last step\n"
-             "            check_group_hyperparameters(group)\n",
+             "            check_group_hyperparameters(group, read_tensors=not self.capturable)\n",
              "",
              (FAULTS, "-k", "out_of_range_after_construction")),
+    # ---- capturable steps (tests/test_capturable.py) ----
+    Mutation("cpu-kernels-ignore-device-draws", MATH,
+             "  if (a.device_draws == nullptr) return {a.draw, a.next_draw};\n",
+             "  return {a.draw, a.next_draw};\n",
+             ("tests/test_capturable.py", "-k", "replace_the_host_draws and cpu")),
+    Mutation("triton-next-draw-reads-the-draw", TRITON,
+             "            next_draw = tl.load(device_draws_ptr + 1)\n",
+             "            next_draw = tl.load(device_draws_ptr)\n",
+             ("tests/test_capturable.py", "-k", "replace_the_host_draws and triton")),
+    Mutation("capturable-passes-host-draws", OPTIMIZER,
+             '        return {"draw": 0, "device_draws": draws[:1]}\n',
+             '        return {"draw": draw, "device_draws": draws[:1]}\n',
+             ("tests/test_capturable.py", "-k", "replay_proxy and official")),
+    Mutation("capturable-draws-not-advanced-by-step", OPTIMIZER,
+             "            self._device_draws.add_(1)  # the next sample, just written, is now the pending one\n",
+             "            pass\n",
+             ("tests/test_capturable.py", "-k", "trains_exactly_like_eager and dropin")),
+    Mutation("capturable-lr-on-the-host", OPTIMIZER,
+             '{**group, "lr": 0.0} if self.capturable else group',
+             "group",
+             ("tests/test_capturable.py", "-k", "replay_proxy and dropin")),
 ]
 
 

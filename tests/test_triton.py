@@ -668,7 +668,8 @@ def _launch_every_op(device, dtype=torch.float32):
     tb.update(param, grad, mean, momentum, hess, avg_grad, avg_term, seed=BIG_SEED, offset=3,
               draw=2, next_draw=3, count=2, hess_approx="gradsq", scalars=update_scalars(0.1),
               grad_scale=one(3.0, device), found_inf=one(0.0, device),
-              device_lr=one(0.1, device), device_debias=one(0.5, device))
+              device_lr=one(0.1, device), device_debias=one(0.5, device),
+              device_draws=torch.tensor([2, 3], dtype=torch.int64, device=device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -698,7 +699,8 @@ def compile_launches_for_sm90():
         _launch_every_op("cpu", dtype)
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
-    type_names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    type_names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                  torch.int64: "i64"}
 
     def ptx_of(kernel, values, options):
         signature, constexprs = {}, {}
