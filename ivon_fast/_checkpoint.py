@@ -90,7 +90,9 @@ def save(opt) -> dict:
     }
     # each group carries a copy of the counters too (Note [sharded state dicts]: DCP's
     # get_optimizer_state_dict keeps only "state" and "param_groups")
-    groups = [{**{k: v for k, v in group.items() if k != "params"},
+    # a capturable group's lr is a live device tensor: save its value, not the tensor itself
+    groups = [{**{k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                  for k, v in group.items() if k != "params"},
                "params": [param_ids[id(p)] for p in group["params"]], _GROUP_KEY: dict(meta)}
               for group in opt.param_groups]
     return {"state": state, "param_groups": groups, "ivon": meta}

@@ -42,7 +42,7 @@ from . import _checkpoint, _sharded, backends
 from ._checks import check_group_hyperparameters, check_options, check_params
 from ._layout import FlatLayout, Segment
 from .noise import EVAL_DRAW_BASE, PhiloxNoise, TorchNoise
-from .scalars import StepCount, StepScalars
+from .scalars import StepCount, StepScalars, to_device
 
 _NO_SAMPLE_MESSAGE = (
     "IVON.step() was called without a gradient from a posterior sample. IVON has two training "
@@ -366,7 +366,7 @@ class IVON(torch.optim.Optimizer):
             return kwargs
         draws = self._device_draws
         if draws.device != device:
-            draws = draws.to(device, non_blocking=True)
+            draws = to_device(draws, device)
         if update:
             return {"draw": 0, "next_draw": None if next_draw is None else 0,
                     "device_draws": draws}
@@ -520,14 +520,13 @@ class IVON(torch.optim.Optimizer):
         """
         grad_scale = getattr(self, "grad_scale", None)
         scaler_found_inf = getattr(self, "found_inf", None)
-        if scaler_found_inf is not None and grad_scale is None and self._count > 0:
-            raise RuntimeError(_UNSCALED_FOLDED_MESSAGE.format(count=self._count))
         if scaler_found_inf is None and not self.skip_nonfinite:
             return grad_scale, None
         home = self._layout.buckets[0].device
         found_inf = torch.zeros(1, dtype=torch.float32, device=home)
         if scaler_found_inf is not None:
-            found_inf.add_(scaler_found_inf.to(home, non_blocking=True).reshape(1))
+            found_inf.add_(to_device(torch.as_tensor(scaler_found_inf, dtype=torch.float32),
+                                     home).reshape(1))
         check_grads = with_grad and scaler_found_inf is None
         # a scaler is there to catch overflows: the folded samples it never saw are always checked
         check_averages = self._count > 0 and (self.skip_nonfinite or scaler_found_inf is not None)
@@ -542,7 +541,7 @@ class IVON(torch.optim.Optimizer):
                         continue
                     # x * 0 is 0 for finite x and NaN for inf or NaN: no overflow, no sync
                     for extreme in torch.aminmax(values):
-                        found_inf.addcmul_(extreme.to(home, non_blocking=True), zero)
+                        found_inf.addcmul_(to_device(extreme, home), zero)
         _sharded.agree_on_skip(self._layout.buckets, found_inf)
         return grad_scale, found_inf
 
@@ -551,15 +550,15 @@ class IVON(torch.optim.Optimizer):
         inputs = {}
         device = bucket.device
         if grad_scale is not None:
-            inputs["grad_scale"] = grad_scale.to(device, non_blocking=True)
+            inputs["grad_scale"] = to_device(grad_scale, device)
         if found_inf is not None:
-            inputs["found_inf"] = found_inf.to(device, non_blocking=True)
+            inputs["found_inf"] = to_device(found_inf, device)
         if self.capturable:
             inputs["device_lr"] = self._lr_on_device(bucket)
         if on_device and self.debias:
             debias = self._steps.debias_on_device(
                 self.param_groups[bucket.group_index]["beta1"], bucket.mean.dtype)
-            inputs["device_debias"] = debias.to(device, non_blocking=True)
+            inputs["device_debias"] = to_device(debias, device)
         return inputs
 
     def _lr_on_device(self, bucket) -> torch.Tensor:
@@ -569,7 +568,7 @@ class IVON(torch.optim.Optimizer):
         lr = group["lr"]
         if not isinstance(lr, torch.Tensor):  # a float written into the group since: on device
             lr = group["lr"] = _device_lr_tensor(lr, group["params"])
-        lr = lr.to(device=bucket.device, dtype=torch.float64, non_blocking=True).reshape(1)
+        lr = to_device(lr, bucket.device).to(torch.float64).reshape(1)
         if self.rescale_lr:
             lr = lr * (float(group["hess_init"]) + float(group["weight_decay"]))
         return lr.to(bucket.mean.dtype)
@@ -729,6 +728,16 @@ class IVON(torch.optim.Optimizer):
         uses the samples taken before it, as ``step()`` does. Any failure inside
         ``step(closure)`` leaves params and optimizer as they were.
         """
+        try:
+            return self._step(closure)
+        except BaseException:
+            # torch's GradScaler removes the attributes it set only when step() returns; left
+            # behind, the next scaler.step() would hand over the scale squared
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
+
+    def _step(self, closure):
         self._check_not_in_context("step()")
         for group in self.param_groups:  # a value written into param_groups since the last step
             check_group_hyperparameters(group, read_tensors=not self.capturable)
@@ -742,6 +751,9 @@ class IVON(torch.optim.Optimizer):
         if self._pending_draw is None and self._count == 0:
             raise RuntimeError(_NO_SAMPLE_MESSAGE)
         self._check_pending_grads()
+        if (getattr(self, "found_inf", None) is not None
+                and getattr(self, "grad_scale", None) is None and self._count > 0):
+            raise RuntimeError(_UNSCALED_FOLDED_MESSAGE.format(count=self._count))
         self._finish_step(grads_bound)
         return None
 

@@ -68,6 +68,15 @@ class StepScalars:
                       beta2=group["beta2"], clip_radius=group["clip_radius"], debias=factor)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without a host synchronization where that is safe: a copy into
+    the CPU must complete before CPU code reads it (a ``non_blocking`` one returns at once), so
+    that one waits; params spread over a CPU and a GPU cost a sync per step."""
+    if tensor.device == device:
+        return tensor
+    return tensor.to(device, non_blocking=device.type != "cpu")
+
+
 class StepCount:
     """The number of updates taken, kept on the host until a step's outcome is decided on a device.
 
@@ -134,7 +143,7 @@ class StepCount:
         """A skipped update (found_inf nonzero) does not count; it is counted as skipped."""
         if found_inf is None:
             return
-        skipped = found_inf.to(self._taken.device, non_blocking=True).ne(0).to(torch.float64)
+        skipped = to_device(found_inf, self._taken.device).ne(0).to(torch.float64)
         self._taken.sub_(skipped)
         self._skipped.add_(skipped)
 

@@ -356,8 +356,28 @@ MUTATIONS = [
              '{**group, "lr": 0.0} if self.capturable else group',
              "group",
              ("tests/test_capturable.py", "-k", "replay_proxy and dropin")),
+    # the review of issue 8
+    Mutation("scaler-attributes-left-after-a-failed-step", OPTIMIZER,
+             '            self.__dict__.pop("grad_scale", None)\n',
+             "",
+             (AMP, "-k", "failed_step_inside_scaler_step")),
+    Mutation("unscale-refused-without-folded-samples", OPTIMIZER,
+             "                and getattr(self, \"grad_scale\", None) is None and self._count > 0):\n",
+             "                and getattr(self, \"grad_scale\", None) is None and self._count >= 0):\n",
+             (AMP, "-k", "unscale")),
+    Mutation("scaler-int-found-inf-not-a-tensor", OPTIMIZER,
+             "torch.as_tensor(scaler_found_inf, dtype=torch.float32)",
+             "scaler_found_inf",
+             (AMP, "-k", "without_any_gradient")),
+    Mutation("frozen-gradients-kept", LAYOUT,
+             "                        bucket.forget_gradients(where)\n",
+             "",
+             (AMP, "-k", "freezing_a_layer_after_a_nan")),
+    Mutation("capturable-state-dict-holds-the-live-lr", "ivon_fast/_checkpoint.py",
+             "(v.detach().clone() if isinstance(v, torch.Tensor) else v)",
+             "v",
+             ("tests/test_capturable.py", "-k", "lr_of_its_moment")),
 ]
-
 
 
 def _log(message: str) -> None:

@@ -222,14 +222,18 @@ def test_unscale_before_step_with_folded_samples_is_a_clear_error():
     assert opt.current_step == 0
 
 
-def test_unscale_then_clip_with_one_sample_equals_unscaled_clipping():
+@pytest.mark.parametrize("schedule_weight_decay", [False, True])
+def test_unscale_then_clip_with_one_sample_equals_unscaled_clipping(schedule_weight_decay):
     """scaler.unscale_ (for gradient clipping) hands over no scale: the step reads the
-    gradients the scaler already divided."""
+    gradients the scaler already divided. A weight-decay schedule makes the step fold the
+    pending sample itself (its noise needs the old value): still one unscaled sample, no error."""
     runs = []
     for scaled in (False, True):
         model, opt = _build("dropin", "reference")
         scaler = _scaler() if scaled else None
         for i in range(3):
+            if schedule_weight_decay:
+                opt.param_groups[0]["weight_decay"] = HP["weight_decay"] * (i + 1)
             loss = loss_fn(model, i)
             (scaler.scale(loss) if scaled else loss).backward()
             if scaled:
@@ -395,3 +399,55 @@ def test_cuda_step_with_scaler_does_not_synchronize(mode):
         scaler.update()
         opt.zero_grad()
     assert opt.current_step == 3 and math.isfinite(float(next(model.parameters()).sum()))
+
+
+def test_a_failed_step_inside_scaler_step_leaves_no_scale_behind():
+    """torch's GradScaler removes grad_scale / found_inf only when step() returns; after a step
+    that raised, the next scaler.step() must not hand over the scale squared."""
+    runs = []
+    for fail_once in (False, True):
+        model, opt = _build("dropin", "reference")
+        scaler = _scaler()
+        for i in range(3):
+            scaler.scale(loss_fn(model, i)).backward()
+            if fail_once and i == 1:
+                opt.param_groups[0]["beta1"] = 1.0  # out of range: step() refuses
+                with pytest.raises(ValueError, match="beta1"):
+                    scaler.step(opt)
+                assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+                opt.param_groups[0]["beta1"] = HP["beta1"]  # fixed: the same step again
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        runs.append(_state(model, opt))
+    _assert_state_equal(runs[0], runs[1])
+
+
+def test_scaler_without_any_gradient_steps_with_zero_gradients():
+    """With every .grad None the scaler hands over found_inf as the int 0; the drop-in step is
+    then a zero-gradient update, as without a scaler."""
+    runs = []
+    for scaler in (None, _scaler()):
+        model, opt = _build("dropin", "reference")
+        for p in model.parameters():
+            p.grad = None
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.scale(loss_fn(model, 0))  # the scaler's scale exists from here on
+            scaler.step(opt)
+        runs.append(_state(model, opt))
+    _assert_state_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("mc", [1, 2])
+def test_freezing_a_layer_after_a_nan_step_does_not_skip_the_later_steps(mc):
+    """A frozen param's gradient and averages are zeroed: the check reads whole buffers."""
+    model, opt = _build("official", "reference", mc)
+    _iteration(model, opt, "official", 0, mc,
+               poison=_poison_first_grad(model, float("nan"), at_sample=0))
+    assert opt.skipped_steps == 1
+    model.body[0].weight.requires_grad_(False)
+    for i in range(1, 4):
+        _iteration(model, opt, "official", i, mc)
+    assert opt.skipped_steps == 1 and opt.current_step == 3

@@ -483,3 +483,19 @@ def test_cuda_graph_replays_equal_eager_capturable_steps(backend, loop):
     assert opt_graph.current_step == opt_eager.current_step == 3 + replays
     meta_graph, meta_eager = opt_graph.state_dict()["ivon"], opt_eager.state_dict()["ivon"]
     assert meta_graph["next_train_draw"] == meta_eager["next_train_draw"]
+
+
+def test_a_state_dict_keeps_the_lr_of_its_moment():
+    """The group's lr is a live device tensor: the state dict holds its value at saving, so an
+    in-memory state dict loaded later restores that lr, not the scheduler's current one."""
+    model = _model()
+    opt = IVON(model.parameters(), **HP, backend="reference", seed=9, resample_on_step=True,
+               capturable=True)
+    x, y = _batch()
+    _one_step(opt, model, x, y, "dropin", 1)
+    saved = opt.state_dict()  # no deepcopy: what torch.save would write only later
+    opt.param_groups[0]["lr"].fill_(0.0125)
+    _one_step(opt, model, x, y, "dropin", 1)
+    assert float(saved["param_groups"][0]["lr"]) == HP["lr"]
+    opt.load_state_dict(saved)
+    assert float(opt.param_groups[0]["lr"]) == HP["lr"]
