@@ -162,14 +162,6 @@ class Bucket:
                                        self.param_views[index].stride())
         return self.grad_views[index]
 
-    def forget_gradients(self, where: slice) -> None:
-        """A frozen param's gradient and sample averages are zero: the non-finite check reads
-        whole buffers, and a stale NaN there would skip every later step."""
-        self.grad_flat[where].zero_()
-        if self.avg_grad is not None:
-            self.avg_grad[where].zero_()
-            self.avg_hess_term[where].zero_()
-
     def ensure_averages(self) -> None:
         if self.avg_grad is None:
             self.avg_grad = torch.zeros_like(self.mean)
@@ -350,7 +342,6 @@ class FlatLayout:
                         param.grad = view
                     else:
                         bucket.param_flat[where].copy_(bucket.mean[where])
-                        bucket.forget_gradients(where)
                 bucket.trainable[index] = param.requires_grad
 
     def follow_moves(self, hess_init: list) -> bool:

@@ -295,7 +295,6 @@ class ShardedBucket(Bucket):
             else:  # gets its mean back (it may hold a sample)
                 self.param_flat[where].copy_(self.mean[where])
                 self.local(index).copy_(self.param_views[index])
-                self.forget_gradients(where)
             self.trainable[index] = param.requires_grad
 
     # ---------------------------------------------------------------- state as DTensors

@@ -532,15 +532,17 @@ class IVON(torch.optim.Optimizer):
         check_averages = self._count > 0 and (self.skip_nonfinite or scaler_found_inf is not None)
         if check_grads or check_averages:
             zero = torch.zeros((), dtype=torch.float32, device=home)
-            for bucket in self._layout.buckets:
+            # what the update reads: the trainable segments (a frozen param's stale gradient
+            # must not skip every later step)
+            for bucket, seg in self._layout.segments():
                 checked = [bucket.grad_flat] if check_grads else []
                 if check_averages:
                     checked += [bucket.avg_grad, bucket.avg_hess_term]
                 for values in checked:
-                    if values.numel() == 0 or not bucket.segments():
+                    if seg.stop == seg.start:
                         continue
                     # x * 0 is 0 for finite x and NaN for inf or NaN: no overflow, no sync
-                    for extreme in torch.aminmax(values):
+                    for extreme in torch.aminmax(values[seg.slice]):
                         found_inf.addcmul_(to_device(extreme, home), zero)
         _sharded.agree_on_skip(self._layout.buckets, found_inf)
         return grad_scale, found_inf
