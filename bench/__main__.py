@@ -350,7 +350,8 @@ def host_table_cpu(shape_count, device, dtype, args, names, sizes) -> dict:
                                   names, [])
     for contender in contenders:
         contender.warmup = 3
-    seconds = measure.host_times_cpu(contenders, rounds=max(3, args.rounds))
+    seconds = measure.host_times_cpu(contenders, rounds=max(3, args.rounds),
+                                     inner=5 if args.quick else 20)
     return {label: s * 1e3 for label, s in seconds.items()}
 
 

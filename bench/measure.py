@@ -348,8 +348,7 @@ def _status_kib(name: str) -> Optional[int]:
 
 def _rss_peak_growth(fn) -> Optional[int]:
     """Growth of the resident set's high-water mark during ``fn()`` (Linux; else None)."""
-    try:
-        gc.collect()
+    try:  # no gc.collect() here: with torch._dynamo imported one takes a quarter second
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")  # reset VmHWM to the current VmRSS
         before = _status_kib("VmRSS")
