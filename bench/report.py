@@ -169,6 +169,28 @@ def write_json(record: dict, path: str) -> None:
         json.dump(record, handle, indent=1)
 
 
+
+def _line_style(kind: str) -> str:
+    """AdamW dashed, the drop-in step without the finite check dotted, the rest solid."""
+    if kind.startswith("adamw"):
+        return "--"
+    return ":" if kind.endswith("unchecked") else "-"
+
+
+def _errorbar_runs(ax, rows: list, x_key: str, unit: str) -> dict:
+    """One line per run: the median against ``x_key`` with a min..max bar; the runs, sorted."""
+    runs: dict = {}
+    for row in rows:
+        runs.setdefault(row["run"], []).append(row)
+    for run, points in runs.items():
+        points.sort(key=lambda r: r[x_key])
+        median = [r[f"median_{unit}"] for r in points]
+        spread = [[m - r[f"min_{unit}"] for m, r in zip(median, points)],
+                  [r[f"max_{unit}"] - m for m, r in zip(median, points)]]
+        ax.errorbar([r[x_key] for r in points], median, yerr=spread,
+                    fmt="o" + _line_style(points[0]["kind"]), capsize=3, label=run, ms=4)
+    return runs
+
 def plot(record: dict, path: str) -> str | None:
     """Draw time and ratio against size; returns None, or why no plot was drawn."""
     try:
@@ -186,21 +208,12 @@ def plot(record: dict, path: str) -> str | None:
     fig, axes = plt.subplots(len(panels), 2, figsize=(13, 4.2 * len(panels)), squeeze=False)
     for (dtype, shape), rows in panels.items():
         time_ax, ratio_ax = axes[list(panels).index((dtype, shape))]
-        runs: dict = {}
-        for row in rows:
-            runs.setdefault(row["run"], []).append(row)
+        runs = _errorbar_runs(time_ax, rows, "numel", "ms")
         for run, points in runs.items():
-            points.sort(key=lambda r: r["numel"])
-            x = [r["numel"] for r in points]
-            med = [r["median_ms"] for r in points]
-            err = [[m - r["min_ms"] for m, r in zip(med, points)],
-                   [r["max_ms"] - m for m, r in zip(med, points)]]
-            style = "--" if points[0]["kind"].startswith("adamw") else (
-                ":" if points[0]["kind"].endswith("unchecked") else "-")
-            time_ax.errorbar(x, med, yerr=err, fmt="o" + style, capsize=3, label=run, ms=4)
             if points[0]["kind"] != "ivon_opt_iteration":
-                ratio_ax.plot(x, [r["ratio_vs_adamw"] for r in points], "o" + style, label=run,
-                              ms=4)
+                ratio_ax.plot([r["numel"] for r in points],
+                              [r["ratio_vs_adamw"] for r in points],
+                              "o" + _line_style(points[0]["kind"]), label=run, ms=4)
         byte_floor = rows[0].get("byte_floor_ratio")
         checked_floor = rows[0].get("byte_floor_ratio_checked")
         ratio_ax.axhline(1.0, color="gray", lw=0.8)
@@ -246,19 +259,8 @@ def plot_host(record: dict, path: str) -> str | None:
     except ImportError:
         return ("matplotlib is not installed: no host-cost plot (pip install -e '.[bench]', or "
                 f"draw it later with `python -m bench.report --plot {path[:-9]}.json`)")
-    runs: dict = {}
-    for row in host["rows"]:
-        runs.setdefault(row["run"], []).append(row)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for run, points in runs.items():
-        points.sort(key=lambda r: r["tensors"])
-        x = [r["tensors"] for r in points]
-        med = [r["median_us"] for r in points]
-        err = [[m - r["min_us"] for m, r in zip(med, points)],
-               [r["max_us"] - m for m, r in zip(med, points)]]
-        style = "--" if points[0]["kind"].startswith("adamw") else (
-            ":" if points[0]["kind"].endswith("unchecked") else "-")
-        ax.errorbar(x, med, yerr=err, fmt="o" + style, capsize=3, label=run, ms=4)
+    _errorbar_runs(ax, host["rows"], "tensors", "us")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
