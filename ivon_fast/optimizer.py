@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from . import _checkpoint, _sharded, backends
+from . import posterior as _posterior
 from ._checks import check_group_hyperparameters, check_options, check_params
 from ._layout import FlatLayout, Segment
 from .noise import EVAL_DRAW_BASE, PhiloxNoise, TorchNoise
@@ -830,6 +831,17 @@ class IVON(torch.optim.Optimizer):
                 self._prepare()
                 self._fold_pending()
         self._layout.zero_grads()
+
+    @_disable_dynamo
+    def posterior(self):
+        """The posterior learned so far, as an ``ivon_fast.Posterior``: per param (in the order
+        of ``param_groups``), its mean and std 1 / sqrt(ess (hess + weight_decay)), copies shaped
+        like the param (std 0 for frozen params). Writes to the params since the last optimizer
+        call count as usual (they become the mean)."""
+        self._check_not_in_context("posterior()")
+        with torch.no_grad():
+            self._prepare()
+            return _posterior.of_optimizer(self)
 
     # ------------------------------------------------------------------ state dicts
 

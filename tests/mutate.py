@@ -377,6 +377,23 @@ MUTATIONS = [
              "(v.detach().clone() if isinstance(v, torch.Tensor) else v)",
              "v",
              ("tests/test_capturable.py", "-k", "lr_of_its_moment")),
+    # issue 10 (first part): the posterior object, merging, wrappers
+    Mutation("posterior-std-without-ess", "ivon_fast/posterior.py",
+             "                std = 1.0 / (ess * (state[\"hess\"].detach() + weight_decay)).sqrt()\n",
+             "                std = 1.0 / (state[\"hess\"].detach() + weight_decay).sqrt()\n",
+             ("tests/test_posterior.py",)),
+    Mutation("posterior-frozen-std-nonzero", "ivon_fast/posterior.py",
+             "            if param.requires_grad:\n",
+             "            if True:\n",
+             ("tests/test_posterior.py", "-k", "by_hand")),
+    Mutation("merge-unweighted", "ivon_fast/posterior.py",
+             "        weighted_sum = sum(mean.double() * std.double().pow(-2) for mean, std in parts)\n",
+             "        weighted_sum = sum(mean.double() for mean, std in parts) * precision_sum / len(parts)\n",
+             ("tests/test_posterior.py", "-k", "merge")),
+    Mutation("unwrap-one-level-only", "ivon_fast/posterior.py",
+             "        current = inner\n",
+             "        current = inner\n        break\n",
+             ("tests/test_posterior.py", "-k", "wrappers")),
 ]
 
 

@@ -1,0 +1,155 @@
+"""The posterior as an object: what IVON learned, usable without the optimizer.
+
+IVON's posterior over each parameter element is the Gaussian N(m, sigma^2) with
+
+    sigma = 1 / sqrt(ess * (hess + weight_decay))            (docs/DESIGN.md section 2)
+
+(the noise the optimizer samples with is eps * sigma). ``IVON.posterior()`` returns it as a
+``Posterior``: per param, in the order of the optimizer's params (group by group), a mean and a
+standard deviation shaped like the param. ``merge`` combines posteriors of models fine-tuned from
+one base by precision-weighted averaging.
+
+The package-level ``ivon_fast.mean_params`` / ``sampled_params`` / ``unwrap`` accept the optimizer,
+or any wrapper that exposes it as ``.optimizer`` (``accelerate``'s ``AcceleratedOptimizer``,
+Lightning's ``LightningOptimizer``): ``ivon_fast.unwrap(wrapped).posterior()``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+FORMAT = "ivon_fast.Posterior/1"
+
+
+@dataclass
+class Posterior:
+    """A diagonal Gaussian posterior over a model's parameters.
+
+    Args:
+        mean: one tensor per param, shaped like it (fp32 for bf16/fp16 params: the master mean).
+        std: one tensor per param, shaped like its mean; 0 for a param that was frozen
+            (``requires_grad=False``), which the optimizer never perturbs.
+    """
+    mean: list
+    std: list
+
+    def __post_init__(self):
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"Invalid Posterior: {len(self.mean)} means but {len(self.std)} "
+                             "standard deviations")
+        for index, (mean, std) in enumerate(zip(self.mean, self.std)):
+            if mean.shape != std.shape:
+                raise ValueError(f"Invalid Posterior: param {index}'s mean has shape "
+                                 f"{tuple(mean.shape)} but its std {tuple(std.shape)}")
+
+    def save(self, path) -> None:
+        """Write the posterior to ``path`` (CPU tensors; written to a temporary file in the
+        same folder and renamed into place, so an interrupted save keeps the old file)."""
+        path = os.fspath(path)
+        payload = {"format": FORMAT, "mean": [m.detach().cpu() for m in self.mean],
+                   "std": [s.detach().cpu() for s in self.std]}
+        temporary = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(temporary, "wb") as file:
+                torch.save(payload, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+    @classmethod
+    def load(cls, path, map_location=None) -> "Posterior":
+        """Read a posterior written by ``save`` (tensors only: ``weights_only`` loading)."""
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ValueError(f"{os.fspath(path)!r} does not hold an ivon_fast Posterior "
+                             f"(format {FORMAT!r})")
+        return cls(mean=list(payload["mean"]), std=list(payload["std"]))
+
+
+def of_optimizer(optimizer) -> Posterior:
+    """The optimizer's current posterior, as copies (later steps do not change it)."""
+    means, stds = [], []
+    for group in optimizer.param_groups:
+        ess, weight_decay = float(group["ess"]), float(group["weight_decay"])
+        for param in group["params"]:
+            state = optimizer.state[param]
+            mean = state["mean"].detach().clone()
+            if param.requires_grad:
+                std = 1.0 / (ess * (state["hess"].detach() + weight_decay)).sqrt()
+            else:
+                std = torch.zeros_like(mean)
+            means.append(mean)
+            stds.append(std)
+    return Posterior(mean=means, std=stds)
+
+
+def merge(posteriors: list) -> Posterior:
+    """Combine posteriors of one architecture (models fine-tuned from one base) element by
+    element, weighting each mean by its precision 1 / sigma^2:
+
+        mean = sum_k (m_k / sigma_k^2) / sum_k (1 / sigma_k^2),
+        std  = 1 / sqrt(sum_k 1 / sigma_k^2)      (the product of the Gaussians)
+
+    computed in float64 and returned in each mean's dtype. Every std must be positive (a frozen
+    param has std 0: leave it out, or merge its values yourself).
+    """
+    posteriors = list(posteriors)
+    if not posteriors:
+        raise ValueError("Invalid posteriors: merge() needs at least one Posterior")
+    count = len(posteriors[0].mean)
+    for index, posterior in enumerate(posteriors):
+        if not isinstance(posterior, Posterior):
+            raise ValueError(f"Invalid posteriors: item {index} is a {type(posterior).__name__}, "
+                             "not an ivon_fast.Posterior")
+        if len(posterior.mean) != count:
+            raise ValueError(f"Invalid posteriors: item {index} has {len(posterior.mean)} params, "
+                             f"item 0 has {count}")
+    means, stds = [], []
+    for param_index in range(count):
+        parts = [(p.mean[param_index], p.std[param_index]) for p in posteriors]
+        shape = parts[0][0].shape
+        if any(mean.shape != shape for mean, _ in parts):
+            raise ValueError(f"Invalid posteriors: param {param_index} has different shapes "
+                             f"{[tuple(m.shape) for m, _ in parts]}")
+        if any(bool((std <= 0).any()) for _, std in parts):
+            raise ValueError(f"Invalid posteriors: param {param_index} has a std <= 0 (a frozen "
+                             "param); merge only params with a posterior spread")
+        precision_sum = sum(std.double().pow(-2) for _, std in parts)
+        weighted_sum = sum(mean.double() * std.double().pow(-2) for mean, std in parts)
+        dtype = parts[0][0].dtype
+        means.append((weighted_sum / precision_sum).to(dtype))
+        stds.append(precision_sum.rsqrt().to(dtype))
+    return Posterior(mean=means, std=stds)
+
+
+def unwrap(optimizer):
+    """The IVON inside ``optimizer``: itself, or what wrappers expose as ``.optimizer``."""
+    from .optimizer import IVON
+
+    seen, current = [], optimizer
+    while not isinstance(current, IVON):
+        seen.append(type(current).__name__)
+        inner = getattr(current, "optimizer", None)
+        if inner is None or inner is current or len(seen) > 16:
+            raise TypeError(f"Invalid optimizer: expected an ivon_fast.IVON or a wrapper that "
+                            f"exposes one as .optimizer, got {' -> '.join(seen)}")
+        current = inner
+    return current
+
+
+def mean_params(optimizer):
+    """``unwrap(optimizer).mean_params()``: the posterior mean in the params for a block."""
+    return unwrap(optimizer).mean_params()
+
+
+def sampled_params(optimizer, train: bool = False):
+    """``unwrap(optimizer).sampled_params(train)``: a posterior sample in the params."""
+    return unwrap(optimizer).sampled_params(train=train)
+
+
+__all__ = ["Posterior", "merge", "unwrap", "mean_params", "sampled_params", "of_optimizer"]
