@@ -106,7 +106,7 @@ class Bucket:
             self._segments_key = key
         return self._segments
 
-    def _expected_ptrs(self) -> tuple:
+    def expected_ptrs(self) -> tuple:
         """Each param's and grad view's expected address, from the buffers' current storage (a
         ``share_memory_()`` moves a storage in place, and every view with it)."""
         bases = (self.param_flat.data_ptr(), self.grad_flat.data_ptr())
@@ -125,7 +125,7 @@ class Bucket:
         code changed nothing: a few attribute reads per param in one loop. Anything it finds
         sends the caller down the full, slower paths, which sort out what happened.
         """
-        param_ptrs, grad_ptrs = self._expected_ptrs()
+        param_ptrs, grad_ptrs = self.expected_ptrs()
         for param, version, trainable, param_ptr, view, grad_ptr, param_view in zip(
                 self.params, self.versions, self.trainable, param_ptrs, self.grad_views,
                 grad_ptrs, self.param_views):
@@ -139,7 +139,7 @@ class Bucket:
 
     def grads_bound(self) -> bool:
         """Whether every trainable param's grad is its view into ``grad_flat``."""
-        _, grad_ptrs = self._expected_ptrs()
+        _, grad_ptrs = self.expected_ptrs()
         return all(param.grad is view and view.data_ptr() == grad_ptr
                    for param, trainable, view, grad_ptr in zip(
                        self.params, self.trainable, self.grad_views, grad_ptrs)
@@ -153,7 +153,7 @@ class Bucket:
         """
         view = self.grad_views[index]
         return (self.params[index].grad is view
-                and view.data_ptr() == _element_ptr(self.grad_flat, self.starts[index]))
+                and view.data_ptr() == self.expected_ptrs()[1][index])
 
     def renew_grad_view(self, index: int) -> torch.Tensor:
         """A fresh view for a param whose grad view object was rebound away from the buffer."""
@@ -191,12 +191,6 @@ def storage_strides(tensor: torch.Tensor) -> tuple:
             return contiguous
         expected *= tensor.shape[dim]
     return tuple(tensor.stride())
-
-
-def _element_ptr(flat: torch.Tensor, start: int) -> int:
-    """The address of ``flat[start]``, from the buffer's current storage: ``share_memory_()``
-    moves a storage in place, and every view of it with it."""
-    return flat.data_ptr() + start * flat.element_size()
 
 
 def _view(flat: torch.Tensor, where: slice, like: torch.Tensor, strides: tuple) -> torch.Tensor:
@@ -353,10 +347,10 @@ class FlatLayout:
         """
         # a move rebinds p.data: look at the device and dtype of rebound params only
         # sharded params never move with the layout: ShardedBucket.local refuses a moved shard
-        moved = any(p.data_ptr() != _element_ptr(b.param_flat, start)
+        moved = any(p.data_ptr() != expected
                     and (p.device != b.device or p.dtype != b.param_flat.dtype)
                     for b in self.buckets if not b.sharded
-                    for p, start in zip(b.params, b.starts))
+                    for p, expected in zip(b.params, b.expected_ptrs()[0]))
         if not moved:
             return False
         old_buckets = [b for b in self.buckets if not b.sharded]
@@ -425,9 +419,9 @@ class FlatLayout:
             if bucket.sharded:
                 yield from ((bucket, index) for index in bucket.written())
                 continue
-            base, size = bucket.param_flat.data_ptr(), bucket.param_flat.element_size()
-            for index, (param, start) in enumerate(zip(bucket.params, bucket.starts)):
-                rebound = (param.data_ptr() != base + start * size
+            param_ptrs, _ = bucket.expected_ptrs()
+            for index, (param, expected) in enumerate(zip(bucket.params, param_ptrs)):
+                rebound = (param.data_ptr() != expected
                            or param.shape != bucket.param_views[index].shape)
                 if not rebound and param._version == bucket.versions[index]:
                     continue

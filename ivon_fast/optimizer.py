@@ -475,7 +475,7 @@ class IVON(torch.optim.Optimizer):
         grad_scale, found_inf = self._amp_inputs(with_grad)
         count, key = self._count + (1 if with_grad else 0), self._noise.key()
         draw = self._pending_draw if with_grad else None
-        on_device = found_inf is not None or self._steps.on_device or self.capturable
+        on_device = found_inf is not None or self._steps.on_device  # capturable: pinned there
         if on_device:
             self._steps.advance_on_device(self._layout.buckets[0].device)
         step = None if on_device else self._steps.advance_on_host()
@@ -536,12 +536,12 @@ class IVON(torch.optim.Optimizer):
             # what the update reads: the trainable segments (a frozen param's stale gradient
             # must not skip every later step)
             for bucket, seg in self._layout.segments():
+                if seg.stop == seg.start:
+                    continue
                 checked = [bucket.grad_flat] if check_grads else []
                 if check_averages:
                     checked += [bucket.avg_grad, bucket.avg_hess_term]
                 for values in checked:
-                    if seg.stop == seg.start:
-                        continue
                     # x * 0 is 0 for finite x and NaN for inf or NaN: no overflow, no sync
                     for extreme in torch.aminmax(values[seg.slice]):
                         found_inf.addcmul_(to_device(extreme, home), zero)

@@ -116,11 +116,7 @@ class StepCount:
     def pin_to_device(self, device: torch.device) -> None:
         """Keep the count on ``device`` from now on, in the same two tensors (capturable steps:
         a CUDA graph captured once keeps reading and advancing them; ``set`` fills them)."""
-        if self._taken is None or self._taken.device != torch.device(device):
-            self._taken = torch.full((1,), float(self.value()), dtype=torch.float64,
-                                     device=device)
-            self._skipped = torch.full((1,), float(self.skipped()), dtype=torch.float64,
-                                       device=device)
+        self._place(torch.device(device))
         self._pinned = True
 
     def advance_on_host(self) -> int:
@@ -130,14 +126,19 @@ class StepCount:
 
     def advance_on_device(self, device: torch.device) -> torch.Tensor:
         """The next update's number as a device tensor; ``settle`` takes it back if skipped."""
+        self._place(device)
+        return self._taken.add_(1)
+
+    def _place(self, device: torch.device) -> None:
+        """The two count tensors on ``device``: made from the host's counts the first time,
+        moved with the params afterwards (``model.to``)."""
         if self._taken is None:
             self._taken = torch.full((1,), float(self._host_taken), dtype=torch.float64,
                                      device=device)
             self._skipped = torch.full((1,), float(self._host_skipped), dtype=torch.float64,
                                        device=device)
-        elif self._taken.device != device:  # the params moved (model.to)
+        elif self._taken.device != device:
             self._taken, self._skipped = self._taken.to(device), self._skipped.to(device)
-        return self._taken.add_(1)
 
     def settle(self, found_inf: Optional[torch.Tensor]) -> None:
         """A skipped update (found_inf nonzero) does not count; it is counted as skipped."""
