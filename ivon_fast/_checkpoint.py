@@ -4,7 +4,8 @@ Own format (``"ivon": {"format": "ivon_fast/1", ...}``): torch.optim's layout (`
 param index in param_groups order, ``param_groups`` with index lists) plus the optimizer's
 counters. Per param: ``mean``, ``momentum``, ``hess``; mid-step also ``avg_grad`` and
 ``avg_hess_term`` (samples already folded in), ``pending_grad`` (the official loop's last sample,
-not yet folded in) and, with ``rng='torch'``, ``pending_noise``.
+not yet folded in), with ``rng='torch'``, ``pending_noise``, and the group's prior
+(``prior_mean``, ``prior_precision``) where it has one (docs/DESIGN.md section 14).
 
 Note [what the params hold]: a model checkpoint saved beside the optimizer's holds what the
 params held then: the mean (official loop) or the sample of ``params_hold`` (drop-in mode, a draw
@@ -12,7 +13,10 @@ number). That is recorded in the state (``ivon.params_hold``), never guessed fro
 ``load_state_dict`` the params hold that again, computed by this optimizer's backend and device;
 a model checkpoint loaded right after (before the next optimizer call) is taken as the saved copy
 of the same thing, not as new weights, so the two load orders resume alike, also across backends
-and devices where the copies differ by rounding.
+and devices where the copies differ by rounding. A drop-in model file saved inside
+``mean_params()`` holds the mean instead (the HF and Lightning callbacks save so): loaded before
+the optimizer's state it resumes exactly; loaded after, a gradient computed before the next
+optimizer call was taken at the mean, and ``step()`` refuses it (``_OVERWRITTEN_MESSAGE``).
 
 Note [sharded state dicts]: the entries of a sharded (FSDP2 DTensor) param are DTensors of the
 param's global shape and placements over the rank's local shard's state, so each rank saves its
@@ -37,6 +41,7 @@ FORMAT = "ivon_fast/1"
 _GROUP_KEY = "ivon"  # each saved param group's copy of the counters
 _STATE = ("mean", "momentum", "hess")
 _AVERAGES = ("avg_grad", "avg_hess_term")
+_PRIORS = ("prior_mean", "prior_precision")  # a group's prior, where it has one
 
 
 def _flat_params(opt) -> list:
@@ -66,7 +71,7 @@ def save(opt) -> dict:
         for index, param in enumerate(bucket.params):
             where = bucket.slice_of(index)
             entry = {name: _saved(bucket, index, getattr(bucket, name)[where].clone())
-                     for name in _STATE}
+                     for name in _STATE + _PRIORS if getattr(bucket, name) is not None}
             if opt._count > 0:
                 for name in _AVERAGES:
                     entry[name] = _saved(bucket, index, getattr(bucket, name)[where].clone())
@@ -122,7 +127,8 @@ def load(opt, state_dict: dict, step: Optional[int]) -> None:
 def _copy_hyperparameters(opt, saved_groups) -> None:
     for saved, group in zip(saved_groups, opt.param_groups):
         for key, value in saved.items():
-            if key not in ("params", "momentum", "hess", "numel", _GROUP_KEY):
+            # the prior's kind stays this optimizer's (its values were checked to agree)
+            if key not in ("params", "momentum", "hess", "numel", _GROUP_KEY) + _PRIORS:
                 if key == "lr" and opt.capturable and isinstance(group["lr"], torch.Tensor):
                     # in place: a captured graph and the schedulers hold this tensor
                     if group["lr"] is not value:
@@ -160,11 +166,16 @@ def _load_own(opt, state_dict: dict, saved_groups) -> None:
         entry = saved_state.get(keys[index])
         if entry is None:
             raise ValueError(f"state_dict has no state for parameter {index}")
-        for name in needed:
+        for name in needed + [n for n in _PRIORS if getattr(place[id(param)][0], n) is not None]:
             if name not in entry or entry[name].numel() != param.numel():
                 raise ValueError(f"state_dict's {name!r} of parameter {index} is missing or "
                                  f"does not have the parameter's {param.numel()} elements")
             _values(*place[id(param)], entry[name])  # a sharded param's shard must fit
+        for name in _PRIORS:
+            if name in entry and getattr(place[id(param)][0], name) is None:
+                raise ValueError(f"state_dict has a {name!r} for parameter {index}, but this "
+                                 f"optimizer's param group has none; construct IVON with the "
+                                 f"same {name} option as the run that saved it")
 
     _copy_hyperparameters(opt, saved_groups)
     opt._record_live_scalars()
@@ -187,6 +198,9 @@ def _load_own(opt, state_dict: dict, saved_groups) -> None:
                 entry, where = saved_state[keys[index_of[id(param)]]], bucket.slice_of(index)
                 for name in needed:
                     if name in _STATE or name in _AVERAGES:
+                        getattr(bucket, name)[where].copy_(_values(bucket, index, entry[name]))
+                for name in _PRIORS:
+                    if getattr(bucket, name) is not None:
                         getattr(bucket, name)[where].copy_(_values(bucket, index, entry[name]))
                 if "pending_grad" in needed:
                     bucket.grad_flat[where].copy_(_values(bucket, index, entry["pending_grad"]))

@@ -97,3 +97,44 @@ def check_params(params: list, backend_choice: str, *, sync: bool = False,
         backends.resolve(backend_choice, param.device, param.dtype)  # ValueError if it can't
     from ._sharded import check_params as check_sharded
     check_sharded(params, sync=sync, rng=rng)
+
+
+def check_prior(name: str, value, params: list) -> None:
+    """A param group's ``prior_mean`` (None, 'init' or one tensor per param) or
+    ``prior_precision`` (None or one tensor per param, finite and >= 0): a ValueError naming the
+    argument, before anything moves (docs/DESIGN.md section 14)."""
+    from ._sharded import is_sharded
+
+    if value is None or (name == "prior_mean" and isinstance(value, str) and value == "init"):
+        given = None
+    elif isinstance(value, (list, tuple)):
+        given = list(value)
+    else:
+        accepted = ("None, 'init' or a list of tensors shaped like the params"
+                    if name == "prior_mean" else "None or a list of tensors shaped like the params")
+        raise ValueError(f"Invalid {name}: {value!r}; it must be {accepted}")
+    if value is None:
+        return
+    if any(is_sharded(p) for p in params):
+        raise ValueError(f"Invalid {name}: priors are not supported for sharded (FSDP2 DTensor) "
+                         "params yet; give the prior as weight_decay (zero mean) there")
+    if given is None:
+        return
+    if len(given) != len(params):
+        raise ValueError(f"Invalid {name}: {len(given)} tensors for {len(params)} params (one "
+                         "per param, in the order of the params, group by group)")
+    for index, (tensor, param) in enumerate(zip(given, params)):
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise ValueError(f"Invalid {name}: item {index} is not a floating-point tensor")
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(f"Invalid {name}: item {index} has shape {tuple(tensor.shape)}, "
+                             f"its param {tuple(param.shape)}")
+        if param.device.type == "meta" or tensor.device.type == "meta":
+            raise ValueError(f"Invalid {name}: item {index} (or its param) is on the meta "
+                             "device, where values cannot be kept; build the optimizer after "
+                             "materializing the model (prior_mean='init' works on meta params)")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"Invalid {name}: item {index} holds inf or NaN")
+        if name == "prior_precision" and bool((tensor < 0).any()):
+            raise ValueError(f"Invalid {name}: item {index} holds negative values; a prior "
+                             "precision must be >= 0")

@@ -37,6 +37,7 @@ import torch
 from . import backends
 from .reference import state_dtype
 
+PRIOR_STATE = ("prior_mean", "prior_precision")  # optional per-element state of a group
 
 @dataclass
 class Segment:
@@ -66,6 +67,10 @@ class Bucket:
     backend: str
     avg_grad: Optional[torch.Tensor] = None
     avg_hess_term: Optional[torch.Tensor] = None
+    # the group's prior, per element, when it has one (docs/DESIGN.md section 14); None: the
+    # zero-mean prior of precision weight_decay
+    prior_mean: Optional[torch.Tensor] = None
+    prior_precision: Optional[torch.Tensor] = None
     param_views: list = field(default_factory=list)  # each param's view into param_flat
     grad_views: list = field(default_factory=list)   # each param's view into grad_flat
     versions: list = field(default_factory=list)     # each param's _version after our last look
@@ -161,6 +166,21 @@ class Bucket:
         self.grad_views[index] = _view(self.grad_flat, self.slice_of(index), old,
                                        self.param_views[index].stride())
         return self.grad_views[index]
+
+    def shaped(self, flat: torch.Tensor, index: int) -> torch.Tensor:
+        """Param ``index``'s part of a flat state buffer, shaped and strided like the param."""
+        view = self.param_views[index]
+        return torch.as_strided(flat[self.slice_of(index)], view.shape, view.stride())
+
+    def prior_inputs(self, where: slice, update: bool = False) -> dict:
+        """The prior's inputs of an op over ``where`` (only those the group has: an op without
+        them reads nothing more)."""
+        inputs = {}
+        if self.prior_precision is not None:
+            inputs["prior_precision"] = self.prior_precision[where]
+        if update and self.prior_mean is not None:
+            inputs["prior_mean"] = self.prior_mean[where]
+        return inputs
 
     def ensure_averages(self) -> None:
         if self.avg_grad is None:
@@ -275,16 +295,17 @@ class FlatLayout:
         bucket.trainable[index] = param.requires_grad
 
     def state_views(self) -> Iterator[tuple]:
-        """(param, {'mean', 'momentum', 'hess'} views shaped like the param) for every param."""
+        """(param, {'mean', 'momentum', 'hess'} views shaped like the param, and the prior's
+        'prior_mean' / 'prior_precision' where the group has them) for every param."""
         for bucket in self.buckets:
             if bucket.sharded:
                 yield from bucket.state_views()
                 continue
+            names = ("mean", "momentum", "hess") + tuple(
+                name for name in PRIOR_STATE if getattr(bucket, name) is not None)
             for index, param in enumerate(bucket.params):
-                where, view = bucket.slice_of(index), bucket.param_views[index]
-                yield param, {name: torch.as_strided(getattr(bucket, name)[where], view.shape,
-                                                     view.stride())
-                              for name in ("mean", "momentum", "hess")}
+                yield param, {name: bucket.shaped(getattr(bucket, name), index)
+                              for name in names}
 
     # -------------------------------------------------------------------------- the op loop
 
@@ -386,6 +407,9 @@ class FlatLayout:
         if old.device.type == "meta":  # nothing was ever computed there: start afresh
             new.mean[new_where].copy_(new.param_flat[new_where])
             new.hess[new_where].fill_(float(hess_init))
+            if old.prior_mean is not None:  # only prior_mean='init' is allowed on meta params
+                FlatLayout._ensure_prior(new, "prior_mean")
+                new.prior_mean[new_where].copy_(new.mean[new_where])
         else:
             for name in ("mean", "momentum", "hess"):
                 getattr(new, name)[new_where].copy_(getattr(old, name)[where].to(sdtype))
@@ -399,6 +423,10 @@ class FlatLayout:
                     mean = torch.as_strided(new.mean[new_where], param.shape,
                                             new.param_views[new_index].stride())
                     mean.copy_(torch.where(written, new.param_views[new_index].to(sdtype), mean))
+            for name in PRIOR_STATE:
+                if getattr(old, name) is not None:
+                    FlatLayout._ensure_prior(new, name)
+                    getattr(new, name)[new_where].copy_(getattr(old, name)[where].to(sdtype))
             if old.avg_grad is not None:
                 new.ensure_averages()
                 new.avg_grad[new_where].copy_(old.avg_grad[where].to(sdtype))
@@ -408,6 +436,11 @@ class FlatLayout:
             new.grad_views[new_index].copy_(grad.reshape(param.shape))
         FlatLayout._bind(new, new_index)
         new.trainable[new_index] = old.trainable[index]
+
+    @staticmethod
+    def _ensure_prior(bucket: Bucket, name: str) -> None:
+        if getattr(bucket, name) is None:
+            setattr(bucket, name, torch.zeros_like(bucket.mean))
 
     def written_params(self) -> Iterator[tuple]:
         """(bucket, index) for every param user code wrote or rebound since the last look.

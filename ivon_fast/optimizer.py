@@ -24,6 +24,19 @@ clear its gradient: at the block's exit when more samples of this step are expec
 pending until ``step()``, so the single-sample loop needs no extra pass and gradient clipping
 between the block and ``step()`` applies to it, as with AdamW.
 
+Note [optimizer wrappers]: frameworks wrap the optimizer. accelerate's ``AcceleratedOptimizer``
+holds it as ``.optimizer`` (the package-level ``ivon_fast.mean_params(opt)`` and friends unwrap
+it); Lightning's ``LightningOptimizer`` is an instance of a subclass of the optimizer's class that
+forwards missing attributes to the optimizer, so ``self.optimizers().sampled_params(train=True)``
+runs IVON's method with the wrapper as ``self``. Every public method therefore runs on the
+optimizer itself (``_on_optimizer``): the loop's state has one home, the one ``step()`` uses.
+
+Note [betas]: LR schedulers that cycle momentum (``OneCycleLR``, ``CyclicLR`` with
+``cycle_momentum=True``) look for ``betas`` in the param groups, as AdamW has them. Every group
+carries ``betas == (beta1, beta2)`` beside the official names. At each step the two are
+reconciled: whichever was written since the last step wins (a scheduler writes ``betas``, user
+code may write ``beta1``); both written to different values is an error.
+
 Note [torch.compile]: the optimizer's methods are opaque to Dynamo (``torch.compiler.disable``):
 a compiled function that calls ``step()`` or enters ``sampled_params()`` runs them eagerly, with a
 graph break, so the draw counters advance exactly as in eager mode. Traced, a ``@no_grad`` step
@@ -32,6 +45,7 @@ of such a function raises Dynamo's error for the disabled call.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Callable, Optional
 
@@ -40,8 +54,8 @@ import torch.distributed as dist
 
 from . import _checkpoint, _sharded, backends
 from . import posterior as _posterior
-from ._checks import check_group_hyperparameters, check_options, check_params
-from ._layout import FlatLayout, Segment
+from ._checks import check_group_hyperparameters, check_options, check_params, check_prior
+from ._layout import PRIOR_STATE, FlatLayout, Segment
 from .noise import EVAL_DRAW_BASE, PhiloxNoise, TorchNoise
 from .scalars import StepCount, StepScalars, to_device
 
@@ -70,6 +84,14 @@ _DROPPED_MESSAGE = (
     "would be lost. Clear gradients inside the block, or with optimizer.zero_grad(), which folds "
     "the sample into the step first.")
 
+_OVERWRITTEN_MESSAGE = (
+    "the gradient was computed at weights loaded into the model after "
+    "optimizer.load_state_dict() (a model checkpoint that holds the posterior mean, e.g. saved "
+    "inside mean_params() by the Hugging Face or Lightning callback), not at the posterior "
+    "sample the optimizer's state records for this step. The params hold that sample again "
+    "now: call optimizer.zero_grad() and compute the gradient again, and when resuming load "
+    "the model's state dict before the optimizer's.")
+
 _UNSCALED_FOLDED_MESSAGE = (
     "GradScaler: scaler.unscale_(optimizer) unscaled only the gradient of the last posterior "
     "sample, but {count} earlier sample(s) of this step were already folded into the step's "
@@ -80,6 +102,20 @@ _UNSCALED_FOLDED_MESSAGE = (
 _EAGER_REASON = ("IVON's optimizer calls run eagerly: they advance the noise draw counters, which "
                  "a traced graph would freeze (Note [torch.compile] in ivon_fast/optimizer.py); "
                  "compile the model or the loss, or let the call break the graph")
+
+
+def _on_optimizer(method):
+    """Run a public method on the optimizer itself when it is called through a wrapper that
+    subclasses it and forwards missing attributes (Lightning's ``LightningOptimizer``, what
+    ``self.optimizers()`` returns): with ``self`` the wrapper, the method's writes to the loop's
+    state (``self._count = ...``) would land on the wrapper, and the optimizer that ``step()``
+    reaches would never see them. Note [optimizer wrappers]."""
+    @functools.wraps(method)
+    def on_optimizer(self, *args, **kwargs):
+        if "_layout" not in vars(self):  # a forwarding wrapper: its state lives elsewhere
+            self = _posterior.unwrap(self)
+        return method(self, *args, **kwargs)
+    return on_optimizer
 
 
 def _disable_dynamo(function):
@@ -138,6 +174,17 @@ class IVON(torch.optim.Optimizer):
             becomes a 0-dim float64 tensor on the params' device (an lr given as a tensor is
             kept when it is on that device), so LR schedulers update it in place (``fill_``)
             between replays. Not with ``rng='torch'``.
+        prior_mean (default None): the mean of the Gaussian prior (docs/DESIGN.md section 14).
+            None: zero (weight decay toward 0, ivon-opt's prior). ``'init'``: the params' values
+            at construction (fine-tuning a pretrained model toward where it started). A list of
+            tensors shaped like the params, in their order (group by group; a param group's own
+            ``prior_mean`` covers its params). Also a param-group option.
+        prior_precision (default None): a per-element prior precision, in weight_decay's units
+            (the posterior's precision is ess * (hess + prior_precision)), replacing
+            weight_decay in every per-element use; None: weight_decay. A list of tensors like
+            ``prior_mean``'s, >= 0. An earlier posterior gives both for continual learning:
+            ``IVON(params, ..., **posterior.as_prior(ess))``. Also a param-group option. Each
+            prior input costs one more read per element and step, only where given.
 
     Mixed precision: ``torch.amp.GradScaler`` takes the fused path (``_step_supports_amp_scaling``):
     ``scaler.step(optimizer)`` hands over its scale and inf flag, the kernels divide the gradients
@@ -159,10 +206,11 @@ class IVON(torch.optim.Optimizer):
                  debias: bool = True, rescale_lr: bool = True, *, backend: str = "auto",
                  seed: Optional[int] = None, rng: str = "philox",
                  resample_on_step: bool = False, skip_nonfinite: bool = True,
-                 capturable: bool = False):
+                 capturable: bool = False, prior_mean=None, prior_precision=None):
         defaults = dict(lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
                         weight_decay=weight_decay, clip_radius=clip_radius)
         check_group_hyperparameters(defaults)
+        defaults["betas"] = (beta1, beta2)  # Note [betas]
         check_options(mc_samples=mc_samples, hess_approx=hess_approx, backend=backend, rng=rng,
                       seed=seed, flags=dict(sync=sync, debias=debias, rescale_lr=rescale_lr,
                                             resample_on_step=resample_on_step,
@@ -185,6 +233,11 @@ class IVON(torch.optim.Optimizer):
         for group in param_groups:
             check_group_hyperparameters(group)
             check_params(group["params"], backend_choice, sync=sync, rng=rng)
+        for name, value in (("prior_mean", prior_mean), ("prior_precision", prior_precision)):
+            defaults[name] = _split_prior(name, value, param_groups)
+        for group in param_groups:
+            for name in PRIOR_STATE:
+                check_prior(name, group.get(name, defaults[name]), group["params"])
 
         self.mc_samples = int(mc_samples)
         self.hess_approx = hess_approx
@@ -209,9 +262,13 @@ class IVON(torch.optim.Optimizer):
         self._count = 0              # Note [the pending sample]
         self._pending_draw = None
         self._pending_grads = None   # gradient fingerprint when a sample was left pending
+        # gradient fingerprint when a loaded model overwrote the drop-in sample (_prepare)
+        self._grads_before_rewrite = None
         self._in_context = False
+        self._in_mean = False        # inside mean_params(): the params hold the mean
         self._params_from_checkpoint = False  # Note [what the params hold] in _checkpoint
         self._live_scalars: list = []  # noise scalars of the live training draw, per group
+        self._seen_betas: list = []    # per group, (beta1, beta2) at the last reconciliation
         self._layout = FlatLayout(backend_choice)
         self._noise = (TorchNoise(seed, sync, lambda: [g["params"] for g in self.param_groups])
                        if rng == "torch" else PhiloxNoise(seed, sync))
@@ -237,24 +294,48 @@ class IVON(torch.optim.Optimizer):
             self._pending_draw = self._take_train_draw()
             self._sample(self._pending_draw)
 
+    @_on_optimizer
     def add_param_group(self, param_group: dict) -> None:
         """Add a param group; its params join new flat buckets, existing storage does not move."""
         check_group_hyperparameters(param_group)
+        _betas_of_new_group(param_group, self.defaults)
         param_group["params"] = _param_list(param_group["params"])
         check_params(param_group["params"], self._layout.backend_choice, sync=self.sync,
                      rng=self.rng)
+        for name in PRIOR_STATE:
+            check_prior(name, param_group.get(name, self.defaults.get(name)),
+                        param_group["params"])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        self._seen_betas.append((group["beta1"], group["beta2"]))
         if self.capturable:
             group["lr"] = _device_lr_tensor(group["lr"], group["params"])
         new_buckets = self._layout.add_group(len(self.param_groups) - 1, group["params"],
                                              group["hess_init"])
+        self._attach_priors(group, new_buckets)
         self._refresh_state_views()
         if self._count > 0:  # mid-step: the new params take part with zero past gradients
             for bucket in new_buckets:
                 bucket.ensure_averages()
         if self.resample_on_step and self._pending_draw is not None:
             self._sample(self._pending_draw, buckets=new_buckets)
+
+    @torch.no_grad()
+    def _attach_priors(self, group: dict, buckets: list) -> None:
+        """The group's prior into its buckets' flat prior state; the group then records only
+        what it was ('init' or 'given'; the values are state, saved per param)."""
+        position = {id(p): i for i, p in enumerate(group["params"])}
+        for name in PRIOR_STATE:
+            value = group.get(name)
+            if value is None:
+                continue
+            for bucket in buckets:
+                FlatLayout._ensure_prior(bucket, name)
+                for index, param in enumerate(bucket.params):
+                    source = (bucket.shaped(bucket.mean, index) if isinstance(value, str)
+                              else value[position[id(param)]].detach())
+                    bucket.shaped(getattr(bucket, name), index).copy_(source)
+            group[name] = value if isinstance(value, str) else "given"
 
     # torch.amp.GradScaler.step() sets ``grad_scale`` and ``found_inf`` on the optimizer and calls
     # step() without synchronizing; the kernels unscale and skip (docs/DESIGN.md section 11)
@@ -316,21 +397,49 @@ class IVON(torch.optim.Optimizer):
         if not from_checkpoint:
             for bucket, index in written:
                 self._adopt_written(bucket, index, holds_sample)
+        elif holds_sample and any(self._not_the_pending_sample(bucket, index)
+                                  for bucket, index in written):
+            # a model file holding other values than the pending sample (the mean, saved inside
+            # mean_params()) was loaded after the optimizer: a gradient computed since was
+            # not taken at the sample the state records (Note [what the params hold])
+            self._grads_before_rewrite = self._layout.grad_versions()
         if holds_sample or from_checkpoint:  # the params hold exactly what the state says
             self._write_resting_params()
             layout.mark_seen()
         return False
 
-    def _adopt_written(self, bucket, index: int, holds_sample: bool) -> None:
+    def _resting_values(self, bucket, index: int, holds_sample: bool) -> torch.Tensor:
+        """What the optimizer put into a param at rest: the pending sample, or the mean rounded
+        to the param's dtype (flat)."""
         where = bucket.slice_of(index)
-        current, mean = bucket.param_flat[where], bucket.mean[where]
         if holds_sample:
-            expected = torch.empty_like(current)
+            expected = torch.empty_like(bucket.param_flat[where])
             self._sample_segment(expected, bucket, Segment(where.start, where.stop,
                                                            bucket.offsets[index]),
                                  self._pending_draw)
-        else:
-            expected = mean.to(current.dtype)
+            return expected
+        return bucket.mean[where].to(bucket.param_flat.dtype)
+
+    def _not_the_pending_sample(self, bucket, index: int) -> bool:
+        """Whether a param holds other values than the pending sample, beyond the rounding by
+        which two backends' or devices' copies of one sample differ: an element counts as
+        different when it is off by more than 8 ulps of the param's dtype and by more than
+        1e-3 posterior standard deviations (a mean and a sample differ by |eps| deviations)."""
+        where = bucket.slice_of(index)
+        current = bucket.param_flat[where].to(bucket.mean.dtype)
+        expected = self._resting_values(bucket, index, True).to(bucket.mean.dtype)
+        scalars = self._noise_scalars(bucket, self._pending_draw)
+        delta = (bucket.prior_precision[where] if bucket.prior_precision is not None
+                 else scalars["weight_decay"])
+        deviations = (current - expected).abs() * (scalars["ess"] * (bucket.hess[where] + delta)).sqrt()
+        ulps = 8 * torch.finfo(bucket.param_flat.dtype).eps * torch.maximum(current.abs(),
+                                                                             expected.abs())
+        return bool(((deviations > 1e-3) & ((current - expected).abs() > ulps)).any())
+
+    def _adopt_written(self, bucket, index: int, holds_sample: bool) -> None:
+        where = bucket.slice_of(index)
+        current, mean = bucket.param_flat[where], bucket.mean[where]
+        expected = self._resting_values(bucket, index, holds_sample)
         mean.copy_(torch.where(current != expected, current.to(mean.dtype), mean))
 
     def _check_pending_grads(self) -> None:
@@ -390,6 +499,25 @@ class IVON(torch.optim.Optimizer):
             [self._next_train_draw - 1, self._next_train_draw], dtype=torch.int64))
         self._steps.pin_to_device(self._device_draws.device)
 
+    def _reconcile_betas(self) -> None:
+        """Note [betas]: ``betas`` and ``beta1``/``beta2`` agree again. Every group is checked
+        before any is written."""
+        agreed = []
+        for index, group in enumerate(self.param_groups):
+            seen = self._seen_betas[index]
+            official = (group["beta1"], group["beta2"])
+            betas = _two_betas(group["betas"])
+            if betas != seen and official != seen and betas != official:
+                raise ValueError(
+                    f"Invalid param group {index}: betas was set to {betas} and beta1, beta2 to "
+                    f"{official} since the last step; set one of the two")
+            chosen = betas if betas != seen else official
+            check_group_hyperparameters(dict(zip(("beta1", "beta2"), chosen)))
+            agreed.append(chosen)
+        for index, (group, chosen) in enumerate(zip(self.param_groups, agreed)):
+            group["beta1"], group["beta2"] = chosen
+            group["betas"] = self._seen_betas[index] = chosen
+
     # ------------------------------------------------------------------ the ops over all segments
 
     @staticmethod
@@ -422,7 +550,7 @@ class IVON(torch.optim.Optimizer):
         backends.get(bucket.backend).sample(
             out, bucket.mean[s], bucket.hess[s], seed=self._noise.key(),
             **self._draw_kwargs(draw, bucket.device), offset=seg.offset,
-            **self._noise_scalars(bucket, draw),
+            **self._noise_scalars(bucket, draw), **bucket.prior_inputs(s),
             **self._noise_kwargs("eps", draw, bucket, seg))
 
     def _sample(self, draw: int, buckets=None) -> None:
@@ -447,7 +575,7 @@ class IVON(torch.optim.Optimizer):
             backends.get(bucket.backend).accumulate(
                 bucket.grad_flat[s], bucket.hess[s], bucket.avg_grad[s], bucket.avg_hess_term[s],
                 seed=key, **self._draw_kwargs(draw, bucket.device), offset=seg.offset,
-                count=count, hess_approx=self.hess_approx,
+                count=count, hess_approx=self.hess_approx, **bucket.prior_inputs(s),
                 **self._noise_scalars(bucket, draw), **self._noise_kwargs("eps", draw, bucket, seg))
         self._noise.forget(draw)
         self._count, self._pending_draw, self._pending_grads = count, None, None
@@ -499,6 +627,7 @@ class IVON(torch.optim.Optimizer):
                 **self._draw_kwargs(draw, bucket.device, update=True, next_draw=next_draw),
                 offset=seg.offset,
                 count=count, hess_approx=self.hess_approx, **device_inputs[where],
+                **bucket.prior_inputs(s, update=True),
                 **self._noise_kwargs("eps", draw, bucket, seg),
                 **self._noise_kwargs("next_eps", next_draw, bucket, seg))
         self._layout.publish()
@@ -585,11 +714,13 @@ class IVON(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ public API
 
-    def _check_not_in_context(self, what: str) -> None:
-        if self._in_context:
-            raise RuntimeError(f"IVON.{what} cannot be called inside sampled_params() or "
-                               "mean_params(); leave the block first")
+    def _check_not_in_context(self, what: str, mean_allowed: bool = False) -> None:
+        if self._in_context and not (mean_allowed and self._in_mean):
+            blocks = "sampled_params()" if mean_allowed else "sampled_params() or mean_params()"
+            raise RuntimeError(f"IVON.{what} cannot be called inside {blocks}; leave the block "
+                               "first")
 
+    @_on_optimizer
     @contextmanager
     def sampled_params(self, train: bool = False):
         """Put a posterior sample into the params for the duration of the block.
@@ -681,6 +812,7 @@ class IVON(torch.optim.Optimizer):
         self._write_resting_params()
         self._layout.mark_seen()
 
+    @_on_optimizer
     @contextmanager
     def mean_params(self):
         """Put the posterior mean into the params (for evaluation or saving) for the block.
@@ -690,14 +822,14 @@ class IVON(torch.optim.Optimizer):
         (``model.load_state_dict``) take the written values as their new mean.
         """
         self._enter_mean()
-        self._in_context = True
+        self._in_context = self._in_mean = True
         try:
             yield
         except BaseException:
-            self._in_context = False
+            self._in_context = self._in_mean = False
             self._exit_mean(adopt_writes=False)
             raise
-        self._in_context = False
+        self._in_context = self._in_mean = False
         self._exit_mean(adopt_writes=True)
 
     @_disable_dynamo
@@ -720,6 +852,7 @@ class IVON(torch.optim.Optimizer):
         self._layout.mark_seen()
 
     @_disable_dynamo
+    @_on_optimizer
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         """One IVON update from the gradients of the samples taken since the last step.
@@ -744,9 +877,15 @@ class IVON(torch.optim.Optimizer):
         self._check_not_in_context("step()")
         for group in self.param_groups:  # a value written into param_groups since the last step
             check_group_hyperparameters(group, read_tensors=not self.capturable)
+        self._reconcile_betas()
         if closure is not None:
             return self._step_with_closure(closure)
         grads_bound = self._prepare()
+        if self._grads_before_rewrite is not None:
+            stale = self._grads_before_rewrite == self._layout.grad_versions()
+            self._grads_before_rewrite = None
+            if stale:
+                raise RuntimeError(_OVERWRITTEN_MESSAGE)
         if self.resample_on_step and self.mc_samples > 1:
             raise RuntimeError(
                 f"resample_on_step=True trains with one sample per plain step(); for "
@@ -818,6 +957,7 @@ class IVON(torch.optim.Optimizer):
         return loss, loss is not None or self._layout.grad_versions() != before
 
     @_disable_dynamo
+    @_on_optimizer
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every gradient in place (grads stay views into the flat buffer).
 
@@ -833,31 +973,36 @@ class IVON(torch.optim.Optimizer):
         self._layout.zero_grads()
 
     @_disable_dynamo
+    @_on_optimizer
     def posterior(self):
         """The posterior learned so far, as an ``ivon_fast.Posterior``: per param (in the order
         of ``param_groups``), its mean and std 1 / sqrt(ess (hess + weight_decay)), copies shaped
         like the param (std 0 for frozen params). Writes to the params since the last optimizer
-        call count as usual (they become the mean)."""
-        self._check_not_in_context("posterior()")
+        call count as usual (they become the mean). Allowed inside ``mean_params()``."""
+        self._check_not_in_context("posterior()", mean_allowed=True)
         with torch.no_grad():
-            self._prepare()
+            self._prepare(params_hold_mean=self._in_mean)
             return _posterior.of_optimizer(self)
 
     # ------------------------------------------------------------------ state dicts
 
     @_disable_dynamo
+    @_on_optimizer
     def state_dict(self) -> dict:
         """Everything resuming needs: buffers per param, hyperparameters, counters and seed.
 
         Honours torch's state-dict hooks (``register_state_dict_pre_hook`` / ``post_hook``).
         """
-        # inside a block the params hold neither the mean nor the pending sample at rest, so a
-        # model checkpoint taken there would not match the state (Note [what the params hold])
-        self._check_not_in_context("state_dict()")
+        # inside a sampled_params() block the params hold a sample that the state does not
+        # record, so a model checkpoint taken there could not be told apart from new weights.
+        # Inside mean_params() they hold the mean, which the state holds too: a model saved
+        # there is the mean (what a model user wants), and loading the pair resumes exactly,
+        # as the state says what the params held at rest (Note [what the params hold]).
+        self._check_not_in_context("state_dict()", mean_allowed=True)
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         with torch.no_grad():
-            self._prepare()
+            self._prepare(params_hold_mean=self._in_mean)
             self._check_pending_grads()
             self._settle_host_draws()
             state_dict = _checkpoint.save(self)
@@ -868,6 +1013,7 @@ class IVON(torch.optim.Optimizer):
         return state_dict
 
     @_disable_dynamo
+    @_on_optimizer
     def load_state_dict(self, state_dict: dict, step: Optional[int] = None) -> None:
         """Load a state dict of this class, or of ivon-opt's ``ivon.IVON``.
 
@@ -883,8 +1029,50 @@ class IVON(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         _checkpoint.load(self, state_dict, step)
+        for index, group in enumerate(self.param_groups):  # the loaded beta1, beta2 decide
+            group["betas"] = self._seen_betas[index] = (group["beta1"], group["beta2"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+def _split_prior(name: str, value, param_groups: list):
+    """A constructor-level prior given as one tensor per param covers the params of the groups
+    without their own, in order: each such group gets its share. Returns the default that
+    later groups (add_param_group) take: the value itself for None and 'init', else None."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    value = list(value)
+    takers = [group for group in param_groups if name not in group]
+    wanted = sum(len(group["params"]) for group in takers)
+    if len(value) != wanted:
+        raise ValueError(f"Invalid {name}: {len(value)} tensors for the {wanted} params of the "
+                         "param groups without their own (one per param, in order)")
+    start = 0
+    for group in takers:
+        group[name] = value[start:start + len(group["params"])]
+        start += len(group["params"])
+    return None
+
+
+def _two_betas(betas) -> tuple:
+    try:
+        beta1, beta2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid betas: {betas!r}; it must be a pair (beta1, beta2)") from None
+    return beta1, beta2
+
+
+def _betas_of_new_group(group: dict, defaults: dict) -> None:
+    """A new group's ``betas`` and ``beta1``/``beta2`` (Note [betas]): given ``betas`` fill in
+    the official names (a contradiction is an error), else ``betas`` follows them."""
+    if "betas" in group:
+        for name, value in zip(("beta1", "beta2"), _two_betas(group["betas"])):
+            if name in group and group[name] != value:
+                raise ValueError(f"Invalid param group: betas={tuple(group['betas'])} but "
+                                 f"{name}={group[name]}; give one of the two")
+            group[name] = value
+        check_group_hyperparameters(group)
+    group["betas"] = (group.get("beta1", defaults["beta1"]), group.get("beta2", defaults["beta2"]))
 
 
 def _device_lr_tensor(lr, params) -> torch.Tensor:

@@ -15,6 +15,7 @@ Lightning's ``LightningOptimizer``): ``ivon_fast.unwrap(wrapped).posterior()``.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -61,6 +62,29 @@ class Posterior:
             if os.path.exists(temporary):
                 os.remove(temporary)
 
+    def as_prior(self, ess: float) -> dict:
+        """This posterior as the prior of a next task (continual learning): the constructor
+        arguments ``prior_mean`` (the means) and ``prior_precision`` (1 / (ess sigma^2), the
+        precision in weight_decay's units for a task trained with effective sample size
+        ``ess``), so ``IVON(params, ..., ess=ess, **posterior.as_prior(ess))`` starts the next
+        task with this posterior as its prior. Every std must be positive.
+
+        Args:
+            ess (float): the next task's effective sample size, > 0.
+        """
+        if not (isinstance(ess, (int, float)) and not isinstance(ess, bool) and ess > 0
+                and math.isfinite(ess)):
+            raise ValueError(f"Invalid ess: {ess!r}; it must be a finite number > 0")
+        precisions = []
+        for index, std in enumerate(self.std):
+            if bool((std <= 0).any()):
+                raise ValueError(f"Invalid Posterior for as_prior: param {index} has a std <= 0 "
+                                 "(a frozen param); freeze it in the next task too, and give "
+                                 "its group its own prior")
+            precisions.append(1.0 / (ess * std.double().square()))
+        return {"prior_mean": [m.detach().clone() for m in self.mean],
+                "prior_precision": [p.to(s.dtype) for p, s in zip(precisions, self.std)]}
+
     @classmethod
     def load(cls, path, map_location=None) -> "Posterior":
         """Read a posterior written by ``save`` (tensors only: ``weights_only`` loading)."""
@@ -80,7 +104,9 @@ def of_optimizer(optimizer) -> Posterior:
             state = optimizer.state[param]
             mean = state["mean"].detach().clone()
             if param.requires_grad:
-                std = 1.0 / (ess * (state["hess"].detach() + weight_decay)).sqrt()
+                # a per-element prior precision replaces weight_decay (docs/DESIGN.md 14)
+                delta = state["prior_precision"] if "prior_precision" in state else weight_decay
+                std = 1.0 / (ess * (state["hess"].detach() + delta)).sqrt()
             else:
                 std = torch.zeros_like(mean)
             means.append(mean)
@@ -132,7 +158,9 @@ def unwrap(optimizer):
     from .optimizer import IVON
 
     seen, current = [], optimizer
-    while not isinstance(current, IVON):
+    # a wrapper may also subclass IVON and forward to it (Lightning's LightningOptimizer): the
+    # optimizer itself is the instance that holds the state (Note [optimizer wrappers])
+    while not (isinstance(current, IVON) and "_layout" in vars(current)):
         seen.append(type(current).__name__)
         inner = getattr(current, "optimizer", None)
         if inner is None or inner is current or len(seen) > 16:

@@ -6,6 +6,7 @@ spec (reference.philox_normal) directly.
 """
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -699,15 +700,63 @@ def test_unfreezing_in_dropin_mode_keeps_the_first_gradient(frozen_at_constructi
     torch.testing.assert_close(opt.state[w]["momentum"], expected, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("block", ["mean", "eval", "train"])
-def test_optimizer_state_dict_inside_a_block_is_refused(block):
+@pytest.mark.parametrize("block", ["eval", "train"])
+def test_optimizer_state_dict_inside_a_sample_block_is_refused(block):
     model, opt = build("official")
     train(model, opt, "official", 0, 1)
-    context = {"mean": opt.mean_params, "eval": lambda: opt.sampled_params(),
+    context = {"eval": lambda: opt.sampled_params(),
                "train": lambda: opt.sampled_params(train=True)}[block]
     with context():
         with pytest.raises(RuntimeError, match="state_dict"):
             opt.state_dict()
+
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+@pytest.mark.parametrize("model_first", [True, False], ids=["model_then_opt", "opt_then_model"])
+def test_checkpoint_saved_inside_mean_params_holds_the_mean_and_resumes_exactly(mode,
+                                                                                model_first):
+    """What the HF and Lightning callbacks do: save model and optimizer while the params hold
+    the mean. The model file is the mean; the pair resumes the uninterrupted run bitwise."""
+    model_a, opt_a = build(mode)
+    train(model_a, opt_a, mode, 0, 3)
+    with opt_a.mean_params():
+        checkpoint = copy.deepcopy({"model": model_a.state_dict(), "opt": opt_a.state_dict()})
+        posterior = opt_a.posterior()
+    for name, param in model_a.named_parameters():
+        assert torch.equal(checkpoint["model"][name], opt_a.state[param]["mean"])
+    assert all(torch.equal(m, opt_a.state[p]["mean"])
+               for m, p in zip(posterior.mean, model_a.parameters()))
+    train(model_a, opt_a, mode, 3, 2)
+
+    model_b, opt_b = build(mode, model_seed=5, opt_seed=99)
+    load_checkpoint(model_b, opt_b, checkpoint, model_first)
+    if mode == "dropin" and not model_first:
+        # the model now holds the mean, not the sample the state records: a gradient taken
+        # there is refused, and the next one (the optimizer rewrote the sample) is right
+        loss_fn(model_b, 3).backward()
+        with pytest.raises(RuntimeError, match="load the model's state dict before"):
+            opt_b.step()
+        opt_b.zero_grad()
+    train(model_b, opt_b, mode, 3, 2)
+    assert_same_run(model_a, opt_a, model_b, opt_b)
+
+
+def test_an_optimizer_call_after_the_late_model_load_rewrites_the_sample():
+    """The refusal above is about a gradient taken before the optimizer rewrote the sample: an
+    optimizer call between the late model load and the forward (here an evaluation block)
+    rewrites it, and training continues exactly. (A model file that holds the sample loads in
+    either order: test_drop_in_resume_in_either_load_order.)"""
+    model_a, opt_a = build("dropin")
+    train(model_a, opt_a, "dropin", 0, 3)
+    with opt_a.mean_params():
+        at_mean = copy.deepcopy({"model": model_a.state_dict(), "opt": opt_a.state_dict()})
+    train(model_a, opt_a, "dropin", 3, 2)
+    model_b, opt_b = build("dropin", model_seed=5, opt_seed=99)
+    load_checkpoint(model_b, opt_b, at_mean, model_first=False)
+    with opt_b.mean_params():  # an optimizer call before the forward: the sample is back
+        pass
+    train(model_b, opt_b, "dropin", 3, 2)
+    assert_same_run(model_a, opt_a, model_b, opt_b)
 
 
 def test_model_zero_grad_to_none_between_the_block_and_step_is_an_error():
