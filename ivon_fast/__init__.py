@@ -3,7 +3,8 @@ from .optimizer import IVON
 from .backends import BACKENDS
 from ._extension import ExtensionWarning
 from .posterior import Posterior, mean_params, merge, sampled_params, unwrap
+from . import predictive
 
 __all__ = ["IVON", "BACKENDS", "ExtensionWarning", "Posterior", "merge", "mean_params",
-           "sampled_params", "unwrap"]
+           "sampled_params", "unwrap", "predictive"]
 __version__ = "0.1.0"

@@ -102,7 +102,10 @@ def of_optimizer(optimizer) -> Posterior:
         ess, weight_decay = float(group["ess"]), float(group["weight_decay"])
         for param in group["params"]:
             state = optimizer.state[param]
-            mean = state["mean"].detach().clone()
+            if param.requires_grad:
+                mean = state["mean"].detach().clone()
+            else:  # never perturbed nor updated: what it holds now (user code may have set it)
+                mean = param.detach().to(state["mean"].dtype).clone()
             if param.requires_grad:
                 # a per-element prior precision replaces weight_decay (docs/DESIGN.md 14)
                 delta = state["prior_precision"] if "prior_precision" in state else weight_decay
