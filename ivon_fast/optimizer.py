@@ -358,6 +358,13 @@ class IVON(torch.optim.Optimizer):
         return self._steps.skipped()
 
     @property
+    def samples_taken(self) -> int:
+        """Posterior samples taken toward the next step so far: folded in, plus the pending one
+        (in the drop-in mode, the sample the params hold). 0 in the official loop right after
+        ``step()``."""
+        return self._count + (0 if self._pending_draw is None else 1)
+
+    @property
     def backends(self) -> dict:
         """The concrete backend serving each (device, dtype) of the params."""
         return {(str(b.device), b.param_flat.dtype): b.backend for b in self._layout.buckets}

@@ -151,3 +151,19 @@ def test_betas_out_of_range_from_a_scheduler_is_refused_before_any_change():
         opt.step()
     assert opt.param_groups[0]["beta1"] == HP["beta1"]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_samples_taken_counts_the_samples_of_the_coming_step():
+    model, opt = build("official", mc=3)
+    assert opt.samples_taken == 0
+    for taken in range(1, 4):
+        with opt.sampled_params(train=True):
+            opt.zero_grad()
+            loss_fn(model, 0).backward()
+        assert opt.samples_taken == taken
+    opt.step()
+    assert opt.samples_taken == 0
+    model, opt = build("dropin")
+    assert opt.samples_taken == 1  # the sample the params hold
+    dropin_iter(model, opt, 0)
+    assert opt.samples_taken == 1

@@ -224,7 +224,7 @@ class IVONCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         opt = _ivon_of(optimizer)
         # the official loop's samples: folded in (count) or the last one pending
-        if not opt.resample_on_step and opt._count == 0 and opt._pending_draw is None:
+        if not opt.resample_on_step and opt.samples_taken == 0:
             raise RuntimeError(
                 "IVON with resample_on_step=False (the official loop) took no posterior sample "
                 "in this step: the Trainer's plain training_step computes the gradient at the "
