@@ -104,13 +104,11 @@ def of_optimizer(optimizer) -> Posterior:
             state = optimizer.state[param]
             if param.requires_grad:
                 mean = state["mean"].detach().clone()
-            else:  # never perturbed nor updated: what it holds now (user code may have set it)
-                mean = param.detach().to(state["mean"].dtype).clone()
-            if param.requires_grad:
                 # a per-element prior precision replaces weight_decay (docs/DESIGN.md 14)
                 delta = state["prior_precision"] if "prior_precision" in state else weight_decay
-                std = 1.0 / (ess * (state["hess"].detach() + delta)).sqrt()
-            else:
+                std = 1.0 / (ess * (state["hess"].detach().to(mean.dtype) + delta)).sqrt()
+            else:  # never perturbed nor updated: what it holds now (user code may have set it)
+                mean = param.detach().to(state["mean"].dtype).clone()
                 std = torch.zeros_like(mean)
             means.append(mean)
             stds.append(std)
