@@ -268,6 +268,12 @@ static void update_block(const OpArgs& a, const Scalars& scalars, BlockRange r,
   const float* __restrict e = eps + r.shift;
   const float* __restrict e_next = eps_next + r.shift;
   const Scalars s = scalars;  // a local copy: provably not aliased by the stores below
+  // Note [vectorizing the update]: GCC does not use the __restrict of these local pointers, so
+  // it can vectorize only behind run-time overlap checks of every pair of arrays, and gives up
+  // beyond its limit of such checks (10): the averages (kGradAvg, kAvgOnly) or a prior input
+  // left the loop scalar. The arrays of a segment never overlap one another (an element's
+  // reads and writes stay within iteration k), which ivdep asserts.
+#pragma GCC ivdep
   for (int64_t k = r.k_lo; k < r.k_hi; ++k) {
     float m = mean[k], mom = momentum[k], h = hess[k];
     const float delta = delta_at<PREC>(prec, k, s);
