@@ -122,7 +122,11 @@ def _extension_build():
     # raised per file by target pragmas, not flags (see csrc/cpu_isa_avx512.cpp). No -std: torch's
     # build helper picks the standard its headers need (C++17 for older torch, C++20 for newer).
     cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
-    nvcc = ["-O3", "--fmad=false", "-lineinfo"]
+    # --threads 2: nvcc compiles the two architectures of TORCH_CUDA_ARCH_LIST in parallel. The
+    # CUDA file holds most of the build's work (a kernel instance per flag combination,
+    # csrc/dispatch_flags.h) and ninja starts it after the CPU files, so it would otherwise finish
+    # alone on one core of a MAX_JOBS=2 build.
+    nvcc = ["-O3", "--fmad=false", "-lineinfo", "--threads", "2"]
     include_dirs = [os.path.join(here, csrc)]
     link_args = []
     # Note [OpenMP]: at::parallel_for is a header template; with torch's OpenMP backend its

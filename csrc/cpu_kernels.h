@@ -213,29 +213,39 @@ static inline BlockRange block_range(const OpArgs& a, int64_t qb, int64_t qe) {
   return {g_lo - a.offset, g_hi - a.offset, a.offset - 4 * qb};
 }
 
-template <typename PT>
+// The element's delta (Note [per-element prior] in ivon_math.h): the prior precision when the
+// instance has one (PREC), else the scalar weight decay; PREC is a template flag, so the loops
+// below neither load nor branch on an absent prior.
+template <bool PREC>
+static inline float delta_at(const float* __restrict prec, int64_t k, const Scalars& s) {
+  return PREC ? prec[k] : s.wd;
+}
+
+template <typename PT, bool PREC>
 static void sample_block(const OpArgs& a, BlockRange r, const float* __restrict eps) {
   RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
   const float* __restrict mean = a.mean;
   const float* __restrict hess = a.hess;
+  const float* __restrict prec = a.prior_precision;
   const float* __restrict e = eps + r.shift;
   const Scalars s = a.s;
   for (int64_t k = r.k_lo; k < r.k_hi; ++k) {
-    param[k] = float_to_raw<PT>(mean[k] + noise_of(e[k], hess[k], s));
+    param[k] = float_to_raw<PT>(mean[k] + noise_of(e[k], hess[k], delta_at<PREC>(prec, k, s), s));
   }
 }
 
-template <typename PT, bool PRICE, bool FIRST>
+template <typename PT, bool PRICE, bool FIRST, bool PREC>
 static void accumulate_block(const OpArgs& a, BlockRange r, const float* __restrict eps) {
   const RawT<PT>* __restrict grad = static_cast<const RawT<PT>*>(a.grad);
   const float* __restrict hess = a.hess;
+  const float* __restrict prec = a.prior_precision;
   float* __restrict avg_grad = a.avg_grad;
   float* __restrict avg_ht = a.avg_hess_term;
   const float* __restrict e = eps + r.shift;
   const Scalars s = a.s;
   for (int64_t k = r.k_lo; k < r.k_hi; ++k) {
     const float g = raw_to_float<PT>(grad[k]);
-    const float noise = PRICE ? noise_of(e[k], hess[k], s) : 0.0f;
+    const float noise = PRICE ? noise_of(e[k], hess[k], delta_at<PREC>(prec, k, s), s) : 0.0f;
     avg_grad[k] = running_mean<FIRST>(avg_grad[k], g, s);
     avg_ht[k] = running_mean<FIRST>(avg_ht[k], hess_term_of<PRICE>(g, noise), s);
   }
@@ -243,7 +253,7 @@ static void accumulate_block(const OpArgs& a, BlockRange r, const float* __restr
 
 // The update of one block; `scalars` holds the device scalars' values (read once per range by
 // update_range_t).
-template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED>
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED, bool PREC, bool PMEAN>
 static void update_block(const OpArgs& a, const Scalars& scalars, BlockRange r,
                          const float* __restrict eps, const float* __restrict eps_next) {
   RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
@@ -253,44 +263,56 @@ static void update_block(const OpArgs& a, const Scalars& scalars, BlockRange r,
   float* __restrict hess = a.hess;
   const float* __restrict avg_grad = a.avg_grad;
   const float* __restrict avg_ht = a.avg_hess_term;
+  const float* __restrict prec = a.prior_precision;
+  const float* __restrict prior_mean = a.prior_mean;
   const float* __restrict e = eps + r.shift;
   const float* __restrict e_next = eps_next + r.shift;
   const Scalars s = scalars;  // a local copy: provably not aliased by the stores below
+  // Note [vectorizing the update]: GCC does not use the __restrict of these local pointers, so
+  // it can vectorize only behind run-time overlap checks of every pair of arrays, and gives up
+  // beyond its limit of such checks (10): the averages (kGradAvg, kAvgOnly) or a prior input
+  // left the loop scalar. The arrays of a segment never overlap one another (an element's
+  // reads and writes stay within iteration k), which ivdep asserts.
+#pragma GCC ivdep
   for (int64_t k = r.k_lo; k < r.k_hi; ++k) {
     float m = mean[k], mom = momentum[k], h = hess[k];
+    const float delta = delta_at<PREC>(prec, k, s);
+    const float mu0 = PMEAN ? prior_mean[k] : 0.0f;
     // only what the mode reads is loaded: grad is null for kAvgOnly, the averages for kGradOnly
     const float g = MODE == GradMode::kAvgOnly ? 0.0f : raw_to_float<PT>(grad[k]);
     const float ag = MODE == GradMode::kGradOnly ? 0.0f : avg_grad[k];
     const float at = MODE == GradMode::kGradOnly ? 0.0f : avg_ht[k];
     const float ek = PRICE && MODE != GradMode::kAvgOnly ? e[k] : 0.0f;
     float grad_mean, hess_term;
-    grad_statistics<PRICE, MODE, SCALED>(g, ek, h, ag, at, s, grad_mean, hess_term);
-    update_state<PRICE>(grad_mean, hess_term, m, mom, h, s);
+    grad_statistics<PRICE, MODE, SCALED>(g, ek, h, delta, ag, at, s, grad_mean, hess_term);
+    update_state<PRICE, PMEAN>(grad_mean, hess_term, delta, mu0, m, mom, h, s);
     mean[k] = m;
     momentum[k] = mom;
     hess[k] = h;
-    param[k] = float_to_raw<PT>(param_value<NEXT>(m, h, NEXT ? e_next[k] : 0.0f, s));
+    param[k] = float_to_raw<PT>(param_value<NEXT>(m, h, delta, NEXT ? e_next[k] : 0.0f, s));
   }
 }
 
 // A skipped update (found_inf nonzero, Note [device scalars of an update]): mean, momentum and
 // hess are neither read nor written beyond what the param needs; param <- the mean, or the sample
 // of next_draw around the mean and hess. Not a hot path.
-template <typename PT, bool NEXT>
+template <typename PT, bool NEXT, bool PREC>
 static void skipped_update_range_t(const OpArgs& a, const Scalars& s, uint64_t next_draw,
                                    int64_t q_begin, int64_t q_end) {
   alignas(64) float eps_next[4 * kBlockQuads];
   RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
   const float* __restrict mean = a.mean;
   const float* __restrict hess = a.hess;
+  const float* __restrict prec = a.prior_precision;
   for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
     const int64_t qe = std::min(qb + kBlockQuads, q_end);
     if (NEXT) fill_normals(a.seed, next_draw, qb, qe - qb, eps_next);
     const BlockRange r = block_range(a, qb, qe);
     const float* __restrict e_next = eps_next + r.shift;
     for (int64_t k = r.k_lo; k < r.k_hi; ++k) {
-      param[k] = float_to_raw<PT>(param_value<NEXT>(mean[k], NEXT ? hess[k] : 0.0f,
-                                                    NEXT ? e_next[k] : 0.0f, s));
+      param[k] = float_to_raw<PT>(param_value<NEXT>(
+          mean[k], NEXT ? hess[k] : 0.0f, NEXT ? delta_at<PREC>(prec, k, s) : 0.0f,
+          NEXT ? e_next[k] : 0.0f, s));
     }
   }
 }
@@ -312,7 +334,7 @@ static inline void prefetch_elems(const T* base, int64_t k_lo, int64_t k_hi) {
 
 // ---- range functions: quads [q_begin, q_end) of the segment, one thread ----
 
-template <typename PT>
+template <typename PT, bool PREC>
 static void sample_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
   const uint64_t draw = read_draws(a).draw;  // once per range
   alignas(64) float eps[4 * kBlockQuads];
@@ -324,24 +346,25 @@ static void sample_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
       prefetch_elems(a.mean, r.k_lo, r.k_hi);
       prefetch_elems(a.hess, r.k_lo, r.k_hi);
       prefetch_elems(static_cast<const RawT<PT>*>(a.param), r.k_lo, r.k_hi);
+      if (PREC) prefetch_elems(a.prior_precision, r.k_lo, r.k_hi);
     }
     fill_normals(a.seed, draw, qb, qe - qb, eps);
-    sample_block<PT>(a, block_range(a, qb, qe), eps);
+    sample_block<PT, PREC>(a, block_range(a, qb, qe), eps);
   }
 }
 
-template <typename PT, bool PRICE, bool FIRST>
+template <typename PT, bool PRICE, bool FIRST, bool PREC>
 static void accumulate_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
   const uint64_t draw = read_draws(a).draw;  // once per range
   alignas(64) float eps[4 * kBlockQuads];
   for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
     const int64_t qe = std::min(qb + kBlockQuads, q_end);
     if (PRICE) fill_normals(a.seed, draw, qb, qe - qb, eps);
-    accumulate_block<PT, PRICE, FIRST>(a, block_range(a, qb, qe), eps);
+    accumulate_block<PT, PRICE, FIRST, PREC>(a, block_range(a, qb, qe), eps);
   }
 }
 
-template <typename PT, GradMode MODE>
+template <typename PT, GradMode MODE, bool PREC, bool PMEAN>
 static inline void prefetch_update_block(const OpArgs& a, int64_t qb, int64_t q_end) {
   const int64_t pq = qb + kPrefetchBlocks * kBlockQuads;
   if (pq >= q_end) return;
@@ -355,40 +378,50 @@ static inline void prefetch_update_block(const OpArgs& a, int64_t qb, int64_t q_
     prefetch_elems(a.avg_grad, r.k_lo, r.k_hi);
     prefetch_elems(a.avg_hess_term, r.k_lo, r.k_hi);
   }
+  if (PREC) prefetch_elems(a.prior_precision, r.k_lo, r.k_hi);
+  if (PMEAN) prefetch_elems(a.prior_mean, r.k_lo, r.k_hi);
 }
 
-template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED>
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED, bool PREC, bool PMEAN>
 static void update_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
   // the device scalars, once per range (Note [device scalars of an update] in ivon_math.h)
   const DeviceScalars d = read_device_scalars(a);
   const Draws draws = read_draws(a);
-  if (d.skip) return skipped_update_range_t<PT, NEXT>(a, d.s, draws.next_draw, q_begin, q_end);
+  if (d.skip) {
+    return skipped_update_range_t<PT, NEXT, PREC>(a, d.s, draws.next_draw, q_begin, q_end);
+  }
   alignas(64) float eps[4 * kBlockQuads];
   alignas(64) float eps_next[4 * kBlockQuads];
   for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
     const int64_t qe = std::min(qb + kBlockQuads, q_end);
-    prefetch_update_block<PT, MODE>(a, qb, q_end);
+    prefetch_update_block<PT, MODE, PREC, PMEAN>(a, qb, q_end);
     // the noise of `draw` is needed only to form price's noise * grad
     if (PRICE && MODE != GradMode::kAvgOnly) fill_normals(a.seed, draws.draw, qb, qe - qb, eps);
     if (NEXT) fill_normals(a.seed, draws.next_draw, qb, qe - qb, eps_next);
-    update_block<PT, PRICE, MODE, NEXT, SCALED>(a, d.s, block_range(a, qb, qe), eps, eps_next);
+    update_block<PT, PRICE, MODE, NEXT, SCALED, PREC, PMEAN>(a, d.s, block_range(a, qb, qe), eps,
+                                                            eps_next);
   }
 }
 
 // ---- run-time flags -> template instances (once per range, outside the loops) ----
 
 static void sample_range(const OpArgs& a, int64_t qb, int64_t qe) {
-  dispatch_sample(a, [&](auto pt) { sample_range_t<decltype(pt)>(a, qb, qe); });
+  dispatch_sample(a, [&](auto pt, auto prec) {
+    sample_range_t<decltype(pt), decltype(prec)::value>(a, qb, qe);
+  });
 }
 static void accumulate_range(const OpArgs& a, int64_t qb, int64_t qe) {
-  dispatch_accumulate(a, [&](auto pt, auto price, auto first) {
-    accumulate_range_t<decltype(pt), decltype(price)::value, decltype(first)::value>(a, qb, qe);
+  dispatch_accumulate(a, [&](auto pt, auto price, auto first, auto prec) {
+    accumulate_range_t<decltype(pt), decltype(price)::value, decltype(first)::value,
+                       decltype(prec)::value>(a, qb, qe);
   });
 }
 static void update_range(const OpArgs& a, int64_t qb, int64_t qe) {
-  dispatch_update(a, [&](auto pt, auto price, auto mode, auto next, auto scaled) {
+  dispatch_update(a, [&](auto pt, auto price, auto mode, auto next, auto scaled, auto prec,
+                         auto pmean) {
     update_range_t<decltype(pt), decltype(price)::value, decltype(mode)::value,
-                   decltype(next)::value, decltype(scaled)::value>(a, qb, qe);
+                   decltype(next)::value, decltype(scaled)::value, decltype(prec)::value,
+                   decltype(pmean)::value>(a, qb, qe);
   });
 }
 

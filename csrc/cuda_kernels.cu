@@ -94,32 +94,48 @@ __device__ __forceinline__ Quad quad_of(const OpArgs& a, int64_t i, bool aligned
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (nq);        \
        i += int64_t(gridDim.x) * blockDim.x)
 
-template <typename PT>
+// The four elements' delta (Note [per-element prior] in ivon_math.h): the prior precision when
+// the instance has one (PREC, a template flag: an absent prior is neither loaded nor tested),
+// else the scalar weight decay.
+template <bool PREC>
+__device__ __forceinline__ void load_delta(const OpArgs& a, const Quad& t, const Scalars& s,
+                                           float d[4]) {
+  if (PREC) {
+    load4(a.prior_precision, t.k0, t.vec, a.n, d);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) d[j] = s.wd;
+  }
+}
+
+template <typename PT, bool PREC>
 __global__ void __launch_bounds__(kThreads)
     sample_kernel(const OpArgs a, int64_t nq, bool aligned) {
   const uint64_t draw = read_draws(a).draw;  // once per thread
   IVON_GRID_STRIDE(i, nq) {
     const Quad t = quad_of(a, i, aligned);
-    float m[4], h[4], e[4], out[4];
+    float m[4], h[4], dl[4], e[4], out[4];
     load4(a.mean, t.k0, t.vec, a.n, m);
     load4(a.hess, t.k0, t.vec, a.n, h);
+    load_delta<PREC>(a, t, a.s, dl);
     normals(a.seed, draw, t.q, e);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = m[j] + noise_of(e[j], h[j], a.s);
+    for (int j = 0; j < 4; ++j) out[j] = m[j] + noise_of(e[j], h[j], dl[j], a.s);
     store4(static_cast<PT*>(a.param), t.k0, t.vec, a.n, out);
   }
 }
 
-template <typename PT, bool PRICE, bool FIRST>
+template <typename PT, bool PRICE, bool FIRST, bool PREC>
 __global__ void __launch_bounds__(kThreads)
     accumulate_kernel(const OpArgs a, int64_t nq, bool aligned) {
   const uint64_t draw = read_draws(a).draw;  // once per thread
   IVON_GRID_STRIDE(i, nq) {
     const Quad t = quad_of(a, i, aligned);
-    float g[4], h[4], e[4], ag[4] = {0, 0, 0, 0}, ah[4] = {0, 0, 0, 0};
+    float g[4], h[4], dl[4], e[4], ag[4] = {0, 0, 0, 0}, ah[4] = {0, 0, 0, 0};
     load4(static_cast<const PT*>(a.grad), t.k0, t.vec, a.n, g);
     if (PRICE) {
       load4(a.hess, t.k0, t.vec, a.n, h);
+      load_delta<PREC>(a, t, a.s, dl);
       normals(a.seed, draw, t.q, e);
     }
     if (!FIRST) {
@@ -128,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float noise = PRICE ? noise_of(e[j], h[j], a.s) : 0.0f;
+      const float noise = PRICE ? noise_of(e[j], h[j], dl[j], a.s) : 0.0f;
       const float ht = hess_term_of<PRICE>(g[j], noise);
       ag[j] = running_mean<FIRST>(ag[j], g[j], a.s);
       ah[j] = running_mean<FIRST>(ah[j], ht, a.s);
@@ -138,7 +154,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED>
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED, bool PREC, bool PMEAN>
 __global__ void __launch_bounds__(kThreads)
     update_kernel(const OpArgs a, int64_t nq, bool aligned) {
   // the device scalars, once per thread (Note [device scalars of an update] in ivon_math.h); a
@@ -148,13 +164,16 @@ __global__ void __launch_bounds__(kThreads)
   const Scalars& s = d.s;
   IVON_GRID_STRIDE(i, nq) {
     const Quad t = quad_of(a, i, aligned);
-    float m[4], h[4];
+    float m[4], h[4], dl[4];
     load4(a.mean, t.k0, t.vec, a.n, m);
     load4(a.hess, t.k0, t.vec, a.n, h);
+    load_delta<PREC>(a, t, s, dl);
     if (!d.skip) {  // skipped: mean, momentum and hess keep their values (not even rewritten)
       float mom[4], gm[4], ht[4];
       float g[4] = {0, 0, 0, 0}, e[4] = {0, 0, 0, 0}, ag[4] = {0, 0, 0, 0}, ah[4] = {0, 0, 0, 0};
+      float mu0[4] = {0, 0, 0, 0};
       load4(a.momentum, t.k0, t.vec, a.n, mom);
+      if (PMEAN) load4(a.prior_mean, t.k0, t.vec, a.n, mu0);
       if (MODE != GradMode::kAvgOnly) {
         load4(static_cast<const PT*>(a.grad), t.k0, t.vec, a.n, g);
         if (PRICE) normals(a.seed, draws.draw, t.q, e);
@@ -165,8 +184,9 @@ __global__ void __launch_bounds__(kThreads)
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        grad_statistics<PRICE, MODE, SCALED>(g[j], e[j], h[j], ag[j], ah[j], s, gm[j], ht[j]);
-        update_state<PRICE>(gm[j], ht[j], m[j], mom[j], h[j], s);
+        grad_statistics<PRICE, MODE, SCALED>(g[j], e[j], h[j], dl[j], ag[j], ah[j], s, gm[j],
+                                             ht[j]);
+        update_state<PRICE, PMEAN>(gm[j], ht[j], dl[j], mu0[j], m[j], mom[j], h[j], s);
       }
       store4(a.mean, t.k0, t.vec, a.n, m);
       store4(a.momentum, t.k0, t.vec, a.n, mom);
@@ -175,7 +195,7 @@ __global__ void __launch_bounds__(kThreads)
     float e_next[4] = {0, 0, 0, 0}, out[4];
     if (NEXT) normals(a.seed, draws.next_draw, t.q, e_next);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = param_value<NEXT>(m[j], h[j], e_next[j], s);
+    for (int j = 0; j < 4; ++j) out[j] = param_value<NEXT>(m[j], h[j], dl[j], e_next[j], s);
     store4(static_cast<PT*>(a.param), t.k0, t.vec, a.n, out);
   }
 }
@@ -193,7 +213,8 @@ bool vector_ok(const OpArgs& a) {
   const int64_t pbytes = a.ptype == ParamType::kFloat ? 16 : 8;
   return a.offset % 4 == 0 && aligned_to(a.param, pbytes) && aligned_to(a.grad, pbytes) &&
          aligned_to(a.mean, 16) && aligned_to(a.momentum, 16) && aligned_to(a.hess, 16) &&
-         aligned_to(a.avg_grad, 16) && aligned_to(a.avg_hess_term, 16);
+         aligned_to(a.avg_grad, 16) && aligned_to(a.avg_hess_term, 16) &&
+         aligned_to(a.prior_precision, 16) && aligned_to(a.prior_mean, 16);
 }
 
 // enough blocks to fill the GPU a few times over; the grid-stride loop covers the rest
@@ -218,8 +239,9 @@ const char* cuda_sample(const OpArgs& a, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
   const int64_t nq = num_quads(a);
   const bool al = vector_ok(a);
-  dispatch_sample(a, [&](auto pt) {
-    sample_kernel<decltype(pt)><<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
+  dispatch_sample(a, [&](auto pt, auto prec) {
+    sample_kernel<decltype(pt), decltype(prec)::value>
+        <<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
   });
   return last_error();
 }
@@ -228,9 +250,9 @@ const char* cuda_accumulate(const OpArgs& a, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
   const int64_t nq = num_quads(a);
   const bool al = vector_ok(a);
-  dispatch_accumulate(a, [&](auto pt, auto price, auto first) {
-    accumulate_kernel<decltype(pt), decltype(price)::value, decltype(first)::value>
-        <<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
+  dispatch_accumulate(a, [&](auto pt, auto price, auto first, auto prec) {
+    accumulate_kernel<decltype(pt), decltype(price)::value, decltype(first)::value,
+                      decltype(prec)::value><<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
   });
   return last_error();
 }
@@ -239,10 +261,11 @@ const char* cuda_update(const OpArgs& a, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
   const int64_t nq = num_quads(a);
   const bool al = vector_ok(a);
-  dispatch_update(a, [&](auto pt, auto price, auto mode, auto next, auto scaled) {
+  dispatch_update(a, [&](auto pt, auto price, auto mode, auto next, auto scaled, auto prec,
+                         auto pmean) {
     update_kernel<decltype(pt), decltype(price)::value, decltype(mode)::value,
-                  decltype(next)::value, decltype(scaled)::value>
-        <<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
+                  decltype(next)::value, decltype(scaled)::value, decltype(prec)::value,
+                  decltype(pmean)::value><<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
   });
   return last_error();
 }

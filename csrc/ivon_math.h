@@ -249,11 +249,21 @@ IVON_HD F16 from_float<F16>(float f) {
 
 // ------------------------------------------------------------------------------------------------
 // The update (docs/DESIGN.md section 2), per element, in fp32.
+//
+// Note [per-element prior]: the ops may get a per-element prior (ivon_fast.reference's module
+// docstring): a precision delta_i (OpArgs::prior_precision) that replaces the scalar weight decay
+// s.wd in every per-element use, and (update) a mean mu0_i (OpArgs::prior_mean) that the step
+// pulls toward instead of 0. The functions below take the element's delta as a value (s.wd or
+// the element of prior_precision) and the mean term under a template flag, so the expressions
+// are the reference's, in its association order, for either. Whether an input is read is decided
+// by template flags of the kernels (dispatch_flags.h), never per element: an absent prior costs
+// neither a load nor a branch, and with both absent every instance computes what it computed
+// before the prior existed, bit for bit.
 
-
-// noise = eps / sqrt(ess * (hess + wd)) (ivon-opt writes randn / (ess * (hess + wd)).sqrt())
-IVON_HD float noise_of(float eps, float hess, const ::ivon_fast::Scalars& s) {
-  return eps / sqrtf(s.ess * (hess + s.wd));
+// noise = eps / sqrt(ess * (hess + delta)) (ivon-opt writes randn / (ess * (hess + wd)).sqrt());
+// delta is s.wd or the element's prior precision (Note [per-element prior])
+IVON_HD float noise_of(float eps, float hess, float delta, const ::ivon_fast::Scalars& s) {
+  return eps / sqrtf(s.ess * (hess + delta));
 }
 
 // running mean: new if count == 1 else avg + (new - avg) / count
@@ -326,8 +336,9 @@ IVON_HD float unscaled(float x, const ::ivon_fast::Scalars& s) {
 // the averages alone (kAvgOnly); everything unscaled first (SCALED). The hessian term average
 // holds noise * grad ('price': scaled once) or grad^2 ('gradsq': scaled twice).
 template <bool PRICE, ::ivon_fast::GradMode MODE, bool SCALED>
-IVON_HD void grad_statistics(float g, float eps, float hess, float avg_grad, float avg_term,
-                             const ::ivon_fast::Scalars& s, float& grad_mean, float& hess_term) {
+IVON_HD void grad_statistics(float g, float eps, float hess, float delta, float avg_grad,
+                             float avg_term, const ::ivon_fast::Scalars& s, float& grad_mean,
+                             float& hess_term) {
   using ::ivon_fast::GradMode;
   constexpr int kTermTimes = PRICE ? 1 : 2;
   constexpr bool kFirst = MODE == GradMode::kGradOnly;
@@ -337,7 +348,7 @@ IVON_HD void grad_statistics(float g, float eps, float hess, float avg_grad, flo
     return;
   }
   g = unscaled<SCALED, 1>(g, s);
-  const float noise = PRICE ? noise_of(eps, hess, s) : 0.0f;
+  const float noise = PRICE ? noise_of(eps, hess, delta, s) : 0.0f;
   const float ht = hess_term_of<PRICE>(g, noise);
   grad_mean = running_mean<kFirst>(kFirst ? 0.0f : unscaled<SCALED, 1>(avg_grad, s), g, s);
   hess_term =
@@ -347,22 +358,26 @@ IVON_HD void grad_statistics(float g, float eps, float hess, float avg_grad, flo
 // What an update writes into the param: the mean, or (NEXT) the sample of next_draw around the
 // mean and hess (eps_next its standard normal). After a skipped step these are the old values.
 template <bool NEXT>
-IVON_HD float param_value(float mean, float hess, float eps_next, const ::ivon_fast::Scalars& s) {
-  return NEXT ? mean + noise_of(eps_next, hess, s) : mean;
+IVON_HD float param_value(float mean, float hess, float delta, float eps_next,
+                          const ::ivon_fast::Scalars& s) {
+  return NEXT ? mean + noise_of(eps_next, hess, delta, s) : mean;
 }
 
 // The update proper, from the (averaged) gradient and hessian term: writes the new momentum,
 // hess and mean. Same association order as the reference (see Note [floating-point contraction]).
-template <bool PRICE>
-IVON_HD void update_state(float grad_mean, float hess_term, float& mean, float& momentum,
-                          float& hess, const ::ivon_fast::Scalars& s) {
+// delta: s.wd or the element's prior precision; PRIOR_MEAN: the step's prior term is
+// delta * (mean - mu0) instead of ivon-opt's delta * mean (Note [per-element prior]).
+template <bool PRICE, bool PRIOR_MEAN>
+IVON_HD void update_state(float grad_mean, float hess_term, float delta, float mu0, float& mean,
+                          float& momentum, float& hess, const ::ivon_fast::Scalars& s) {
   const float new_momentum = s.beta1 * momentum + s.one_minus_beta1 * grad_mean;
-  const float hpd = hess + s.wd;
+  const float hpd = hess + delta;
   const float nll_hess = PRICE ? (hess_term * hpd) * s.ess : hess_term * s.ess;
   const float diff = hess - nll_hess;
   const float new_hess =
       (s.beta2 * hess + s.one_minus_beta2 * nll_hess) + (s.hess_coef * (diff * diff)) / hpd;
-  float step = (new_momentum / s.debias + s.wd * mean) / (new_hess + s.wd);
+  const float prior_term = PRIOR_MEAN ? delta * (mean - mu0) : delta * mean;
+  float step = (new_momentum / s.debias + prior_term) / (new_hess + delta);
   // clip; comparisons (not fminf/fmaxf) so a NaN propagates like torch.clip
   step = step < -s.clip ? -s.clip : step;
   step = step > s.clip ? s.clip : step;

@@ -46,6 +46,11 @@ struct OpArgs {
   // sample / accumulate read [0] in place of draw, update [0] and (has_next_draw) [1] in place of
   // draw and next_draw; nullptr: the host's draw / next_draw (read_draws in ivon_math.h).
   const int64_t* device_draws = nullptr;
+  // the optional per-element prior (Note [per-element prior] in ivon_math.h): float32 arrays of
+  // the segment's length, nullptr when the op did not get them; a kernel instance reads one only
+  // when its template flag says it was given (dispatch_flags.h)
+  const float* prior_precision = nullptr;  // delta_i, replaces s.wd (every op)
+  const float* prior_mean = nullptr;       // mu0_i, the step pulls toward it (update only)
 };
 
 // CPU entry points (cpu_dispatch.cpp picks the instruction set at run time).

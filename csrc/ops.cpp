@@ -99,6 +99,16 @@ const int64_t* device_draws_of(const std::optional<at::Tensor>& t, int64_t count
   return t->data_ptr<int64_t>();
 }
 
+// An optional per-element prior input (Note [per-element prior] in ivon_math.h): a state tensor
+// of the segment (float32, the segment's length, contiguous, on the params' device), or absent
+// (nullptr: the kernel instance that runs then never reads it).
+const float* prior_input(const std::optional<at::Tensor>& t, const char* name,
+                         const at::Tensor& like, const char* like_name) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  check_tensor(*t, name, like, like_name, at::kFloat);
+  return t->data_ptr<float>();
+}
+
 // What every op shares: the segment (its length, dtype and global offset), the noise key and
 // draw, and the two hyperparameters of the noise scale.
 OpArgs segment_args(const at::Tensor& lead, int64_t offset, int64_t seed, int64_t draw,
@@ -141,11 +151,13 @@ void launch(Op op, const OpArgs& a, const at::Tensor& param) {
 
 void sample(const at::Tensor& param, const at::Tensor& mean, const at::Tensor& hess, int64_t seed,
             int64_t draw, int64_t offset, double ess, double weight_decay,
-            const std::optional<at::Tensor>& device_draws) {
+            const std::optional<at::Tensor>& device_draws,
+            const std::optional<at::Tensor>& prior_precision) {
   OpArgs a = segment_args(param, offset, seed, draw, ess, weight_decay);
   a.device_draws = device_draws_of(device_draws, 1, param);
   check_tensor(mean, "mean", param, "param", at::kFloat);
   check_tensor(hess, "hess", param, "param", at::kFloat);
+  a.prior_precision = prior_input(prior_precision, "prior_precision", param, "param");
   a.param = param.data_ptr();
   a.mean = f32(mean);
   a.hess = f32(hess);
@@ -155,12 +167,15 @@ void sample(const at::Tensor& param, const at::Tensor& mean, const at::Tensor& h
 void accumulate(const at::Tensor& grad, const at::Tensor& hess, const at::Tensor& avg_grad,
                 const at::Tensor& avg_hess_term, int64_t seed, int64_t draw, int64_t offset,
                 int64_t count, double ess, double weight_decay, c10::string_view hess_approx,
-                const std::optional<at::Tensor>& device_draws) {
+                const std::optional<at::Tensor>& device_draws,
+                const std::optional<at::Tensor>& prior_precision) {
   OpArgs a = segment_args(grad, offset, seed, draw, ess, weight_decay);
   a.device_draws = device_draws_of(device_draws, 1, grad);
   check_tensor(hess, "hess", grad, "grad", at::kFloat);
   check_tensor(avg_grad, "avg_grad", grad, "grad", at::kFloat);
   check_tensor(avg_hess_term, "avg_hess_term", grad, "grad", at::kFloat);
+  // checked for 'gradsq' too, whose kernels do not read it (no noise in its hess term)
+  a.prior_precision = prior_input(prior_precision, "prior_precision", grad, "grad");
   TORCH_CHECK(count >= 1, "ivon_fast: count must be >= 1, got ", count);
   a.price = parse_hess_approx(hess_approx);
   a.first = count == 1;
@@ -184,12 +199,16 @@ void update(const at::Tensor& param, const std::optional<at::Tensor>& grad,
             const std::optional<at::Tensor>& found_inf,
             const std::optional<at::Tensor>& device_lr,
             const std::optional<at::Tensor>& device_debias,
-            const std::optional<at::Tensor>& device_draws) {
+            const std::optional<at::Tensor>& device_draws,
+            const std::optional<at::Tensor>& prior_mean,
+            const std::optional<at::Tensor>& prior_precision) {
   OpArgs a = segment_args(param, offset, seed, draw, ess, weight_decay);
   a.device_draws = device_draws_of(device_draws, 2, param);
   check_tensor(mean, "mean", param, "param", at::kFloat);
   check_tensor(momentum, "momentum", param, "param", at::kFloat);
   check_tensor(hess, "hess", param, "param", at::kFloat);
+  a.prior_mean = prior_input(prior_mean, "prior_mean", param, "param");
+  a.prior_precision = prior_input(prior_precision, "prior_precision", param, "param");
   TORCH_CHECK(count >= 1, "ivon_fast: count must be >= 1, got ", count);
   const bool has_grad = grad.has_value() && grad->defined();
   a.mode = !has_grad ? GradMode::kAvgOnly : count == 1 ? GradMode::kGradOnly : GradMode::kGradAvg;
@@ -252,11 +271,12 @@ bool built_with_cuda() {
 TORCH_LIBRARY(ivon_fast, m) {
   m.def(
       "sample(Tensor(a!) param, Tensor mean, Tensor hess, *, int seed, int draw, int offset, "
-      "float ess, float weight_decay, Tensor? device_draws=None) -> ()");
+      "float ess, float weight_decay, Tensor? device_draws=None, "
+      "Tensor? prior_precision=None) -> ()");
   m.def(
       "accumulate(Tensor grad, Tensor hess, Tensor(a!) avg_grad, Tensor(b!) avg_hess_term, *, "
       "int seed, int draw, int offset, int count, float ess, float weight_decay, "
-      "str hess_approx, Tensor? device_draws=None) -> ()");
+      "str hess_approx, Tensor? device_draws=None, Tensor? prior_precision=None) -> ()");
   m.def(
       "update(Tensor(a!) param, Tensor? grad, Tensor(b!) mean, Tensor(c!) momentum, "
       "Tensor(d!) hess, Tensor? avg_grad, Tensor? avg_hess_term, *, int seed, int draw, "
@@ -264,7 +284,8 @@ TORCH_LIBRARY(ivon_fast, m) {
       "float weight_decay, float beta1, float one_minus_beta1, float beta2, "
       "float one_minus_beta2, float hess_coef, float clip_radius, float debias, "
       "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? device_lr=None, "
-      "Tensor? device_debias=None, Tensor? device_draws=None) -> ()");
+      "Tensor? device_debias=None, Tensor? device_draws=None, Tensor? prior_mean=None, "
+      "Tensor? prior_precision=None) -> ()");
   // introspection (no tensor arguments: catch-all kernels)
   m.def("_cpu_isa", &cpu_isa);
   m.def("_set_cpu_isa", &set_cpu_isa);

@@ -7,8 +7,10 @@ tensors. This module imports without the extension; ``unavailable_reason`` then 
 Differences from the reference: the noise is always the counter-based Philox noise (no ``eps``
 arguments), params must be float32 / bfloat16 / float16 with float32 state (so ``update``'s device
 scalars are float32 too, one element each, on the params' device), and every tensor must be
-contiguous. Seeds and draws are uint64 (evaluation draws have bit 63 set); they travel through the
-int64 schema arguments as the same 64 bits (see Note [uint64 seeds and draws] in csrc/ops.cpp).
+contiguous (the optional ``prior_mean`` / ``prior_precision`` too: float32, the segment's length,
+on the params' device). Seeds and draws are uint64 (evaluation draws have bit 63 set); they travel
+through the int64 schema arguments as the same 64 bits (see Note [uint64 seeds and draws] in
+csrc/ops.cpp).
 """
 from __future__ import annotations
 
@@ -67,31 +69,34 @@ def _no_eps(eps, next_eps=None):
 
 
 def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, eps=None,
-           device_draws=None):
+           device_draws=None, prior_precision=None):
     _no_eps(eps)
     torch.ops.ivon_fast.sample(param, mean, hess, seed=_i64(seed), draw=_i64(draw),
                                offset=int(offset), ess=float(ess),
-                               weight_decay=float(weight_decay), device_draws=device_draws)
+                               weight_decay=float(weight_decay), device_draws=device_draws,
+                               prior_precision=prior_precision)
 
 
 def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
-               weight_decay, hess_approx, eps=None, device_draws=None):
+               weight_decay, hess_approx, eps=None, device_draws=None, prior_precision=None):
     _no_eps(eps)
     torch.ops.ivon_fast.accumulate(grad, hess, avg_grad, avg_hess_term, seed=_i64(seed),
                                    draw=_i64(draw), offset=int(offset), count=int(count),
                                    ess=float(ess), weight_decay=float(weight_decay),
-                                   hess_approx=hess_approx, device_draws=device_draws)
+                                   hess_approx=hess_approx, device_draws=device_draws,
+                                   prior_precision=prior_precision)
 
 
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
            next_draw=None, offset=0, count, hess_approx, scalars, eps=None, next_eps=None,
            grad_scale=None, found_inf=None, device_lr=None, device_debias=None,
-           device_draws=None):
+           device_draws=None, prior_mean=None, prior_precision=None):
     """Reference ``update``; ``scalars`` (an ``ivon_fast.scalars.StepScalars``) reaches the
     kernel field by field, so the C++ side combines no hyperparameters itself. The optional
     device scalars (1-element float32 tensors on the params' device) go to the kernel as
     pointers and are read there, never here; so are the draws of ``device_draws`` (int64, 2
-    elements: draw, next_draw)."""
+    elements: draw, next_draw). ``prior_mean`` / ``prior_precision`` (flat float32 tensors of
+    the segment) go as pointers too; an absent one selects a kernel that never reads it."""
     _no_eps(eps, next_eps)
     s = scalars
     torch.ops.ivon_fast.update(
@@ -101,4 +106,5 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
         weight_decay=s.weight_decay, beta1=s.beta1, one_minus_beta1=s.one_minus_beta1,
         beta2=s.beta2, one_minus_beta2=s.one_minus_beta2, hess_coef=s.hess_coef,
         clip_radius=s.clip_radius, debias=s.debias, grad_scale=grad_scale, found_inf=found_inf,
-        device_lr=device_lr, device_debias=device_debias, device_draws=device_draws)
+        device_lr=device_lr, device_debias=device_debias, device_draws=device_draws,
+        prior_mean=prior_mean, prior_precision=prior_precision)

@@ -7,17 +7,17 @@ The ops work on one *segment*: flat 1-D tensors of equal length ``n`` whose elem
 index ``offset + k`` in the optimizer's global flat index space. Every backend module exposes the
 same three functions with the same keyword arguments:
 
-    sample(param, mean, hess, *, seed, draw, offset, ess, weight_decay)
+    sample(param, mean, hess, *, seed, draw, offset, ess, weight_decay, prior_precision=None)
         param <- mean + eps * sigma,   sigma = 1 / sqrt(ess * (hess + weight_decay))
 
     accumulate(grad, hess, avg_grad, avg_hess_term, *, seed, draw, offset, count, ess,
-               weight_decay, hess_approx)
+               weight_decay, hess_approx, prior_precision=None)
         fold the gradient of sample number ``count`` (drawn with ``draw``) into running means:
         avg = new if count == 1 else avg + (new - avg) / count, where new is grad for avg_grad
         and noise * grad ('price') or grad ** 2 ('gradsq') for avg_hess_term.
 
     update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed, draw, next_draw,
-           offset, count, hess_approx, scalars)
+           offset, count, hess_approx, scalars, prior_mean=None, prior_precision=None)
         the update of docs/DESIGN.md section 2. ``count`` is the number of MC samples in this step.
         With ``grad`` given, it is the gradient of the last sample (drawn with ``draw``) and the
         averages hold the first ``count - 1`` samples (unused when count == 1). With
@@ -40,6 +40,27 @@ same three functions with the same keyword arguments:
           ``device_lr``, ``device_debias``: 1 element each, in the state dtype: they replace
               ``scalars.lr`` / ``scalars.debias`` (a step count that only the device knows, an
               lr a CUDA graph replays with).
+
+    A per-element Gaussian prior N(mu0_i, 1 / (ess * delta_i)) generalizes weight decay, the
+    precision delta of a zero-mean prior shared by the group (the posterior's precision is
+    ess * (hess + delta)). Two optional flat tensors of the segment's length, in the state dtype,
+    on the params' device, give it; with both None (the default) every op computes what it
+    computes without them, bit for bit (ivon-opt's arithmetic):
+      ``prior_precision`` (sample, accumulate, update): delta_i replaces ``weight_decay`` in
+          every per-element use: sigma = 1 / sqrt(ess * (hess + delta_i)) (the sample, the
+          'price' noise of accumulate and of update's pending grad, the next sample),
+          'price''s nll_hess = (hess_term * (hess + delta_i)) * ess, the denominator
+          (hess + delta_i) of the hessian correction, and the step's delta (below).
+          ``scalars.lr`` stays as the host formed it (rescale_lr multiplies by the scalar
+          hess_init + weight_decay).
+      ``prior_mean`` (update only): mu0_i, the point the step pulls toward (0 without it):
+              mean <- mean - lr * clip((momentum / debias + delta_i * (mean - mu0_i))
+                                       / (hess + delta_i), -rho, rho)
+          with the new momentum and hess; without prior_mean the prior term stays
+          delta_i * mean, literally, and delta_i is ``weight_decay`` without prior_precision.
+      Each tensor enters the expressions in place of the scalar, in the same association order,
+      so a kernel that reads it keeps the reference's rounding; a kernel reads neither when it
+      is absent (one more read per element only for an input that is given).
 
     Every op also takes ``device_draws``: an int64 tensor on the params' device holding the
     training draw numbers (their uint64 bits), read by the kernel in place of the host's ``draw``
@@ -164,9 +185,33 @@ def _eps(eps, seed, draw, offset, like: torch.Tensor) -> torch.Tensor:
     return eps.to(like.dtype)
 
 
-def _noise(eps: torch.Tensor, hess: torch.Tensor, ess: float, weight_decay: float) -> torch.Tensor:
-    # written as ivon-opt writes it: randn / (ess * (hess + wd)).sqrt()
+def _noise(eps: torch.Tensor, hess: torch.Tensor, ess: float, weight_decay) -> torch.Tensor:
+    # written as ivon-opt writes it: randn / (ess * (hess + wd)).sqrt(); ``weight_decay`` is the
+    # group's float or the per-element prior precision (a tensor), see _prior_precision
     return eps / (ess * (hess + weight_decay)).sqrt()
+
+
+def _prior_precision(weight_decay: float, prior_precision, like: torch.Tensor):
+    """The delta of every per-element use: the group's weight decay, or the prior precision
+    tensor (checked as the kernels check it)."""
+    if prior_precision is None:
+        return weight_decay
+    _check_prior(prior_precision, "prior_precision", like)
+    return prior_precision
+
+
+def _check_prior(tensor: torch.Tensor, name: str, like: torch.Tensor) -> None:
+    """A prior input: a flat tensor of the segment's length in the state dtype, on its device."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(tensor).__name__}")
+    if tensor.numel() != like.numel():
+        raise ValueError(f"{name} has {tensor.numel()} elements but the segment has "
+                         f"{like.numel()}")
+    if tensor.dtype != like.dtype:
+        raise TypeError(f"{name} must be {like.dtype} (the state dtype), got {tensor.dtype}")
+    if tensor.device != like.device:
+        raise ValueError(f"{name} must be on the params' device {like.device}, got "
+                         f"{tensor.device}")
 
 
 def _hess_term(grad, noise, hess_approx: str) -> torch.Tensor:
@@ -194,20 +239,22 @@ def _device_draw(device_draws, count: int, index: int, like: torch.Tensor):
 
 @torch.no_grad()
 def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, eps=None,
-           device_draws=None):
+           device_draws=None, prior_precision=None):
     if device_draws is not None:
         draw = _device_draw(device_draws, 1, 0, param)
-    noise = _noise(_eps(eps, seed, draw, offset, mean), hess, ess, weight_decay)
+    delta = _prior_precision(weight_decay, prior_precision, hess)
+    noise = _noise(_eps(eps, seed, draw, offset, mean), hess, ess, delta)
     param.copy_(mean + noise)
 
 
 @torch.no_grad()
 def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
-               weight_decay, hess_approx, eps=None, device_draws=None):
+               weight_decay, hess_approx, eps=None, device_draws=None, prior_precision=None):
     if device_draws is not None:
         draw = _device_draw(device_draws, 1, 0, grad)
     grad = grad.to(hess.dtype)
-    noise = _noise(_eps(eps, seed, draw, offset, hess), hess, ess, weight_decay)
+    delta = _prior_precision(weight_decay, prior_precision, hess)
+    noise = _noise(_eps(eps, seed, draw, offset, hess), hess, ess, delta)
     avg_grad.copy_(_running_mean(avg_grad, grad, count))
     avg_hess_term.copy_(_running_mean(avg_hess_term, _hess_term(grad, noise, hess_approx), count))
 
@@ -226,11 +273,15 @@ def _unscaled(gradients: torch.Tensor, grad_scale, times: int) -> torch.Tensor:
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
            next_draw=None, offset=0, count, hess_approx, scalars: StepScalars, eps=None,
            next_eps=None, grad_scale=None, found_inf=None, device_lr=None,
-           device_debias=None, device_draws=None):
+           device_debias=None, device_draws=None, prior_mean=None, prior_precision=None):
     if device_draws is not None:
         draw = _device_draw(device_draws, 2, 0, param)
         next_draw = None if next_draw is None else _device_draw(device_draws, 2, 1, param)
     s = scalars
+    # the prior precision replaces s.weight_decay wherever it multiplies or adds per element
+    delta = _prior_precision(s.weight_decay, prior_precision, hess)
+    if prior_mean is not None:
+        _check_prior(prior_mean, "prior_mean", hess)
     # the hess-term average of 'gradsq' holds squared (so twice scaled) gradients
     term_scaled = 2 if hess_approx == "gradsq" else 1
     if grad is None:
@@ -238,7 +289,7 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
         hess_term = _unscaled(avg_hess_term, grad_scale, term_scaled)
     else:
         grad = _unscaled(grad.to(hess.dtype), grad_scale, 1)
-        noise = _noise(_eps(eps, seed, draw, offset, hess), hess, s.ess, s.weight_decay)
+        noise = _noise(_eps(eps, seed, draw, offset, hess), hess, s.ess, delta)
         if count > 1:
             avg_grad = _unscaled(avg_grad, grad_scale, 1)
             avg_hess_term = _unscaled(avg_hess_term, grad_scale, term_scaled)
@@ -251,13 +302,17 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
     # 0.5 * (1 - beta2) ** 2 are the same doubles as s.one_minus_beta1 and s.hess_coef
     new_momentum = s.beta1 * momentum + s.one_minus_beta1 * grad_mean
     if hess_approx == "price":
-        nll_hess = (hess_term * (hess + s.weight_decay)) * s.ess
+        nll_hess = (hess_term * (hess + delta)) * s.ess
     else:
         nll_hess = hess_term * s.ess
     new_hess = (s.beta2 * hess + s.one_minus_beta2 * nll_hess
-                + s.hess_coef * (hess - nll_hess).square() / (hess + s.weight_decay))
+                + s.hess_coef * (hess - nll_hess).square() / (hess + delta))
+    if prior_mean is None:  # ivon-opt's pull toward 0, op for op (delta is s.weight_decay)
+        prior_term = delta * mean
+    else:
+        prior_term = delta * (mean - prior_mean)
     new_mean = mean - lr * torch.clip(
-        (new_momentum / debias + s.weight_decay * mean) / (new_hess + s.weight_decay),
+        (new_momentum / debias + prior_term) / (new_hess + delta),
         min=-s.clip_radius, max=s.clip_radius)
 
     if found_inf is not None:  # a skipped step keeps the state (no host sync to decide it)
@@ -272,4 +327,4 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
         param.copy_(new_mean)
     else:
         sample(param, mean, hess, seed=seed, draw=next_draw, offset=offset, ess=s.ess,
-               weight_decay=s.weight_decay, eps=next_eps)
+               weight_decay=s.weight_decay, eps=next_eps, prior_precision=prior_precision)

@@ -16,7 +16,10 @@ Conventions shared by all kernels:
   ``found_inf``, ``device_lr``, ``device_debias``; docs/DESIGN.md section 11) are pointers the
   kernel loads from, with one constexpr flag each saying whether it was given: an absent one
   costs nothing, and a new value in the tensor never recompiles. Every op's optional
-  ``device_draws`` (int64 draw numbers, capturable steps) is passed the same way. Scalar combinations (1 - beta1, 0.5 (1 - beta2)^2) come
+  ``device_draws`` (int64 draw numbers, capturable steps) is passed the same way, and so are the
+  optional per-element prior inputs ``prior_precision`` (every op) and ``prior_mean`` (update),
+  flat fp32 tensors of the segment: a constexpr flag each, so an absent one is neither loaded
+  nor tested per element. Scalar combinations (1 - beta1, 0.5 (1 - beta2)^2) come
   formed in double from ``StepScalars`` and are rounded once to fp32, as torch does with Python
   scalars in the reference.
 - Offsets, indices and lengths are int64, so segments may exceed 2^31 elements.
@@ -210,59 +213,77 @@ def _normal(seed, draw, quad):
 
 
 @triton.jit
-def _sigma_noise(eps, hess, ess, weight_decay):
-    """noise = eps / sqrt(ess * (hess + wd)), as ivon-opt writes it (true division and sqrt)."""
-    return tl.div_rn(eps, tl.sqrt_rn(ess * (hess + weight_decay)))
+def _sigma_noise(eps, hess, ess, delta):
+    """noise = eps / sqrt(ess * (hess + delta)), as ivon-opt writes it (true division and sqrt);
+    delta is the weight decay or the element's prior precision (see ``_delta``)."""
+    return tl.div_rn(eps, tl.sqrt_rn(ess * (hess + delta)))
+
+
+@triton.jit
+def _delta(prior_precision_ptr, k, n, weight_decay, HAS_PRIOR_PRECISION: tl.constexpr,
+           MASKED: tl.constexpr):
+    """The delta of every per-element use (ivon_fast.reference's module docstring): the prior
+    precision of the element when the op got one, else the group's weight decay. Written into
+    the same expressions in place of the scalar, so both round as the reference does."""
+    if HAS_PRIOR_PRECISION:
+        return _load(prior_precision_ptr, k, n, 0.0, MASKED)
+    else:
+        return weight_decay
 
 
 # ------------------------------------------------------------------------------------------------
 # sample
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _sample_tile(param_ptr, mean_ptr, hess_ptr, k, n, quad, seed, draw, ess, weight_decay,
-                 MASKED: tl.constexpr):
-    """param <- mean + eps(seed, draw, i) / sqrt(ess * (hess + wd))"""
+def _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, n, quad, seed, draw, ess,
+                 weight_decay, HAS_PRIOR_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """param <- mean + eps(seed, draw, i) / sqrt(ess * (hess + delta))"""
     mean = _load(mean_ptr, k, n, 0.0, MASKED)
     hess = _load(hess_ptr, k, n, 1.0, MASKED)
+    delta = _delta(prior_precision_ptr, k, n, weight_decay, HAS_PRIOR_PRECISION, MASKED)
     eps = _normal(seed, draw, quad)
-    _store(param_ptr, k, n, mean + _sigma_noise(eps, hess, ess, weight_decay), MASKED)
+    _store(param_ptr, k, n, mean + _sigma_noise(eps, hess, ess, delta), MASKED)
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED[:3])
-def _sample_kernel(param_ptr, mean_ptr, hess_ptr, device_draws_ptr, n, quad_base, seed, draw, ess,
-                   weight_decay, HAS_DEVICE_DRAWS: tl.constexpr, LEAD: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _sample_kernel(param_ptr, mean_ptr, hess_ptr, device_draws_ptr, prior_precision_ptr, n,
+                   quad_base, seed, draw, ess, weight_decay, HAS_DEVICE_DRAWS: tl.constexpr,
+                   HAS_PRIOR_PRECISION: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr):
     if HAS_DEVICE_DRAWS:  # the draw number on the device (capturable steps)
         draw = tl.load(device_draws_ptr)
     k, quad, full = _tile(quad_base, n, BLOCK, LEAD)
     if full:
-        _sample_tile(param_ptr, mean_ptr, hess_ptr, k, n, quad, seed, draw, ess, weight_decay,
-                     MASKED=False)
+        _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, n, quad, seed, draw,
+                     ess, weight_decay, HAS_PRIOR_PRECISION, MASKED=False)
     else:
-        _sample_tile(param_ptr, mean_ptr, hess_ptr, k, n, quad, seed, draw, ess, weight_decay,
-                     MASKED=True)
+        _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, n, quad, seed, draw,
+                     ess, weight_decay, HAS_PRIOR_PRECISION, MASKED=True)
 
 
-def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, device_draws=None):
+def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, device_draws=None,
+           prior_precision=None):
     """Reference ``sample`` (see ivon_fast.reference) in one kernel launch."""
     n = _check_segment((param,), (mean, hess))
     _check_device_draws(device_draws, 1, param.device)
+    _check_prior(prior_precision, "prior_precision", mean)
     if n == 0:
         return
     _launch(_sample_kernel, param.device, n, offset, param, mean, hess,
-            mean if device_draws is None else device_draws, n, offset >> 2,
+            mean if device_draws is None else device_draws,
+            mean if prior_precision is None else prior_precision, n, offset >> 2,
             _u64_bits(seed, "seed"), _u64_bits(draw, "draw"), float(ess), float(weight_decay),
-            HAS_DEVICE_DRAWS=device_draws is not None)
+            HAS_DEVICE_DRAWS=device_draws is not None,
+            HAS_PRIOR_PRECISION=prior_precision is not None)
 
 
 # ------------------------------------------------------------------------------------------------
 # accumulate
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _hess_term(grad, hess, eps, ess, weight_decay, PRICE: tl.constexpr):
+def _hess_term(grad, hess, eps, ess, delta, PRICE: tl.constexpr):
     """price: noise * grad (noise of the sample the grad was taken at);  gradsq: grad^2"""
     if PRICE:
-        return _sigma_noise(eps, hess, ess, weight_decay) * grad
+        return _sigma_noise(eps, hess, ess, delta) * grad
     else:
         return grad * grad
 
@@ -302,16 +323,19 @@ def _running_means(grad, term, avg_grad_ptr, avg_hess_term_ptr, k, n, count, sca
 
 
 @triton.jit
-def _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, k, n, quad, seed, draw,
-                     count, ess, weight_decay, FIRST: tl.constexpr, PRICE: tl.constexpr,
+def _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, prior_precision_ptr, k,
+                     n, quad, seed, draw, count, ess, weight_decay, FIRST: tl.constexpr,
+                     PRICE: tl.constexpr, HAS_PRIOR_PRECISION: tl.constexpr,
                      MASKED: tl.constexpr):
     """avg_grad, avg_hess_term <- running means with new = grad, hess_term(grad)"""
     grad = _load(grad_ptr, k, n, 0.0, MASKED)
     hess = _load(hess_ptr, k, n, 1.0, MASKED)
     eps = 0.0
-    if PRICE:  # gradsq needs no noise: skip the Philox work entirely
+    delta = weight_decay
+    if PRICE:  # gradsq needs no noise (nor its delta): skip the Philox work entirely
         eps = _normal(seed, draw, quad)
-    grad, term = _running_means(grad, _hess_term(grad, hess, eps, ess, weight_decay, PRICE),
+        delta = _delta(prior_precision_ptr, k, n, weight_decay, HAS_PRIOR_PRECISION, MASKED)
+    grad, term = _running_means(grad, _hess_term(grad, hess, eps, ess, delta, PRICE),
                                 avg_grad_ptr, avg_hess_term_ptr, k, n, count, 1.0, FIRST, PRICE,
                                 SCALED=False, MASKED=MASKED)
     _store(avg_grad_ptr, k, n, grad, MASKED)
@@ -319,35 +343,42 @@ def _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, k, n, 
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED[:3])
-def _accumulate_kernel(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, device_draws_ptr, n,
-                       quad_base, seed, draw, count, ess, weight_decay, FIRST: tl.constexpr,
-                       PRICE: tl.constexpr, HAS_DEVICE_DRAWS: tl.constexpr, LEAD: tl.constexpr,
+def _accumulate_kernel(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, device_draws_ptr,
+                       prior_precision_ptr, n, quad_base, seed, draw, count, ess, weight_decay,
+                       FIRST: tl.constexpr, PRICE: tl.constexpr, HAS_DEVICE_DRAWS: tl.constexpr,
+                       HAS_PRIOR_PRECISION: tl.constexpr, LEAD: tl.constexpr,
                        BLOCK: tl.constexpr):
     if HAS_DEVICE_DRAWS:  # the draw number on the device (capturable steps)
         draw = tl.load(device_draws_ptr)
     k, quad, full = _tile(quad_base, n, BLOCK, LEAD)
     if full:
-        _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, k, n, quad, seed,
-                         draw, count, ess, weight_decay, FIRST, PRICE, MASKED=False)
+        _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, prior_precision_ptr,
+                         k, n, quad, seed, draw, count, ess, weight_decay, FIRST, PRICE,
+                         HAS_PRIOR_PRECISION, MASKED=False)
     else:
-        _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, k, n, quad, seed,
-                         draw, count, ess, weight_decay, FIRST, PRICE, MASKED=True)
+        _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, prior_precision_ptr,
+                         k, n, quad, seed, draw, count, ess, weight_decay, FIRST, PRICE,
+                         HAS_PRIOR_PRECISION, MASKED=True)
 
 
 def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
-               weight_decay, hess_approx, device_draws=None):
+               weight_decay, hess_approx, device_draws=None, prior_precision=None):
     """Reference ``accumulate`` (see ivon_fast.reference) in one kernel launch."""
     n = _check_segment((grad,), (hess, avg_grad, avg_hess_term))
     price = _is_price(hess_approx)
     _check_count(count)
     _check_device_draws(device_draws, 1, grad.device)
+    _check_prior(prior_precision, "prior_precision", hess)
     if n == 0:
         return
+    # 'gradsq' never reads the prior precision (its hess term has no noise): one variant fewer
+    has_prior_precision = price and prior_precision is not None
     _launch(_accumulate_kernel, hess.device, n, offset, grad, hess, avg_grad, avg_hess_term,
-            hess if device_draws is None else device_draws, n, offset >> 2,
+            hess if device_draws is None else device_draws,
+            prior_precision if has_prior_precision else hess, n, offset >> 2,
             _u64_bits(seed, "seed"), _u64_bits(draw, "draw"), float(count), float(ess),
             float(weight_decay), FIRST=count == 1, PRICE=price,
-            HAS_DEVICE_DRAWS=device_draws is not None)
+            HAS_DEVICE_DRAWS=device_draws is not None, HAS_PRIOR_PRECISION=has_prior_precision)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,25 +386,30 @@ def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0,
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
-                 avg_hess_term_ptr, k, n, quad, seed, draw, next_draw, count, lr, ess,
-                 weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
-                 clip_radius, debias, scale, skip, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
-                 PRICE: tl.constexpr, RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                 HAS_FOUND_INF: tl.constexpr, MASKED: tl.constexpr):
+                 avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, n, quad, seed, draw,
+                 next_draw, count, lr, ess, weight_decay, beta1, one_minus_beta1, beta2,
+                 one_minus_beta2, hess_coef, clip_radius, debias, scale, skip,
+                 HAS_GRAD: tl.constexpr, FIRST: tl.constexpr, PRICE: tl.constexpr,
+                 RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                 HAS_FOUND_INF: tl.constexpr, HAS_PRIOR_MEAN: tl.constexpr,
+                 HAS_PRIOR_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """The update of docs/DESIGN.md section 2, op for op as the reference:
 
         gbar, tbar = the averages, with the grad of the last sample folded in when HAS_GRAD
                      (grad and averages divided by the grad scale first when HAS_GRAD_SCALE)
+        d = wd, or (HAS_PRIOR_PRECISION) the element's prior precision
         g <- b1 g + (1 - b1) gbar
-        f <- (tbar (h + wd)) ess  [price]      f <- tbar ess  [gradsq]
-        h <- (b2 h + (1 - b2) f) + (hess_coef (h - f)^2) / (h + wd),  hess_coef = 0.5 (1 - b2)^2
-        m <- m - lr clip((g / debias + wd m) / (h + wd), -rho, rho)        (new g and h)
+        f <- (tbar (h + d)) ess  [price]      f <- tbar ess  [gradsq]
+        h <- (b2 h + (1 - b2) f) + (hess_coef (h - f)^2) / (h + d),  hess_coef = 0.5 (1 - b2)^2
+        m <- m - lr clip((g / debias + d m) / (h + d), -rho, rho)        (new g and h)
+             (HAS_PRIOR_MEAN: d (m - mu0) in place of d m)
         (skip, HAS_FOUND_INF only: g, h and m keep their old values)
-        param <- m, or (RESAMPLE) m + eps(next_draw) / sqrt(ess (h + wd))   (new m and h)
+        param <- m, or (RESAMPLE) m + eps(next_draw) / sqrt(ess (h + d))   (new m and h)
     """
     mean = _load(mean_ptr, k, n, 0.0, MASKED)
     momentum = _load(momentum_ptr, k, n, 0.0, MASKED)
     hess = _load(hess_ptr, k, n, 1.0, MASKED)
+    delta = _delta(prior_precision_ptr, k, n, weight_decay, HAS_PRIOR_PRECISION, MASKED)
     if HAS_GRAD:
         grad = _unscaled(_load(grad_ptr, k, n, 0.0, MASKED), scale, HAS_GRAD_SCALE)
         eps = 0.0
@@ -381,7 +417,7 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
             eps = _normal(seed, draw, quad)
         # FIRST (count == 1) reads no averages at all
         grad_mean, hess_term = _running_means(
-            grad, _hess_term(grad, hess, eps, ess, weight_decay, PRICE), avg_grad_ptr,
+            grad, _hess_term(grad, hess, eps, ess, delta, PRICE), avg_grad_ptr,
             avg_hess_term_ptr, k, n, count, scale, FIRST, PRICE, HAS_GRAD_SCALE, MASKED)
     else:
         grad_mean, hess_term = _averages(avg_grad_ptr, avg_hess_term_ptr, k, n, scale, PRICE,
@@ -389,14 +425,17 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
 
     new_momentum = beta1 * momentum + one_minus_beta1 * grad_mean
     if PRICE:
-        nll_hess = (hess_term * (hess + weight_decay)) * ess
+        nll_hess = (hess_term * (hess + delta)) * ess
     else:
         nll_hess = hess_term * ess
     diff = hess - nll_hess
     new_hess = ((beta2 * hess + one_minus_beta2 * nll_hess)
-                + tl.div_rn(hess_coef * (diff * diff), hess + weight_decay))
-    step = tl.div_rn(tl.div_rn(new_momentum, debias) + weight_decay * mean,
-                     new_hess + weight_decay)
+                + tl.div_rn(hess_coef * (diff * diff), hess + delta))
+    if HAS_PRIOR_MEAN:  # the pull toward the prior's mean
+        prior_term = delta * (mean - _load(prior_mean_ptr, k, n, 0.0, MASKED))
+    else:  # toward 0: ivon-opt's weight decay
+        prior_term = delta * mean
+    step = tl.div_rn(tl.div_rn(new_momentum, debias) + prior_term, new_hess + delta)
     # NaN stays NaN, as in torch.clip (tl.minimum / tl.maximum would drop it)
     new_mean = mean - lr * tl.clamp(step, -clip_radius, clip_radius,
                                     propagate_nan=tl.PropagateNan.ALL)
@@ -409,21 +448,21 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
     _store(hess_ptr, k, n, new_hess, MASKED)
     _store(mean_ptr, k, n, new_mean, MASKED)
     if RESAMPLE:  # write the next sample now: saves a separate sample pass over m and h
-        new_mean = new_mean + _sigma_noise(_normal(seed, next_draw, quad), new_hess, ess,
-                                           weight_decay)
+        new_mean = new_mean + _sigma_noise(_normal(seed, next_draw, quad), new_hess, ess, delta)
     _store(param_ptr, k, n, new_mean, MASKED)
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
                    avg_hess_term_ptr, grad_scale_ptr, found_inf_ptr, device_lr_ptr,
-                   device_debias_ptr, device_draws_ptr, n, quad_base, seed, draw, next_draw,
-                   count, lr, ess,
+                   device_debias_ptr, device_draws_ptr, prior_mean_ptr, prior_precision_ptr, n,
+                   quad_base, seed, draw, next_draw, count, lr, ess,
                    weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
                    clip_radius, debias, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
                    PRICE: tl.constexpr, RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                    HAS_FOUND_INF: tl.constexpr, HAS_DEVICE_LR: tl.constexpr,
                    HAS_DEVICE_DEBIAS: tl.constexpr, HAS_DEVICE_DRAWS: tl.constexpr,
+                   HAS_PRIOR_MEAN: tl.constexpr, HAS_PRIOR_PRECISION: tl.constexpr,
                    LEAD: tl.constexpr, BLOCK: tl.constexpr):
     # the device scalars (1-element fp32 tensors), read here, never on the host; an absent one
     # costs nothing (its flag is off and its pointer is never touched)
@@ -444,27 +483,31 @@ def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_gr
     k, quad, full = _tile(quad_base, n, BLOCK, LEAD)
     if full:
         _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
-                     avg_hess_term_ptr, k, n, quad, seed, draw, next_draw, count, lr, ess,
-                     weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
-                     clip_radius, debias, scale, skip, HAS_GRAD, FIRST, PRICE, RESAMPLE,
-                     HAS_GRAD_SCALE, HAS_FOUND_INF, MASKED=False)
+                     avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, n, quad, seed,
+                     draw, next_draw, count, lr, ess, weight_decay, beta1, one_minus_beta1, beta2,
+                     one_minus_beta2, hess_coef, clip_radius, debias, scale, skip, HAS_GRAD,
+                     FIRST, PRICE, RESAMPLE, HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_PRIOR_MEAN,
+                     HAS_PRIOR_PRECISION, MASKED=False)
     else:
         _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
-                     avg_hess_term_ptr, k, n, quad, seed, draw, next_draw, count, lr, ess,
-                     weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
-                     clip_radius, debias, scale, skip, HAS_GRAD, FIRST, PRICE, RESAMPLE,
-                     HAS_GRAD_SCALE, HAS_FOUND_INF, MASKED=True)
+                     avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, n, quad, seed,
+                     draw, next_draw, count, lr, ess, weight_decay, beta1, one_minus_beta1, beta2,
+                     one_minus_beta2, hess_coef, clip_radius, debias, scale, skip, HAS_GRAD,
+                     FIRST, PRICE, RESAMPLE, HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_PRIOR_MEAN,
+                     HAS_PRIOR_PRECISION, MASKED=True)
 
 
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
            next_draw=None, offset=0, count, hess_approx, scalars: StepScalars, grad_scale=None,
-           found_inf=None, device_lr=None, device_debias=None, device_draws=None):
+           found_inf=None, device_lr=None, device_debias=None, device_draws=None,
+           prior_mean=None, prior_precision=None):
     """Reference ``update`` (see ivon_fast.reference) in one kernel launch.
 
     With ``grad`` given and count == 1 the averages are neither read nor written (they may be
     None); with ``grad=None`` they must hold all ``count`` samples. ``grad_scale``,
     ``found_inf``, ``device_lr`` and ``device_debias`` are 1-element float32 tensors on the
-    params' device (or None); the kernel reads them, the host never does.
+    params' device (or None); the kernel reads them, the host never does. ``prior_mean`` and
+    ``prior_precision`` are fp32 tensors of the segment (or None).
     """
     price = _is_price(hess_approx)
     _check_count(count)
@@ -478,12 +521,15 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
     for name, tensor in device_scalars.items():
         _check_device_scalar(tensor, name, param.device)
     _check_device_draws(device_draws, 2, param.device)
+    _check_prior(prior_mean, "prior_mean", mean)
+    _check_prior(prior_precision, "prior_precision", mean)
     if n == 0:
         return
     s = scalars
     # unused pointers still need a tensor: hand the kernel one it never touches
     pointers = [mean if tensor is None else tensor for tensor in device_scalars.values()]
     pointers.append(hess if device_draws is None else device_draws)
+    pointers += [mean if prior is None else prior for prior in (prior_mean, prior_precision)]
     _launch(_update_kernel, param.device, n, offset, param, hess if grad is None else grad, mean,
             momentum, hess, hess if avg_grad is None else avg_grad,
             hess if avg_hess_term is None else avg_hess_term, *pointers, n, offset >> 2,
@@ -494,7 +540,8 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
             PRICE=price, RESAMPLE=next_draw is not None, HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, HAS_DEVICE_LR=device_lr is not None,
             HAS_DEVICE_DEBIAS=device_debias is not None,
-            HAS_DEVICE_DRAWS=device_draws is not None)
+            HAS_DEVICE_DRAWS=device_draws is not None, HAS_PRIOR_MEAN=prior_mean is not None,
+            HAS_PRIOR_PRECISION=prior_precision is not None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -570,6 +617,25 @@ def _check_device_draws(tensor, count: int, device: torch.device) -> None:
                          f"got {tensor.numel()} of {tensor.dtype}")
     if tensor.device != device:
         raise ValueError(f"device_draws must be on the params' device {device}, got "
+                         f"{tensor.device}")
+
+
+def _check_prior(tensor, name: str, state: torch.Tensor) -> None:
+    """An optional prior input: None, or an fp32 tensor of the segment (as long as ``state``,
+    contiguous, on its device)."""
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(tensor).__name__}")
+    if tensor.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 (the state dtype), got {tensor.dtype}")
+    if tensor.numel() != state.numel():
+        raise ValueError(f"{name} has {tensor.numel()} elements but the segment has "
+                         f"{state.numel()}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if tensor.device != state.device:
+        raise ValueError(f"{name} must be on the params' device {state.device}, got "
                          f"{tensor.device}")
 
 

@@ -16,7 +16,10 @@ from ivon_fast import cpp_backend as cpp
 from ivon_fast import reference as ref
 from ivon_fast.scalars import StepScalars
 
-from kernel_checks import assert_low_precision_rounding
+from kernel_checks import (PRIOR_OUTPUTS, PRIOR_SCALARS, PRIOR_SEED,
+                           assert_low_precision_rounding, check_prior_against_reference,
+                           neutral_prior_is_the_weight_decay, prior_inputs, prior_state,
+                           run_prior_op)
 
 _REASON = cpp.unavailable_reason("cpu")
 if _REASON is not None and (os.environ.get("IVON_FAST_EXPECT_EXT") == "1"
@@ -503,6 +506,219 @@ def test_torch_compile_with_device_scalars_matches_eager():
             assert torch.equal(compiled[key], eager[key]), key
 
 
+# ---- the per-element prior: prior_mean, prior_precision (Note [per-element prior] in ivon_math.h)
+
+def _close(actual, expected, dtype):
+    torch.testing.assert_close(actual, expected, **PARAM_TOL[dtype])
+
+
+def _device_draws(values, device):
+    """uint64 draw numbers as the int64 tensor that holds their bits."""
+    return torch.tensor([v - (1 << 64) if v >= 1 << 63 else v for v in values],
+                        dtype=torch.int64, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,offset", [(1, 0), (3, 1), (7, 3), (4097, 4099), (70_001, 2)])
+def test_sample_with_prior_precision(device, dtype, n, offset):
+    _skip_without_cuda(device)
+    check_prior_against_reference(cpp, "sample", device, dtype, "precision", _close, n=n,
+                                  offset=offset)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("n,offset", [(5, 3), (4097, 1)])
+def test_accumulate_with_prior_precision(device, dtype, hess_approx, count, n, offset):
+    """'price''s noise uses the prior precision; 'gradsq' has no noise, so it cannot matter."""
+    _skip_without_cuda(device)
+    check_prior_against_reference(cpp, "accumulate", device, dtype, "precision", _close, n=n,
+                                  offset=offset, hess_approx=hess_approx, count=count,
+                                  prior_matters=hess_approx == "price")
+
+
+_PRIOR_UPDATE_CASES = list(itertools.product(
+    ["mean", "precision", "both"],
+    [torch.float32, torch.bfloat16, torch.float16],
+    ["price", "gradsq"],
+    [(True, 1), (True, 3), (False, 3)],        # (grad given, count): the three GradModes
+    [None, 12],                                 # next_draw
+))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(len(_PRIOR_UPDATE_CASES)))
+def test_update_with_priors(device, case):
+    """Every instance with a prior against the reference. Where the reference draws no noise
+    (no 'price' grad, no next sample) its fp32 arithmetic is the kernel's, op for op: the CPU
+    kernel then gives its bits."""
+    _skip_without_cuda(device)
+    prior, dtype, hess_approx, (grad, count), next_draw = _PRIOR_UPDATE_CASES[case]
+    kw = dict(hess_approx=hess_approx, grad=grad, count=count, next_draw=next_draw,
+              offset=4096 + case % 4)
+    got = check_prior_against_reference(cpp, "update", device, dtype, prior, _close, **kw)
+    noise_free = not (hess_approx == "price" and grad) and next_draw is None
+    if noise_free and device == "cpu":
+        state = prior_state(4097, dtype, device, hess_approx)
+        want = run_prior_op(ref, "update", state, prior_inputs(prior, 4097, device), **kw)
+        for key in PRIOR_OUTPUTS["update"]:
+            assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# 70_001 elements: several threads' ranges (Note [thread split over quads] in cpu_dispatch.cpp)
+@pytest.mark.parametrize("n,offset", [(1, 0), (3, 1), (5, 2), (7, 3), (4097, 4099),
+                                      (70_001, 1)])
+@pytest.mark.parametrize("found", [0.0, 1.0])
+def test_priors_with_device_scalars_and_draws(device, dtype, n, offset, found):
+    """Both priors together with every device scalar and the device draws, on odd segments
+    (partial quads at both ends, several threads); sample and accumulate with the device draw.
+    A skipped step keeps the state, and its next sample still uses the prior precision."""
+    _skip_without_cuda(device)
+    dev = dict(grad_scale=_one(3.0, device), found_inf=_one(found, device),
+               device_lr=_one(0.1, device), device_debias=_one(0.4, device),
+               device_draws=_device_draws([5, (1 << 63) + 3], device))
+    got = check_prior_against_reference(cpp, "update", device, dtype, "both", _close, n=n,
+                                        offset=offset, count=3, next_draw=EVAL_DRAW, **dev)
+    if found:
+        before = prior_state(n, dtype, device)
+        for key in ("mean", "momentum", "hess"):
+            assert torch.equal(got[key], before[key]), key
+    one_draw = dict(device_draws=_device_draws([(1 << 63) + 3], device))
+    check_prior_against_reference(cpp, "sample", device, dtype, "precision", _close, n=n,
+                                  offset=offset, **one_draw)
+    check_prior_against_reference(cpp, "accumulate", device, dtype, "precision", _close, n=n,
+                                  offset=offset, count=2, **one_draw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prior", ["mean", "precision", "both"])
+@pytest.mark.parametrize("next_draw", [None, 12])
+@pytest.mark.parametrize("grad,count", _GRAD_MODES)
+def test_priors_in_a_skipped_step(device, prior, next_draw, grad, count):
+    """found_inf: state bit for bit unchanged whatever the prior; the param is the old mean, or
+    the sample op's sample around the old state with the same prior precision (same bits)."""
+    _skip_without_cuda(device)
+    n = 4097
+    state = prior_state(n, torch.bfloat16, device)
+    priors = prior_inputs(prior, n, device)
+    got = run_prior_op(cpp, "update", state, priors, grad=grad, count=count,
+                       next_draw=next_draw, found_inf=_one(1.0, device))
+    for key in ("mean", "momentum", "hess", "avg_grad", "avg_hess_term"):
+        assert torch.equal(got[key], state[key]), key
+    if next_draw is None:
+        assert torch.equal(got["param"], state["mean"].to(torch.bfloat16))
+    else:
+        sampled = torch.empty_like(state["param"])
+        cpp.sample(sampled, state["mean"], state["hess"], seed=PRIOR_SEED, draw=next_draw,
+                   offset=4099, ess=PRIOR_SCALARS.ess, weight_decay=PRIOR_SCALARS.weight_decay,
+                   prior_precision=priors.get("prior_precision"))
+        assert torch.equal(got["param"], sampled)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("grad,count", _GRAD_MODES)
+def test_a_neutral_prior_is_the_weight_decay_bit_for_bit(device, dtype, hess_approx, grad,
+                                                         count):
+    """Precision weight_decay and mean 0 in every element: the instances with the prior inputs
+    compute the bits of the instances without them (sample, accumulate, update)."""
+    _skip_without_cuda(device)
+    kw = dict(hess_approx=hess_approx, count=count)
+    neutral_prior_is_the_weight_decay(cpp, "update", device, dtype, grad=grad, next_draw=12,
+                                      **kw)
+    neutral_prior_is_the_weight_decay(cpp, "accumulate", device, dtype, **kw)
+    neutral_prior_is_the_weight_decay(cpp, "sample", device, dtype)
+
+
+def test_prior_inputs_validation():
+    st = prior_state(8, torch.float32, "cpu")
+    kw = dict(grad=True, count=1, offset=0)
+    for name in ("prior_mean", "prior_precision"):
+        with pytest.raises(RuntimeError, match=f"{name} has 7 elements but param has 8"):
+            run_prior_op(cpp, "update", st, {name: torch.zeros(7)}, **kw)
+        with pytest.raises(RuntimeError, match=f"{name} must be Float, got Double"):
+            run_prior_op(cpp, "update", st, {name: torch.zeros(8, dtype=torch.float64)}, **kw)
+        with pytest.raises(RuntimeError, match=f"{name} must be contiguous"):
+            run_prior_op(cpp, "update", st, {name: torch.zeros(16)[::2]}, **kw)
+        # a meta tensor dispatches the call to the fake kernel, which checks the same
+        with pytest.raises(RuntimeError, match=f"{name} is on meta but param is on cpu"):
+            run_prior_op(cpp, "update", st, {name: torch.zeros(8, device="meta")}, **kw)
+        # the CPU kernel's own check of the device
+        s = PRIOR_SCALARS
+        with pytest.raises(RuntimeError, match=f"{name} is on meta but param is on cpu"):
+            torch.ops.ivon_fast.update.default.redispatch(
+                torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), st["param"], st["grad"],
+                st["mean"], st["momentum"], st["hess"], None, None, seed=0, draw=0,
+                next_draw=None, offset=0, count=1, hess_approx="price", lr=s.lr, ess=s.ess,
+                weight_decay=s.weight_decay, beta1=s.beta1, one_minus_beta1=s.one_minus_beta1,
+                beta2=s.beta2, one_minus_beta2=s.one_minus_beta2, hess_coef=s.hess_coef,
+                clip_radius=s.clip_radius, debias=s.debias,
+                **{name: torch.zeros(8, device="meta")})
+    for op in ("sample", "accumulate"):
+        with pytest.raises(RuntimeError, match="prior_precision has 9 elements"):
+            run_prior_op(cpp, op, st, {"prior_precision": torch.zeros(9)}, offset=0)
+        with pytest.raises(RuntimeError, match="prior_precision must be Float, got Half"):
+            run_prior_op(cpp, op, st, {"prior_precision": torch.zeros(8, dtype=torch.half)},
+                         offset=0)
+        with pytest.raises(RuntimeError, match="prior_precision is on meta"):
+            run_prior_op(cpp, op, st, {"prior_precision": torch.zeros(8, device="meta")},
+                         offset=0)
+    # 'gradsq' does not read it, but a wrong one is still an error
+    with pytest.raises(RuntimeError, match="prior_precision has 9 elements"):
+        run_prior_op(cpp, "accumulate", st, {"prior_precision": torch.zeros(9)}, offset=0,
+                     hess_approx="gradsq")
+
+
+def test_torch_compile_with_priors_matches_eager():
+    """The fake kernels take the prior inputs; a traced step passes them to the kernels."""
+    n = 1003
+    priors = prior_inputs("both", n, "cpu")
+
+    def step(st):
+        cpp.sample(st["param"], st["mean"], st["hess"], seed=3, draw=1, offset=2, ess=30.0,
+                   weight_decay=1e-3, prior_precision=priors["prior_precision"])
+        cpp.accumulate(st["grad"], st["hess"], st["avg_grad"], st["avg_hess_term"], seed=3,
+                       draw=1, offset=2, count=1, ess=30.0, weight_decay=1e-3,
+                       hess_approx="price", prior_precision=priors["prior_precision"])
+        cpp.update(st["param"], st["grad"], st["mean"], st["momentum"], st["hess"],
+                   st["avg_grad"], st["avg_hess_term"], seed=3, draw=2, next_draw=3, offset=2,
+                   count=2, hess_approx="price", scalars=PRIOR_SCALARS, **priors)
+        return st["param"] * 2.0
+
+    eager = prior_state(n, torch.float32, "cpu")
+    compiled = _clone(eager)
+    out_eager = step(eager)
+    torch._dynamo.reset()
+    out_compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(compiled)
+    torch.testing.assert_close(out_compiled, out_eager, rtol=0, atol=0)
+    for key in ("param", "mean", "momentum", "hess", "avg_grad", "avg_hess_term"):
+        assert torch.equal(compiled[key], eager[key]), key
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prior", ["mean", "precision", "both"])
+def test_cuda_matches_cpu_kernels_bitwise_with_priors(dtype, prior):
+    _skip_without_cuda("cuda")
+    results = {}
+    for device in ("cpu", "cuda"):
+        state, priors = prior_state(100_003, dtype, device), prior_inputs(prior, 100_003, device)
+        upd = run_prior_op(cpp, "update", state, priors, count=3, next_draw=EVAL_DRAW, offset=3)
+        precision = {k: v for k, v in priors.items() if k == "prior_precision"}
+        acc = run_prior_op(cpp, "accumulate", state, precision, count=2, offset=3)
+        smp = run_prior_op(cpp, "sample", state, precision, offset=3)
+        results[device] = [upd[k].cpu() for k in PRIOR_OUTPUTS["update"]] + [
+            acc["avg_grad"].cpu(), acc["avg_hess_term"].cpu(), smp["param"].cpu()]
+    for a, b in zip(results["cuda"], results["cpu"]):
+        assert torch.equal(a, b)
+
+
 # ---- every CPU instruction-set build: the counter's high word, rounding of bf16 / fp16 --------
 
 @pytest.fixture(params=["avx512", "avx2", "generic"])
@@ -570,8 +786,23 @@ def test_cpu_isa_builds_agree_bitwise():
             skipped = _state(70_001, torch.float16, "cpu", seed=6)
             _update_with(cpp, skipped, grad=False, count=3, hess_approx="price", offset=1,
                          found_inf=_one(1.0, "cpu"))
+            # the instances with prior inputs, each alone and both (Note [prior flags])
+            priors = {}
+            for prior, dtype in (("mean", torch.float16), ("precision", torch.float32),
+                                 ("both", torch.bfloat16)):
+                state = prior_state(70_001, dtype, "cpu")
+                inputs = prior_inputs(prior, 70_001, "cpu")
+                upd = run_prior_op(cpp, "update", state, inputs, count=3, next_draw=EVAL_DRAW,
+                                   offset=1)
+                priors.update({f"{prior}_{k}": upd[k] for k in PRIOR_OUTPUTS["update"]})
+                if prior != "mean":
+                    precision = dict(prior_precision=inputs["prior_precision"])
+                    acc = run_prior_op(cpp, "accumulate", state, precision, count=2, offset=1)
+                    smp = run_prior_op(cpp, "sample", state, precision, offset=1)
+                    priors.update({f"{prior}_avg_hess_term": acc["avg_hess_term"],
+                                   f"{prior}_sample": smp["param"]})
             results[isa] = {**st, **{f"scaled_{k}": v for k, v in scaled.items()},
-                            **{f"skipped_{k}": v for k, v in skipped.items()}}
+                            **{f"skipped_{k}": v for k, v in skipped.items()}, **priors}
         finally:
             cpp.set_cpu_isa("")
     assert "generic" in results
@@ -579,6 +810,8 @@ def test_cpu_isa_builds_agree_bitwise():
         for key in ("mean", "momentum", "hess", "param"):
             for prefix in ("", "scaled_", "skipped_"):
                 assert torch.equal(st[prefix + key], results["generic"][prefix + key]), (isa, key)
+        for key in (k for k in st if k.startswith(("mean_", "precision_", "both_"))):
+            assert torch.equal(st[key], results["generic"][key]), (isa, key)
 
 
 def test_input_validation():
@@ -620,6 +853,11 @@ def test_cpu_kernels_registered_with_schema():
     # update's device scalars: optional keywords, so callers without them keep working
     for name in ("grad_scale", "found_inf", "device_lr", "device_debias"):
         assert f"Tensor? {name}=None" in schema, name
+    # the per-element prior: optional keywords too; only update reads a prior mean
+    assert "Tensor? prior_mean=None" in schema and "Tensor? prior_precision=None" in schema
+    for op in ("sample", "accumulate"):
+        op_schema = str(getattr(torch.ops.ivon_fast, op).default._schema)
+        assert "Tensor? prior_precision=None" in op_schema and "prior_mean" not in op_schema
 
 
 def test_torch_compile_matches_eager():

@@ -246,3 +246,160 @@ def test_device_lr_and_debias_equal_the_scalars(dtype):
     for key in ("mean", "momentum", "hess", "param"):
         assert torch.equal(with_tensors[key], with_floats[key]), key
     assert not torch.equal(with_tensors["mean"], unchanged["mean"])
+
+
+# ---- the per-element prior: prior_mean, prior_precision ----------------------------------------
+
+def _prior_inputs(dtype, n, seed=40):
+    generator = torch.Generator().manual_seed(seed)
+    precision = torch.rand(n, generator=generator, dtype=torch.float64) * 0.6
+    precision[::4] = 0.0  # no pull at all for some elements
+    return dict(prior_mean=torch.randn(n, generator=generator, dtype=torch.float64).to(dtype),
+                prior_precision=precision.to(dtype))
+
+
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+def test_prior_ops_in_float64_match_one_element_computed_by_hand(hess_approx):
+    """sample, accumulate and update with both prior inputs, against the formulas of the op
+    contract written out for each element in Python floats (doubles): delta_i in place of the
+    weight decay everywhere, delta_i (m - mu0_i) in the step."""
+    n, offset, seed = 7, 5, 21
+    lr, ess, wd, b1, b2, radius, debias = 0.1, 40.0, 1e-3, 0.9, 0.99, 0.3, 0.19
+    st = _update_inputs(torch.float64, n=n, seed=8)
+    avg_grad = torch.randn(n, dtype=torch.float64)
+    avg_term = 0.1 * torch.randn(n, dtype=torch.float64)
+    prior = _prior_inputs(torch.float64, n)
+    sampled = torch.empty(n, dtype=torch.float64)
+    reference.sample(sampled, st["mean"], st["hess"], seed=seed, draw=2, offset=offset, ess=ess,
+                     weight_decay=wd, prior_precision=prior["prior_precision"])
+    accumulated = [avg_grad.clone(), avg_term.clone()]
+    reference.accumulate(st["grad"], st["hess"], *accumulated, seed=seed, draw=3, offset=offset,
+                         count=2, ess=ess, weight_decay=wd, hess_approx=hess_approx,
+                         prior_precision=prior["prior_precision"])
+    after = {k: v.clone() for k, v in st.items()}
+    scalars = StepScalars.of(lr=lr, ess=ess, weight_decay=wd, beta1=b1, beta2=b2,
+                             clip_radius=radius, debias=debias)
+    reference.update(after["param"], after["grad"], after["mean"], after["momentum"],
+                     after["hess"], None, None, seed=seed, draw=3, next_draw=4, offset=offset,
+                     count=1, hess_approx=hess_approx, scalars=scalars, **prior)
+    eps = {d: reference.philox_normal(seed, d, offset, n).tolist() for d in (2, 3, 4)}
+    for k in range(n):
+        m, g0, h, gr = (st[key][k].item() for key in ("mean", "momentum", "hess", "grad"))
+        mu, d = prior["prior_mean"][k].item(), prior["prior_precision"][k].item()
+        # sample: m + eps / sqrt(ess (h + d))
+        assert math.isclose(sampled[k].item(), m + eps[2][k] / math.sqrt(ess * (h + d)),
+                            rel_tol=1e-12, abs_tol=1e-15)
+        # accumulate, second sample: avg + (new - avg) / 2
+        noise = eps[3][k] / math.sqrt(ess * (h + d))
+        term = noise * gr if hess_approx == "price" else gr * gr
+        for got, avg, new in ((accumulated[0], avg_grad, gr), (accumulated[1], avg_term, term)):
+            assert math.isclose(got[k].item(), avg[k].item() + (new - avg[k].item()) / 2,
+                                rel_tol=1e-12, abs_tol=1e-15)
+        # update (count 1, the grad's own sample noise), then the sample of draw 4
+        f = term * (h + d) * ess if hess_approx == "price" else term * ess
+        g = b1 * g0 + (1 - b1) * gr
+        h_new = b2 * h + (1 - b2) * f + 0.5 * (1 - b2) ** 2 * (h - f) ** 2 / (h + d)
+        step = min(max((g / debias + d * (m - mu)) / (h_new + d), -radius), radius)
+        m_new = m - lr * step
+        for key, want in (("momentum", g), ("hess", h_new), ("mean", m_new),
+                          ("param", m_new + eps[4][k] / math.sqrt(ess * (h_new + d)))):
+            assert math.isclose(after[key][k].item(), want, rel_tol=1e-12, abs_tol=1e-15), key
+
+
+def _todays_update(st, grad, count, hess_approx, s, next_draw, seed, draw, offset):
+    """The update as the reference wrote it before the prior inputs existed (ivon-opt's
+    arithmetic), for the check that None / None still computes it bit for bit."""
+    mean, momentum, hess = st["mean"], st["momentum"], st["hess"]
+    noise = reference.philox_normal(seed, draw, offset, mean.numel()).to(mean.dtype) / (
+        s.ess * (hess + s.weight_decay)).sqrt()
+    new_term = noise * grad if hess_approx == "price" else grad.square()
+    grad_mean = grad if count == 1 else st["avg_grad"] + (grad - st["avg_grad"]) / count
+    hess_term = new_term if count == 1 else (st["avg_hess_term"]
+                                             + (new_term - st["avg_hess_term"]) / count)
+    new_momentum = s.beta1 * momentum + s.one_minus_beta1 * grad_mean
+    if hess_approx == "price":
+        nll_hess = (hess_term * (hess + s.weight_decay)) * s.ess
+    else:
+        nll_hess = hess_term * s.ess
+    new_hess = (s.beta2 * hess + s.one_minus_beta2 * nll_hess
+                + s.hess_coef * (hess - nll_hess).square() / (hess + s.weight_decay))
+    new_mean = mean - s.lr * torch.clip(
+        (new_momentum / s.debias + s.weight_decay * mean) / (new_hess + s.weight_decay),
+        min=-s.clip_radius, max=s.clip_radius)
+    eps = reference.philox_normal(seed, next_draw, offset, mean.numel()).to(mean.dtype)
+    return dict(momentum=new_momentum, hess=new_hess, mean=new_mean,
+                param=new_mean + eps / (s.ess * (new_hess + s.weight_decay)).sqrt())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("count", [1, 3])
+def test_without_priors_the_update_is_todays_bit_for_bit(dtype, hess_approx, count):
+    st = _device_scalar_inputs(dtype, hess_approx)
+    scalars = StepScalars.of(lr=0.05, ess=30.0, weight_decay=1e-3, beta1=0.9, beta2=0.99,
+                             clip_radius=0.5, debias=0.19)
+    want = _todays_update(st, st["grad"], count, hess_approx, scalars, 3, 7, 2, 5)
+    for priors in ({}, dict(prior_mean=None, prior_precision=None)):
+        got = _reference_update(st, grad=True, count=count, hess_approx=hess_approx,
+                                scalars=scalars, **priors)
+        for key in ("mean", "momentum", "hess", "param"):
+            assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("grad,count", _GRAD_MODES)
+def test_a_neutral_prior_is_the_weight_decay_bit_for_bit(dtype, hess_approx, grad, count):
+    """Precision = weight_decay everywhere and mean 0 give the bits of no prior at all: the
+    tensor enters the expressions exactly where the scalar did."""
+    st = _device_scalar_inputs(dtype, hess_approx)
+    wd = 1e-3
+    neutral = dict(prior_mean=torch.zeros(301, dtype=dtype),
+                   prior_precision=torch.full((301,), wd, dtype=dtype))
+    kw = dict(grad=grad, count=count, hess_approx=hess_approx)
+    got = _reference_update(st, **kw, **neutral)
+    want = _reference_update(st, **kw)
+    for key in ("mean", "momentum", "hess", "param"):
+        assert torch.equal(got[key], want[key]), key
+    sampled, plain = torch.empty(301, dtype=dtype), torch.empty(301, dtype=dtype)
+    reference.sample(sampled, st["mean"], st["hess"], seed=1, draw=2, ess=30.0, weight_decay=wd,
+                     prior_precision=neutral["prior_precision"])
+    reference.sample(plain, st["mean"], st["hess"], seed=1, draw=2, ess=30.0, weight_decay=wd)
+    assert torch.equal(sampled, plain)
+
+
+@pytest.mark.parametrize("name", ["prior_mean", "prior_precision"])
+@pytest.mark.parametrize("grad,count", _GRAD_MODES)
+def test_each_prior_input_moves_the_update(name, grad, count):
+    """Each input alone changes the step (and the precision the noise and hess): neither is
+    dropped by any mode."""
+    st = _device_scalar_inputs(torch.float64, "price")
+    prior = _prior_inputs(torch.float64, 301)
+    kw = dict(grad=grad, count=count, hess_approx="price")
+    got = _reference_update(st, **kw, **{name: prior[name]})
+    want = _reference_update(st, **kw)
+    assert (got["mean"] - want["mean"]).abs().max() > 1e-4
+    if name == "prior_precision":
+        assert (got["hess"] - want["hess"]).abs().max() > 1e-6
+    else:  # the mean's pull changes neither the hess nor the noise
+        assert torch.equal(got["hess"], want["hess"])
+
+
+def test_prior_inputs_are_checked():
+    st = _device_scalar_inputs(torch.float32, "price")
+    kw = dict(grad=True, count=1, hess_approx="price")
+    for name in ("prior_mean", "prior_precision"):
+        with pytest.raises(ValueError, match=f"{name} has 300 elements but the segment has 301"):
+            _reference_update(st, **kw, **{name: torch.zeros(300)})
+        with pytest.raises(TypeError, match=f"{name} must be torch.float32 .the state dtype., "
+                                            "got torch.float64"):
+            _reference_update(st, **kw, **{name: torch.zeros(301, dtype=torch.float64)})
+        with pytest.raises(ValueError, match=f"{name} must be on the params' device cpu"):
+            _reference_update(st, **kw, **{name: torch.zeros(301, device="meta")})
+    with pytest.raises(ValueError, match="prior_precision has 3 elements"):
+        reference.sample(st["param"], st["mean"], st["hess"], ess=1.0, weight_decay=0.0,
+                         prior_precision=torch.zeros(3))
+    with pytest.raises(TypeError, match="prior_precision must be torch.float32"):
+        reference.accumulate(st["grad"], st["hess"], st["avg_grad"], st["avg_hess_term"],
+                             count=1, ess=1.0, weight_decay=0.0, hess_approx="price",
+                             prior_precision=torch.zeros(301, dtype=torch.float16))

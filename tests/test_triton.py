@@ -18,7 +18,10 @@ from ivon_fast import reference
 from ivon_fast import triton_backend as tb
 from ivon_fast.scalars import StepScalars
 
-from kernel_checks import assert_low_precision_rounding
+from kernel_checks import (PRIOR_OUTPUTS, PRIOR_SCALARS, PRIOR_SEED,
+                           assert_low_precision_rounding, check_prior_against_reference,
+                           neutral_prior_is_the_weight_decay, prior_inputs, prior_state,
+                           run_prior_op)
 
 triton = pytest.importorskip("triton")
 tl = triton.language
@@ -490,6 +493,143 @@ def test_update_rejects_cpu_device_scalars_for_cuda_params():
 
 
 # ---------------------------------------------------------------------------------------------
+# The per-element prior: prior_mean, prior_precision (ivon_fast.reference's module docstring)
+# ---------------------------------------------------------------------------------------------
+PRIOR_SEGMENTS = [(1, 0), (3, 2), (5, 1), (5, 3), (4097, 3), (4097, 4099), (70_001, 1)]
+
+
+def device_draws(values, device):
+    """uint64 draw numbers as the int64 tensor that holds their bits."""
+    return torch.tensor([tb._u64_bits(v, "draw") for v in values], dtype=torch.int64,
+                        device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,offset", PRIOR_SEGMENTS)
+def test_sample_with_prior_precision(device, dtype, n, offset, block):
+    if block is not None and n > 10_000:
+        pytest.skip("tiny blocks on big segments are slow under the interpreter")
+    check_prior_against_reference(tb, "sample", device, dtype, "precision", assert_close, n=n,
+                                  offset=offset)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,offset", [(5, 3), (4097, 4099)])
+def test_accumulate_with_prior_precision(device, hess_approx, count, dtype, n, offset):
+    """'price''s noise uses the prior precision; 'gradsq' has no noise, so it cannot matter."""
+    check_prior_against_reference(tb, "accumulate", device, dtype, "precision", assert_close,
+                                  n=n, offset=offset, hess_approx=hess_approx, count=count,
+                                  prior_matters=hess_approx == "price")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("next_draw", [None, 7])
+@pytest.mark.parametrize("grad,count", GRAD_MODES)
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prior", ["mean", "precision", "both"])
+def test_update_with_priors(device, prior, dtype, hess_approx, grad, count, next_draw):
+    """Every flag combination with a prior against the reference. Where the reference draws no
+    noise (no 'price' grad, no next sample) the interpreter's fp32 arithmetic is the
+    reference's, op for op: the same bits."""
+    kw = dict(hess_approx=hess_approx, grad=grad, count=count, next_draw=next_draw)
+    got = check_prior_against_reference(tb, "update", device, dtype, prior, assert_close, **kw)
+    if device == "cpu" and next_draw is None and not (hess_approx == "price" and grad):
+        state = prior_state(4097, dtype, device, hess_approx)
+        want = run_prior_op(reference, "update", state, prior_inputs(prior, 4097, device), **kw)
+        for key in PRIOR_OUTPUTS["update"]:
+            assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,offset", PRIOR_SEGMENTS)
+@pytest.mark.parametrize("found", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# the interpreter's numpy warns about the skipped step's inf and NaN arithmetic
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_priors_with_device_scalars_and_draws(device, dtype, found, n, offset, block):
+    """Both priors with every device scalar and the device draws, on every segment shape; a
+    skipped step keeps the state and still samples with the prior precision. Sample and
+    accumulate with the prior precision and the device draw."""
+    if block is not None and n > 10_000:
+        pytest.skip("tiny blocks on big segments are slow under the interpreter")
+    dev = dict(grad_scale=one(3.0, device), found_inf=one(found, device),
+               device_lr=one(0.1, device), device_debias=one(0.4, device),
+               device_draws=device_draws([5, EVAL_DRAW], device))
+    got = check_prior_against_reference(tb, "update", device, dtype, "both", assert_close, n=n,
+                                        offset=offset, count=3, next_draw=EVAL_DRAW, **dev)
+    if found:
+        before = prior_state(n, dtype, device)
+        for key in ("mean", "momentum", "hess"):
+            assert torch.equal(got[key], before[key]), key
+    one_draw = dict(device_draws=device_draws([EVAL_DRAW], device))
+    check_prior_against_reference(tb, "sample", device, dtype, "precision", assert_close, n=n,
+                                  offset=offset, **one_draw)
+    check_prior_against_reference(tb, "accumulate", device, dtype, "precision", assert_close,
+                                  n=n, offset=offset, count=2, **one_draw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prior", ["mean", "precision", "both"])
+@pytest.mark.parametrize("next_draw", [None, 7])
+@pytest.mark.parametrize("grad,count", GRAD_MODES)
+def test_priors_in_a_skipped_step(device, prior, next_draw, grad, count):
+    """found_inf: state bit for bit unchanged whatever the prior; the param is the old mean, or
+    the sample op's sample around the old state with the same prior precision (same bits)."""
+    n = 4097
+    state = prior_state(n, torch.bfloat16, device)
+    priors = prior_inputs(prior, n, device)
+    got = run_prior_op(tb, "update", state, priors, grad=grad, count=count, next_draw=next_draw,
+                       found_inf=one(1.0, device))
+    for key in ("mean", "momentum", "hess", "avg_grad", "avg_hess_term"):
+        assert torch.equal(got[key], state[key]), key
+    if next_draw is None:
+        assert torch.equal(got["param"], state["mean"].to(torch.bfloat16))
+    else:
+        sampled = torch.empty_like(state["param"])
+        tb.sample(sampled, state["mean"], state["hess"], seed=PRIOR_SEED, draw=next_draw,
+                  offset=4099, ess=PRIOR_SCALARS.ess, weight_decay=PRIOR_SCALARS.weight_decay,
+                  prior_precision=priors.get("prior_precision"))
+        assert torch.equal(got["param"], sampled)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("grad,count", GRAD_MODES)
+def test_a_neutral_prior_is_the_weight_decay_bit_for_bit(device, hess_approx, grad, count):
+    """Precision weight_decay and mean 0 in every element: the variants with the prior inputs
+    compute the bits of the variants without them (sample, accumulate, update)."""
+    kw = dict(hess_approx=hess_approx, count=count)
+    neutral_prior_is_the_weight_decay(tb, "update", device, torch.float32, grad=grad,
+                                      next_draw=7, **kw)
+    neutral_prior_is_the_weight_decay(tb, "accumulate", device, torch.bfloat16, **kw)
+    neutral_prior_is_the_weight_decay(tb, "sample", device, torch.float16)
+
+
+def test_prior_inputs_validation():
+    st = prior_state(8, torch.float32, "cpu")
+    for op, names in (("sample", ["prior_precision"]), ("accumulate", ["prior_precision"]),
+                      ("update", ["prior_mean", "prior_precision"])):
+        for name in names:
+            with pytest.raises(ValueError, match=f"{name} has 7 elements but the segment has 8"):
+                run_prior_op(tb, op, st, {name: torch.zeros(7)}, offset=0)
+            with pytest.raises(TypeError, match=f"{name} must be float32 .the state dtype., "
+                                                "got torch.float64"):
+                run_prior_op(tb, op, st, {name: torch.zeros(8, dtype=torch.float64)}, offset=0)
+            with pytest.raises(ValueError, match=f"{name} must be contiguous"):
+                run_prior_op(tb, op, st, {name: torch.zeros(16)[::2]}, offset=0)
+            with pytest.raises(ValueError, match=f"{name} must be on the params' device cpu, "
+                                                 "got meta"):
+                run_prior_op(tb, op, st, {name: torch.zeros(8, device="meta")}, offset=0)
+            with pytest.raises(TypeError, match=f"{name} must be a tensor or None"):
+                run_prior_op(tb, op, st, {name: 0.5}, offset=0)
+
+
+# ---------------------------------------------------------------------------------------------
 # Rounding of bf16 / fp16 params
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
@@ -670,6 +810,14 @@ def _launch_every_op(device, dtype=torch.float32):
               grad_scale=one(3.0, device), found_inf=one(0.0, device),
               device_lr=one(0.1, device), device_debias=one(0.5, device),
               device_draws=torch.tensor([2, 3], dtype=torch.int64, device=device))
+    # with the prior inputs (their loads and the prior terms compile for the GPU too)
+    precision = 0.1 * hess
+    tb.sample(param, mean, hess, draw=1, prior_precision=precision, **common)
+    tb.accumulate(grad, hess, avg_grad, avg_term, draw=1, count=2, hess_approx="price",
+                  prior_precision=precision, **common)
+    tb.update(param, grad, mean, momentum, hess, avg_grad, avg_term, seed=BIG_SEED, offset=3,
+              draw=2, next_draw=3, count=2, hess_approx="price", scalars=update_scalars(0.1),
+              prior_mean=0.5 * mean, prior_precision=precision)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -677,7 +825,9 @@ def test_every_launch_turns_fp_contraction_off(device, monkeypatch):
     launches = _record_launches(monkeypatch)
     _launch_every_op(device)
     assert [name for name, _, _ in launches] == ["_sample_kernel", "_accumulate_kernel",
-                                                 "_update_kernel", "_update_kernel"]
+                                                 "_update_kernel", "_update_kernel",
+                                                 "_sample_kernel", "_accumulate_kernel",
+                                                 "_update_kernel"]
     for name, _, kwargs in launches:
         assert kwargs.get("enable_fp_fusion") is False, name
 
