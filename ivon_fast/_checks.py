@@ -132,7 +132,7 @@ def check_prior(name: str, value, params: list) -> None:
         if param.device.type == "meta" or tensor.device.type == "meta":
             raise ValueError(f"Invalid {name}: item {index} (or its param) is on the meta "
                              "device, where values cannot be kept; build the optimizer after "
-                             "materializing the model (prior_mean='init' works on meta params)")
+                             "materializing the model")
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"Invalid {name}: item {index} holds inf or NaN")
         if name == "prior_precision" and bool((tensor < 0).any()):

@@ -407,9 +407,6 @@ class FlatLayout:
         if old.device.type == "meta":  # nothing was ever computed there: start afresh
             new.mean[new_where].copy_(new.param_flat[new_where])
             new.hess[new_where].fill_(float(hess_init))
-            if old.prior_mean is not None:  # only prior_mean='init' is allowed on meta params
-                FlatLayout._ensure_prior(new, "prior_mean")
-                new.prior_mean[new_where].copy_(new.mean[new_where])
         else:
             for name in ("mean", "momentum", "hess"):
                 getattr(new, name)[new_where].copy_(getattr(old, name)[where].to(sdtype))
