@@ -130,3 +130,25 @@ def neutral_prior_is_the_weight_decay(backend, op, device, dtype, **kw):
     without = run_prior_op(backend, op, state, {}, **kw)
     for key in PRIOR_OUTPUTS[op]:
         assert torch.equal(with_prior[key], without[key]), key
+
+
+def check_priors_in_a_skipped_step(backend, device, prior, next_draw, grad, count, one):
+    """found_inf: state bit for bit unchanged whatever the prior; the param is the old mean, or
+    the sample op's sample around the old state with the same prior precision (same bits).
+    ``one(value, device)`` makes the 1-element found_inf tensor."""
+    n = 4097
+    state = prior_state(n, torch.bfloat16, device)
+    priors = prior_inputs(prior, n, device)
+    got = run_prior_op(backend, "update", state, priors, grad=grad, count=count,
+                       next_draw=next_draw, found_inf=one(1.0, device))
+    for key in ("mean", "momentum", "hess", "avg_grad", "avg_hess_term"):
+        assert torch.equal(got[key], state[key]), key
+    if next_draw is None:
+        assert torch.equal(got["param"], state["mean"].to(torch.bfloat16))
+    else:
+        sampled = torch.empty_like(state["param"])
+        backend.sample(sampled, state["mean"], state["hess"], seed=PRIOR_SEED, draw=next_draw,
+                       offset=4099, ess=PRIOR_SCALARS.ess,
+                       weight_decay=PRIOR_SCALARS.weight_decay,
+                       prior_precision=priors.get("prior_precision"))
+        assert torch.equal(got["param"], sampled)

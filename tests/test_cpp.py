@@ -16,8 +16,8 @@ from ivon_fast import cpp_backend as cpp
 from ivon_fast import reference as ref
 from ivon_fast.scalars import StepScalars
 
-from kernel_checks import (PRIOR_OUTPUTS, PRIOR_SCALARS, PRIOR_SEED,
-                           assert_low_precision_rounding, check_prior_against_reference,
+from kernel_checks import (PRIOR_OUTPUTS, PRIOR_SCALARS, assert_low_precision_rounding,
+                           check_prior_against_reference, check_priors_in_a_skipped_step,
                            neutral_prior_is_the_weight_decay, prior_inputs, prior_state,
                            run_prior_op)
 
@@ -600,24 +600,8 @@ def test_priors_with_device_scalars_and_draws(device, dtype, n, offset, found):
 @pytest.mark.parametrize("next_draw", [None, 12])
 @pytest.mark.parametrize("grad,count", _GRAD_MODES)
 def test_priors_in_a_skipped_step(device, prior, next_draw, grad, count):
-    """found_inf: state bit for bit unchanged whatever the prior; the param is the old mean, or
-    the sample op's sample around the old state with the same prior precision (same bits)."""
     _skip_without_cuda(device)
-    n = 4097
-    state = prior_state(n, torch.bfloat16, device)
-    priors = prior_inputs(prior, n, device)
-    got = run_prior_op(cpp, "update", state, priors, grad=grad, count=count,
-                       next_draw=next_draw, found_inf=_one(1.0, device))
-    for key in ("mean", "momentum", "hess", "avg_grad", "avg_hess_term"):
-        assert torch.equal(got[key], state[key]), key
-    if next_draw is None:
-        assert torch.equal(got["param"], state["mean"].to(torch.bfloat16))
-    else:
-        sampled = torch.empty_like(state["param"])
-        cpp.sample(sampled, state["mean"], state["hess"], seed=PRIOR_SEED, draw=next_draw,
-                   offset=4099, ess=PRIOR_SCALARS.ess, weight_decay=PRIOR_SCALARS.weight_decay,
-                   prior_precision=priors.get("prior_precision"))
-        assert torch.equal(got["param"], sampled)
+    check_priors_in_a_skipped_step(cpp, device, prior, next_draw, grad, count, _one)
 
 
 @pytest.mark.parametrize("device", DEVICES)

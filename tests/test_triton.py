@@ -18,8 +18,8 @@ from ivon_fast import reference
 from ivon_fast import triton_backend as tb
 from ivon_fast.scalars import StepScalars
 
-from kernel_checks import (PRIOR_OUTPUTS, PRIOR_SCALARS, PRIOR_SEED,
-                           assert_low_precision_rounding, check_prior_against_reference,
+from kernel_checks import (PRIOR_OUTPUTS, assert_low_precision_rounding,
+                           check_prior_against_reference, check_priors_in_a_skipped_step,
                            neutral_prior_is_the_weight_decay, prior_inputs, prior_state,
                            run_prior_op)
 
@@ -578,23 +578,7 @@ def test_priors_with_device_scalars_and_draws(device, dtype, found, n, offset, b
 @pytest.mark.parametrize("next_draw", [None, 7])
 @pytest.mark.parametrize("grad,count", GRAD_MODES)
 def test_priors_in_a_skipped_step(device, prior, next_draw, grad, count):
-    """found_inf: state bit for bit unchanged whatever the prior; the param is the old mean, or
-    the sample op's sample around the old state with the same prior precision (same bits)."""
-    n = 4097
-    state = prior_state(n, torch.bfloat16, device)
-    priors = prior_inputs(prior, n, device)
-    got = run_prior_op(tb, "update", state, priors, grad=grad, count=count, next_draw=next_draw,
-                       found_inf=one(1.0, device))
-    for key in ("mean", "momentum", "hess", "avg_grad", "avg_hess_term"):
-        assert torch.equal(got[key], state[key]), key
-    if next_draw is None:
-        assert torch.equal(got["param"], state["mean"].to(torch.bfloat16))
-    else:
-        sampled = torch.empty_like(state["param"])
-        tb.sample(sampled, state["mean"], state["hess"], seed=PRIOR_SEED, draw=next_draw,
-                  offset=4099, ess=PRIOR_SCALARS.ess, weight_decay=PRIOR_SCALARS.weight_decay,
-                  prior_precision=priors.get("prior_precision"))
-        assert torch.equal(got["param"], sampled)
+    check_priors_in_a_skipped_step(tb, device, prior, next_draw, grad, count, one)
 
 
 @pytest.mark.parametrize("device", DEVICES)
