@@ -92,6 +92,7 @@ def save(opt) -> dict:
         "params_hold": opt._pending_draw if opt.resample_on_step else None,
         "resample_on_step": opt.resample_on_step, "hess_approx": opt.hess_approx,
         "rng": opt.rng, "mc_samples": opt.mc_samples,
+        "state_dtype": str(opt.state_dtype).replace("torch.", ""),
     }
     # each group carries a copy of the counters too (Note [sharded state dicts]: DCP's
     # get_optimizer_state_dict keeps only "state" and "param_groups")

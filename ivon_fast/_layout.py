@@ -35,7 +35,7 @@ from typing import Iterator, Optional
 import torch
 
 from . import backends
-from .reference import state_dtype
+from .reference import moment_dtype, state_dtype
 
 PRIOR_STATE = ("prior_mean", "prior_precision")  # optional per-element state of a group
 
@@ -220,8 +220,9 @@ def _view(flat: torch.Tensor, where: slice, like: torch.Tensor, strides: tuple) 
 class FlatLayout:
     """The buckets of all param groups, and what user code did to their params."""
 
-    def __init__(self, backend_choice: str):
+    def __init__(self, backend_choice: str, low_precision: torch.dtype = torch.float32):
         self.backend_choice = backend_choice
+        self.low_precision = low_precision  # IVON's state_dtype: momentum and hess
         self.buckets: list = []
         self.numel = 0  # elements in the global flat index space so far
 
@@ -266,14 +267,15 @@ class FlatLayout:
         sizes = [p.numel() for p in params]
         starts = [0, *itertools.accumulate(sizes)][:-1]
         total, sdtype = sum(sizes), state_dtype(dtype)
+        mdtype = moment_dtype(dtype, self.low_precision)
         bucket = Bucket(
             group_index=group_index, group_start=group_start, params=params, starts=starts,
             offsets=offsets,
             param_flat=torch.empty(total, dtype=dtype, device=device),
             grad_flat=torch.zeros(total, dtype=dtype, device=device),
             mean=torch.empty(total, dtype=sdtype, device=device),
-            momentum=torch.zeros(total, dtype=sdtype, device=device),
-            hess=torch.empty(total, dtype=sdtype, device=device),
+            momentum=torch.zeros(total, dtype=mdtype, device=device),
+            hess=torch.empty(total, dtype=mdtype, device=device),
             backend=backends.resolve(self.backend_choice, device, dtype))
         for index, param in enumerate(params):
             strides = storage_strides(param)
@@ -409,7 +411,8 @@ class FlatLayout:
             new.hess[new_where].fill_(float(hess_init))
         else:
             for name in ("mean", "momentum", "hess"):
-                getattr(new, name)[new_where].copy_(getattr(old, name)[where].to(sdtype))
+                target = getattr(new, name)
+                target[new_where].copy_(getattr(old, name)[where].to(target.dtype))
             if old.trainable[index]:
                 # a conversion keeps the values the optimizer wrote; what differs was written
                 # by user code after the move (to_empty, then reset_parameters). The version

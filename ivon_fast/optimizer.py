@@ -185,6 +185,13 @@ class IVON(torch.optim.Optimizer):
             ``prior_mean``'s, >= 0. An earlier posterior gives both for continual learning:
             ``IVON(params, ..., **posterior.as_prior(ess))``. Also a param-group option. Each
             prior input costs one more read per element and step, only where given.
+        state_dtype (torch.dtype, default torch.float32): the dtype of the momentum and Hessian
+            state: torch.float32, or torch.bfloat16 (4 bytes per element less, stored by
+            stochastic rounding from the noise's Philox stream at draws of their own, so the
+            rounding is unbiased and deterministic; docs/DESIGN.md section 16). The mean stays
+            float32 (the master weights). bfloat16 runs on the reference backend so far
+            (``backend='auto'`` picks it), not with float64 params, ``capturable`` or sharded
+            params.
 
     Mixed precision: ``torch.amp.GradScaler`` takes the fused path (``_step_supports_amp_scaling``):
     ``scaler.step(optimizer)`` hands over its scale and inf flag, the kernels divide the gradients
@@ -206,7 +213,8 @@ class IVON(torch.optim.Optimizer):
                  debias: bool = True, rescale_lr: bool = True, *, backend: str = "auto",
                  seed: Optional[int] = None, rng: str = "philox",
                  resample_on_step: bool = False, skip_nonfinite: bool = True,
-                 capturable: bool = False, prior_mean=None, prior_precision=None):
+                 capturable: bool = False, prior_mean=None, prior_precision=None,
+                 state_dtype: torch.dtype = torch.float32):
         defaults = dict(lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
                         weight_decay=weight_decay, clip_radius=clip_radius)
         check_group_hyperparameters(defaults)
@@ -216,6 +224,7 @@ class IVON(torch.optim.Optimizer):
                                             resample_on_step=resample_on_step,
                                             skip_nonfinite=skip_nonfinite,
                                             capturable=capturable))
+        _check_state_dtype(state_dtype, backend, capturable)
         if capturable and rng == "torch":
             raise ValueError("Invalid capturable: True with rng='torch'; torch.randn noise is "
                              "drawn on the host per step and cannot be replayed by a CUDA graph "
@@ -229,10 +238,13 @@ class IVON(torch.optim.Optimizer):
         if not any(group["params"] for group in param_groups):
             raise ValueError("Invalid params: IVON got an empty parameter list (a generator such "
                              "as model.parameters() can only be iterated once)")
-        backend_choice = "reference" if rng == "torch" else backend
+        # bf16 state: the kernels do not take it yet (docs/DESIGN.md section 16)
+        backend_choice = "reference" if rng == "torch" or state_dtype != torch.float32 else backend
         for group in param_groups:
             check_group_hyperparameters(group)
             check_params(group["params"], backend_choice, sync=sync, rng=rng)
+            if state_dtype != torch.float32:
+                _check_low_precision_params(group["params"])
         for name, value in (("prior_mean", prior_mean), ("prior_precision", prior_precision)):
             defaults[name] = _split_prior(name, value, param_groups)
         for group in param_groups:
@@ -269,7 +281,8 @@ class IVON(torch.optim.Optimizer):
         self._params_from_checkpoint = False  # Note [what the params hold] in _checkpoint
         self._live_scalars: list = []  # noise scalars of the live training draw, per group
         self._seen_betas: list = []    # per group, (beta1, beta2) at the last reconciliation
-        self._layout = FlatLayout(backend_choice)
+        self.state_dtype = state_dtype
+        self._layout = FlatLayout(backend_choice, state_dtype)
         self._noise = (TorchNoise(seed, sync, lambda: [g["params"] for g in self.param_groups])
                        if rng == "torch" else PhiloxNoise(seed, sync))
 
@@ -302,6 +315,8 @@ class IVON(torch.optim.Optimizer):
         param_group["params"] = _param_list(param_group["params"])
         check_params(param_group["params"], self._layout.backend_choice, sync=self.sync,
                      rng=self.rng)
+        if self._layout.low_precision != torch.float32:
+            _check_low_precision_params(param_group["params"])
         for name in PRIOR_STATE:
             check_prior(name, param_group.get(name, self.defaults.get(name)),
                         param_group["params"])
@@ -438,7 +453,8 @@ class IVON(torch.optim.Optimizer):
         scalars = self._noise_scalars(bucket, self._pending_draw)
         delta = (bucket.prior_precision[where] if bucket.prior_precision is not None
                  else scalars["weight_decay"])
-        deviations = (current - expected).abs() * (scalars["ess"] * (bucket.hess[where] + delta)).sqrt()
+        hess = bucket.hess[where].to(bucket.mean.dtype)
+        deviations = (current - expected).abs() * (scalars["ess"] * (hess + delta)).sqrt()
         ulps = 8 * torch.finfo(bucket.param_flat.dtype).eps * torch.maximum(current.abs(),
                                                                              expected.abs())
         return bool(((deviations > 1e-3) & ((current - expected).abs() > ulps)).any())
@@ -627,6 +643,11 @@ class IVON(torch.optim.Optimizer):
                                                            on_device)
             averages = ((bucket.avg_grad[s], bucket.avg_hess_term[s]) if self._count > 0
                         else (None, None))
+            if bucket.momentum.dtype != bucket.mean.dtype:  # low-precision state
+                rounding = {"round_draw": self._next_train_draw if next_draw is None
+                            else next_draw}
+            else:
+                rounding = {}
             backends.get(bucket.backend).update(
                 bucket.param_flat[s], bucket.grad_flat[s] if with_grad else None, bucket.mean[s],
                 bucket.momentum[s], bucket.hess[s], *averages,
@@ -634,7 +655,7 @@ class IVON(torch.optim.Optimizer):
                 **self._draw_kwargs(draw, bucket.device, update=True, next_draw=next_draw),
                 offset=seg.offset,
                 count=count, hess_approx=self.hess_approx, **device_inputs[where],
-                **bucket.prior_inputs(s, update=True),
+                **bucket.prior_inputs(s, update=True), **rounding,
                 **self._noise_kwargs("eps", draw, bucket, seg),
                 **self._noise_kwargs("next_eps", next_draw, bucket, seg))
         self._layout.publish()
@@ -1040,6 +1061,32 @@ class IVON(torch.optim.Optimizer):
             group["betas"] = self._seen_betas[index] = (group["beta1"], group["beta2"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+def _check_state_dtype(state_dtype, backend: str, capturable: bool) -> None:
+    if state_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r}; it must be torch.float32 or "
+                         "torch.bfloat16")
+    if state_dtype == torch.float32:
+        return
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"Invalid backend: {backend!r} with state_dtype=torch.bfloat16; "
+                         "bf16 state runs on the reference backend so far ('auto' picks it)")
+    if capturable:
+        raise ValueError("Invalid capturable: True with state_dtype=torch.bfloat16; not "
+                         "supported yet (use float32 state)")
+
+
+def _check_low_precision_params(params: list) -> None:
+    from ._sharded import is_sharded
+
+    for param in params:
+        if param.dtype == torch.float64:
+            raise ValueError("Invalid state_dtype: torch.bfloat16 with float64 params; their "
+                             "state is float64 (use state_dtype=torch.float32)")
+        if is_sharded(param):
+            raise ValueError("Invalid state_dtype: torch.bfloat16 is not supported for sharded "
+                             "(FSDP2 DTensor) params yet")
 
 
 def _split_prior(name: str, value, param_groups: list):

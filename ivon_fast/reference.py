@@ -62,6 +62,16 @@ same three functions with the same keyword arguments:
       so a kernel that reads it keeps the reference's rounding; a kernel reads neither when it
       is absent (one more read per element only for an input that is given).
 
+    Low-precision state (docs/DESIGN.md section 16): ``momentum`` and ``hess`` may be bfloat16
+    (``IVON(state_dtype=torch.bfloat16)``) while the mean and the averages stay float32. Every op
+    then computes in float32 from the bf16 values as stored, exactly as with float32 state, and
+    update stores the new momentum and hess by stochastic rounding (``stochastic_round_bf16``)
+    with the random bits of ``rounding_bits(seed, round_draw, offset, n)``: Philox at the draw
+    ``ROUND_DRAW_BASE + round_draw``, a stream of its own, one 32-bit word per element (the low
+    16 bits round the momentum, the high 16 the hess). ``round_draw`` (update's keyword) is the
+    update's rounding index; with ``device_draws``, ``device_draws[1]`` replaces it. A skipped
+    step stores the old values, which round to themselves.
+
     Every op also takes ``device_draws``: an int64 tensor on the params' device holding the
     training draw numbers (their uint64 bits), read by the kernel in place of the host's ``draw``
     (sample, accumulate: 1 element) or ``draw`` and ``next_draw`` (update: 2 elements; the second
@@ -88,13 +98,16 @@ import torch
 from .scalars import StepScalars
 
 __all__ = [
-    "philox4x32_10", "philox_normal", "state_dtype", "sample", "accumulate", "update",
-    "EVAL_DRAW_BASE",
+    "philox4x32_10", "philox_normal", "state_dtype", "moment_dtype", "sample", "accumulate",
+    "update", "rounding_bits", "stochastic_round_bf16", "EVAL_DRAW_BASE", "ROUND_DRAW_BASE",
 ]
 
 # Evaluation / posterior-predictive draws live in the upper half of the 64-bit draw space, so they
 # can never collide with (or shift) the training draws 0, 1, 2, ...
 EVAL_DRAW_BASE = 1 << 63
+# The random bits of stochastic rounding (low-precision state) live in [2^62, 2^63): apart from
+# the training draws below and the evaluation draws above
+ROUND_DRAW_BASE = 1 << 62
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
@@ -158,6 +171,15 @@ def philox_normal(seed: int, draw, offset: int, numel: int, device=None) -> torc
     """
     if numel == 0:
         return torch.empty(0, dtype=torch.float32, device=device)
+    x0, x1, x2, x3 = _philox_quads(seed, draw, offset, numel, device)
+    n0, n1 = _box_muller(_uint32_to_uniform(x0), _uint32_to_uniform(x1))
+    n2, n3 = _box_muller(_uint32_to_uniform(x2), _uint32_to_uniform(x3))
+    return _per_element((n0, n1, n2, n3), offset, numel)
+
+
+def _philox_quads(seed: int, draw, offset: int, numel: int, device):
+    """The four Philox outputs of every quad that global indices offset .. offset + numel - 1
+    touch (``draw``: an int, or a one-element int64 tensor holding its uint64 bits)."""
     first_quad, last_quad = offset >> 2, (offset + numel - 1) >> 2
     quad = torch.arange(first_quad, last_quad + 1, dtype=torch.int64, device=device)
     if isinstance(draw, torch.Tensor):  # a device draw: its int64 bits, read without the host
@@ -165,18 +187,57 @@ def philox_normal(seed: int, draw, offset: int, numel: int, device=None) -> torc
         draw_lo, draw_hi = draw & _MASK32, (draw >> 32) & _MASK32
     else:
         draw_lo, draw_hi = draw & _MASK32, draw >> 32
-    x0, x1, x2, x3 = philox4x32_10(
-        quad & _MASK32, quad >> 32, draw_lo, draw_hi, seed & _MASK32, seed >> 32)
-    n0, n1 = _box_muller(_uint32_to_uniform(x0), _uint32_to_uniform(x1))
-    n2, n3 = _box_muller(_uint32_to_uniform(x2), _uint32_to_uniform(x3))
-    per_quad = torch.stack((n0, n1, n2, n3), dim=1).reshape(-1)
-    start = offset - 4 * first_quad
+    return philox4x32_10(quad & _MASK32, quad >> 32, draw_lo, draw_hi, seed & _MASK32,
+                         seed >> 32)
+
+
+def _per_element(outputs: tuple, offset: int, numel: int) -> torch.Tensor:
+    """Element i's value is output (i & 3) of its quad."""
+    per_quad = torch.stack(outputs, dim=1).reshape(-1)
+    start = offset & 3
     return per_quad[start:start + numel]
+
+
+def rounding_bits(seed: int, round_draw, offset: int, numel: int, device=None) -> torch.Tensor:
+    """The 32 random bits of each element's stochastic rounding (uint32 values in int64): output
+    (i & 3) of Philox4x32-10 at draw ROUND_DRAW_BASE + round_draw (an int, or a one-element int64
+    tensor), the noise's counter and key otherwise (docs/DESIGN.md section 16)."""
+    if numel == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    draw = ROUND_DRAW_BASE + round_draw
+    return _per_element(_philox_quads(seed, draw, offset, numel, device), offset, numel)
+
+
+def stochastic_round_bf16(values: torch.Tensor, random16: torch.Tensor) -> torch.Tensor:
+    """float32 ``values`` rounded to bfloat16 up or down with probabilities that make the result
+    unbiased: the 16 bits below bf16's mantissa plus a uniform 16-bit ``random16``, carried into
+    the kept bits and truncated. ``(bits + r) >> 16`` rounds the magnitude up exactly when
+    r >= 2^16 - low, i.e. with probability low / 2^16. inf stays inf; NaN becomes a quiet NaN
+    (as the round-to-nearest conversion does)."""
+    bits = values.float().view(torch.int32).to(torch.int64) & _MASK32
+    rounded = (bits + random16) >> 16
+    rounded = torch.where(values.isnan(), (bits >> 16) | 0x40, rounded)
+    signed = torch.where(rounded >= 1 << 15, rounded - (1 << 16), rounded)
+    return signed.to(torch.int16).view(torch.bfloat16)
+
+
+def _store_state(stored: torch.Tensor, values: torch.Tensor, random16) -> None:
+    """Write a state tensor: as is, or into bf16 state by stochastic rounding."""
+    if stored.dtype == torch.bfloat16:
+        stored.copy_(stochastic_round_bf16(values, random16))
+    else:
+        stored.copy_(values)
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """fp32 master state for low-precision params, the param's own dtype for fp32 / fp64."""
     return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def moment_dtype(param_dtype: torch.dtype, low_precision: torch.dtype) -> torch.dtype:
+    """The dtype of momentum and hess: ``low_precision`` (IVON's ``state_dtype``: float32 or
+    bfloat16) for float32 / bf16 / fp16 params; float64 params keep float64 state."""
+    return torch.float64 if param_dtype == torch.float64 else low_precision
 
 
 def _eps(eps, seed, draw, offset, like: torch.Tensor) -> torch.Tensor:
@@ -242,6 +303,7 @@ def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, ep
            device_draws=None, prior_precision=None):
     if device_draws is not None:
         draw = _device_draw(device_draws, 1, 0, param)
+    hess = hess.to(mean.dtype)  # bf16 state is computed with in float32
     delta = _prior_precision(weight_decay, prior_precision, hess)
     noise = _noise(_eps(eps, seed, draw, offset, mean), hess, ess, delta)
     param.copy_(mean + noise)
@@ -252,6 +314,7 @@ def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0,
                weight_decay, hess_approx, eps=None, device_draws=None, prior_precision=None):
     if device_draws is not None:
         draw = _device_draw(device_draws, 1, 0, grad)
+    hess = hess.to(avg_grad.dtype)  # bf16 state is computed with in float32
     grad = grad.to(hess.dtype)
     delta = _prior_precision(weight_decay, prior_precision, hess)
     noise = _noise(_eps(eps, seed, draw, offset, hess), hess, ess, delta)
@@ -273,10 +336,15 @@ def _unscaled(gradients: torch.Tensor, grad_scale, times: int) -> torch.Tensor:
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
            next_draw=None, offset=0, count, hess_approx, scalars: StepScalars, eps=None,
            next_eps=None, grad_scale=None, found_inf=None, device_lr=None,
-           device_debias=None, device_draws=None, prior_mean=None, prior_precision=None):
+           device_debias=None, device_draws=None, prior_mean=None, prior_precision=None,
+           round_draw=0):
     if device_draws is not None:
         draw = _device_draw(device_draws, 2, 0, param)
         next_draw = None if next_draw is None else _device_draw(device_draws, 2, 1, param)
+        round_draw = _device_draw(device_draws, 2, 1, param)
+    # bf16 momentum / hess: computed with in float32 (the mean's dtype) and stored rounded
+    stored_momentum, stored_hess = momentum, hess
+    momentum, hess = momentum.to(mean.dtype), hess.to(mean.dtype)
     s = scalars
     # the prior precision replaces s.weight_decay wherever it multiplies or adds per element
     delta = _prior_precision(s.weight_decay, prior_precision, hess)
@@ -320,11 +388,13 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
         new_momentum = torch.where(skip, momentum, new_momentum)
         new_hess = torch.where(skip, hess, new_hess)
         new_mean = torch.where(skip, mean, new_mean)
-    momentum.copy_(new_momentum)
-    hess.copy_(new_hess)
+    random = (rounding_bits(seed, round_draw, offset, mean.numel(), mean.device)
+              if torch.bfloat16 in (stored_momentum.dtype, stored_hess.dtype) else None)
+    _store_state(stored_momentum, new_momentum, None if random is None else random & 0xFFFF)
+    _store_state(stored_hess, new_hess, None if random is None else random >> 16)
     mean.copy_(new_mean)
     if next_draw is None and next_eps is None:
         param.copy_(new_mean)
     else:
-        sample(param, mean, hess, seed=seed, draw=next_draw, offset=offset, ess=s.ess,
+        sample(param, mean, stored_hess, seed=seed, draw=next_draw, offset=offset, ess=s.ess,
                weight_decay=s.weight_decay, eps=next_eps, prior_precision=prior_precision)

@@ -525,6 +525,23 @@ MUTATIONS = [
              "        return self._count + (0 if self._pending_draw is None else 1)\n",
              "        return self._count\n",
              ("tests/test_schedulers.py", "-k", "samples_taken")),
+    # issue 11 (first part): bf16 state by stochastic rounding, in the reference
+    Mutation("bf16-state-rounds-to-nearest", "ivon_fast/reference.py",
+             "    rounded = (bits + random16) >> 16\n",
+             "    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16\n",
+             ("tests/test_state_dtype.py", "-k", "unbiased")),
+    Mutation("bf16-rounding-bits-reused-every-step", "ivon_fast/optimizer.py",
+             "                rounding = {\"round_draw\": self._next_train_draw if next_draw is None\n                            else next_draw}\n",
+             "                rounding = {\"round_draw\": 0}\n",
+             ("tests/test_state_dtype.py", "-k", "fresh_bits")),
+    Mutation("bf16-hess-rounds-with-the-momentum-bits", "ivon_fast/reference.py",
+             "    _store_state(stored_hess, new_hess, None if random is None else random >> 16)\n",
+             "    _store_state(stored_hess, new_hess, None if random is None else random & 0xFFFF)\n",
+             ("tests/test_state_dtype.py", "-k", "rounded_stochastically")),
+    Mutation("bf16-rounding-draws-collide-with-training-draws", "ivon_fast/reference.py",
+             "    draw = ROUND_DRAW_BASE + round_draw\n",
+             "    draw = round_draw\n",
+             ("tests/test_state_dtype.py", "-k", "philox_at_the_rounding")),
 ]
 
 
