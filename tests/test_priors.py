@@ -35,6 +35,22 @@ class Quadratic(nn.Module):
                    for p, a, c in zip((self.w, self.v), self.a, self.c))
 
 
+def train_quadratic(model, opt, steps, dropin, mc=2):
+    """``steps`` steps on the quadratic: the drop-in loop, or the official one with ``mc``
+    samples per step."""
+    for _ in range(steps):
+        if dropin:
+            model.loss().backward()
+            opt.step()
+            opt.zero_grad()
+        else:
+            for _ in range(mc):
+                with opt.sampled_params(train=True):
+                    opt.zero_grad()
+                    model.loss().backward()
+            opt.step()
+
+
 def _priors(kind, model):
     gen = torch.Generator().manual_seed(11)
     means = [torch.randn(p.shape, generator=gen) for p in model.parameters()]
@@ -224,16 +240,7 @@ def test_bad_priors_are_refused_before_anything_moves(bad, match):
 @pytest.mark.parametrize("dropin", [False, True], ids=["official", "dropin"])
 def test_state_dict_keeps_the_prior_and_refuses_a_mismatch(dropin):
     def run(model, opt, steps):
-        for _ in range(steps):
-            if dropin:
-                model.loss().backward()
-                opt.step()
-                opt.zero_grad()
-            else:
-                with opt.sampled_params(train=True):
-                    opt.zero_grad()
-                    model.loss().backward()
-                opt.step()
+        train_quadratic(model, opt, steps, dropin, mc=1)
 
     model_a = Quadratic()
     priors = _priors("both", model_a)
@@ -300,17 +307,7 @@ def test_kernel_backends_follow_the_reference_with_priors(backend, dtype, dropin
         model.a = [a.to(dtype) for a in model.a]
         model.c = [c.to(dtype) for c in model.c]
         opt = _optimizer(model, backend=name, dropin=dropin, **_priors("both", model))
-        for _ in range(4):
-            if dropin:
-                model.loss().backward()
-                opt.step()
-                opt.zero_grad()
-            else:
-                for _ in range(2):
-                    with opt.sampled_params(train=True):
-                        opt.zero_grad()
-                        model.loss().backward()
-                opt.step()
+        train_quadratic(model, opt, 4, dropin)
         runs.append([opt.state[p]["mean"].clone() for p in model.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

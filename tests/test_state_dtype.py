@@ -16,7 +16,7 @@ from ivon_fast import IVON, reference
 from ivon_fast.reference import ROUND_DRAW_BASE, rounding_bits, stochastic_round_bf16
 from ivon_fast.scalars import StepScalars
 
-from test_priors import Quadratic
+from test_priors import Quadratic, train_quadratic
 
 BF16 = torch.bfloat16
 
@@ -105,17 +105,7 @@ def _run(state_dtype, dropin, steps=30, seed=5, **kwargs):
     opt = IVON(model.parameters(), lr=0.05, ess=50.0, hess_init=0.5, beta2=0.99,
                weight_decay=1e-2, seed=seed, resample_on_step=dropin, state_dtype=state_dtype,
                **kwargs)
-    for _ in range(steps):
-        if dropin:
-            model.loss().backward()
-            opt.step()
-            opt.zero_grad()
-        else:
-            for _ in range(2):
-                with opt.sampled_params(train=True):
-                    opt.zero_grad()
-                    model.loss().backward()
-            opt.step()
+    train_quadratic(model, opt, steps, dropin)
     return model, opt
 
 
@@ -149,17 +139,7 @@ def test_bf16_state_resumes_exactly_and_converts_from_and_to_float32(dropin):
     model_b, opt_b = _run(BF16, dropin, steps=0, seed=123)
     model_b.load_state_dict(checkpoint["model"])
     opt_b.load_state_dict(checkpoint["opt"])
-    for _ in range(3):
-        if dropin:
-            model_b.loss().backward()
-            opt_b.step()
-            opt_b.zero_grad()
-        else:
-            for _ in range(2):
-                with opt_b.sampled_params(train=True):
-                    opt_b.zero_grad()
-                    model_b.loss().backward()
-            opt_b.step()
+    train_quadratic(model_b, opt_b, 3, dropin)
     for p, q in zip(opt_full.posterior().mean, opt_b.posterior().mean):
         assert torch.equal(p, q)
     # float32 state into a bf16 optimizer: rounded to nearest; and back: exact
