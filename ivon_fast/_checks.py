@@ -105,21 +105,19 @@ def check_prior(name: str, value, params: list) -> None:
     argument, before anything moves (docs/DESIGN.md section 14)."""
     from ._sharded import is_sharded
 
-    if value is None or (name == "prior_mean" and isinstance(value, str) and value == "init"):
-        given = None
-    elif isinstance(value, (list, tuple)):
-        given = list(value)
-    else:
+    if value is None:
+        return
+    from_init = name == "prior_mean" and isinstance(value, str) and value == "init"
+    if not from_init and not isinstance(value, (list, tuple)):
         accepted = ("None, 'init' or a list of tensors shaped like the params"
                     if name == "prior_mean" else "None or a list of tensors shaped like the params")
         raise ValueError(f"Invalid {name}: {value!r}; it must be {accepted}")
-    if value is None:
-        return
     if any(is_sharded(p) for p in params):
         raise ValueError(f"Invalid {name}: priors are not supported for sharded (FSDP2 DTensor) "
                          "params yet; give the prior as weight_decay (zero mean) there")
-    if given is None:
+    if from_init:
         return
+    given = list(value)
     if len(given) != len(params):
         raise ValueError(f"Invalid {name}: {len(given)} tensors for {len(params)} params (one "
                          "per param, in the order of the params, group by group)")
@@ -138,3 +136,31 @@ def check_prior(name: str, value, params: list) -> None:
         if name == "prior_precision" and bool((tensor < 0).any()):
             raise ValueError(f"Invalid {name}: item {index} holds negative values; a prior "
                              "precision must be >= 0")
+
+
+def check_state_dtype(state_dtype, backend: str, capturable: bool) -> None:
+    """``state_dtype`` and the options bf16 state does not take yet (docs/DESIGN.md 16)."""
+    if state_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r}; it must be torch.float32 or "
+                         "torch.bfloat16")
+    if state_dtype == torch.float32:
+        return
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"Invalid backend: {backend!r} with state_dtype=torch.bfloat16; "
+                         "bf16 state runs on the reference backend so far ('auto' picks it)")
+    if capturable:
+        raise ValueError("Invalid capturable: True with state_dtype=torch.bfloat16; not "
+                         "supported yet (use float32 state)")
+
+
+def check_low_precision_params(params: list) -> None:
+    """The params bf16 state does not take: float64 (its state is float64), sharded."""
+    from ._sharded import is_sharded
+
+    for param in params:
+        if param.dtype == torch.float64:
+            raise ValueError("Invalid state_dtype: torch.bfloat16 with float64 params; their "
+                             "state is float64 (use state_dtype=torch.float32)")
+        if is_sharded(param):
+            raise ValueError("Invalid state_dtype: torch.bfloat16 is not supported for sharded "
+                             "(FSDP2 DTensor) params yet")

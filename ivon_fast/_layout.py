@@ -182,6 +182,11 @@ class Bucket:
             inputs["prior_mean"] = self.prior_mean[where]
         return inputs
 
+    def ensure_prior(self, name: str) -> None:
+        """Allocate the prior state ``name`` ('prior_mean' or 'prior_precision') if missing."""
+        if getattr(self, name) is None:
+            setattr(self, name, torch.zeros_like(self.mean))
+
     def ensure_averages(self) -> None:
         if self.avg_grad is None:
             self.avg_grad = torch.zeros_like(self.mean)
@@ -420,12 +425,11 @@ class FlatLayout:
                 moved_values = old.param_views[index].to(device=new.device, dtype=param.dtype)
                 written = new.param_views[new_index] != moved_values
                 if bool(written.any()):
-                    mean = torch.as_strided(new.mean[new_where], param.shape,
-                                            new.param_views[new_index].stride())
+                    mean = new.shaped(new.mean, new_index)
                     mean.copy_(torch.where(written, new.param_views[new_index].to(sdtype), mean))
             for name in PRIOR_STATE:
                 if getattr(old, name) is not None:
-                    FlatLayout._ensure_prior(new, name)
+                    new.ensure_prior(name)
                     getattr(new, name)[new_where].copy_(getattr(old, name)[where].to(sdtype))
             if old.avg_grad is not None:
                 new.ensure_averages()
@@ -436,11 +440,6 @@ class FlatLayout:
             new.grad_views[new_index].copy_(grad.reshape(param.shape))
         FlatLayout._bind(new, new_index)
         new.trainable[new_index] = old.trainable[index]
-
-    @staticmethod
-    def _ensure_prior(bucket: Bucket, name: str) -> None:
-        if getattr(bucket, name) is None:
-            setattr(bucket, name, torch.zeros_like(bucket.mean))
 
     def written_params(self) -> Iterator[tuple]:
         """(bucket, index) for every param user code wrote or rebound since the last look.

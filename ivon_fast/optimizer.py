@@ -54,7 +54,8 @@ import torch.distributed as dist
 
 from . import _checkpoint, _sharded, backends
 from . import posterior as _posterior
-from ._checks import check_group_hyperparameters, check_options, check_params, check_prior
+from ._checks import (check_group_hyperparameters, check_low_precision_params, check_options,
+                      check_params, check_prior, check_state_dtype)
 from ._layout import PRIOR_STATE, FlatLayout, Segment
 from .noise import EVAL_DRAW_BASE, PhiloxNoise, TorchNoise
 from .scalars import StepCount, StepScalars, to_device
@@ -224,7 +225,7 @@ class IVON(torch.optim.Optimizer):
                                             resample_on_step=resample_on_step,
                                             skip_nonfinite=skip_nonfinite,
                                             capturable=capturable))
-        _check_state_dtype(state_dtype, backend, capturable)
+        check_state_dtype(state_dtype, backend, capturable)
         if capturable and rng == "torch":
             raise ValueError("Invalid capturable: True with rng='torch'; torch.randn noise is "
                              "drawn on the host per step and cannot be replayed by a CUDA graph "
@@ -244,7 +245,7 @@ class IVON(torch.optim.Optimizer):
             check_group_hyperparameters(group)
             check_params(group["params"], backend_choice, sync=sync, rng=rng)
             if state_dtype != torch.float32:
-                _check_low_precision_params(group["params"])
+                check_low_precision_params(group["params"])
         for name, value in (("prior_mean", prior_mean), ("prior_precision", prior_precision)):
             defaults[name] = _split_prior(name, value, param_groups)
         for group in param_groups:
@@ -316,7 +317,7 @@ class IVON(torch.optim.Optimizer):
         check_params(param_group["params"], self._layout.backend_choice, sync=self.sync,
                      rng=self.rng)
         if self._layout.low_precision != torch.float32:
-            _check_low_precision_params(param_group["params"])
+            check_low_precision_params(param_group["params"])
         for name in PRIOR_STATE:
             check_prior(name, param_group.get(name, self.defaults.get(name)),
                         param_group["params"])
@@ -345,7 +346,7 @@ class IVON(torch.optim.Optimizer):
             if value is None:
                 continue
             for bucket in buckets:
-                FlatLayout._ensure_prior(bucket, name)
+                bucket.ensure_prior(name)
                 for index, param in enumerate(bucket.params):
                     source = (bucket.shaped(bucket.mean, index) if isinstance(value, str)
                               else value[position[id(param)]].detach())
@@ -635,6 +636,8 @@ class IVON(torch.optim.Optimizer):
                                          rescale_lr=self.rescale_lr, debias=self.debias)
                    for group in self.param_groups]
         device_inputs: dict = {}  # per (group, device, state dtype): the kernels' device tensors
+        # one more than the step's last training draw: grows with every update
+        round_draw = self._next_train_draw if next_draw is None else next_draw
         for bucket, seg in self._layout.segments():
             s = seg.slice
             where = (bucket.group_index, bucket.device, bucket.mean.dtype)
@@ -643,11 +646,9 @@ class IVON(torch.optim.Optimizer):
                                                            on_device)
             averages = ((bucket.avg_grad[s], bucket.avg_hess_term[s]) if self._count > 0
                         else (None, None))
-            if bucket.momentum.dtype != bucket.mean.dtype:  # low-precision state
-                rounding = {"round_draw": self._next_train_draw if next_draw is None
-                            else next_draw}
-            else:
-                rounding = {}
+            # low-precision state rounds with this update's index (docs/DESIGN.md section 16)
+            rounding = ({"round_draw": round_draw} if bucket.momentum.dtype != bucket.mean.dtype
+                        else {})
             backends.get(bucket.backend).update(
                 bucket.param_flat[s], bucket.grad_flat[s] if with_grad else None, bucket.mean[s],
                 bucket.momentum[s], bucket.hess[s], *averages,
@@ -1061,32 +1062,6 @@ class IVON(torch.optim.Optimizer):
             group["betas"] = self._seen_betas[index] = (group["beta1"], group["beta2"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
-
-
-def _check_state_dtype(state_dtype, backend: str, capturable: bool) -> None:
-    if state_dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"Invalid state_dtype: {state_dtype!r}; it must be torch.float32 or "
-                         "torch.bfloat16")
-    if state_dtype == torch.float32:
-        return
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"Invalid backend: {backend!r} with state_dtype=torch.bfloat16; "
-                         "bf16 state runs on the reference backend so far ('auto' picks it)")
-    if capturable:
-        raise ValueError("Invalid capturable: True with state_dtype=torch.bfloat16; not "
-                         "supported yet (use float32 state)")
-
-
-def _check_low_precision_params(params: list) -> None:
-    from ._sharded import is_sharded
-
-    for param in params:
-        if param.dtype == torch.float64:
-            raise ValueError("Invalid state_dtype: torch.bfloat16 with float64 params; their "
-                             "state is float64 (use state_dtype=torch.float32)")
-        if is_sharded(param):
-            raise ValueError("Invalid state_dtype: torch.bfloat16 is not supported for sharded "
-                             "(FSDP2 DTensor) params yet")
 
 
 def _split_prior(name: str, value, param_groups: list):

@@ -132,10 +132,9 @@ def neutral_prior_is_the_weight_decay(backend, op, device, dtype, **kw):
         assert torch.equal(with_prior[key], without[key]), key
 
 
-def check_priors_in_a_skipped_step(backend, device, prior, next_draw, grad, count, one):
+def check_priors_in_a_skipped_step(backend, device, prior, next_draw, grad, count):
     """found_inf: state bit for bit unchanged whatever the prior; the param is the old mean, or
-    the sample op's sample around the old state with the same prior precision (same bits).
-    ``one(value, device)`` makes the 1-element found_inf tensor."""
+    the sample op's sample around the old state with the same prior precision (same bits)."""
     n = 4097
     state = prior_state(n, torch.bfloat16, device)
     priors = prior_inputs(prior, n, device)
@@ -152,3 +151,37 @@ def check_priors_in_a_skipped_step(backend, device, prior, next_draw, grad, coun
                        weight_decay=PRIOR_SCALARS.weight_decay,
                        prior_precision=priors.get("prior_precision"))
         assert torch.equal(got["param"], sampled)
+
+
+def one(value, device):
+    """A 1-element float32 device scalar (grad_scale, found_inf, device_lr, device_debias)."""
+    return torch.tensor([value], dtype=torch.float32, device=device)
+
+
+def device_draws(values, device):
+    """uint64 draw numbers as the int64 tensor that holds their bits."""
+    return torch.tensor([v - (1 << 64) if v >= 1 << 63 else v for v in values],
+                        dtype=torch.int64, device=device)
+
+
+def check_priors_with_device_inputs(backend, device, dtype, n, offset, found, assert_close,
+                                    eval_draw):
+    """Both priors together with every device scalar and the device draws (the update's next
+    draw and the one-draw ops' draw are ``eval_draw``); a skipped step (``found``) keeps the
+    state, and its next sample still uses the prior precision. Sample and accumulate with the
+    prior precision and the device draw."""
+    inputs = dict(grad_scale=one(3.0, device), found_inf=one(found, device),
+                  device_lr=one(0.1, device), device_debias=one(0.4, device),
+                  device_draws=device_draws([5, eval_draw], device))
+    got = check_prior_against_reference(backend, "update", device, dtype, "both", assert_close,
+                                        n=n, offset=offset, count=3, next_draw=eval_draw,
+                                        **inputs)
+    if found:
+        before = prior_state(n, dtype, device)
+        for key in ("mean", "momentum", "hess"):
+            assert torch.equal(got[key], before[key]), key
+    one_draw = dict(device_draws=device_draws([eval_draw], device))
+    check_prior_against_reference(backend, "sample", device, dtype, "precision", assert_close,
+                                  n=n, offset=offset, **one_draw)
+    check_prior_against_reference(backend, "accumulate", device, dtype, "precision",
+                                  assert_close, n=n, offset=offset, count=2, **one_draw)

@@ -18,7 +18,8 @@ from ivon_fast.scalars import StepScalars
 
 from kernel_checks import (PRIOR_OUTPUTS, PRIOR_SCALARS, assert_low_precision_rounding,
                            check_prior_against_reference, check_priors_in_a_skipped_step,
-                           neutral_prior_is_the_weight_decay, prior_inputs, prior_state,
+                           check_priors_with_device_inputs,
+                           neutral_prior_is_the_weight_decay, one, prior_inputs, prior_state,
                            run_prior_op)
 
 _REASON = cpp.unavailable_reason("cpu")
@@ -281,10 +282,6 @@ def _bits(tensor):
     return tensor.view({4: torch.int32, 2: torch.int16}[tensor.element_size()])
 
 
-def _one(value, device):
-    return torch.tensor([value], dtype=torch.float32, device=device)
-
-
 def _scaled_state(n, dtype, device, scale, hess_approx, seed=20):
     """A state whose grad and averages are those of _state multiplied by ``scale`` as a GradScaler
     would have them (the 'gradsq' average holds squares, so scale^2), and the unscaled original."""
@@ -323,8 +320,8 @@ def test_update_grad_scale_equals_reference(device, case):
     _, got = _scaled_state(4097, dtype, device, scale, hess_approx)
     start, want = _clone(got), _clone(got)
     kw = dict(grad=grad, count=count, hess_approx=hess_approx)
-    _update_with(cpp, got, grad_scale=_one(scale, device), **kw)
-    _update_with(ref, want, grad_scale=_one(scale, device), **kw)
+    _update_with(cpp, got, grad_scale=one(scale, device), **kw)
+    _update_with(ref, want, grad_scale=one(scale, device), **kw)
     _assert_state(got, want, ["mean", "momentum", "hess", "param"])
     if dtype == torch.float32:
         term = start["avg_hess_term"] / scale
@@ -358,8 +355,8 @@ def test_update_found_inf_skips_the_step(device, found, case):
     before = _clone(got)
     want = _clone(got)
     kw = dict(grad=grad, count=count, hess_approx=hess_approx, next_draw=next_draw)
-    _update_with(cpp, got, found_inf=_one(found, device), grad_scale=_one(3.0, device), **kw)
-    _update_with(ref, want, found_inf=_one(found, device), grad_scale=_one(3.0, device), **kw)
+    _update_with(cpp, got, found_inf=one(found, device), grad_scale=one(3.0, device), **kw)
+    _update_with(ref, want, found_inf=one(found, device), grad_scale=one(3.0, device), **kw)
     for key in ("mean", "momentum", "hess", "avg_grad", "avg_hess_term", "grad"):
         assert torch.equal(_bits(got[key]), _bits(before[key])), key
     if next_draw is None:
@@ -381,9 +378,9 @@ def test_update_found_inf_zero_takes_the_step(device, hess_approx, grad, count):
     got = _state(4097, torch.float32, device, seed=22)
     plain, want = _clone(got), _clone(got)
     kw = dict(grad=grad, count=count, hess_approx=hess_approx)
-    _update_with(cpp, got, found_inf=_one(0.0, device), **kw)
+    _update_with(cpp, got, found_inf=one(0.0, device), **kw)
     _update_with(cpp, plain, **kw)
-    _update_with(ref, want, found_inf=_one(0.0, device), **kw)
+    _update_with(ref, want, found_inf=one(0.0, device), **kw)
     for key in ("mean", "momentum", "hess", "param"):
         assert torch.equal(got[key], plain[key]), key
     _assert_state(got, want, ["mean", "momentum", "hess", "param"])
@@ -403,14 +400,14 @@ def test_update_device_lr_and_debias(device, dtype, hess_approx):
     runs = {}
     for name, step_scalars, device_scalars in [
             ("scalars", scalars, {}),
-            ("device", scalars, dict(device_lr=_one(scalars.lr, device),
-                                     device_debias=_one(scalars.debias, device))),
+            ("device", scalars, dict(device_lr=one(scalars.lr, device),
+                                     device_debias=one(scalars.debias, device))),
             ("other_scalars", other, {}),
-            ("other_device", scalars, dict(device_lr=_one(0.2, device),
-                                           device_debias=_one(0.5, device))),
+            ("other_device", scalars, dict(device_lr=one(0.2, device),
+                                           device_debias=one(0.5, device))),
             ("other_lr_only", StepScalars.of(clip_radius=float("inf"), debias=0.271,
                                              **dict(HYPER, lr=0.2)), {}),
-            ("device_lr_only", scalars, dict(device_lr=_one(0.2, device)))]:
+            ("device_lr_only", scalars, dict(device_lr=one(0.2, device)))]:
         st = _clone(base)
         _update_with(cpp, st, scalars=step_scalars, **device_scalars, **kw)
         runs[name] = st
@@ -420,8 +417,8 @@ def test_update_device_lr_and_debias(device, dtype, hess_approx):
         assert torch.equal(runs["device_lr_only"][key], runs["other_lr_only"][key]), key
     assert not torch.equal(runs["other_device"]["mean"], runs["scalars"]["mean"])
     want = _clone(base)
-    _update_with(ref, want, scalars=scalars, device_lr=_one(0.2, device),
-                 device_debias=_one(0.5, device), **kw)
+    _update_with(ref, want, scalars=scalars, device_lr=one(0.2, device),
+                 device_debias=one(0.5, device), **kw)
     _assert_state(runs["other_device"], want, ["mean", "momentum", "hess", "param"])
 
 
@@ -434,8 +431,8 @@ def test_update_device_scalars_sizes_offsets(device, n, offset, found):
     _skip_without_cuda(device)
     got = _state(n, torch.bfloat16, device, seed=24)
     before, want = _clone(got), _clone(got)
-    dev = dict(grad_scale=_one(3.0, device), found_inf=_one(found, device),
-               device_lr=_one(0.1, device), device_debias=_one(0.4, device))
+    dev = dict(grad_scale=one(3.0, device), found_inf=one(found, device),
+               device_lr=one(0.1, device), device_debias=one(0.4, device))
     kw = dict(grad=True, count=3, hess_approx="price", offset=offset, next_draw=EVAL_DRAW)
     _update_with(cpp, got, **dev, **kw)
     _update_with(ref, want, **dev, **kw)
@@ -495,8 +492,8 @@ def test_torch_compile_with_device_scalars_matches_eager():
     torch._dynamo.reset()
     compiled_step = torch.compile(step, fullgraph=True, backend="aot_eager")
     for found in (0.0, 1.0):
-        dev = dict(grad_scale=_one(3.0, "cpu"), found_inf=_one(found, "cpu"),
-                   device_lr=_one(0.3, "cpu"), device_debias=_one(0.2, "cpu"))
+        dev = dict(grad_scale=one(3.0, "cpu"), found_inf=one(found, "cpu"),
+                   device_lr=one(0.3, "cpu"), device_debias=one(0.2, "cpu"))
         eager = _state(n, torch.float32, "cpu", seed=8)
         compiled = _clone(eager)
         out_eager = step(eager, dev)
@@ -510,12 +507,6 @@ def test_torch_compile_with_device_scalars_matches_eager():
 
 def _close(actual, expected, dtype):
     torch.testing.assert_close(actual, expected, **PARAM_TOL[dtype])
-
-
-def _device_draws(values, device):
-    """uint64 draw numbers as the int64 tensor that holds their bits."""
-    return torch.tensor([v - (1 << 64) if v >= 1 << 63 else v for v in values],
-                        dtype=torch.int64, device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -579,20 +570,8 @@ def test_priors_with_device_scalars_and_draws(device, dtype, n, offset, found):
     (partial quads at both ends, several threads); sample and accumulate with the device draw.
     A skipped step keeps the state, and its next sample still uses the prior precision."""
     _skip_without_cuda(device)
-    dev = dict(grad_scale=_one(3.0, device), found_inf=_one(found, device),
-               device_lr=_one(0.1, device), device_debias=_one(0.4, device),
-               device_draws=_device_draws([5, (1 << 63) + 3], device))
-    got = check_prior_against_reference(cpp, "update", device, dtype, "both", _close, n=n,
-                                        offset=offset, count=3, next_draw=EVAL_DRAW, **dev)
-    if found:
-        before = prior_state(n, dtype, device)
-        for key in ("mean", "momentum", "hess"):
-            assert torch.equal(got[key], before[key]), key
-    one_draw = dict(device_draws=_device_draws([(1 << 63) + 3], device))
-    check_prior_against_reference(cpp, "sample", device, dtype, "precision", _close, n=n,
-                                  offset=offset, **one_draw)
-    check_prior_against_reference(cpp, "accumulate", device, dtype, "precision", _close, n=n,
-                                  offset=offset, count=2, **one_draw)
+    check_priors_with_device_inputs(cpp, device, dtype, n, offset, found, _close,
+                                    eval_draw=(1 << 63) + 3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -601,7 +580,7 @@ def test_priors_with_device_scalars_and_draws(device, dtype, n, offset, found):
 @pytest.mark.parametrize("grad,count", _GRAD_MODES)
 def test_priors_in_a_skipped_step(device, prior, next_draw, grad, count):
     _skip_without_cuda(device)
-    check_priors_in_a_skipped_step(cpp, device, prior, next_draw, grad, count, _one)
+    check_priors_in_a_skipped_step(cpp, device, prior, next_draw, grad, count)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -765,11 +744,11 @@ def test_cpu_isa_builds_agree_bitwise():
                         next_draw=EVAL_DRAW, offset=1)
             scaled = _state(70_001, torch.float32, "cpu", seed=6)
             _update_with(cpp, scaled, grad=True, count=3, hess_approx="gradsq", offset=1,
-                         grad_scale=_one(3.0, "cpu"), device_lr=_one(0.1, "cpu"),
-                         device_debias=_one(0.3, "cpu"), found_inf=_one(0.0, "cpu"))
+                         grad_scale=one(3.0, "cpu"), device_lr=one(0.1, "cpu"),
+                         device_debias=one(0.3, "cpu"), found_inf=one(0.0, "cpu"))
             skipped = _state(70_001, torch.float16, "cpu", seed=6)
             _update_with(cpp, skipped, grad=False, count=3, hess_approx="price", offset=1,
-                         found_inf=_one(1.0, "cpu"))
+                         found_inf=one(1.0, "cpu"))
             # the instances with prior inputs, each alone and both (Note [prior flags])
             priors = {}
             for prior, dtype in (("mean", torch.float16), ("precision", torch.float32),

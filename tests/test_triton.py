@@ -20,7 +20,8 @@ from ivon_fast.scalars import StepScalars
 
 from kernel_checks import (PRIOR_OUTPUTS, assert_low_precision_rounding,
                            check_prior_against_reference, check_priors_in_a_skipped_step,
-                           neutral_prior_is_the_weight_decay, prior_inputs, prior_state,
+                           check_priors_with_device_inputs,
+                           neutral_prior_is_the_weight_decay, one, prior_inputs, prior_state,
                            run_prior_op)
 
 triton = pytest.importorskip("triton")
@@ -274,10 +275,6 @@ def test_update_count_one_needs_no_averages(device):
 GRAD_MODES = [(True, 1), (True, 3), (False, 3)]  # (grad given, count): the three modes
 
 
-def one(value, device):
-    return torch.tensor([value], dtype=torch.float32, device=device)
-
-
 def bits(tensor):
     """The tensor's bits as integers: equal bits compare equal, NaNs included."""
     return tensor.view({4: torch.int32, 2: torch.int16}[tensor.element_size()])
@@ -498,12 +495,6 @@ def test_update_rejects_cpu_device_scalars_for_cuda_params():
 PRIOR_SEGMENTS = [(1, 0), (3, 2), (5, 1), (5, 3), (4097, 3), (4097, 4099), (70_001, 1)]
 
 
-def device_draws(values, device):
-    """uint64 draw numbers as the int64 tensor that holds their bits."""
-    return torch.tensor([tb._u64_bits(v, "draw") for v in values], dtype=torch.int64,
-                        device=device)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,offset", PRIOR_SEGMENTS)
@@ -557,20 +548,8 @@ def test_priors_with_device_scalars_and_draws(device, dtype, found, n, offset, b
     accumulate with the prior precision and the device draw."""
     if block is not None and n > 10_000:
         pytest.skip("tiny blocks on big segments are slow under the interpreter")
-    dev = dict(grad_scale=one(3.0, device), found_inf=one(found, device),
-               device_lr=one(0.1, device), device_debias=one(0.4, device),
-               device_draws=device_draws([5, EVAL_DRAW], device))
-    got = check_prior_against_reference(tb, "update", device, dtype, "both", assert_close, n=n,
-                                        offset=offset, count=3, next_draw=EVAL_DRAW, **dev)
-    if found:
-        before = prior_state(n, dtype, device)
-        for key in ("mean", "momentum", "hess"):
-            assert torch.equal(got[key], before[key]), key
-    one_draw = dict(device_draws=device_draws([EVAL_DRAW], device))
-    check_prior_against_reference(tb, "sample", device, dtype, "precision", assert_close, n=n,
-                                  offset=offset, **one_draw)
-    check_prior_against_reference(tb, "accumulate", device, dtype, "precision", assert_close,
-                                  n=n, offset=offset, count=2, **one_draw)
+    check_priors_with_device_inputs(tb, device, dtype, n, offset, found, assert_close,
+                                    eval_draw=EVAL_DRAW)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -578,7 +557,7 @@ def test_priors_with_device_scalars_and_draws(device, dtype, found, n, offset, b
 @pytest.mark.parametrize("next_draw", [None, 7])
 @pytest.mark.parametrize("grad,count", GRAD_MODES)
 def test_priors_in_a_skipped_step(device, prior, next_draw, grad, count):
-    check_priors_in_a_skipped_step(tb, device, prior, next_draw, grad, count, one)
+    check_priors_in_a_skipped_step(tb, device, prior, next_draw, grad, count)
 
 
 @pytest.mark.parametrize("device", DEVICES)
