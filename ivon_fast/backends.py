@@ -41,11 +41,23 @@ def _load(name: str):
 # the kernel backends take fp32 / bf16 / fp16 params (fp32 state); the reference takes any float
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# the momentum / hess dtypes (IVON's ``state_dtype``, docs/DESIGN.md section 16) each backend
+# implements; the mean is float32 (float64 for float64 params) everywhere
+STATE_DTYPES = {
+    "reference": (torch.float32, torch.bfloat16),
+    "triton": (torch.float32,),
+    "cuda": (torch.float32,),
+    "cpu": (torch.float32,),
+}
 
-def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype = torch.float32
-                       ) -> str | None:
-    """Why backend ``name`` cannot run on ``device`` with ``dtype`` params, or None when it can."""
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                       state_dtype: torch.dtype = torch.float32) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` with ``dtype`` params and ``state_dtype``
+    momentum / hess, or None when it can."""
     device = torch.device(device)
+    if state_dtype not in STATE_DTYPES[name]:
+        return f"backend={name!r} keeps its state in {STATE_DTYPES[name]}, got {state_dtype}"
     if name == "reference":
         return None
     if dtype not in KERNEL_DTYPES:
@@ -61,8 +73,10 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype = tor
     return module.unavailable_reason(device)
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """The concrete backend for ``name`` on ``device`` and ``dtype``.
+def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
+            state_dtype: torch.dtype = torch.float32) -> str:
+    """The concrete backend for ``name`` on ``device``, ``dtype`` params and ``state_dtype``
+    momentum / hess.
 
     'auto' picks the fastest one available (the reference when no kernel fits); an explicit
     name that cannot run there raises ValueError.
@@ -70,12 +84,12 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32)
     device = torch.device(device)
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(candidate, device, dtype) is None:
+            if unavailable_reason(candidate, device, dtype, state_dtype) is None:
                 return candidate
             if candidate in _COMPILED and dtype in KERNEL_DTYPES:
                 _warn_extension_unloadable()
         return "reference"
-    reason = unavailable_reason(name, device, dtype)
+    reason = unavailable_reason(name, device, dtype, state_dtype)
     if reason is not None:
         raise ValueError(f"Invalid backend: {reason}")
     return name
