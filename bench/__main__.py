@@ -4,6 +4,7 @@
     python -m bench --quick             # smoke test (tiny sizes, 3 rounds; files in a temp folder)
     python -m bench --sizes 16M,64M --shapes gpt2 --dtype bfloat16 --backends triton
     python -m bench --host-only         # only the host cost against the tensor count
+    python -m bench --state-dtypes float32  # leave out the bf16-state rows
 
 What is timed, like for like, in one process on one device (for every available backend; Triton
 only on GPUs, where it is not the interpreter; the reference backend up to --reference-max):
@@ -14,6 +15,15 @@ only on GPUs, where it is not the interpreter; the reference backend up to --ref
   * the same drop-in step with ``skip_nonfinite=False`` ("no finite check"): the check's cost is
     the checked step's median over this one's ("x unchecked"; the JSON also keeps the median of
     the two's ratios round by round);
+  * the same drop-in step (checked) with ``state_dtype=torch.bfloat16`` ("bf16 state",
+    docs/DESIGN.md section 16: bf16 momentum and Hessian, fp32 mean; 8 bytes of state per param,
+    AdamW's size, against 12), for each backend that implements bf16 state
+    (``backends.unavailable_reason(name, device, dtype, state_dtype=torch.bfloat16)`` is None;
+    the others get no such row, and a note says why); ``--state-dtypes`` picks the state dtypes
+    timed (default float32,bfloat16: both). The JSON also keeps its median over the fp32-state
+    drop-in step's ("x fp32 state", and the median of the two's ratios round by round). Its
+    target (issue 11; on a GPU at >= 64M params): <= 0.95x AdamW(fused=True), with state memory
+    equal to AdamW's (fp32 params); the summary's "# target" lines check it;
   * the official iteration, ``with opt.sampled_params(train=True): ...; opt.step()`` (sample,
     restore, update; ``skip_nonfinite=True``), against ivon-opt 0.1.3's official iteration (up to
     --ivon-opt-max).
@@ -22,8 +32,9 @@ are set once and never recomputed: only the optimizer is timed.
 
 Sizes are param counts (K, M, G: powers of 10), in two model shapes (bench/shapes.py):
 ``few-large`` (--tensors equal 1-D tensors) and ``gpt2`` (GPT-2 small's 148 tensors scaled to the
-size). Params are fp32, bf16 or fp16 (--dtype; ivon_fast keeps fp32 state, AdamW and ivon-opt keep
-their state in the params' dtype).
+size). Params are fp32, bf16 or fp16 (--dtype; ivon_fast keeps an fp32 mean and fp32 momentum
+and Hessian, or bf16 ones in the bf16-state rows; AdamW and ivon-opt keep their state in the
+params' dtype).
 
 Every row: min / median / max milliseconds over the alternated rounds (bench/measure.py: all
 contenders of a configuration timed once per round, in a rotating order; slow ones in the first
@@ -36,13 +47,25 @@ share of the device's copy bandwidth (an fp32 copy measured at the start of the 
 too; a working set that fits in the last-level cache can exceed 100%); the ratio to
 AdamW(fused=True); for official iterations, how many times faster than ivon-opt's.
 
-Byte model, P = bytes per param element (4 fp32, 2 bf16):
+Byte model, P = bytes per param element (4 fp32, 2 bf16), S = bytes per momentum / Hessian
+element (4 with fp32 state, 2 with bf16 state; the mean is fp32 in both):
   AdamW step                     7P      (reads p, g, m, v; writes p, m, v; state in the param dtype)
-  drop-in step, no finite check  2P + 24 (reads g, mean, momentum, hess; writes those and theta)
+  drop-in step, no finite check  2P + 8 + 4S = 2P + 24 (reads g P, mean 4, momentum S,
+                                         hess S; writes mean 4, momentum S, hess S, theta P)
   drop-in step (checked)         3P + 24 (the finite check reads the grads once more: aminmax of
                                          each flat gradient buffer, 4 B per fp32 element)
+  drop-in step, bf16 state       3P + 16 (checked; S = 2: reads g, mean 4, momentum 2, hess 2;
+                                         writes mean 4, momentum 2, hess 2 and theta; the check
+                                         P; unchecked it would be 2P + 16)
   official iteration (checked)   5P + 36 (sample 8 + P, restore 4 + P, check P, update 24 + 2P)
   ivon-opt official iteration    13P     (the same three ops with state in the param dtype)
+So per element, fp32 params: AdamW 28; drop-in step 36 (32 unchecked); drop-in step with bf16
+state 28, exactly AdamW's 28 (24 unchecked); bf16 params: AdamW 14, drop-in step 30 (28
+unchecked), with bf16 state 22 (20 unchecked). bf16 state saves 8 B per element whatever the
+params (momentum and Hessian, 2 B less each, read and written). The row that stands against
+AdamW's 28 B is the timed one, fp32 params with the check: 28 B, the same bytes, so <= 0.95x
+AdamW asks for a higher share of the copy bandwidth than fused AdamW reaches (without the check it
+would be 24 B, a byte floor of 0.86x).
 
 CPU floor (CPU only; docs/DESIGN.md section 6: a 2-core CPU is compute-bound): the step's memory
 traffic plus the noise it must generate, both measured in the same rounds. The traffic: a plain
@@ -50,23 +73,26 @@ fp32 copy that moves the drop-in step's bytes (scaled by bytes for the other row
 draws for the IVON rows (the consumed sample's noise, regenerated for the Hessian estimate, and
 the next sample's; the official iteration draws once in the sample, once in the update), none for
 AdamW; one draw is timed as the CPU kernel's ``sample`` op on one core over a cache-resident
-buffer, divided by the thread count (bench/measure.py ``noise_probe``). "x floor" is the row's
-median over that sum; a kernel that overlaps its traffic with its arithmetic can go below 1 (the
-JSON also keeps the fully overlapped bound, max(traffic, noise)).
+buffer, divided by the thread count (bench/measure.py ``noise_probe``); the bf16-state row is
+charged the same two draws, not the stochastic rounding's bits (one Philox output per element,
+no Box-Muller), so its floor is a lower bound. "x floor" is the row's median over that sum; a
+kernel that overlaps its traffic with its arithmetic can go below 1 (the JSON also keeps the
+fully overlapped bound, max(traffic, noise)).
 
 Host cost against the tensor count (its own table, JSON key "host_cost" and a second PNG,
 *_host.png): the host time of one step() (as above: on CUDA the call with the device synchronized
 before it; on CPU the step over one-element tensors) for N = 30, 300, 3000 tensors of one element
 (--host-tensors; --quick: 300 only), for AdamW(fused=True) and, per backend, the checked and
-unchecked drop-in step and the official iteration (the reference backend up to --reference-max
-tensors); alternated rounds (--host-rounds), min / median / max microseconds per step, x AdamW,
-and microseconds per tensor: the slope of the medians between consecutive N (the headline: 300 to
-3000). The target: with hundreds of tensors, IVON's host time at or below AdamW(fused=True)'s,
-and a per-tensor slope that does not make the step's Python work grow with the tensor count.
-It runs first, so a timeout that stops the sweep keeps it.
+unchecked drop-in step and the official iteration, fp32 state (the reference backend up to
+--reference-max tensors); alternated rounds (--host-rounds), min / median / max microseconds per
+step, x AdamW, and microseconds per tensor: the slope of the medians between consecutive N (the
+headline: 300 to 3000). The target: with hundreds of tensors, IVON's host time at or below
+AdamW(fused=True)'s, and a per-tensor slope that does not make the step's Python work grow with
+the tensor count. It runs first, so a timeout that stops the sweep keeps it.
 
 Memory (bytes per param, at every size; the table shows the largest): the optimizer's state
-tensors, state plus params and grads, and the peak transient memory of one step
+tensors (fp32 params: AdamW 8, ivon_fast 12, with bf16 state 8; plus AdamW's step counters, 4 B
+per tensor), state plus params and grads, and the peak transient memory of one step
 (torch.cuda.max_memory_allocated on CUDA; on CPU the peak of torch's CPU allocations from the
 profiler's memory events; see bench/measure.py).
 
@@ -104,20 +130,33 @@ from bench.shapes import SHAPES, describe, param_shapes
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-# noise draws per element that the CPU floor charges
+# the state dtypes --state-dtypes takes (IVON's ``state_dtype``: momentum and hess)
+STATE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16}
+# noise draws per element that the CPU floor charges (the bf16-state row: not the stochastic
+# rounding's bits, so its floor is a lower bound)
 DRAWS = {"adamw_fused": 0, "adamw_foreach": 0, "drop_in_step": 2, "drop_in_step_unchecked": 2,
-         "official_iteration": 2}
-# kept for older callers: the fp32 byte model
+         "drop_in_step_bf16_state": 2, "official_iteration": 2}
+# kept for older callers: the byte model for fp32 params
 BYTES_PER_ELEMENT = {"adamw_fused": 28, "drop_in_step": 36, "drop_in_step_unchecked": 32,
-                     "official_iteration": 56}
-# the IVON contenders: kind -> (drop-in mode, skip_nonfinite, label after "ivon_fast[backend] ")
+                     "drop_in_step_bf16_state": 28, "official_iteration": 56}
+# the IVON contenders: kind -> (drop-in mode, skip_nonfinite, label after "ivon_fast[backend] ",
+# state_dtype)
 IVON_KINDS = {
-    "drop_in_step": (True, True, "drop-in step"),
-    "drop_in_step_unchecked": (True, False, "drop-in step, no finite check"),
-    "official_iteration": (False, True, "official iteration"),
+    "drop_in_step": (True, True, "drop-in step", torch.float32),
+    "drop_in_step_unchecked": (True, False, "drop-in step, no finite check", torch.float32),
+    "drop_in_step_bf16_state": (True, True, "drop-in step, bf16 state", torch.bfloat16),
+    "official_iteration": (False, True, "official iteration", torch.float32),
 }
 # the kind whose bytes the CPU floor's copy probe moves (other kinds scale it by their bytes)
 FLOOR_KIND = "drop_in_step_unchecked"
+
+
+def drop_in_bytes(param_bytes: int, state_bytes: int = 4, checked: bool = True) -> int:
+    """Bytes per element of the drop-in step (the update fused with the next sample): reads the
+    grad (P), mean (4, fp32 always), momentum and hess (S each); writes mean, momentum, hess and
+    the next sample theta (P): 2P + 8 + 4S; the finite check reads the grads once more, + P."""
+    return (3 if checked else 2) * param_bytes + 8 + 4 * state_bytes
 
 
 def bytes_per_element(kind: str, param_bytes: int) -> int:
@@ -128,11 +167,28 @@ def bytes_per_element(kind: str, param_bytes: int) -> int:
     on the device, ``torch.aminmax`` of each flat gradient buffer: one more read of the grads, P
     bytes (4 B per fp32 element against the step's 32), so the checked drop-in step is 3P + 24
     and the checked official iteration 5P + 36; ``skip_nonfinite=False`` removes that read.
+    With bf16 momentum and hess (``state_dtype=torch.bfloat16``, docs/DESIGN.md section 16) the
+    update moves 8 B less (2 B less for each of momentum and hess, read and written): the
+    checked drop-in step with bf16 state is 3P + 16, 28 B for fp32 params (AdamW's 7P = 28).
     """
     p = param_bytes
-    return {"adamw_fused": 7 * p, "adamw_foreach": 7 * p, "drop_in_step": 2 * p + 24 + p,
-            "drop_in_step_unchecked": 2 * p + 24, "official_iteration": 4 * p + 36 + p,
-            "ivon_opt_iteration": 13 * p}[kind]
+    return {"adamw_fused": 7 * p, "adamw_foreach": 7 * p,
+            "drop_in_step": drop_in_bytes(p, 4, checked=True),
+            "drop_in_step_unchecked": drop_in_bytes(p, 4, checked=False),
+            "drop_in_step_bf16_state": drop_in_bytes(p, 2, checked=True),
+            "official_iteration": 4 * p + 36 + p, "ivon_opt_iteration": 13 * p}[kind]
+
+
+def state_dtype_of(kind: str) -> torch.dtype | None:
+    """The momentum / hess dtype of an IVON kind (None for the others)."""
+    return IVON_KINDS[kind][3] if kind in IVON_KINDS else None
+
+
+def wanted_state_dtypes(args) -> list:
+    """The state dtypes of --state-dtypes (default: float32 and bfloat16)."""
+    text = getattr(args, "state_dtypes", None) or "float32,bfloat16"
+    wanted = [STATE_DTYPES[d.strip()] for d in text.split(",") if d.strip()]
+    return list(dict.fromkeys(wanted))
 
 
 def parse_size(text: str) -> int:
@@ -172,13 +228,16 @@ def adamw_contender(shapes, device, dtype, mode: str = "fused") -> Contender:
 
 def ivon_fast_contender(shapes, device, dtype, backend: str, mode: str) -> Contender:
     """One of ``IVON_KINDS``: the drop-in step with the finite check ('drop_in_step'), without it
-    ('drop_in_step_unchecked'), or the official iteration with it ('official_iteration').
+    ('drop_in_step_unchecked'), with it and bf16 momentum and hess ('drop_in_step_bf16_state'),
+    or the official iteration with it ('official_iteration').
     ``skip_nonfinite`` is always passed explicitly, whatever the optimizer's default."""
-    resample, skip_nonfinite, what = IVON_KINDS[mode]
+    resample, skip_nonfinite, what, state_dtype = IVON_KINDS[mode]
     params = make_shaped_params(shapes, device, dtype)
     grads = [p.grad.clone() for p in params]
+    options = {} if state_dtype == torch.float32 else {"state_dtype": state_dtype}
     optimizer = ivon_fast.IVON(params, lr=1e-3, ess=1e6, backend=backend, seed=1234,
-                               resample_on_step=resample, skip_nonfinite=skip_nonfinite)
+                               resample_on_step=resample, skip_nonfinite=skip_nonfinite,
+                               **options)
     with torch.no_grad():
         for param, grad in zip(params, grads):  # the grads are views into the flat buffer now
             param.grad.copy_(grad)
@@ -282,12 +341,40 @@ def kernel_backends(args, device: torch.device, dtype: torch.dtype, notes: list)
     return names
 
 
+def bf16_state_backends(args, device: torch.device, dtype: torch.dtype, names: list,
+                        notes: list) -> list:
+    """Those of ``names`` that time the drop-in step with bf16 state on ``device`` with ``dtype``
+    params (``backends.unavailable_reason(..., state_dtype=torch.bfloat16)`` is None); none when
+    --state-dtypes leaves bfloat16 out. A backend without bf16 state gets a note, no row."""
+    if torch.bfloat16 not in wanted_state_dtypes(args):
+        return []
+    found = []
+    for name in names:
+        reason = backends.unavailable_reason(name, device, dtype, state_dtype=torch.bfloat16)
+        if reason is None:
+            found.append(name)
+        else:
+            notes.append(f"backend {name} ({dtype_name(dtype)}): no bf16-state row "
+                         f"({reason.splitlines()[0]})")
+    return found
+
+
+def ivon_kinds(args, name: str, bf16_names=()) -> list:
+    """The IVON kinds timed for backend ``name``: the fp32-state ones when --state-dtypes has
+    float32, the bf16-state drop-in step when it has bfloat16 and ``name`` is in
+    ``bf16_names``."""
+    wanted = wanted_state_dtypes(args)
+    return [kind for kind in IVON_KINDS if state_dtype_of(kind) in wanted
+            and (state_dtype_of(kind) == torch.float32 or name in bf16_names)]
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def build_contenders(shapes, device, dtype, numel, args, names, notes) -> list:
-    """Every contender of one configuration; the CPU floor's probes last."""
+def build_contenders(shapes, device, dtype, numel, args, names, notes, bf16_names=()) -> list:
+    """Every contender of one configuration; the CPU floor's probes last. ``bf16_names``: the
+    backends of ``names`` that also time the drop-in step with bf16 state."""
     contenders = []
     for mode in ("fused", "foreach"):
         if mode == "foreach" and not args.foreach:
@@ -304,7 +391,7 @@ def build_contenders(shapes, device, dtype, numel, args, names, notes) -> list:
     for name in names:
         if name == "reference" and numel > args.reference_max:
             continue
-        for mode in IVON_KINDS:
+        for mode in ivon_kinds(args, name, bf16_names):
             contender = ivon_fast_contender(shapes, device, dtype, name, mode)
             if name == "reference":  # the spec in plain torch: 50x to 200x AdamW on CPU
                 contender.max_rounds, contender.warmup = 2, 1
@@ -327,19 +414,20 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def footprint(numel: int, dtype: torch.dtype, args, names: list) -> int:
+def footprint(numel: int, dtype: torch.dtype, args, names: list, bf16_names=()) -> int:
     """A generous estimate of the bytes one configuration holds at once."""
     p = dtype_bytes(dtype)
-    n_backends = sum(1 for n in names if n != "reference" or numel <= args.reference_max)
+    timed = [n for n in names if n != "reference" or numel <= args.reference_max]
     per = 2 * (4 * p) + (2 * p if args.foreach else 0)   # the two AdamWs, foreach temporaries
-    per += n_backends * 3 * (3 * p + 12)                 # ivon_fast (3 kinds): params, grads,
-                                                         # clone, state
+    for name in timed:                                   # ivon_fast: params, grads, clone, state
+        for kind in ivon_kinds(args, name, bf16_names):
+            per += 3 * p + (8 if state_dtype_of(kind) == torch.bfloat16 else 12)
     if args.ivon_opt and numel <= args.ivon_opt_max:
         per += 14 * p                                    # ivon-opt: 4P held, ~10P transient
     return int(1.15 * per * numel)
 
 
-def host_table_cpu(shape_count, device, dtype, args, names, sizes) -> dict:
+def host_table_cpu(shape_count, device, dtype, args, names, sizes, bf16_names=()) -> dict:
     """CPU host ms per contender label: the step over ``shape_count`` one-element tensors (for
     the contenders that some of ``sizes`` time)."""
     tiny_args = argparse.Namespace(**{
@@ -347,12 +435,24 @@ def host_table_cpu(shape_count, device, dtype, args, names, sizes) -> dict:
         "reference_max": math.inf if min(sizes) <= args.reference_max else -1,
         "ivon_opt_max": math.inf if min(sizes) <= args.ivon_opt_max else -1})
     contenders = build_contenders([(1,)] * shape_count, device, dtype, shape_count, tiny_args,
-                                  names, [])
+                                  names, [], bf16_names)
     for contender in contenders:
         contender.warmup = 3
     seconds = measure.host_times_cpu(contenders, rounds=max(3, args.rounds),
                                      inner=5 if args.quick else 20)
     return {label: s * 1e3 for label, s in seconds.items()}
+
+
+def state_cost(contender: Contender, fp32_state: Contender | None) -> dict:
+    """For the drop-in step with bf16 state: its median over the fp32-state drop-in step's (same
+    backend, same rounds; "x fp32 state"), and the median of the two's ratios round by round."""
+    if (contender.kind != "drop_in_step_bf16_state" or fp32_state is None
+            or not fp32_state.seconds or not contender.seconds):
+        return {}
+    paired = [b / f for b, f in zip(contender.seconds, fp32_state.seconds)]
+    return {"state_ratio": statistics.median(contender.seconds)
+            / statistics.median(fp32_state.seconds),
+            "state_ratio_paired": statistics.median(paired)}
 
 
 def check_cost(contender: Contender, unchecked: Contender | None) -> dict:
@@ -381,14 +481,15 @@ HOST_METHOD = {
 
 def host_cost_contenders(count: int, device, dtype, args, names) -> list:
     """The host-cost section's contenders at ``count`` one-element tensors: AdamW(fused=True)
-    and, per backend, the checked and unchecked drop-in step and the official iteration."""
+    and, per backend, the checked and unchecked drop-in step and the official iteration (fp32
+    state: bf16 state runs the same Python)."""
     shapes = [(1,)] * count
     contenders = [adamw_contender(shapes, device, dtype, "fused")]
     for name in names:
         if name == "reference" and count > args.reference_max:
             continue
         contenders += [ivon_fast_contender(shapes, device, dtype, name, mode)
-                       for mode in IVON_KINDS]
+                       for mode in IVON_KINDS if state_dtype_of(mode) == torch.float32]
     for contender in contenders:
         contender.warmup = 3
     return contenders
@@ -446,6 +547,7 @@ def config_rows(contenders, size, dtype, shape, shapes, copy_gbs, host_ms) -> li
     draw_ms = statistics.median(noise.seconds) * 1e3 * noise.scale if noise else None
     probe_bytes = bytes_per_element(FLOOR_KIND, p)       # what the copy probe moved per element
     unchecked = {c.backend: c for c in contenders if c.kind == "drop_in_step_unchecked"}
+    fp32_state = {c.backend: c for c in contenders if c.kind == "drop_in_step"}
     rows = []
     for contender in contenders:
         if contender.is_probe:
@@ -468,6 +570,8 @@ def config_rows(contenders, size, dtype, shape, shapes, copy_gbs, host_ms) -> li
             "dtype": dtype_name(dtype), "shape": shape, "shape_desc": describe(shape, shapes),
             "tensors": len(shapes), "size": size, "numel": numel,
             "run": contender.label, "kind": contender.kind, "backend": contender.backend,
+            "state_dtype": (dtype_name(state_dtype_of(contender.kind))
+                            if contender.kind in IVON_KINDS else None),
             "rounds": len(contender.seconds), "times_ms": [s * 1e3 for s in contender.seconds],
             "min_ms": low, "median_ms": mid, "max_ms": high, "host_ms": host,
             "bytes_per_element": element_bytes, "gbs": gbs,
@@ -478,7 +582,10 @@ def config_rows(contenders, size, dtype, shape, shapes, copy_gbs, host_ms) -> li
             "byte_floor_ratio": probe_bytes / bytes_per_element("adamw_fused", p),
             "byte_floor_ratio_checked": (bytes_per_element("drop_in_step", p)
                                          / bytes_per_element("adamw_fused", p)),
+            "byte_floor_ratio_bf16_state": (bytes_per_element("drop_in_step_bf16_state", p)
+                                            / bytes_per_element("adamw_fused", p)),
             **check_cost(contender, unchecked.get(contender.backend)),
+            **state_cost(contender, fp32_state.get(contender.backend)),
             "floor_ms": floor_ms, "floor_memory_ms": floor_memory, "floor_draw_ms": draw_ms,
             "floor_draws": DRAWS.get(contender.kind), "floor_overlap_ms": floor_overlap,
             "floor_ratio": mid / floor_ms if floor_ms else None,
@@ -577,17 +684,20 @@ def default_sizes(device: torch.device, quick: bool) -> str:
     return "1M,4M,16M,64M,256M" if device.type == "cuda" else "1M,4M,16M"
 
 
-def sweep(plan, device, args, names_of, copy, progress, rows, host_tables, notes) -> None:
-    """Time every (dtype, shape, size) of ``plan``, appending to ``rows``."""
+def sweep(plan, device, args, names_of, copy, progress, rows, host_tables, notes,
+          bf16_of=None) -> None:
+    """Time every (dtype, shape, size) of ``plan``, appending to ``rows``. ``bf16_of``: per
+    dtype, the backends that also time the drop-in step with bf16 state."""
     for index, (dtype, shape, numel) in enumerate(plan):
         shapes = param_shapes(shape, numel, args.tensors)
         names = names_of[dtype]
+        bf16_names = (bf16_of or {}).get(dtype, [])
         label = f"{dtype_name(dtype)} {shape} {report._size(numel)}"
         if device.type == "cpu" and (dtype, shape) not in host_tables:
             progress.config(f"{dtype_name(dtype)} {shape}: host time")
             host_tables[(dtype, shape)] = host_table_cpu(
                 len(shapes), device, dtype, args, names,
-                [n for d, s, n in plan if (d, s) == (dtype, shape)])
+                [n for d, s, n in plan if (d, s) == (dtype, shape)], bf16_names)
             progress.advance()
             release(device)
         progress.config(f"[{index + 1}/{len(plan)}] {label}")
@@ -597,7 +707,8 @@ def sweep(plan, device, args, names_of, copy, progress, rows, host_tables, notes
             rounds_done[0] += 1
             progress.advance()
         try:
-            contenders = build_contenders(shapes, device, dtype, numel, args, names, notes)
+            contenders = build_contenders(shapes, device, dtype, numel, args, names, notes,
+                                          bf16_names)
             measure.run_rounds(contenders, device, args.rounds, on_round=on_round)
             config = config_rows(contenders, numel, dtype, shape, shapes, copy["gbs_median"],
                                  host_tables.get((dtype, shape), {}))
@@ -637,6 +748,8 @@ def run(args) -> dict:
                      "part of the test extra)")
         args.ivon_opt = False
     names_of = {dtype: kernel_backends(args, device, dtype, notes) for dtype in dtypes}
+    bf16_of = {dtype: bf16_state_backends(args, device, dtype, names_of[dtype], notes)
+               for dtype in dtypes}
 
     plan = []  # (dtype, shape, numel)
     if args.host_only:
@@ -645,13 +758,20 @@ def run(args) -> dict:
     for dtype in dtypes:
         for shape in shapes_wanted:
             for numel in sizes:
-                need = footprint(numel, dtype, args, names_of[dtype])
+                need = footprint(numel, dtype, args, names_of[dtype], bf16_of[dtype])
                 if free is not None and need > 0.9 * free:
                     notes.append(f"{dtype_name(dtype)} {shape} {report._size(numel)}: skipped, "
                                  f"needs about {need / 2**30:.0f} GiB of the "
                                  f"{free / 2**30:.0f} GiB free")
                     continue
                 plan.append((dtype, shape, numel))
+    for dtype in dtypes:  # bf16 state only in the reference, which these sizes leave out
+        sizes_timed = [n for d, _, n in plan if d == dtype]
+        if (bf16_of[dtype] == ["reference"] and sizes_timed
+                and min(sizes_timed) > args.reference_max):
+            notes.append(f"{dtype_name(dtype)}: no bf16-state rows: of the backends timed only "
+                         f"the reference has bf16 state, timed up to --reference-max "
+                         f"{report._size(args.reference_max)}")
 
     copy_numel = args.copy_size or (256 * 2**20 if device.type == "cuda"
                                     else (32 if args.quick else 64) * 2**20)
@@ -667,7 +787,7 @@ def run(args) -> dict:
     try:
         if args.host_tensors:  # first: short, and kept when a timeout stops the sweep
             host = host_cost(device, host_dtype, args, names_of[host_dtype], progress)
-        sweep(plan, device, args, names_of, copy, progress, rows, host_tables, notes)
+        sweep(plan, device, args, names_of, copy, progress, rows, host_tables, notes, bf16_of)
     except (KeyboardInterrupt, Interrupted) as stop:
         done = len({report.config_key(row) for row in rows})
         notes.append(f"interrupted ({type(stop).__name__}) after {done} of {len(plan)} "
@@ -712,6 +832,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--backends", default=None,
                         help="comma-separated ivon_fast backends (default: those available; "
                              "not triton on CPU)")
+    parser.add_argument("--state-dtypes", default="float32,bfloat16",
+                        help="comma-separated ivon_fast state dtypes (momentum and hess): "
+                             "float32 (the drop-in steps and the official iteration), bfloat16 "
+                             "(the drop-in step with bf16 state, where a backend implements it) "
+                             "(default: float32,bfloat16)")
     parser.add_argument("--no-foreach", dest="foreach", action="store_false",
                         help="leave out AdamW(foreach=True)")
     parser.add_argument("--no-ivon-opt", dest="ivon_opt", action="store_false",
@@ -764,6 +889,10 @@ def main(argv=None) -> dict:
     bad = [d for d in args.dtype.split(",") if d.strip() and d.strip() not in DTYPES]
     if bad:
         parser.error(f"--dtype: unknown {bad}; use float32, bfloat16, float16")
+    bad = [d for d in args.state_dtypes.split(",") if d.strip() and d.strip() not in STATE_DTYPES]
+    if bad or not args.state_dtypes.strip(", "):
+        parser.error(f"--state-dtypes: {f'unknown {bad}' if bad else 'none given'}; use float32, "
+                     "bfloat16 or both")
     bad = [s for s in args.shapes.split(",") if s.strip() and s.strip() not in SHAPES]
     if bad:
         parser.error(f"--shapes: unknown {bad}; use {', '.join(SHAPES)}")

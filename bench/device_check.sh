@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the extension in place, benchmark the backends against
 # torch.optim.AdamW(fused=True), AdamW(foreach=True) and ivon-opt (`python -m bench`, fp32 and
-# bf16, both model shapes, 1M to 256M; the drop-in step with and without the finite check; first
-# its host-cost section: one step() over 30, 300 and 3000 one-element tensors), run the GPU tests, run the CPU benchmark on the machine's
-# cores in quick form, sweep the Triton launch configuration if time is left, and print a short
-# table last. The whole run keeps to a budget of 470 s (BUDGET=...): every step gets a timeout
+# bf16, both model shapes, 1M to 256M; the drop-in step with and without the finite check, and
+# with bf16 optimizer state (--state-dtypes float32,bfloat16: a row per backend that implements
+# bf16 state, and the issue 11 target lines: <= 0.95x AdamW at >= 64M fp32, state bytes equal to
+# AdamW's); first its host-cost section: one step() over 30, 300 and 3000 one-element tensors),
+# run the GPU tests, run the CPU benchmark on the machine's cores in quick form, sweep the Triton
+# launch configuration if time is left, and print a short table (with the target lines) last.
+# The whole run keeps to a budget of 470 s (BUDGET=...): every step gets a timeout
 # from what is left, and `python -m bench` writes what it measured when its timeout stops it.
 # From the device tool:
 #     run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=540)
@@ -13,7 +16,8 @@
 # (matplotlib, for the PNG plots, is rarely there; without it the JSON is written and the plots can
 # be drawn anywhere later: python -m bench.report --plot --out DIR .device_out/*.json)
 # Logs, JSON and plots go to $OUT (the device tool's folder) or /tmp/ivon_device_check.
-# `bash bench/device_check.sh quick`: build, the extension's GPU tests, one 64M fp32 benchmark.
+# `bash bench/device_check.sh quick`: build, the extension's GPU tests, one 64M fp32 benchmark
+# (fp32 and bf16 state).
 set -uo pipefail
 MODE=${1:-full}
 cd "$(dirname "$0")/.."
@@ -60,19 +64,20 @@ if [ "$MODE" = quick ]; then
         > "$OUT/gpu_tests.log" 2>&1
     echo "gpu tests rc=$?: $(tail -1 "$OUT/gpu_tests.log")" | tee -a "$OUT/summary.txt"
     timeout "$(slot 90 5)" python3 -m bench --sizes 64M --dtype float32 --shapes few-large \
-        --no-ivon-opt --rounds 10 --out "$OUT" --json "$OUT/bench_gpu.json" \
-        > "$OUT/bench_gpu.txt" 2>&1
+        --state-dtypes float32,bfloat16 --no-ivon-opt --rounds 10 --out "$OUT" \
+        --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.txt" 2>&1
     echo "benchmark rc=$?" | tee -a "$OUT/summary.txt"
     cat "$OUT/summary.txt" "$OUT/bench_gpu.txt"
     exit 0
 fi
 
-echo "== benchmark (GPU: fp32 and bf16, few-large and gpt2 shapes, 1M to 256M)"
+echo "== benchmark (GPU: fp32 and bf16 params and state, few-large and gpt2 shapes, 1M to 256M)"
 start=$SECONDS
 timeout "$(slot 200 150)" python3 -m bench --sizes 1M,16M,64M,256M --rounds 15 \
-    --out "$OUT" --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.txt" 2>&1
+    --state-dtypes float32,bfloat16 --out "$OUT" --json "$OUT/bench_gpu.json" \
+    > "$OUT/bench_gpu.txt" 2>&1
 echo "gpu benchmark rc=$? in $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
-grep -E "^# (note|results|plot)" "$OUT/bench_gpu.txt"
+grep -E "^# (note|results|plot|target)" "$OUT/bench_gpu.txt"
 
 echo "== GPU tests"
 start=$SECONDS

@@ -18,6 +18,14 @@ import os
 import sys
 
 ANCHOR = "adamw_fused"
+BF16_STATE = "drop_in_step_bf16_state"
+# issue 11's target for the drop-in step with bf16 state (docs/DESIGN.md section 16): on a GPU,
+# at >= 64M fp32 params, <= 0.95x AdamW(fused=True), with state bytes per param equal to AdamW's
+# (fp32 params: 8 B, the mean fp32 and momentum and hess bf16, against AdamW's fp32 m and v;
+# "equal" to within 1%, AdamW's per-tensor step counters). bf16 params have no such target:
+# AdamW keeps bf16 state there (4 B per param, 14 B moved per element against 22).
+BF16_STATE_TARGET = {"device": "cuda", "dtype": "float32", "min_size": 64 * 10**6,
+                     "max_ratio": 0.95, "memory_tolerance": 0.01}
 
 
 def _fmt(value, spec: str, empty: str = "-") -> str:
@@ -37,8 +45,9 @@ def config_key(row: dict) -> tuple:
     return (row["dtype"], row["shape"], row["size"])
 
 
-def print_table(record: dict, file=sys.stdout) -> None:
+def print_table(record: dict, file=None) -> None:
     """Every row, one block per (dtype, shape, size)."""
+    file = sys.stdout if file is None else file  # the stdout of the call
     cpu = record["device"]["type"] == "cpu"
     header = (f"{'run':<50} {'min ms':>9} {'med ms':>9} {'max ms':>9} {'host ms':>8} {'B/el':>5} "
               f"{'GB/s':>7} {'%copy':>6} {'xAdamW':>7} {'xivon-opt':>9}")
@@ -65,8 +74,9 @@ def print_table(record: dict, file=sys.stdout) -> None:
             print(line, file=file)
 
 
-def print_memory_table(record: dict, file=sys.stdout) -> None:
+def print_memory_table(record: dict, file=None) -> None:
     """Bytes per param at the largest size of each (dtype, shape)."""
+    file = sys.stdout if file is None else file  # the stdout of the call
     largest: dict = {}
     for row in record["rows"]:
         if row.get("memory") is None:
@@ -90,12 +100,12 @@ def print_memory_table(record: dict, file=sys.stdout) -> None:
               f"{_fmt(memory['peak_transient_bytes_per_param'], '7.2f'):>7}", file=file)
 
 
-IVON_KINDS = ("drop_in_step", "drop_in_step_unchecked", "official_iteration")
+IVON_KINDS = ("drop_in_step", "drop_in_step_unchecked", BF16_STATE, "official_iteration")
 
 
 def short_rows(rows: list) -> list:
-    """One line per (dtype, shape, size, backend): the drop-in (checked and unchecked) and
-    official IVON rows."""
+    """One line per (dtype, shape, size, backend): the drop-in (checked and unchecked, fp32 and
+    bf16 state) and official IVON rows."""
     table: dict = {}
     for row in rows:
         if row["kind"] not in IVON_KINDS:
@@ -106,10 +116,12 @@ def short_rows(rows: list) -> list:
     return [(key, entry) for key, entry in table.items()]
 
 
-def print_short_table(records: list, file=sys.stdout) -> None:
+def print_short_table(records: list, file=None) -> None:
     """The headline figures: per size and backend, the drop-in step (with the finite check)
     against fused AdamW, what the check costs (x unchecked: the checked step's median over the
-    unchecked one's), and the official iteration against ivon-opt's."""
+    unchecked one's), the drop-in step with bf16 state against fused AdamW, and the official
+    iteration against ivon-opt's; then the targets' lines (``target_lines``)."""
+    file = sys.stdout if file is None else file  # the stdout of the call
     for record in records:
         device = record["device"]
         cpu = device["type"] == "cpu"
@@ -118,10 +130,12 @@ def print_short_table(records: list, file=sys.stdout) -> None:
               f"{record['command']}", file=file)
         print(f"{'dtype':<9} {'shape':<10} {'params':>7} {'backend':<9} {'drop-in ms':>10} "
               f"{'xAdamW':>7} {'%copy':>6}{' xfloor' if cpu else ''} {'xunchk':>6} "
+              f"{'bf16-state ms':>13} {'xAdamW':>7} "
               f"{'official ms':>11} "
               f"{'xAdamW':>7} {'xivon-opt':>9}", file=file)
         for (dtype, shape, numel, backend), entry in short_rows(record["rows"]):
             drop, official = entry.get("drop_in_step"), entry.get("official_iteration")
+            low = entry.get(BF16_STATE)
             speedup = official.get("speedup_vs_ivon_opt") if official else None
             line = (f"{dtype:<9} {shape:<10} {_size(numel):>7} {backend:<9} "
                     f"{_fmt(drop and drop['median_ms'], '10.3f'):>10} "
@@ -130,6 +144,8 @@ def print_short_table(records: list, file=sys.stdout) -> None:
             if cpu:
                 line += f" {_fmt(drop and drop.get('floor_ratio'), '6.2f'):>6}"
             line += f" {_fmt(drop and drop.get('check_ratio'), '6.3f'):>6}"
+            line += (f" {_fmt(low and low['median_ms'], '13.3f'):>13}"
+                     f" {_fmt(low and low['ratio_vs_adamw'], '7.2f'):>7}")
             line += (f" {_fmt(official and official['median_ms'], '11.3f'):>11} "
                      f"{_fmt(official and official['ratio_vs_adamw'], '7.2f'):>7} "
                      f"{_fmt(speedup, '8.1f') + ('x' if speedup else ''):>9}")
@@ -138,10 +154,81 @@ def print_short_table(records: list, file=sys.stdout) -> None:
                for _, entry in short_rows(record["rows"])):
             print("# xunchk: the drop-in step (skip_nonfinite=True) over the same step without the "
                   "finite check, medians of the same rounds", file=file)
+        if any(BF16_STATE in entry for _, entry in short_rows(record["rows"])):
+            print("# bf16-state: the drop-in step (checked) with state_dtype=torch.bfloat16 "
+                  "(bf16 momentum and hess, fp32 mean)", file=file)
+        for line in target_lines(record):
+            print(line, file=file)
 
 
-def print_host_table(record: dict, file=sys.stdout) -> None:
+def _state_bytes(row: dict | None):
+    memory = (row or {}).get("memory") or {}
+    return memory.get("state_bytes_per_param")
+
+
+def target_lines(record: dict) -> list:
+    """Issue 11's target for the drop-in step with bf16 state (``BF16_STATE_TARGET``): a line
+    on its step time (on a GPU, at >= 64M fp32 params: <= 0.95x AdamW(fused=True), each
+    configuration and backend below it) and one on its state memory (fp32 params: equal to
+    AdamW's). Nothing when the record has no bf16-state row."""
+    target = BF16_STATE_TARGET
+    rows = [r for r in record["rows"] if r["kind"] == BF16_STATE]
+    if not rows:
+        return []
+    lines = []
+    what = (f"# target (issue 11): drop-in step with bf16 state <= {target['max_ratio']:.2f}x "
+            f"AdamW(fused=True), on a GPU at >= {_size(target['min_size'])} "
+            f"{target['dtype']} params")
+    device = record["device"]["type"]
+    big = [r for r in rows if r["dtype"] == target["dtype"] and r["size"] >= target["min_size"]]
+    if device != target["device"]:
+        lines.append(f"{what}: not checked (a {device} run)")
+    elif not big:
+        lines.append(f"{what}: not checked (no {target['dtype']} size >= "
+                     f"{_size(target['min_size'])} timed)")
+    else:
+        met = [r["ratio_vs_adamw"] is not None and r["ratio_vs_adamw"] <= target["max_ratio"]
+               for r in big]
+        lines.append(f"{what}: {'met' if all(met) else 'NOT met'} ({sum(met)} of {len(big)})")
+        for row, ok in zip(big, met):
+            lines.append(f"#   {row['dtype']} {row['shape']} {_size(row['numel'])} "
+                         f"{row['backend']}: {_fmt(row['ratio_vs_adamw'], '.3f')}x AdamW "
+                         f"({'met' if ok else 'not met'})")
+    anchors = {config_key(r): r for r in record["rows"] if r["kind"] == ANCHOR}
+    fp32_state = {config_key(r) + (r["backend"],): r for r in record["rows"]
+                  if r["kind"] == "drop_in_step"}
+    checked = []
+    for row in rows:
+        ours, theirs = _state_bytes(row), _state_bytes(anchors.get(config_key(row)))
+        if row["dtype"] != target["dtype"] or ours is None or theirs is None:
+            continue
+        ok = abs(ours - theirs) <= target["memory_tolerance"] * theirs
+        before = _state_bytes(fp32_state.get(config_key(row) + (row["backend"],)))
+        checked.append((row, ours, theirs, before, ok))
+    what = (f"# target (issue 11): state memory of the drop-in step with bf16 state equal to "
+            f"AdamW(fused=True)'s, {target['dtype']} params")
+    if not checked:
+        lines.append(f"{what}: not checked (no memory figures of {target['dtype']} params)")
+        return lines
+    largest = {}
+    for item in checked:  # the largest size per (shape, backend), as the memory table
+        key = (item[0]["shape"], item[0]["backend"])
+        if key not in largest or item[0]["numel"] > largest[key][0]["numel"]:
+            largest[key] = item
+    ok = all(item[4] for item in checked)
+    lines.append(f"{what}: {'met' if ok else 'NOT met'} (bytes per param; at every size, the "
+                 "largest shown)")
+    for row, ours, theirs, before, good in largest.values():
+        fp32_note = "" if before is None else f"; with fp32 state {before:.2f}"
+        lines.append(f"#   {row['dtype']} {row['shape']} {_size(row['numel'])} {row['backend']}: "
+                     f"{ours:.2f} against AdamW's {theirs:.2f} ({'met' if good else 'not met'}"
+                     f"{fp32_note})")
+    return lines
+
+
+def print_host_table(record: dict, file=None) -> None:
     """The host-cost section: microseconds of one step() per tensor count, and per tensor."""
+    file = sys.stdout if file is None else file  # the stdout of the call
     host = record.get("host_cost")
     if not host or not host.get("rows"):
         return
@@ -171,9 +258,12 @@ def write_json(record: dict, path: str) -> None:
 
 
 def _line_style(kind: str) -> str:
-    """AdamW dashed, the drop-in step without the finite check dotted, the rest solid."""
+    """AdamW dashed, the drop-in step without the finite check dotted, with bf16 state
+    dash-dotted, the rest solid."""
     if kind.startswith("adamw"):
         return "--"
+    if kind == BF16_STATE:
+        return "-."
     return ":" if kind.endswith("unchecked") else "-"
 
 
@@ -223,6 +313,10 @@ def plot(record: dict, path: str) -> str | None:
         if checked_floor:
             ratio_ax.axhline(checked_floor, color="gray", lw=0.8, ls="-.",
                              label=f"byte model, checked drop-in / AdamW = {checked_floor:.2f}")
+        bf16_floor = rows[0].get("byte_floor_ratio_bf16_state")
+        if bf16_floor and any(r["kind"] == BF16_STATE for r in rows):
+            ratio_ax.axhline(bf16_floor, color="tab:brown", lw=0.8, ls="-.",
+                             label=f"byte model, drop-in bf16 state / AdamW = {bf16_floor:.2f}")
         for ax in (time_ax, ratio_ax):
             ax.set_xscale("log")
             ax.set_xlabel("params")

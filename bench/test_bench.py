@@ -11,7 +11,10 @@ Two groups per parameter layout, each compared like for like in pytest-benchmark
   * "step":      torch AdamW(fused=True).step(), AdamW(foreach=True).step(), and the ivon_fast
                  drop-in step (IVON(resample_on_step=True).step(): the update fused with drawing the
                  next sample), per available backend, with the on-device finite check of the
-                 gradients (skip_nonfinite=True, docs/DESIGN.md section 11) and without it;
+                 gradients (skip_nonfinite=True, docs/DESIGN.md section 11) and without it, and
+                 with the check and bf16 momentum and Hessian (state_dtype=torch.bfloat16,
+                 docs/DESIGN.md section 16: "-bf16state") per backend that implements bf16 state
+                 (backends.STATE_DTYPES);
   * "iteration": the official loop's iteration (sampled_params(train=True) entered and left, then
                  step(); skip_nonfinite=True) per available backend, against ivon-opt's (where it
                  is installed and the size is at most IVON_BENCH_SLOW_MAX), with
@@ -37,7 +40,8 @@ Environment (defaults: CPU / GPU):
                           spec: its Philox in torch ops takes seconds per call at 1M on a CPU)
     IVON_BENCH_HOST_TENSORS   300       (tensors of the host group; 0 skips it)
 Each timed call synchronizes the device. extra_info holds the size, the byte model's bytes per
-element (docs/DESIGN.md section 6; fp32 only) and, when timed, GB/s at the median.
+element (docs/DESIGN.md section 6; fp32 only: with bf16 state the checked drop-in step moves 28,
+AdamW's 28) and, when timed, GB/s at the median.
 """
 from __future__ import annotations
 
@@ -76,12 +80,18 @@ REFERENCE_MAX = parse_size(os.environ.get("IVON_BENCH_REFERENCE_MAX", "0"))
 HOST_TENSORS = int(os.environ.get("IVON_BENCH_HOST_TENSORS", "300"))
 
 # bytes moved per element by the byte model of docs/DESIGN.md sections 6 and 11 (fp32 params and
-# state): the finite check (skip_nonfinite=True) reads the grads once more, 4 B per element
+# state): the finite check (skip_nonfinite=True) reads the grads once more, 4 B per element; bf16
+# momentum and hess (section 16) move 8 B less
 BYTES_PER_ELEMENT = {"adamw": 28, "drop_in_step": 36, "drop_in_step_unchecked": 32,
-                     "official_iteration": 56}
-# mode -> (resample_on_step, skip_nonfinite)
-MODES = {"drop_in_step": (True, True), "drop_in_step_unchecked": (True, False),
-         "official_iteration": (False, True)}
+                     "drop_in_step_bf16_state": 28, "official_iteration": 56}
+# mode -> (resample_on_step, skip_nonfinite, state_dtype)
+MODES = {"drop_in_step": (True, True, torch.float32),
+         "drop_in_step_unchecked": (True, False, torch.float32),
+         "drop_in_step_bf16_state": (True, True, torch.bfloat16),
+         "official_iteration": (False, True, torch.float32)}
+# contender suffix -> mode of the step group
+SUFFIXES = {"": "drop_in_step", "-unchecked": "drop_in_step_unchecked",
+            "-bf16state": "drop_in_step_bf16_state"}
 
 
 def _backends() -> list:
@@ -93,6 +103,9 @@ def _backends() -> list:
 
 
 BACKENDS = _backends()
+# those that implement bf16 state (backends.STATE_DTYPES; today the reference only)
+BF16_BACKENDS = [b for b in BACKENDS if b in backends.BACKENDS and backends.unavailable_reason(
+    b, DEVICE, DTYPE, state_dtype=torch.bfloat16) is None]
 
 
 class Layout:
@@ -147,9 +160,11 @@ def adamw(layout: Layout, **kind):
 def ivon_fast_call(layout: Layout, backend: str, mode: str):
     params = make_params(layout)
     grads = [p.grad.clone() for p in params]
-    resample, skip_nonfinite = MODES[mode]
+    resample, skip_nonfinite, state_dtype = MODES[mode]
+    options = {} if state_dtype == torch.float32 else {"state_dtype": state_dtype}
     optimizer = ivon_fast.IVON(params, lr=1e-3, ess=1e6, backend=backend,
-                               resample_on_step=resample, skip_nonfinite=skip_nonfinite)
+                               resample_on_step=resample, skip_nonfinite=skip_nonfinite,
+                               **options)
     with torch.no_grad():
         for param, grad in zip(params, grads):  # the grads are views into the flat buffer now
             param.grad.copy_(grad)
@@ -206,16 +221,18 @@ def _skip_slow(layout: Layout, backend: str | None = None) -> None:
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.id)
 @pytest.mark.parametrize("contender", ["adamw_fused", "adamw_foreach"]
                          + [f"ivon_fast[{b}]" for b in BACKENDS]
-                         + [f"ivon_fast[{b}]-unchecked" for b in BACKENDS])
+                         + [f"ivon_fast[{b}]-unchecked" for b in BACKENDS]
+                         + [f"ivon_fast[{b}]-bf16state" for b in BF16_BACKENDS])
 def test_step(benchmark, layout, contender):
     """One optimizer step: AdamW, or the ivon_fast drop-in step (update fused with resampling),
-    with the finite check or (``-unchecked``) without it."""
+    with the finite check, without it (``-unchecked``), or with it and bf16 momentum and Hessian
+    (``-bf16state``)."""
     if contender.startswith("adamw"):
         kind = contender.split("_")[1]
         measure(benchmark, layout, "step", adamw(layout, **{kind: True}), "adamw")
         return
-    mode = "drop_in_step_unchecked" if contender.endswith("-unchecked") else "drop_in_step"
-    backend = contender.removesuffix("-unchecked")[len("ivon_fast["):-1]
+    backend, suffix = contender[len("ivon_fast["):].split("]")
+    mode = SUFFIXES[suffix]
     _skip_slow(layout, backend)
     measure(benchmark, layout, "step", ivon_fast_call(layout, backend, mode), mode,
             backend=backend)

@@ -38,10 +38,11 @@ namespace IVON_MATH_NS {
 
 constexpr int64_t kBlockQuads = 64;  // 256 normals = 1 KiB per buffer: L1-resident (64 measured best)
 
-// eps[4 j + k] = nk[j]: the four normals of quad j, in element order
-static inline void interleave_quads(const float* __restrict n0, const float* __restrict n1,
-                                    const float* __restrict n2, const float* __restrict n3,
-                                    int64_t nq, float* __restrict eps) {
+// eps[4 j + k] = nk[j]: the four values (normals, Philox words) of quad j, in element order
+template <typename T>
+static inline void interleave_quads(const T* __restrict n0, const T* __restrict n1,
+                                    const T* __restrict n2, const T* __restrict n3, int64_t nq,
+                                    T* __restrict eps) {
   for (int64_t j = 0; j < nq; ++j) {
     eps[4 * j + 0] = n0[j];
     eps[4 * j + 1] = n1[j];
@@ -153,6 +154,15 @@ static inline void fill_normals(uint64_t seed, uint64_t draw, int64_t q0, int64_
   }
   interleave_quads(n0, n1, n2, n3, nq, eps);
 }
+
+// bits[j] = the Philox word of global index 4 * q0 + j at `draw`, for nq quads (the random bits
+// of stochastic rounding, Note [bf16 state] in ivon_math.h).
+static inline void fill_words(uint64_t seed, uint64_t draw, int64_t q0, int64_t nq,
+                              uint32_t* __restrict bits) {
+  alignas(64) uint32_t x0[kBlockQuads], x1[kBlockQuads], x2[kBlockQuads], x3[kBlockQuads];
+  philox_words(seed, draw, q0, nq, x0, x1, x2, x3);
+  interleave_quads(x0, x1, x2, x3, nq, bits);
+}
 #else
 // eps[j] = the normal of global index 4 * q0 + j, for nq quads.
 static inline void fill_normals(uint64_t seed, uint64_t draw, int64_t q0, int64_t nq,
@@ -166,6 +176,20 @@ static inline void fill_normals(uint64_t seed, uint64_t draw, int64_t q0, int64_
     n3[j] = n.v3;
   }
   interleave_quads(n0, n1, n2, n3, nq, eps);
+}
+
+// bits[j] = the Philox word of global index 4 * q0 + j at `draw`, for nq quads (the random bits
+// of stochastic rounding, Note [bf16 state] in ivon_math.h).
+static inline void fill_words(uint64_t seed, uint64_t draw, int64_t q0, int64_t nq,
+                              uint32_t* __restrict bits) {
+  uint32_t x0[kBlockQuads], x1[kBlockQuads], x2[kBlockQuads], x3[kBlockQuads];
+  for (int64_t j = 0; j < nq; ++j) {
+    const uint64_t quad = uint64_t(q0 + j);
+    const U32x4 x = philox4x32_10(uint32_t(quad), uint32_t(quad >> 32), uint32_t(draw),
+                                  uint32_t(draw >> 32), uint32_t(seed), uint32_t(seed >> 32));
+    x0[j] = x.x0, x1[j] = x.x1, x2[j] = x.x2, x3[j] = x.x3;
+  }
+  interleave_quads(x0, x1, x2, x3, nq, bits);
 }
 #endif
 
@@ -213,6 +237,24 @@ static inline BlockRange block_range(const OpArgs& a, int64_t qb, int64_t qe) {
   return {g_lo - a.offset, g_hi - a.offset, a.offset - 4 * qb};
 }
 
+// Note [bf16 state on the CPU]: the float32-state loops below run unchanged on bf16 state: a
+// block's momentum and hess are first widened into float32 buffers (L1-resident, indexed like
+// the noise buffers), the loop reads and writes those, and the new values are then rounded into
+// the bf16 arrays (Note [bf16 state] in ivon_math.h). So bf16 state adds no instances of the
+// update loop, only these short vectorized passes. An update with a next sample runs the loop
+// without it and draws the sample in the rounding pass, around the rounded hess.
+
+// A block's state array (momentum or hess) as float32 values indexed by the local k: the array
+// itself (float32 state), or `buffer` filled with its widened bf16 values.
+static inline float* state_block(const OpArgs& a, void* state, BlockRange r,
+                                 float* __restrict buffer) {
+  if (!a.bf16_state) return static_cast<float*>(state);
+  const uint16_t* __restrict bits = static_cast<const uint16_t*>(state);
+  float* __restrict out = buffer + r.shift;
+  for (int64_t k = r.k_lo; k < r.k_hi; ++k) out[k] = bf16_bits_to_float(bits[k]);
+  return out;
+}
+
 // The element's delta (Note [per-element prior] in ivon_math.h): the prior precision when the
 // instance has one (PREC), else the scalar weight decay; PREC is a template flag, so the loops
 // below neither load nor branch on an absent prior.
@@ -222,10 +264,10 @@ static inline float delta_at(const float* __restrict prec, int64_t k, const Scal
 }
 
 template <typename PT, bool PREC>
-static void sample_block(const OpArgs& a, BlockRange r, const float* __restrict eps) {
+static void sample_block(const OpArgs& a, BlockRange r, const float* __restrict hess,
+                         const float* __restrict eps) {
   RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
   const float* __restrict mean = a.mean;
-  const float* __restrict hess = a.hess;
   const float* __restrict prec = a.prior_precision;
   const float* __restrict e = eps + r.shift;
   const Scalars s = a.s;
@@ -235,9 +277,9 @@ static void sample_block(const OpArgs& a, BlockRange r, const float* __restrict 
 }
 
 template <typename PT, bool PRICE, bool FIRST, bool PREC>
-static void accumulate_block(const OpArgs& a, BlockRange r, const float* __restrict eps) {
+static void accumulate_block(const OpArgs& a, BlockRange r, const float* __restrict hess,
+                             const float* __restrict eps) {
   const RawT<PT>* __restrict grad = static_cast<const RawT<PT>*>(a.grad);
-  const float* __restrict hess = a.hess;
   const float* __restrict prec = a.prior_precision;
   float* __restrict avg_grad = a.avg_grad;
   float* __restrict avg_ht = a.avg_hess_term;
@@ -252,15 +294,14 @@ static void accumulate_block(const OpArgs& a, BlockRange r, const float* __restr
 }
 
 // The update of one block; `scalars` holds the device scalars' values (read once per range by
-// update_range_t).
+// update_range_t); `momentum` and `hess` are the float32 state (state_block).
 template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED, bool PREC, bool PMEAN>
 static void update_block(const OpArgs& a, const Scalars& scalars, BlockRange r,
+                         float* __restrict momentum, float* __restrict hess,
                          const float* __restrict eps, const float* __restrict eps_next) {
   RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
   const RawT<PT>* __restrict grad = static_cast<const RawT<PT>*>(a.grad);
   float* __restrict mean = a.mean;
-  float* __restrict momentum = a.momentum;
-  float* __restrict hess = a.hess;
   const float* __restrict avg_grad = a.avg_grad;
   const float* __restrict avg_ht = a.avg_hess_term;
   const float* __restrict prec = a.prior_precision;
@@ -293,6 +334,34 @@ static void update_block(const OpArgs& a, const Scalars& scalars, BlockRange r,
   }
 }
 
+// bf16 state (Note [bf16 state on the CPU]): the block's new float32 momentum and hess (in the
+// buffers) rounded into the bf16 arrays with the Philox words `words`; with NEXT the param gets
+// the sample of next_draw around the mean and the rounded hess.
+template <typename PT, bool NEXT, bool PREC>
+static void round_state_block(const OpArgs& a, const Scalars& s, BlockRange r,
+                              const float* __restrict momentum, const float* __restrict hess,
+                              const uint32_t* __restrict words,
+                              const float* __restrict eps_next) {
+  uint16_t* __restrict momentum_bits = static_cast<uint16_t*>(a.momentum);
+  uint16_t* __restrict hess_bits = static_cast<uint16_t*>(a.hess);
+  RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
+  const float* __restrict mean = a.mean;
+  const float* __restrict prec = a.prior_precision;
+  const uint32_t* __restrict w = words + r.shift;
+  const float* __restrict e_next = eps_next + r.shift;
+#pragma GCC ivdep
+  for (int64_t k = r.k_lo; k < r.k_hi; ++k) {
+    momentum_bits[k] = stochastic_round_bf16(momentum[k], w[k] & 0xffffu);
+    const uint16_t h = stochastic_round_bf16(hess[k], w[k] >> 16);
+    hess_bits[k] = h;
+    if (NEXT) {
+      param[k] = float_to_raw<PT>(
+          param_value<true>(mean[k], bf16_bits_to_float(h), delta_at<PREC>(prec, k, s),
+                            e_next[k], s));
+    }
+  }
+}
+
 // A skipped update (found_inf nonzero, Note [device scalars of an update]): mean, momentum and
 // hess are neither read nor written beyond what the param needs; param <- the mean, or the sample
 // of next_draw around the mean and hess. Not a hot path.
@@ -300,14 +369,15 @@ template <typename PT, bool NEXT, bool PREC>
 static void skipped_update_range_t(const OpArgs& a, const Scalars& s, uint64_t next_draw,
                                    int64_t q_begin, int64_t q_end) {
   alignas(64) float eps_next[4 * kBlockQuads];
+  alignas(64) float hess_buffer[4 * kBlockQuads];
   RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
   const float* __restrict mean = a.mean;
-  const float* __restrict hess = a.hess;
   const float* __restrict prec = a.prior_precision;
   for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
     const int64_t qe = std::min(qb + kBlockQuads, q_end);
     if (NEXT) fill_normals(a.seed, next_draw, qb, qe - qb, eps_next);
     const BlockRange r = block_range(a, qb, qe);
+    const float* __restrict hess = NEXT ? state_block(a, a.hess, r, hess_buffer) : nullptr;
     const float* __restrict e_next = eps_next + r.shift;
     for (int64_t k = r.k_lo; k < r.k_hi; ++k) {
       param[k] = float_to_raw<PT>(param_value<NEXT>(
@@ -332,24 +402,34 @@ static inline void prefetch_elems(const T* base, int64_t k_lo, int64_t k_hi) {
   for (; p < end; p += 64) __builtin_prefetch(p, 1, 3);
 }
 
+static inline void prefetch_state(const OpArgs& a, const void* state, BlockRange r) {
+  if (a.bf16_state) {
+    prefetch_elems(static_cast<const uint16_t*>(state), r.k_lo, r.k_hi);
+  } else {
+    prefetch_elems(static_cast<const float*>(state), r.k_lo, r.k_hi);
+  }
+}
+
 // ---- range functions: quads [q_begin, q_end) of the segment, one thread ----
 
 template <typename PT, bool PREC>
 static void sample_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
   const uint64_t draw = read_draws(a).draw;  // once per range
   alignas(64) float eps[4 * kBlockQuads];
+  alignas(64) float hess_buffer[4 * kBlockQuads];
   for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
     const int64_t qe = std::min(qb + kBlockQuads, q_end);
     const int64_t pq = qb + kPrefetchBlocks * kBlockQuads;  // Note [prefetch during the noise]
     if (pq < q_end) {
       const BlockRange r = block_range(a, pq, std::min(pq + kBlockQuads, q_end));
       prefetch_elems(a.mean, r.k_lo, r.k_hi);
-      prefetch_elems(a.hess, r.k_lo, r.k_hi);
+      prefetch_state(a, a.hess, r);
       prefetch_elems(static_cast<const RawT<PT>*>(a.param), r.k_lo, r.k_hi);
       if (PREC) prefetch_elems(a.prior_precision, r.k_lo, r.k_hi);
     }
     fill_normals(a.seed, draw, qb, qe - qb, eps);
-    sample_block<PT, PREC>(a, block_range(a, qb, qe), eps);
+    const BlockRange r = block_range(a, qb, qe);
+    sample_block<PT, PREC>(a, r, state_block(a, a.hess, r, hess_buffer), eps);
   }
 }
 
@@ -357,10 +437,14 @@ template <typename PT, bool PRICE, bool FIRST, bool PREC>
 static void accumulate_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
   const uint64_t draw = read_draws(a).draw;  // once per range
   alignas(64) float eps[4 * kBlockQuads];
+  alignas(64) float hess_buffer[4 * kBlockQuads];
   for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
     const int64_t qe = std::min(qb + kBlockQuads, q_end);
     if (PRICE) fill_normals(a.seed, draw, qb, qe - qb, eps);
-    accumulate_block<PT, PRICE, FIRST, PREC>(a, block_range(a, qb, qe), eps);
+    const BlockRange r = block_range(a, qb, qe);
+    // gradsq's accumulate never reads the hess
+    const float* hess = PRICE ? state_block(a, a.hess, r, hess_buffer) : nullptr;
+    accumulate_block<PT, PRICE, FIRST, PREC>(a, r, hess, eps);
   }
 }
 
@@ -370,8 +454,8 @@ static inline void prefetch_update_block(const OpArgs& a, int64_t qb, int64_t q_
   if (pq >= q_end) return;
   const BlockRange r = block_range(a, pq, std::min(pq + kBlockQuads, q_end));
   prefetch_elems(a.mean, r.k_lo, r.k_hi);
-  prefetch_elems(a.momentum, r.k_lo, r.k_hi);
-  prefetch_elems(a.hess, r.k_lo, r.k_hi);
+  prefetch_state(a, a.momentum, r);
+  prefetch_state(a, a.hess, r);
   prefetch_elems(static_cast<const RawT<PT>*>(a.param), r.k_lo, r.k_hi);
   if (MODE != GradMode::kAvgOnly) prefetch_elems(static_cast<const RawT<PT>*>(a.grad), r.k_lo, r.k_hi);
   if (MODE != GradMode::kGradOnly) {
@@ -386,20 +470,33 @@ template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED, bool P
 static void update_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
   // the device scalars, once per range (Note [device scalars of an update] in ivon_math.h)
   const DeviceScalars d = read_device_scalars(a);
-  const Draws draws = read_draws(a);
+  const Draws draws = read_draws(a, /*stores_state=*/true);
   if (d.skip) {
     return skipped_update_range_t<PT, NEXT, PREC>(a, d.s, draws.next_draw, q_begin, q_end);
   }
   alignas(64) float eps[4 * kBlockQuads];
   alignas(64) float eps_next[4 * kBlockQuads];
+  alignas(64) float momentum_buffer[4 * kBlockQuads], hess_buffer[4 * kBlockQuads];
+  alignas(64) uint32_t words[4 * kBlockQuads];
   for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
     const int64_t qe = std::min(qb + kBlockQuads, q_end);
+    const BlockRange r = block_range(a, qb, qe);
     prefetch_update_block<PT, MODE, PREC, PMEAN>(a, qb, q_end);
     // the noise of `draw` is needed only to form price's noise * grad
     if (PRICE && MODE != GradMode::kAvgOnly) fill_normals(a.seed, draws.draw, qb, qe - qb, eps);
     if (NEXT) fill_normals(a.seed, draws.next_draw, qb, qe - qb, eps_next);
-    update_block<PT, PRICE, MODE, NEXT, SCALED, PREC, PMEAN>(a, d.s, block_range(a, qb, qe), eps,
-                                                            eps_next);
+    float* momentum = state_block(a, a.momentum, r, momentum_buffer);
+    float* hess = state_block(a, a.hess, r, hess_buffer);
+    if (!a.bf16_state) {
+      update_block<PT, PRICE, MODE, NEXT, SCALED, PREC, PMEAN>(a, d.s, r, momentum, hess, eps,
+                                                              eps_next);
+      continue;
+    }
+    // Note [bf16 state on the CPU]: the param gets the mean here, the next sample below
+    update_block<PT, PRICE, MODE, false, SCALED, PREC, PMEAN>(a, d.s, r, momentum, hess, eps,
+                                                             eps_next);
+    fill_words(a.seed, draws.round_draw, qb, qe - qb, words);
+    round_state_block<PT, NEXT, PREC>(a, d.s, r, momentum, hess, words, eps_next);
   }
 }
 

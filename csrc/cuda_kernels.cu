@@ -4,7 +4,7 @@
 //
 // Note [vector loads]: when the segment starts on a quad boundary (offset % 4 == 0) and every
 // pointer is aligned to four elements, a quad is one 16-byte load / store of float state (8 bytes
-// for bf16 / fp16 params and grads). Otherwise (or for the segment's partial first / last quad)
+// for bf16 / fp16 params and grads, and for bf16 state). Otherwise (or for the segment's partial first / last quad)
 // the thread falls back to bounds-checked scalar accesses; the results are identical.
 #include <cuda_runtime.h>
 
@@ -73,6 +73,39 @@ __device__ __forceinline__ void store4(H* p, int64_t k0, bool vec, int64_t n, co
   }
 }
 
+// momentum / hess: float32 or bf16 state (Note [bf16 state] in ivon_math.h). bf16_state is the
+// same for every thread of a launch, so this branch never diverges; it is a run-time flag, not
+// a template one, so that bf16 state does not double the update kernel's instances.
+__device__ __forceinline__ void load_state4(const OpArgs& a, const void* p, int64_t k0, bool vec,
+                                            float v[4]) {
+  if (a.bf16_state) {
+    load4(static_cast<const BF16*>(p), k0, vec, a.n, v);
+  } else {
+    load4(static_cast<const float*>(p), k0, vec, a.n, v);
+  }
+}
+
+// bf16 state: four values stored by stochastic rounding with the 16-bit halves (`high` or low)
+// of the quad's Philox words; each value is replaced by the stored one, widened
+__device__ __forceinline__ void store_rounded4(void* p, int64_t k0, bool vec, int64_t n,
+                                               const uint32_t words[4], bool high, float v[4]) {
+  uint16_t b[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    b[j] = stochastic_round_bf16(v[j], high ? words[j] >> 16 : words[j] & 0xffffu);
+    v[j] = bf16_bits_to_float(b[j]);
+  }
+  uint16_t* out = static_cast<uint16_t*>(p);
+  if (vec) {
+    *reinterpret_cast<uint2*>(out + k0) =
+        make_uint2(uint32_t(b[0]) | (uint32_t(b[1]) << 16), uint32_t(b[2]) | (uint32_t(b[3]) << 16));
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (k0 + j >= 0 && k0 + j < n) out[k0 + j] = b[j];
+  }
+}
+
 __device__ __forceinline__ void normals(uint64_t seed, uint64_t draw, int64_t q, float e[4]) {
   const F32x4 n = normals4(seed, draw, uint64_t(q));
   e[0] = n.v0, e[1] = n.v1, e[2] = n.v2, e[3] = n.v3;
@@ -116,7 +149,7 @@ __global__ void __launch_bounds__(kThreads)
     const Quad t = quad_of(a, i, aligned);
     float m[4], h[4], dl[4], e[4], out[4];
     load4(a.mean, t.k0, t.vec, a.n, m);
-    load4(a.hess, t.k0, t.vec, a.n, h);
+    load_state4(a, a.hess, t.k0, t.vec, h);
     load_delta<PREC>(a, t, a.s, dl);
     normals(a.seed, draw, t.q, e);
 #pragma unroll
@@ -134,7 +167,7 @@ __global__ void __launch_bounds__(kThreads)
     float g[4], h[4], dl[4], e[4], ag[4] = {0, 0, 0, 0}, ah[4] = {0, 0, 0, 0};
     load4(static_cast<const PT*>(a.grad), t.k0, t.vec, a.n, g);
     if (PRICE) {
-      load4(a.hess, t.k0, t.vec, a.n, h);
+      load_state4(a, a.hess, t.k0, t.vec, h);
       load_delta<PREC>(a, t, a.s, dl);
       normals(a.seed, draw, t.q, e);
     }
@@ -160,19 +193,19 @@ __global__ void __launch_bounds__(kThreads)
   // the device scalars, once per thread (Note [device scalars of an update] in ivon_math.h); a
   // skipped step is uniform over the grid, so the branch below never diverges
   const DeviceScalars d = read_device_scalars(a);
-  const Draws draws = read_draws(a);
+  const Draws draws = read_draws(a, /*stores_state=*/true);
   const Scalars& s = d.s;
   IVON_GRID_STRIDE(i, nq) {
     const Quad t = quad_of(a, i, aligned);
     float m[4], h[4], dl[4];
     load4(a.mean, t.k0, t.vec, a.n, m);
-    load4(a.hess, t.k0, t.vec, a.n, h);
+    load_state4(a, a.hess, t.k0, t.vec, h);
     load_delta<PREC>(a, t, s, dl);
     if (!d.skip) {  // skipped: mean, momentum and hess keep their values (not even rewritten)
       float mom[4], gm[4], ht[4];
       float g[4] = {0, 0, 0, 0}, e[4] = {0, 0, 0, 0}, ag[4] = {0, 0, 0, 0}, ah[4] = {0, 0, 0, 0};
       float mu0[4] = {0, 0, 0, 0};
-      load4(a.momentum, t.k0, t.vec, a.n, mom);
+      load_state4(a, a.momentum, t.k0, t.vec, mom);
       if (PMEAN) load4(a.prior_mean, t.k0, t.vec, a.n, mu0);
       if (MODE != GradMode::kAvgOnly) {
         load4(static_cast<const PT*>(a.grad), t.k0, t.vec, a.n, g);
@@ -189,8 +222,18 @@ __global__ void __launch_bounds__(kThreads)
         update_state<PRICE, PMEAN>(gm[j], ht[j], dl[j], mu0[j], m[j], mom[j], h[j], s);
       }
       store4(a.mean, t.k0, t.vec, a.n, m);
-      store4(a.momentum, t.k0, t.vec, a.n, mom);
-      store4(a.hess, t.k0, t.vec, a.n, h);
+      if (a.bf16_state) {  // the next sample below is drawn around the rounded hess
+        const U32x4 x = philox4x32_10(uint32_t(t.q), uint32_t(uint64_t(t.q) >> 32),
+                                      uint32_t(draws.round_draw),
+                                      uint32_t(draws.round_draw >> 32), uint32_t(a.seed),
+                                      uint32_t(a.seed >> 32));
+        const uint32_t words[4] = {x.x0, x.x1, x.x2, x.x3};
+        store_rounded4(a.momentum, t.k0, t.vec, a.n, words, /*high=*/false, mom);
+        store_rounded4(a.hess, t.k0, t.vec, a.n, words, /*high=*/true, h);
+      } else {
+        store4(static_cast<float*>(a.momentum), t.k0, t.vec, a.n, mom);
+        store4(static_cast<float*>(a.hess), t.k0, t.vec, a.n, h);
+      }
     }
     float e_next[4] = {0, 0, 0, 0}, out[4];
     if (NEXT) normals(a.seed, draws.next_draw, t.q, e_next);
@@ -211,8 +254,9 @@ bool aligned_to(const void* p, int64_t bytes) {
 // the vector path: quad-aligned segment start and every pointer aligned to four elements
 bool vector_ok(const OpArgs& a) {
   const int64_t pbytes = a.ptype == ParamType::kFloat ? 16 : 8;
+  const int64_t sbytes = a.bf16_state ? 8 : 16;
   return a.offset % 4 == 0 && aligned_to(a.param, pbytes) && aligned_to(a.grad, pbytes) &&
-         aligned_to(a.mean, 16) && aligned_to(a.momentum, 16) && aligned_to(a.hess, 16) &&
+         aligned_to(a.mean, 16) && aligned_to(a.momentum, sbytes) && aligned_to(a.hess, sbytes) &&
          aligned_to(a.avg_grad, 16) && aligned_to(a.avg_hess_term, 16) &&
          aligned_to(a.prior_precision, 16) && aligned_to(a.prior_mean, 16);
 }

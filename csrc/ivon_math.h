@@ -247,6 +247,25 @@ IVON_HD F16 from_float<F16>(float f) {
   return F16{uint16_t(h | sign)};
 }
 
+// Note [bf16 state]: with IVON(state_dtype=torch.bfloat16) the momentum and hess arrays hold bf16
+// (OpArgs::bf16_state). Every op widens them to float32 (exact) and computes exactly what it
+// computes with float32 state; the update stores its new momentum and hess by stochastic
+// rounding: the 16 bits below bf16's mantissa plus 16 random bits, carried into the kept bits
+// and truncated, which rounds the magnitude up with probability (x - down) / (up - down), so the
+// stored value is x on average (docs/DESIGN.md section 16). The random bits of element i are
+// Philox output (i & 3) at the update's rounding draw (OpArgs::round_draw, read by read_draws):
+// the low 16 bits round the momentum, the high 16 the hess. The mean is formed from the
+// unrounded values, and a next sample is drawn around the stored (rounded) hess, as a later
+// sample op would draw it. A bf16 value rounds to itself, so a skipped step need not store.
+IVON_HD uint16_t stochastic_round_bf16(float x, uint32_t random16) {
+  const uint32_t u = float_to_bits(x);
+  const uint32_t rounded = (u + random16) >> 16;  // no wrap: only NaN bits exceed 0xFFFF0000
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return uint16_t(nan ? ((u >> 16) | 0x40u) : rounded);  // a quiet NaN, as to_bf16 makes
+}
+
+IVON_HD float bf16_bits_to_float(uint16_t bits) { return bits_to_float(uint32_t(bits) << 16); }
+
 // ------------------------------------------------------------------------------------------------
 // The update (docs/DESIGN.md section 2), per element, in fp32.
 //
@@ -310,13 +329,20 @@ IVON_HD DeviceScalars read_device_scalars(const ::ivon_fast::OpArgs& a) {
 // uint64 bits of an int64 tensor that a captured CUDA graph advances between replays). Read once
 // per CPU range or CUDA thread, like the device scalars; next_draw only when the op writes a
 // next sample, so sample and accumulate read one element.
+// The update's rounding draw of bf16 state (Note [bf16 state]; `stores_state`: the caller is an
+// update) comes the same way: the host's, or device_draws[1] (the next training draw) plus
+// kRoundDrawBase.
 struct Draws {
-  uint64_t draw, next_draw;
+  uint64_t draw, next_draw, round_draw;
 };
 
-IVON_HD Draws read_draws(const ::ivon_fast::OpArgs& a) {
-  if (a.device_draws == nullptr) return {a.draw, a.next_draw};
-  return {uint64_t(a.device_draws[0]), a.has_next_draw ? uint64_t(a.device_draws[1]) : 0u};
+IVON_HD Draws read_draws(const ::ivon_fast::OpArgs& a, bool stores_state = false) {
+  if (a.device_draws == nullptr) return {a.draw, a.next_draw, a.round_draw};
+  const bool rounds = stores_state && a.bf16_state;
+  const bool reads_second = a.has_next_draw || rounds;
+  const uint64_t second = reads_second ? uint64_t(a.device_draws[1]) : 0u;
+  return {uint64_t(a.device_draws[0]), a.has_next_draw ? second : 0u,
+          rounds ? ::ivon_fast::kRoundDrawBase + second : 0u};
 }
 
 // A gradient value divided TIMES times by the grad scale (as the scaler multiplied it); the

@@ -18,11 +18,19 @@ enum class GradMode : int {
   kAvgOnly = 2,    // grad None: the averages hold all samples
 };
 
+// The draws of stochastic rounding live in [2^62, 2^63) (docs/DESIGN.md section 16): an update's
+// rounding draw is this plus its rounding index
+constexpr uint64_t kRoundDrawBase = uint64_t(1) << 62;
+
 struct OpArgs {
   ParamType ptype = ParamType::kFloat;
+  // momentum and hess: float32, or (bf16_state) bf16 stored by stochastic rounding (Note
+  // [bf16 state] in ivon_math.h); the mean, the averages and the prior inputs are float32
+  bool bf16_state = false;
   int64_t n = 0;        // segment length
   int64_t offset = 0;   // global flat index of element 0
   uint64_t seed = 0, draw = 0, next_draw = 0;
+  uint64_t round_draw = 0;  // update with bf16 state: kRoundDrawBase + the rounding index
   bool has_next_draw = false;
   bool price = true;    // hess_approx == 'price' (else 'gradsq')
   GradMode mode = GradMode::kGradOnly;
@@ -30,8 +38,8 @@ struct OpArgs {
   void* param = nullptr;            // param dtype
   const void* grad = nullptr;       // param dtype
   float* mean = nullptr;
-  float* momentum = nullptr;
-  float* hess = nullptr;
+  void* momentum = nullptr;         // float32, or uint16_t bf16 bits (bf16_state)
+  void* hess = nullptr;             // float32, or uint16_t bf16 bits (bf16_state)
   float* avg_grad = nullptr;
   float* avg_hess_term = nullptr;
   Scalars s{};
@@ -44,7 +52,8 @@ struct OpArgs {
   const float* device_debias = nullptr;  // replaces s.debias
   // the training draw numbers read on the device (capturable steps, docs/DESIGN.md section 9):
   // sample / accumulate read [0] in place of draw, update [0] and (has_next_draw) [1] in place of
-  // draw and next_draw; nullptr: the host's draw / next_draw (read_draws in ivon_math.h).
+  // draw and next_draw, and (bf16_state) [1] as the rounding index; nullptr: the host's draw,
+  // next_draw and round_draw (read_draws in ivon_math.h).
   const int64_t* device_draws = nullptr;
   // the optional per-element prior (Note [per-element prior] in ivon_math.h): float32 arrays of
   // the segment's length, nullptr when the op did not get them; a kernel instance reads one only

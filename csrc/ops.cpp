@@ -68,6 +68,23 @@ bool parse_hess_approx(c10::string_view hess_approx) {
 
 float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
 
+// A momentum or hess tensor: float32, or bfloat16 (IVON's state_dtype; Note [bf16 state] in
+// ivon_math.h). Returns whether it is bf16; `bf16_like` (an update's momentum) fixes the dtype
+// the hess must have too.
+bool check_state(const at::Tensor& t, const char* name, const at::Tensor& like,
+                 const char* like_name, const at::Tensor* same_dtype_as = nullptr) {
+  TORCH_CHECK(t.defined(), "ivon_fast: ", name, " is undefined");
+  const at::ScalarType dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "ivon_fast: ", name,
+              " must be float32 or bfloat16 (the state dtype), got ", dtype);
+  if (same_dtype_as != nullptr) {
+    TORCH_CHECK(dtype == same_dtype_as->scalar_type(), "ivon_fast: momentum and hess must have "
+                "the same dtype, got ", same_dtype_as->scalar_type(), " and ", dtype);
+  }
+  check_tensor(t, name, like, like_name, dtype);
+  return dtype == at::kBFloat16;
+}
+
 // An optional device scalar of update (Note [device scalars of an update] in ivon_math.h): one
 // float32 element on the params' device, or absent (nullptr). Only its pointer is taken; the
 // kernel reads the value, so the host never synchronizes with the device here.
@@ -156,11 +173,11 @@ void sample(const at::Tensor& param, const at::Tensor& mean, const at::Tensor& h
   OpArgs a = segment_args(param, offset, seed, draw, ess, weight_decay);
   a.device_draws = device_draws_of(device_draws, 1, param);
   check_tensor(mean, "mean", param, "param", at::kFloat);
-  check_tensor(hess, "hess", param, "param", at::kFloat);
+  a.bf16_state = check_state(hess, "hess", param, "param");
   a.prior_precision = prior_input(prior_precision, "prior_precision", param, "param");
   a.param = param.data_ptr();
   a.mean = f32(mean);
-  a.hess = f32(hess);
+  a.hess = hess.data_ptr();
   launch(Op::kSample, a, param);
 }
 
@@ -171,7 +188,7 @@ void accumulate(const at::Tensor& grad, const at::Tensor& hess, const at::Tensor
                 const std::optional<at::Tensor>& prior_precision) {
   OpArgs a = segment_args(grad, offset, seed, draw, ess, weight_decay);
   a.device_draws = device_draws_of(device_draws, 1, grad);
-  check_tensor(hess, "hess", grad, "grad", at::kFloat);
+  a.bf16_state = check_state(hess, "hess", grad, "grad");
   check_tensor(avg_grad, "avg_grad", grad, "grad", at::kFloat);
   check_tensor(avg_hess_term, "avg_hess_term", grad, "grad", at::kFloat);
   // checked for 'gradsq' too, whose kernels do not read it (no noise in its hess term)
@@ -180,7 +197,7 @@ void accumulate(const at::Tensor& grad, const at::Tensor& hess, const at::Tensor
   a.price = parse_hess_approx(hess_approx);
   a.first = count == 1;
   a.grad = grad.data_ptr();
-  a.hess = f32(hess);
+  a.hess = hess.data_ptr();
   a.avg_grad = f32(avg_grad);
   a.avg_hess_term = f32(avg_hess_term);
   a.s.count = static_cast<float>(count);
@@ -201,12 +218,14 @@ void update(const at::Tensor& param, const std::optional<at::Tensor>& grad,
             const std::optional<at::Tensor>& device_debias,
             const std::optional<at::Tensor>& device_draws,
             const std::optional<at::Tensor>& prior_mean,
-            const std::optional<at::Tensor>& prior_precision) {
+            const std::optional<at::Tensor>& prior_precision, int64_t round_draw) {
   OpArgs a = segment_args(param, offset, seed, draw, ess, weight_decay);
   a.device_draws = device_draws_of(device_draws, 2, param);
   check_tensor(mean, "mean", param, "param", at::kFloat);
-  check_tensor(momentum, "momentum", param, "param", at::kFloat);
-  check_tensor(hess, "hess", param, "param", at::kFloat);
+  a.bf16_state = check_state(momentum, "momentum", param, "param");
+  check_state(hess, "hess", param, "param", &momentum);
+  // the rounding draw of bf16 state (docs/DESIGN.md section 16); ignored for float32 state
+  a.round_draw = kRoundDrawBase + as_u64(round_draw);
   a.prior_mean = prior_input(prior_mean, "prior_mean", param, "param");
   a.prior_precision = prior_input(prior_precision, "prior_precision", param, "param");
   TORCH_CHECK(count >= 1, "ivon_fast: count must be >= 1, got ", count);
@@ -233,8 +252,8 @@ void update(const at::Tensor& param, const std::optional<at::Tensor>& grad,
   a.next_draw = as_u64(next_draw.value_or(0));
   a.param = param.data_ptr();
   a.mean = f32(mean);
-  a.momentum = f32(momentum);
-  a.hess = f32(hess);
+  a.momentum = momentum.data_ptr();
+  a.hess = hess.data_ptr();
   // the combinations arrive formed in double by ivon_fast/scalars.py (as ivon-opt's Python forms
   // them), so every backend rounds the same doubles; each is rounded to float once, here
   a.s.beta1 = static_cast<float>(beta1);
@@ -285,7 +304,7 @@ TORCH_LIBRARY(ivon_fast, m) {
       "float one_minus_beta2, float hess_coef, float clip_radius, float debias, "
       "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? device_lr=None, "
       "Tensor? device_debias=None, Tensor? device_draws=None, Tensor? prior_mean=None, "
-      "Tensor? prior_precision=None) -> ()");
+      "Tensor? prior_precision=None, int round_draw=0) -> ()");
   // introspection (no tensor arguments: catch-all kernels)
   m.def("_cpu_isa", &cpu_isa);
   m.def("_set_cpu_isa", &set_cpu_isa);

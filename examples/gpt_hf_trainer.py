@@ -21,7 +21,6 @@ import random
 import tempfile
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from ivon_fast import IVON
 from ivon_fast.integrations.hf import IVONCallback
@@ -84,6 +83,10 @@ def bf16_available(use_cpu: bool) -> bool:
 
 
 def main(argv=None) -> dict:
+    # imported here, so that the grammar above imports without transformers
+    # (docs/studies/bf16_state.py trains on it)
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
     options = parse(argv)
     torch.manual_seed(options.seed)
 

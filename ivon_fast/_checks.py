@@ -8,6 +8,7 @@ import numbers
 import torch
 
 from . import backends
+from ._layout import resolve_backend
 
 HESS_APPROX = ("price", "gradsq")
 RNGS = ("philox", "torch")
@@ -81,7 +82,11 @@ def check_options(*, mc_samples, hess_approx, backend, rng, seed, flags: dict) -
 
 
 def check_params(params: list, backend_choice: str, *, sync: bool = False,
-                 rng: str = "philox") -> None:
+                 rng: str = "philox", state_dtype: torch.dtype = torch.float32) -> None:
+    """The params of a group: tensors of a float dtype, each once, that ``backend_choice`` can
+    serve with momentum and hess in ``state_dtype`` (IVON's argument, checked by
+    ``check_state_dtype``): the backend is resolved as the layout will resolve it
+    (``_layout.resolve_backend``), so a ValueError comes before anything moves."""
     if len({id(p) for p in params}) != len(params):
         # torch only warns; each param owns one slice of a flat bucket, so a second copy would
         # be a second view that the optimizer overwrites
@@ -94,9 +99,25 @@ def check_params(params: list, backend_choice: str, *, sync: bool = False,
             raise ValueError(f"Invalid param dtype: {param.dtype}; IVON supports {FLOAT_DTYPES}")
         if param.is_sparse:
             raise ValueError("Invalid param: sparse tensors are not supported by IVON")
-        backends.resolve(backend_choice, param.device, param.dtype)  # ValueError if it can't
+        if state_dtype != torch.float32 and param.dtype == torch.float64:
+            raise ValueError(f"Invalid state_dtype: {state_dtype} with float64 params; their "
+                             "state is float64 (use state_dtype=torch.float32)")
+        try:
+            resolve_backend(backend_choice, param.device, param.dtype, state_dtype)
+        except ValueError as error:
+            if (state_dtype == torch.float32 or backends.unavailable_reason(
+                    backend_choice, param.device, param.dtype) is not None):
+                raise
+            # the backend runs there, only not with this state dtype: say which argument
+            raise ValueError(f"{error}; state_dtype={state_dtype} runs on "
+                             f"{_backends_with(state_dtype)} (backend='auto' picks the fastest "
+                             "of them that can run here)") from None
     from ._sharded import check_params as check_sharded
     check_sharded(params, sync=sync, rng=rng)
+
+
+def _backends_with(state_dtype: torch.dtype) -> list:
+    return [name for name in backends.BACKENDS if state_dtype in backends.STATE_DTYPES[name]]
 
 
 def check_prior(name: str, value, params: list) -> None:
@@ -138,29 +159,10 @@ def check_prior(name: str, value, params: list) -> None:
                              "precision must be >= 0")
 
 
-def check_state_dtype(state_dtype, backend: str, capturable: bool) -> None:
-    """``state_dtype`` and the options bf16 state does not take yet (docs/DESIGN.md 16)."""
+def check_state_dtype(state_dtype) -> None:
+    """``state_dtype``: float32 or bfloat16 (docs/DESIGN.md 16). Which backends implement it is
+    ``backends.STATE_DTYPES``' answer, checked per param by ``check_params``; bf16 state also
+    takes ``capturable`` and sharded (FSDP2) params, not float64 params (``check_params``)."""
     if state_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"Invalid state_dtype: {state_dtype!r}; it must be torch.float32 or "
                          "torch.bfloat16")
-    if state_dtype == torch.float32:
-        return
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"Invalid backend: {backend!r} with state_dtype=torch.bfloat16; "
-                         "bf16 state runs on the reference backend so far ('auto' picks it)")
-    if capturable:
-        raise ValueError("Invalid capturable: True with state_dtype=torch.bfloat16; not "
-                         "supported yet (use float32 state)")
-
-
-def check_low_precision_params(params: list) -> None:
-    """The params bf16 state does not take: float64 (its state is float64), sharded."""
-    from ._sharded import is_sharded
-
-    for param in params:
-        if param.dtype == torch.float64:
-            raise ValueError("Invalid state_dtype: torch.bfloat16 with float64 params; their "
-                             "state is float64 (use state_dtype=torch.float32)")
-        if is_sharded(param):
-            raise ValueError("Invalid state_dtype: torch.bfloat16 is not supported for sharded "
-                             "(FSDP2 DTensor) params yet")

@@ -72,7 +72,7 @@ def _update_fake(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, 
                  next_draw, offset, count, hess_approx, lr, ess, weight_decay, beta1,
                  one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias,
                  grad_scale=None, found_inf=None, device_lr=None, device_debias=None,
-                 device_draws=None, prior_mean=None, prior_precision=None):
+                 device_draws=None, prior_mean=None, prior_precision=None, round_draw=0):
     _check_device_draws(device_draws, 2, param)
     _check_prior(prior_mean, "prior_mean", param, "param")
     _check_prior(prior_precision, "prior_precision", param, "param")

@@ -39,6 +39,18 @@ from .reference import moment_dtype, state_dtype
 
 PRIOR_STATE = ("prior_mean", "prior_precision")  # optional per-element state of a group
 
+
+def resolve_backend(choice: str, device, dtype: torch.dtype, low_precision: torch.dtype) -> str:
+    """The concrete backend of a bucket of ``dtype`` params on ``device`` whose momentum and hess
+    are ``low_precision`` (IVON's ``state_dtype``; ``backends.resolve``): 'auto' takes the
+    fastest backend that implements that state dtype, an explicit backend that does not is a
+    ValueError. float64 params keep float64 state (``moment_dtype``) and resolve as with float32
+    state (the reference takes them, no kernel does)."""
+    resolved = moment_dtype(dtype, low_precision)
+    return backends.resolve(choice, device, dtype,
+                            torch.float32 if resolved == torch.float64 else resolved)
+
+
 @dataclass
 class Segment:
     """A run of trainable params contiguous both in their bucket and in the global index."""
@@ -248,7 +260,7 @@ class FlatLayout:
             if sharded:  # FSDP2 keeps their storage: no rebinding (_sharded)
                 bucket = ShardedBucket.create(group_index, group_start, device, dtype,
                                               [p for p, _ in members], [o for _, o in members],
-                                              self.backend_choice, hess_init)
+                                              self.backend_choice, hess_init, self.low_precision)
                 self.buckets.append(bucket)
                 new_buckets.append(bucket)
                 continue
@@ -281,7 +293,7 @@ class FlatLayout:
             mean=torch.empty(total, dtype=sdtype, device=device),
             momentum=torch.zeros(total, dtype=mdtype, device=device),
             hess=torch.empty(total, dtype=mdtype, device=device),
-            backend=backends.resolve(self.backend_choice, device, dtype))
+            backend=resolve_backend(self.backend_choice, device, dtype, self.low_precision))
         for index, param in enumerate(params):
             strides = storage_strides(param)
             bucket.param_views.append(_view(bucket.param_flat, bucket.slice_of(index), param, strides))

@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import backends
-from ._layout import Bucket, storage_strides
-from .reference import state_dtype
+from ._layout import Bucket, resolve_backend, storage_strides
+from .reference import moment_dtype, state_dtype
 
 _STATE = ("mean", "momentum", "hess")
 
@@ -165,23 +164,26 @@ class ShardedBucket(Bucket):
 
     @classmethod
     def create(cls, group_index: int, group_start: int, device, dtype, params: list,
-               offsets: list, backend_choice: str, hess_init: float) -> "ShardedBucket":
+               offsets: list, backend_choice: str, hess_init: float,
+               low_precision: torch.dtype = torch.float32) -> "ShardedBucket":
+        """``low_precision``: IVON's ``state_dtype``, the dtype of momentum and hess
+        (``moment_dtype``), as for a dense ``Bucket``; the mean and averages stay float32."""
         locals_ = [_local(p) for p in params]
         sizes = [t.numel() for t in locals_]
         starts, total = [], 0
         for size in sizes:
             starts.append(total)
             total += size
-        sdtype = state_dtype(dtype)
+        sdtype, mdtype = state_dtype(dtype), moment_dtype(dtype, low_precision)
         bucket = cls(
             group_index=group_index, group_start=group_start, params=params, starts=starts,
             offsets=[offset + _shard_start(p) for p, offset in zip(params, offsets)],
             param_flat=torch.empty(total, dtype=dtype, device=device),
             grad_flat=torch.zeros(total, dtype=dtype, device=device),
             mean=torch.empty(total, dtype=sdtype, device=device),
-            momentum=torch.zeros(total, dtype=sdtype, device=device),
-            hess=torch.full((total,), float(hess_init), dtype=sdtype, device=device),
-            backend=backends.resolve(backend_choice, device, dtype), sizes=sizes)
+            momentum=torch.zeros(total, dtype=mdtype, device=device),
+            hess=torch.full((total,), float(hess_init), dtype=mdtype, device=device),
+            backend=resolve_backend(backend_choice, device, dtype, low_precision), sizes=sizes)
         with torch.no_grad():
             for index, (param, local) in enumerate(zip(params, locals_)):
                 where = bucket.slice_of(index)

@@ -43,12 +43,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # the momentum / hess dtypes (IVON's ``state_dtype``, docs/DESIGN.md section 16) each backend
 # implements; the mean is float32 (float64 for float64 params) everywhere
-STATE_DTYPES = {
-    "reference": (torch.float32, torch.bfloat16),
-    "triton": (torch.float32,),
-    "cuda": (torch.float32,),
-    "cpu": (torch.float32,),
-}
+STATE_DTYPES = {name: (torch.float32, torch.bfloat16) for name in BACKENDS}
 
 
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype = torch.float32,

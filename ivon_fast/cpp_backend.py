@@ -5,10 +5,10 @@ The kernels live in the extension ``ivon_fast._C`` (sources in csrc/), which reg
 tensors. This module imports without the extension; ``unavailable_reason`` then says why.
 
 Differences from the reference: the noise is always the counter-based Philox noise (no ``eps``
-arguments), params must be float32 / bfloat16 / float16 with float32 state (so ``update``'s device
-scalars are float32 too, one element each, on the params' device), and every tensor must be
-contiguous (the optional ``prior_mean`` / ``prior_precision`` too: float32, the segment's length,
-on the params' device). Seeds and draws are uint64 (evaluation draws have bit 63 set); they travel
+arguments), params must be float32 / bfloat16 / float16 with float32 state (momentum and hess
+may be bfloat16, both, docs/DESIGN.md section 16; ``update``'s device scalars are float32, one
+element each, on the params' device), and every tensor must be contiguous (the optional
+``prior_mean`` / ``prior_precision`` too: float32, the segment's length, on the params' device). Seeds and draws are uint64 (evaluation draws have bit 63 set); they travel
 through the int64 schema arguments as the same 64 bits (see Note [uint64 seeds and draws] in
 csrc/ops.cpp).
 """
@@ -90,7 +90,7 @@ def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0,
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
            next_draw=None, offset=0, count, hess_approx, scalars, eps=None, next_eps=None,
            grad_scale=None, found_inf=None, device_lr=None, device_debias=None,
-           device_draws=None, prior_mean=None, prior_precision=None):
+           device_draws=None, prior_mean=None, prior_precision=None, round_draw=0):
     """Reference ``update``; ``scalars`` (an ``ivon_fast.scalars.StepScalars``) reaches the
     kernel field by field, so the C++ side combines no hyperparameters itself. The optional
     device scalars (1-element float32 tensors on the params' device) go to the kernel as
@@ -107,4 +107,4 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
         beta2=s.beta2, one_minus_beta2=s.one_minus_beta2, hess_coef=s.hess_coef,
         clip_radius=s.clip_radius, debias=s.debias, grad_scale=grad_scale, found_inf=found_inf,
         device_lr=device_lr, device_debias=device_debias, device_draws=device_draws,
-        prior_mean=prior_mean, prior_precision=prior_precision)
+        prior_mean=prior_mean, prior_precision=prior_precision, round_draw=_i64(round_draw))

@@ -54,8 +54,8 @@ import torch.distributed as dist
 
 from . import _checkpoint, _sharded, backends
 from . import posterior as _posterior
-from ._checks import (check_group_hyperparameters, check_low_precision_params, check_options,
-                      check_params, check_prior, check_state_dtype)
+from ._checks import (check_group_hyperparameters, check_options, check_params, check_prior,
+                      check_state_dtype)
 from ._layout import PRIOR_STATE, FlatLayout, Segment
 from .noise import EVAL_DRAW_BASE, PhiloxNoise, TorchNoise
 from .scalars import StepCount, StepScalars, to_device
@@ -153,7 +153,8 @@ class IVON(torch.optim.Optimizer):
         debias (bool, default True): debias the momentum by 1 - beta1^t.
         rescale_lr (bool, default True): scale lr by hess_init + weight_decay.
         backend (str, default 'auto'): 'auto', 'reference', 'triton', 'cuda' or 'cpu'. 'auto' takes
-            the fastest backend available for each device and dtype.
+            the fastest backend available for each device and dtype that implements
+            ``state_dtype``.
         seed (int or None, default None): 64-bit seed of the noise; None draws one from torch's
             default generator, so ``torch.manual_seed`` controls it.
         rng (str, default 'philox'): 'philox' (counter-based noise shared by every backend) or
@@ -190,9 +191,14 @@ class IVON(torch.optim.Optimizer):
             state: torch.float32, or torch.bfloat16 (4 bytes per element less, stored by
             stochastic rounding from the noise's Philox stream at draws of their own, so the
             rounding is unbiased and deterministic; docs/DESIGN.md section 16). The mean stays
-            float32 (the master weights). bfloat16 runs on the reference backend so far
-            (``backend='auto'`` picks it), not with float64 params, ``capturable`` or sharded
-            params.
+            float32 (the master weights). It runs on the backends that implement it
+            (``ivon_fast.backends.STATE_DTYPES``; so far the reference): ``backend='auto'``
+            picks the fastest of them per device and dtype, an explicit backend without it is a
+            ValueError. It works with ``capturable`` (the rounding's random bits then follow the
+            device's draw counter, fresh at every replay) and with sharded (FSDP2 DTensor)
+            params (the bits are indexed by the unsharded model's elements, so the ranks round
+            as one unsharded run would; state dicts hold bf16 DTensors). Not with float64
+            params, whose state is float64.
 
     Mixed precision: ``torch.amp.GradScaler`` takes the fused path (``_step_supports_amp_scaling``):
     ``scaler.step(optimizer)`` hands over its scale and inf flag, the kernels divide the gradients
@@ -225,7 +231,7 @@ class IVON(torch.optim.Optimizer):
                                             resample_on_step=resample_on_step,
                                             skip_nonfinite=skip_nonfinite,
                                             capturable=capturable))
-        check_state_dtype(state_dtype, backend, capturable)
+        check_state_dtype(state_dtype)
         if capturable and rng == "torch":
             raise ValueError("Invalid capturable: True with rng='torch'; torch.randn noise is "
                              "drawn on the host per step and cannot be replayed by a CUDA graph "
@@ -239,13 +245,13 @@ class IVON(torch.optim.Optimizer):
         if not any(group["params"] for group in param_groups):
             raise ValueError("Invalid params: IVON got an empty parameter list (a generator such "
                              "as model.parameters() can only be iterated once)")
-        # bf16 state: the kernels do not take it yet (docs/DESIGN.md section 16)
-        backend_choice = "reference" if rng == "torch" or state_dtype != torch.float32 else backend
+        # each bucket resolves its backend for its device, dtype and state dtype: 'auto' takes
+        # the fastest that implements state_dtype (backends.STATE_DTYPES)
+        backend_choice = "reference" if rng == "torch" else backend
         for group in param_groups:
             check_group_hyperparameters(group)
-            check_params(group["params"], backend_choice, sync=sync, rng=rng)
-            if state_dtype != torch.float32:
-                check_low_precision_params(group["params"])
+            check_params(group["params"], backend_choice, sync=sync, rng=rng,
+                         state_dtype=state_dtype)
         for name, value in (("prior_mean", prior_mean), ("prior_precision", prior_precision)):
             defaults[name] = _split_prior(name, value, param_groups)
         for group in param_groups:
@@ -315,9 +321,7 @@ class IVON(torch.optim.Optimizer):
         _betas_of_new_group(param_group, self.defaults)
         param_group["params"] = _param_list(param_group["params"])
         check_params(param_group["params"], self._layout.backend_choice, sync=self.sync,
-                     rng=self.rng)
-        if self._layout.low_precision != torch.float32:
-            check_low_precision_params(param_group["params"])
+                     rng=self.rng, state_dtype=self._layout.low_precision)
         for name in PRIOR_STATE:
             check_prior(name, param_group.get(name, self.defaults.get(name)),
                         param_group["params"])
@@ -485,15 +489,23 @@ class IVON(torch.optim.Optimizer):
     # draw taken (-1 before the first); taking a draw adds 1 to both, on the device, so a
     # captured graph takes fresh draws at every replay. A training draw's op gets draw=0 and
     # device_draws (sample / accumulate: [d]; update: [d, d + 1], the pending sample's draw and
-    # the next sample's). The host's counters (``_next_train_draw``, ``_pending_draw``) keep
-    # the state machine's bookkeeping; after graph replays they lag behind the device, whose
-    # values ``_settle_host_draws`` copies back (state_dict). Evaluation draws stay on the host.
+    # the next sample's). Every update gets them, also one without a pending sample and without
+    # a next one (the official loop with all samples folded in): bf16 state rounds with the bits
+    # of draw [d + 1] (the reference's round_draw), which is exactly the host's rounding index,
+    # one more than the step's last training draw: ``_next_train_draw`` in the official loop,
+    # and in the drop-in step the next draw, taken on the host only until the update has read
+    # [d + 1] (``_finish_step``, then ``_update``'s ``add_(1)``). The host's round_draw is then
+    # passed as 0, like the draws, so a replayed update rounds with fresh bits. The host's
+    # counters (``_next_train_draw``, ``_pending_draw``) keep the state machine's bookkeeping;
+    # after graph replays they lag behind the device, whose values ``_settle_host_draws`` copies
+    # back (state_dict). Evaluation draws stay on the host.
 
     def _draw_kwargs(self, draw, device: torch.device, *, update: bool = False,
                      next_draw=None) -> dict:
-        """The draw arguments of an op on ``device``: host numbers, or the device's draws."""
+        """The draw arguments of an op on ``device``: host numbers, or the device's draws (every
+        update, and every op of a training draw, when capturable)."""
         training = draw is not None and draw < EVAL_DRAW_BASE
-        if self._device_draws is None or not (training or next_draw is not None):
+        if self._device_draws is None or not (training or update):
             kwargs = {"draw": 0 if draw is None else draw}
             if update:
                 kwargs["next_draw"] = next_draw
@@ -646,15 +658,15 @@ class IVON(torch.optim.Optimizer):
                                                            on_device)
             averages = ((bucket.avg_grad[s], bucket.avg_hess_term[s]) if self._count > 0
                         else (None, None))
-            # low-precision state rounds with this update's index (docs/DESIGN.md section 16)
-            rounding = ({"round_draw": round_draw} if bucket.momentum.dtype != bucket.mean.dtype
-                        else {})
+            draws = self._draw_kwargs(draw, bucket.device, update=True, next_draw=next_draw)
+            # low-precision state rounds with this update's index (docs/DESIGN.md section 16);
+            # capturable: the device's draws[1] is that index (Note [capturable steps])
+            rounding = ({"round_draw": 0 if "device_draws" in draws else round_draw}
+                        if bucket.momentum.dtype != bucket.mean.dtype else {})
             backends.get(bucket.backend).update(
                 bucket.param_flat[s], bucket.grad_flat[s] if with_grad else None, bucket.mean[s],
                 bucket.momentum[s], bucket.hess[s], *averages,
-                scalars=scalars[bucket.group_index], seed=key,
-                **self._draw_kwargs(draw, bucket.device, update=True, next_draw=next_draw),
-                offset=seg.offset,
+                scalars=scalars[bucket.group_index], seed=key, **draws, offset=seg.offset,
                 count=count, hess_approx=self.hess_approx, **device_inputs[where],
                 **bucket.prior_inputs(s, update=True), **rounding,
                 **self._noise_kwargs("eps", draw, bucket, seg),

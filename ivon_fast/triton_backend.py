@@ -3,14 +3,21 @@
 ``sample``, ``accumulate`` and ``update`` take exactly the arguments of the reference ops (without
 the reference-only ``eps`` / ``next_eps``) and give the same results element by element with the
 same noise (docs/DESIGN.md section 3), which the kernels regenerate from Philox instead of storing it.
-``update`` takes its hyperparameters as one ``ivon_fast.scalars.StepScalars``.
+``update`` takes its hyperparameters as one ``ivon_fast.scalars.StepScalars``, and the rounding
+index ``round_draw`` of low-precision state.
 
 Layout of this file, one section per kernel family, each kernel next to its formula:
   tuning knobs and availability; shared device helpers (the tile, the noise); sample;
   accumulate; update; host-side launching and argument handling.
 
 Conventions shared by all kernels:
-- params are fp32 / bf16 / fp16 (grads have the param's dtype), state is fp32, math is fp32.
+- params are fp32 / bf16 / fp16 (grads have the param's dtype), math is fp32. State is fp32,
+  except that momentum and hess may both be bf16 (``IVON(state_dtype=torch.bfloat16)``,
+  docs/DESIGN.md section 16): every op widens them on load (exact) and computes as with fp32
+  state, and ``update`` stores the new momentum and hess by stochastic rounding with Philox bits
+  of their own draw (``_rounding_bits``). Whether the state is bf16 is the momentum pointer's
+  element type, which Triton knows when it compiles: fp32 state compiles to a kernel without
+  any of it (no rounding bits, no extra load), and the host's ``round_draw`` is then unused.
 - Hyperparameters and step-dependent scalars are runtime arguments (never ``tl.constexpr``), so a
   new lr or step never recompiles. ``update``'s optional device scalars (``grad_scale``,
   ``found_inf``, ``device_lr``, ``device_debias``; docs/DESIGN.md section 11) are pointers the
@@ -33,6 +40,7 @@ import os
 
 import torch
 
+from .reference import ROUND_DRAW_BASE
 from .scalars import StepScalars
 
 try:
@@ -68,12 +76,14 @@ INTERPRETER_BLOCK = 16384
 
 # Triton compiles a separate variant, with the value folded in as a Python int, for integer
 # arguments equal to 1; for seeds, draws and quad numbers that is only recompilation.
-_NOT_SPECIALIZED = ["quad_base", "seed", "draw", "next_draw"]
+_NOT_SPECIALIZED = ["quad_base", "seed", "draw", "next_draw", "round_draw"]
 
 # Whether the kernels were defined for the interpreter (decided by triton when @triton.jit runs).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# momentum and hess: IVON's state_dtype (docs/DESIGN.md section 16)
+_MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def unavailable_reason(device) -> str | None:
@@ -154,16 +164,42 @@ def _bf16_round_to_nearest_even(value):
 
 
 @triton.jit
+def _write(ptr, k, n, value, MASKED: tl.constexpr):
+    """ptr[k] <- value, already in the pointer's dtype."""
+    if MASKED:
+        tl.store(ptr + k, value, mask=(k >= 0) & (k < n))
+    else:
+        tl.store(ptr + k, value)
+
+
+@triton.jit
 def _store(ptr, k, n, value, MASKED: tl.constexpr):
     """ptr[k] <- value, rounded to the pointer's dtype (round to nearest even, as torch)."""
     if ptr.dtype.element_ty == tl.bfloat16:
         value = _bf16_round_to_nearest_even(value)
     else:
         value = value.to(ptr.dtype.element_ty)
-    if MASKED:
-        tl.store(ptr + k, value, mask=(k >= 0) & (k < n))
-    else:
-        tl.store(ptr + k, value)
+    _write(ptr, k, n, value, MASKED)
+
+
+@triton.jit
+def _bf16_round_stochastic(value, random16):
+    """fp32 -> bf16 rounded up or down at random, unbiased: E[result] = value (docs/DESIGN.md
+    section 16; ``stochastic_round_bf16`` in ivon_fast.reference is the spec).
+
+        bf16 bits = (bits32(value) + random16) >> 16,   random16 uniform in [0, 2^16)
+        NaN -> (bits32(value) >> 16) | 0x40 (quiet, sign and payload kept)
+
+    The carry rounds the magnitude up exactly when random16 >= 2^16 - low16(value), i.e. with
+    probability low16 / 2^16; a bf16 value (low16 = 0) rounds to itself, inf stays inf. On the
+    bits, like ``_bf16_round_to_nearest_even`` and for the same reason (the interpreter's casts).
+    The uint32 sum overflows only for NaNs (every bit pattern above -inf's 0xFF800000), whose
+    sum is not used.
+    """
+    bits = value.to(tl.uint32, bitcast=True)
+    rounded = (bits + random16) >> 16
+    rounded = tl.where(value != value, (bits >> 16) | 0x40, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -209,6 +245,22 @@ def _normal(seed, draw, quad):
     n2, n3 = r23 * tl.cos(t23), r23 * tl.sin(t23)
     # interleave in registers: x[q, j, l] = n_(2 j + l), whose row-major order is the 1-D tile
     quads = tl.join(tl.join(n0, n2), tl.join(n1, n3))
+    return tl.reshape(quads, [4 * quad.shape[0]])
+
+
+@triton.jit
+def _rounding_bits(seed, round_draw, quad):
+    """The 32 random bits of each element's stochastic rounding (docs/DESIGN.md section 16), for
+    4 * len(quad) elements: element i takes output (i & 3) of quad i >> 2's
+
+        (x0..x3) = _philox(seed, round_draw, quad),   round_draw = ROUND_DRAW_BASE + R
+
+    a draw of its own (R is the update's rounding index; training draws, and so R, stay below
+    2^62, evaluation draws start at 2^63), so the bits never repeat the noise's. The low 16 bits round the momentum, the high 16 the hess. Interleaved
+    into the 1-D tile as ``_normal`` interleaves its normals.
+    """
+    x0, x1, x2, x3 = _philox(seed, round_draw, quad)
+    quads = tl.join(tl.join(x0, x2), tl.join(x1, x3))
     return tl.reshape(quads, [4 * quad.shape[0]])
 
 
@@ -263,7 +315,7 @@ def _sample_kernel(param_ptr, mean_ptr, hess_ptr, device_draws_ptr, prior_precis
 def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, device_draws=None,
            prior_precision=None):
     """Reference ``sample`` (see ivon_fast.reference) in one kernel launch."""
-    n = _check_segment((param,), (mean, hess))
+    n = _check_segment((param,), (mean,), (hess,))
     _check_device_draws(device_draws, 1, param.device)
     _check_prior(prior_precision, "prior_precision", mean)
     if n == 0:
@@ -364,7 +416,7 @@ def _accumulate_kernel(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, devi
 def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
                weight_decay, hess_approx, device_draws=None, prior_precision=None):
     """Reference ``accumulate`` (see ivon_fast.reference) in one kernel launch."""
-    n = _check_segment((grad,), (hess, avg_grad, avg_hess_term))
+    n = _check_segment((grad,), (avg_grad, avg_hess_term), (hess,))
     price = _is_price(hess_approx)
     _check_count(count)
     _check_device_draws(device_draws, 1, grad.device)
@@ -387,8 +439,8 @@ def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0,
 @triton.jit
 def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
                  avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, n, quad, seed, draw,
-                 next_draw, count, lr, ess, weight_decay, beta1, one_minus_beta1, beta2,
-                 one_minus_beta2, hess_coef, clip_radius, debias, scale, skip,
+                 next_draw, round_draw, count, lr, ess, weight_decay, beta1, one_minus_beta1,
+                 beta2, one_minus_beta2, hess_coef, clip_radius, debias, scale, skip,
                  HAS_GRAD: tl.constexpr, FIRST: tl.constexpr, PRICE: tl.constexpr,
                  RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                  HAS_FOUND_INF: tl.constexpr, HAS_PRIOR_MEAN: tl.constexpr,
@@ -404,7 +456,11 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
         m <- m - lr clip((g / debias + d m) / (h + d), -rho, rho)        (new g and h)
              (HAS_PRIOR_MEAN: d (m - mu0) in place of d m)
         (skip, HAS_FOUND_INF only: g, h and m keep their old values)
-        param <- m, or (RESAMPLE) m + eps(next_draw) / sqrt(ess (h + d))   (new m and h)
+        bf16 state only: g, h stored as SR(g, low16(r)), SR(h, high16(r)), r = the element's
+                         _rounding_bits(seed, round_draw); m above used the unrounded g and h
+        param <- m, or (RESAMPLE) m + eps(next_draw) / sqrt(ess (h + d))   (new m, stored h)
+
+    g and h are read as stored (bf16 state widened, exactly) and computed in fp32 throughout.
     """
     mean = _load(mean_ptr, k, n, 0.0, MASKED)
     momentum = _load(momentum_ptr, k, n, 0.0, MASKED)
@@ -444,8 +500,19 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
         new_hess = tl.where(skip, hess, new_hess)
         new_mean = tl.where(skip, mean, new_mean)
 
-    _store(momentum_ptr, k, n, new_momentum, MASKED)
-    _store(hess_ptr, k, n, new_hess, MASKED)
+    if momentum_ptr.dtype.element_ty == tl.bfloat16:  # known at compile time
+        # stochastic rounding, unbiased where round to nearest would lose every increment below
+        # half an ulp (the hess's (1 - b2)(f - h) for b2 near 1); a skipped step's old values
+        # are bf16 values, which round to themselves
+        random = _rounding_bits(seed, round_draw, quad)
+        stored_hess = _bf16_round_stochastic(new_hess, random >> 16)
+        _write(momentum_ptr, k, n, _bf16_round_stochastic(new_momentum, random & 0xFFFF), MASKED)
+        _write(hess_ptr, k, n, stored_hess, MASKED)
+        # the next sample is drawn around the hess as stored, as a later sample op would draw it
+        new_hess = stored_hess.to(tl.float32)
+    else:
+        _store(momentum_ptr, k, n, new_momentum, MASKED)
+        _store(hess_ptr, k, n, new_hess, MASKED)
     _store(mean_ptr, k, n, new_mean, MASKED)
     if RESAMPLE:  # write the next sample now: saves a separate sample pass over m and h
         new_mean = new_mean + _sigma_noise(_normal(seed, next_draw, quad), new_hess, ess, delta)
@@ -456,7 +523,7 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
 def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
                    avg_hess_term_ptr, grad_scale_ptr, found_inf_ptr, device_lr_ptr,
                    device_debias_ptr, device_draws_ptr, prior_mean_ptr, prior_precision_ptr, n,
-                   quad_base, seed, draw, next_draw, count, lr, ess,
+                   quad_base, seed, draw, next_draw, round_draw, count, lr, ess,
                    weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
                    clip_radius, debias, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
                    PRICE: tl.constexpr, RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
@@ -480,34 +547,41 @@ def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_gr
         draw = tl.load(device_draws_ptr)
         if RESAMPLE:
             next_draw = tl.load(device_draws_ptr + 1)
+        if momentum_ptr.dtype.element_ty == tl.bfloat16:
+            # the rounding index is draws[1], also without RESAMPLE; the host passed the bare
+            # ROUND_DRAW_BASE (int64 sums wrap, as uint64 sums do)
+            round_draw = round_draw + tl.load(device_draws_ptr + 1)
     k, quad, full = _tile(quad_base, n, BLOCK, LEAD)
     if full:
         _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
                      avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, n, quad, seed,
-                     draw, next_draw, count, lr, ess, weight_decay, beta1, one_minus_beta1, beta2,
-                     one_minus_beta2, hess_coef, clip_radius, debias, scale, skip, HAS_GRAD,
-                     FIRST, PRICE, RESAMPLE, HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_PRIOR_MEAN,
-                     HAS_PRIOR_PRECISION, MASKED=False)
+                     draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1,
+                     one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias,
+                     scale, skip, HAS_GRAD, FIRST, PRICE, RESAMPLE, HAS_GRAD_SCALE,
+                     HAS_FOUND_INF, HAS_PRIOR_MEAN, HAS_PRIOR_PRECISION, MASKED=False)
     else:
         _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
                      avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, n, quad, seed,
-                     draw, next_draw, count, lr, ess, weight_decay, beta1, one_minus_beta1, beta2,
-                     one_minus_beta2, hess_coef, clip_radius, debias, scale, skip, HAS_GRAD,
-                     FIRST, PRICE, RESAMPLE, HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_PRIOR_MEAN,
-                     HAS_PRIOR_PRECISION, MASKED=True)
+                     draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1,
+                     one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias,
+                     scale, skip, HAS_GRAD, FIRST, PRICE, RESAMPLE, HAS_GRAD_SCALE,
+                     HAS_FOUND_INF, HAS_PRIOR_MEAN, HAS_PRIOR_PRECISION, MASKED=True)
 
 
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
            next_draw=None, offset=0, count, hess_approx, scalars: StepScalars, grad_scale=None,
            found_inf=None, device_lr=None, device_debias=None, device_draws=None,
-           prior_mean=None, prior_precision=None):
+           prior_mean=None, prior_precision=None, round_draw=0):
     """Reference ``update`` (see ivon_fast.reference) in one kernel launch.
 
     With ``grad`` given and count == 1 the averages are neither read nor written (they may be
     None); with ``grad=None`` they must hold all ``count`` samples. ``grad_scale``,
     ``found_inf``, ``device_lr`` and ``device_debias`` are 1-element float32 tensors on the
     params' device (or None); the kernel reads them, the host never does. ``prior_mean`` and
-    ``prior_precision`` are fp32 tensors of the segment (or None).
+    ``prior_precision`` are fp32 tensors of the segment (or None). ``momentum`` and ``hess``
+    are both fp32 or both bf16; bf16 state is stored by stochastic rounding with the bits of the
+    rounding index ``round_draw`` (with ``device_draws``: ``device_draws[1]``, read by the
+    kernel; the host's value is then ignored). fp32 state ignores ``round_draw``.
     """
     price = _is_price(hess_approx)
     _check_count(count)
@@ -515,7 +589,7 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
     if not first and (avg_grad is None or avg_hess_term is None):
         raise ValueError("update needs avg_grad and avg_hess_term unless grad is given and "
                          "count == 1")
-    n = _check_segment((param, grad), (mean, momentum, hess, avg_grad, avg_hess_term))
+    n = _check_segment((param, grad), (mean, avg_grad, avg_hess_term), (momentum, hess))
     device_scalars = dict(grad_scale=grad_scale, found_inf=found_inf, device_lr=device_lr,
                           device_debias=device_debias)
     for name, tensor in device_scalars.items():
@@ -530,12 +604,14 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
     pointers = [mean if tensor is None else tensor for tensor in device_scalars.values()]
     pointers.append(hess if device_draws is None else device_draws)
     pointers += [mean if prior is None else prior for prior in (prior_mean, prior_precision)]
+    # the Philox draw of the rounding bits; with device draws the kernel adds draws[1] to it
+    rounding = _rounding_draw(0 if device_draws is not None else round_draw)
     _launch(_update_kernel, param.device, n, offset, param, hess if grad is None else grad, mean,
             momentum, hess, hess if avg_grad is None else avg_grad,
             hess if avg_hess_term is None else avg_hess_term, *pointers, n, offset >> 2,
             _u64_bits(seed, "seed"), _u64_bits(draw, "draw"),
-            _u64_bits(0 if next_draw is None else next_draw, "next_draw"), float(count), s.lr,
-            s.ess, s.weight_decay, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2,
+            _u64_bits(0 if next_draw is None else next_draw, "next_draw"), rounding, float(count),
+            s.lr, s.ess, s.weight_decay, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2,
             s.hess_coef, s.clip_radius, s.debias, HAS_GRAD=grad is not None, FIRST=first,
             PRICE=price, RESAMPLE=next_draw is not None, HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, HAS_DEVICE_LR=device_lr is not None,
@@ -554,6 +630,14 @@ def _u64_bits(value: int, name: str) -> int:
     if not 0 <= value < 1 << 64:
         raise ValueError(f"{name} must be in [0, 2**64), got {value}")
     return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _rounding_draw(round_draw: int) -> int:
+    """The Philox draw of an update's rounding bits, ROUND_DRAW_BASE + round_draw, as int64 bits
+    (see ``_u64_bits``); mod 2^64, as the kernel's sum with a device draw and the reference's
+    int64 sum wrap."""
+    return _u64_bits((ROUND_DRAW_BASE + _u64_bits(round_draw, "round_draw")) % (1 << 64),
+                     "the rounding draw")
 
 
 def _launch(kernel, device: torch.device, n: int, offset: int, *args, **flags) -> None:
@@ -639,22 +723,34 @@ def _check_prior(tensor, name: str, state: torch.Tensor) -> None:
                          f"{tensor.device}")
 
 
-def _check_segment(params, states) -> int:
+def _check_segment(params, states, moments) -> int:
     """The segment length. Every tensor (None skipped) must be contiguous with it and on one
-    device; params / grads fp32, bf16 or fp16, state fp32."""
+    device; params / grads fp32, bf16 or fp16 (a grad in its param's dtype), ``states`` (mean,
+    averages) fp32, ``moments`` (momentum and hess; hess alone for sample / accumulate) fp32 or
+    bf16, all the same."""
     first = params[0]
     n = first.numel()
-    for tensors, dtypes in ((params, _PARAM_DTYPES), (states, (torch.float32,))):
-        for tensor in tensors:
-            if tensor is None:
-                continue
-            if tensor.numel() != n or not tensor.is_contiguous() or tensor.device != first.device:
-                raise ValueError("segment tensors must be contiguous, of equal length and on one "
-                                 f"device; got {tuple(tensor.shape)} on {tensor.device} against "
-                                 f"{n} elements on {first.device}")
-            if tensor.dtype not in dtypes:
-                raise TypeError("the Triton backend supports float32, bfloat16 and float16 "
-                                f"params with float32 state, got {tensor.dtype}")
+    for tensor in (*params, *states, *moments):
+        if tensor is not None and (tensor.numel() != n or not tensor.is_contiguous()
+                                   or tensor.device != first.device):
+            raise ValueError("segment tensors must be contiguous, of equal length and on one "
+                             f"device; got {tuple(tensor.shape)} on {tensor.device} against "
+                             f"{n} elements on {first.device}")
+    for tensor in params:
+        if tensor is not None and tensor.dtype not in _PARAM_DTYPES:
+            raise TypeError("the Triton backend supports float32, bfloat16 and float16 params, "
+                            f"got {tensor.dtype}")
+    for tensor in states:
+        if tensor is not None and tensor.dtype != torch.float32:
+            raise TypeError("the Triton backend keeps the mean and the averages in float32, got "
+                            f"{tensor.dtype}")
+    for tensor in moments:
+        if tensor.dtype not in _MOMENT_DTYPES:
+            raise TypeError("the Triton backend keeps momentum and hess in float32 or bfloat16 "
+                            f"(state_dtype), got {tensor.dtype}")
+    if len({tensor.dtype for tensor in moments}) > 1:
+        raise TypeError("momentum and hess must have the same dtype, got "
+                        f"{moments[0].dtype} and {moments[1].dtype}")
     if len(params) > 1 and params[1] is not None and params[1].dtype != first.dtype:
         raise TypeError(f"grad dtype {params[1].dtype} differs from param dtype {first.dtype}")
     return n

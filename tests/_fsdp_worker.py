@@ -55,9 +55,13 @@ def step_events(loop: str, mc_samples: int, steps: int) -> list:
     return ["D" if mc_samples == 1 else "C"] * steps
 
 
-def make_optimizer(params, loop: str, mc_samples: int, backend: str = "auto", seed=SEED):
+def make_optimizer(params, loop: str, mc_samples: int, backend: str = "auto", seed=SEED,
+                   state_dtype: str = "float32"):
+    """``state_dtype``: the name of IVON's momentum / hess dtype ('float32', 'bfloat16'; configs
+    travel as JSON)."""
     return ivon_fast.IVON(params, mc_samples=mc_samples, backend=backend, seed=seed,
-                          resample_on_step=loop != "official", **HP)
+                          resample_on_step=loop != "official",
+                          state_dtype=getattr(torch, state_dtype), **HP)
 
 
 def run_events(model, optimizer, events, x, y) -> None:
@@ -144,12 +148,14 @@ def local_runs(model, rank, world_size) -> list:
 
 # ----------------------------------------------------------------------------- scenarios
 
-def scenario_train(rank, world_size, mesh, out_dir, loop, mc_samples, backend, steps):
+def scenario_train(rank, world_size, mesh, out_dir, loop, mc_samples, backend, steps,
+                   state_dtype="float32"):
     """Train a sharded model; gather what the test compares with an unsharded run."""
     model = build_model()
     shard_model(model, mesh)
     init = full_params(model)
-    optimizer = make_optimizer(model.parameters(), loop, mc_samples, backend)
+    optimizer = make_optimizer(model.parameters(), loop, mc_samples, backend,
+                               state_dtype=state_dtype)
     x, y = local_batch(rank, world_size)
     run_events(model, optimizer, step_events(loop, mc_samples, steps), x, y)
     after = state_of(optimizer, full=True)
@@ -167,6 +173,8 @@ def scenario_train(rank, world_size, mesh, out_dir, loop, mc_samples, backend, s
                        for name in ("mean", "momentum", "hess", "param_flat", "grad_flat")},
         saved_local_numel=sum(state[i]["mean"].to_local().numel() for i in state),
         saved_types=sorted({type(state[i]["mean"]).__name__ for i in state}),
+        saved_dtypes={name: sorted({str(state[i][name].dtype) for i in state})
+                      for name in ("mean", "momentum", "hess")},
         backends=str(optimizer.backends))
 
 
@@ -257,12 +265,13 @@ def _final(model, optimizer) -> dict:
                 step=optimizer.current_step)
 
 
-def _resumed(mesh, loop, mc_samples, events, cut, save, load, rank, world_size) -> tuple:
+def _resumed(mesh, loop, mc_samples, events, cut, save, load, rank, world_size,
+             state_dtype="float32") -> tuple:
     """(uninterrupted run, run saved after ``cut`` events and resumed in fresh objects)."""
     x, y = local_batch(rank, world_size)
     model = build_model()
     shard_model(model, mesh)
-    optimizer = make_optimizer(model.parameters(), loop, mc_samples)
+    optimizer = make_optimizer(model.parameters(), loop, mc_samples, state_dtype=state_dtype)
     run_events(model, optimizer, events[:cut], x, y)
     save(model, optimizer)
     run_events(model, optimizer, events[cut:], x, y)
@@ -270,13 +279,15 @@ def _resumed(mesh, loop, mc_samples, events, cut, save, load, rank, world_size) 
 
     model = build_model(init_seed=INIT_SEED + 1)  # other weights, another seed: all must load
     shard_model(model, mesh)
-    optimizer = make_optimizer(model.parameters(), loop, mc_samples, seed=SEED + 1)
+    optimizer = make_optimizer(model.parameters(), loop, mc_samples, seed=SEED + 1,
+                               state_dtype=state_dtype)
     load(model, optimizer)
     run_events(model, optimizer, events[cut:], x, y)
     return uninterrupted, _final(model, optimizer)
 
 
-def scenario_resume(rank, world_size, mesh, out_dir, loop, mc_samples, events, cut, tag):
+def scenario_resume(rank, world_size, mesh, out_dir, loop, mc_samples, events, cut, tag,
+                    state_dtype="float32"):
     """opt.state_dict() / load_state_dict on each rank (torch.save of the sharded state)."""
     path = Path(out_dir) / f"resume-{tag}-rank{rank}.pt"
 
@@ -289,15 +300,18 @@ def scenario_resume(rank, world_size, mesh, out_dir, loop, mc_samples, events, c
         optimizer.load_state_dict(saved["optim"])
 
     uninterrupted, resumed = _resumed(mesh, loop, mc_samples, events, cut, save, load, rank,
-                                      world_size)
+                                      world_size, state_dtype)
     saved = torch.load(path)["optim"]
     keys = sorted({name for entry in saved["state"].values() for name in entry})
     return dict(uninterrupted=uninterrupted, resumed=resumed, saved_keys=keys,
                 saved_types=sorted({type(t).__name__ for entry in saved["state"].values()
-                                    for t in entry.values()}))
+                                    for t in entry.values()}),
+                saved_dtypes={name: sorted({str(entry[name].dtype)
+                                            for entry in saved["state"].values()})
+                              for name in ("mean", "momentum", "hess")})
 
 
-def scenario_dcp(rank, world_size, mesh, out_dir, loop, api, tag):
+def scenario_dcp(rank, world_size, mesh, out_dir, loop, api, tag, state_dtype="float32"):
     """torch.distributed.checkpoint: through get/set_optimizer_state_dict ('helpers') or of
     opt.state_dict() itself ('plain'); 'full': the helpers' full_state_dict option (unsharded
     tensors in memory, no DCP files)."""
@@ -344,24 +358,26 @@ def scenario_dcp(rank, world_size, mesh, out_dir, loop, api, tag):
             optimizer.load_state_dict(loaded["optim"])
 
     uninterrupted, resumed = _resumed(mesh, loop, mc_samples, events, cut, save, load, rank,
-                                      world_size)
+                                      world_size, state_dtype)
     return dict(uninterrupted=uninterrupted, resumed=resumed)
 
 
-def scenario_from_unsharded(rank, world_size, mesh, out_dir, loop, steps_before, steps_after):
+def scenario_from_unsharded(rank, world_size, mesh, out_dir, loop, steps_before, steps_after,
+                            state_dtype="float32"):
     """An unsharded run's checkpoint (full tensors) loaded into a sharded model and optimizer."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                          set_model_state_dict)
 
     x, y = full_batch()
     dense = build_model()
-    dense_optimizer = make_optimizer(dense.parameters(), loop, 1)
+    dense_optimizer = make_optimizer(dense.parameters(), loop, 1, state_dtype=state_dtype)
     run_events(dense, dense_optimizer, step_events(loop, 1, steps_before), x, y)
     model_state, optim_state = dense.state_dict(), dense_optimizer.state_dict()
 
     model = build_model(init_seed=INIT_SEED + 1)
     shard_model(model, mesh)
-    optimizer = make_optimizer(model.parameters(), loop, 1, seed=SEED + 1)
+    optimizer = make_optimizer(model.parameters(), loop, 1, seed=SEED + 1,
+                               state_dtype=state_dtype)
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
     optimizer.load_state_dict(optim_state)
     x, y = local_batch(rank, world_size)

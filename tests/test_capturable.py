@@ -7,7 +7,10 @@ Optimizer level (CPU, runs in CI): capturable training equals ordinary training 
 both loops while a LambdaLR scheduler changes lr every step; a "replay proxy" records every
 backend call's non-tensor arguments and checks they are the same from step to step (what a CUDA
 graph replay requires), while the results still follow the scheduler and take fresh draws; state
-dicts round-trip. The tests marked gpu capture a real step in a CUDA graph and replay it.
+dicts round-trip. With bf16 state (docs/DESIGN.md section 16) the same holds, and the stochastic
+rounding's index comes from the device's draw counter in every update (also one with all samples
+folded in), so each replay rounds with fresh bits. The tests marked gpu capture a real step in a
+CUDA graph and replay it.
 """
 from __future__ import annotations
 
@@ -169,6 +172,22 @@ OPT_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] != "triton"] + [
 HP = dict(lr=0.05, ess=200.0, hess_init=0.5, weight_decay=1e-3, beta2=0.999)
 LOOPS = [pytest.param("dropin", 1, id="dropin"), pytest.param("official", 1, id="official"),
          pytest.param("official", 2, id="official-mc2"), pytest.param("closure", 2, id="closure")]
+# the official loop with zero_grad() between the last block and step(): every sample is folded
+# in, and the update has neither a pending sample nor a next one
+FOLDED = pytest.param("folded", 2, id="official-folded")
+BF16 = torch.bfloat16
+
+
+def _with_bf16_state(params):
+    """The backends of ``params`` that implement bf16 state on CPU (the others skipped), so the
+    tests follow ``backends.STATE_DTYPES`` as kernels gain it."""
+    out = []
+    for param in params:
+        name = param.values[0]
+        reason = backends.unavailable_reason(name, torch.device("cpu"), torch.float32, BF16)
+        out.append(pytest.param(name, id=name, marks=[
+            *param.marks, pytest.mark.skipif(reason is not None, reason=str(reason))]))
+    return out
 
 
 def _model(device="cpu"):
@@ -193,11 +212,13 @@ def _one_step(opt, model, x, y, loop, mc):
         loss_fn().backward()
         opt.step()
         opt.zero_grad()
-    elif loop == "official":
+    elif loop in ("official", "folded"):
         for _ in range(mc):
             with opt.sampled_params(train=True):
                 opt.zero_grad()
                 loss_fn().backward()
+        if loop == "folded":
+            opt.zero_grad()  # folds the pending sample in: step() has none
         opt.step()
     else:
         def closure():
@@ -308,16 +329,14 @@ def _record_backend_calls(monkeypatch, backend):
     return calls
 
 
-@pytest.mark.parametrize("backend", [p for p in OPT_BACKENDS if p.values[0] != "triton"])
-@pytest.mark.parametrize("loop,mc", LOOPS[:3])
-def test_replay_proxy(monkeypatch, backend, loop, mc):
+def _replay_proxy(monkeypatch, backend, loop, mc, **options):
     """What a CUDA graph replay requires: steps 2..N launch the same ops with the same host
     arguments (the same draw arguments, the same host scalars, the same tensors), while the
     results follow the scheduler's lr and fresh draws (equal to the host path's)."""
     steps = 5
     model = _model()
     opt = IVON(model.parameters(), **HP, backend=backend, seed=77, mc_samples=mc,
-               resample_on_step=loop == "dropin", capturable=True)
+               resample_on_step=loop == "dropin", capturable=True, **options)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lambda)
     x, y = _batch()
     _one_step(opt, model, x, y, loop, mc)  # step 1: outside the recording (the warmup)
@@ -335,9 +354,97 @@ def test_replay_proxy(monkeypatch, backend, loop, mc):
         assert later == per_step[0]
     monkeypatch.undo()
     # ... and the results are the host path's: fresh draws, the scheduled lr
-    host, _, _ = _train(backend, loop, mc, capturable=False, steps=steps, seed=77)
+    host, _, _ = _train(backend, loop, mc, capturable=False, steps=steps, seed=77, **options)
     _assert_equal_runs(host[1:], samples)
     assert not torch.equal(samples[0][0], samples[1][0])
+    return opt
+
+
+@pytest.mark.parametrize("backend", [p for p in OPT_BACKENDS if p.values[0] != "triton"])
+@pytest.mark.parametrize("loop,mc", LOOPS[:3])
+def test_replay_proxy(monkeypatch, backend, loop, mc):
+    """What a CUDA graph replay requires (``_replay_proxy``), float32 state."""
+    _replay_proxy(monkeypatch, backend, loop, mc)
+
+
+@pytest.mark.parametrize("backend", _with_bf16_state(
+    [p for p in OPT_BACKENDS if p.values[0] != "triton"]))
+@pytest.mark.parametrize("loop,mc", [*LOOPS[:3], FOLDED])
+def test_replay_proxy_bf16_state(monkeypatch, backend, loop, mc):
+    """bf16 state: the update's host arguments stay the same from step to step too (the
+    rounding index is read on the device, not passed as round_draw), also when the update has
+    no pending and no next sample; the results equal the host path's and the state is bf16."""
+    opt = _replay_proxy(monkeypatch, backend, loop, mc, state_dtype=BF16)
+    for param in opt.param_groups[0]["params"]:
+        assert opt.state[param]["momentum"].dtype == opt.state[param]["hess"].dtype == BF16
+
+
+@pytest.mark.parametrize("backend", _with_bf16_state(OPT_BACKENDS))
+@pytest.mark.parametrize("loop,mc", [*LOOPS, FOLDED])
+def test_capturable_bf16_state_trains_exactly_like_eager(backend, loop, mc):
+    """bf16 state, capturable=True against False: the same params at every step and the same
+    bf16 momentum and hess, bit for bit (the stochastic rounding's bits are the same)."""
+    steps = 3 if backend == "triton" else 5
+    traj_host, mean_host, opt_host = _train(backend, loop, mc, capturable=False, steps=steps,
+                                            state_dtype=BF16)
+    traj_dev, mean_dev, opt_dev = _train(backend, loop, mc, capturable=True, steps=steps,
+                                         state_dtype=BF16)
+    _assert_equal_runs(traj_host, traj_dev)
+    _assert_equal_runs([mean_host], [mean_dev])
+    for p_host, p_dev in zip(opt_host.param_groups[0]["params"],
+                             opt_dev.param_groups[0]["params"]):
+        for key in ("momentum", "hess"):
+            assert opt_dev.state[p_dev][key].dtype == BF16
+            assert torch.equal(opt_dev.state[p_dev][key], opt_host.state[p_host][key])
+    assert opt_dev.current_step == opt_host.current_step == steps
+
+
+def _spy_rounding_indices(monkeypatch):
+    """Patch the reference's update to record each call's rounding index: ('device', the
+    device's draws[1]) when it gets device draws, else ('host', round_draw)."""
+    indices = []
+    original = ref.update
+
+    def spy(*args, **kwargs):
+        draws = kwargs.get("device_draws")
+        if draws is not None:
+            assert kwargs["round_draw"] == 0  # a host value would be frozen into a graph
+            indices.append(("device", int(draws[1])))
+        else:
+            indices.append(("host", kwargs["round_draw"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ref, "update", spy)
+    return indices
+
+
+@pytest.mark.parametrize("loop,mc", [LOOPS[0], LOOPS[2], FOLDED])
+def test_capturable_bf16_rounding_index_is_the_hosts_and_fresh(monkeypatch, loop, mc):
+    """Every capturable update reads its rounding index from the device's draw counter: the
+    same index the host path uses (one more than the step's last training draw), growing from
+    update to update. A run whose index were stuck ends in other bf16 state."""
+    indices = _spy_rounding_indices(monkeypatch)
+    _, _, opt_dev = _train("reference", loop, mc, capturable=True, state_dtype=BF16)
+    assert {source for source, _ in indices} == {"device"}  # every update, on the device
+    on_device = [index for _, index in indices]
+    indices.clear()
+    _train("reference", loop, mc, capturable=False, state_dtype=BF16)
+    assert on_device == [index for _, index in indices]
+    assert len(on_device) == 5 and all(a < b for a, b in zip(on_device, on_device[1:]))
+    assert on_device[0] == mc  # draws 0 .. mc - 1 taken before the first update
+
+    monkeypatch.undo()
+    original = ref.update
+
+    def stuck(*args, **kwargs):  # every update rounds with the first update's bits
+        return original(*args, **{**kwargs, "round_draw": on_device[0]})
+
+    monkeypatch.setattr(ref, "update", stuck)
+    _, _, opt_stuck = _train("reference", loop, mc, capturable=False, state_dtype=BF16)
+    differs = [not torch.equal(opt_stuck.state[p]["hess"], opt_dev.state[q]["hess"])
+               for p, q in zip(opt_stuck.param_groups[0]["params"],
+                               opt_dev.param_groups[0]["params"])]
+    assert any(differs)
 
 
 def test_replay_proxy_sees_host_draws_without_capturable(monkeypatch):
@@ -423,13 +530,13 @@ def test_capturable_options():
 # ------------------------------------------------------------------------------------------------
 
 
-def _graph_run(backend, loop, capture: bool, replays: int, warmup: int = 3):
+def _graph_run(backend, loop, capture: bool, replays: int, warmup: int = 3, **options):
     """Train on CUDA: ``warmup`` eager steps on a side stream, then (capture) one captured step
     replayed ``replays`` times, or the same number of eager steps; LambdaLR between steps.
     Returns the params after each replay / step."""
     model = _model("cuda")
     opt = IVON(model.parameters(), **HP, backend=backend, seed=2024,
-               resample_on_step=loop == "dropin", capturable=True)
+               resample_on_step=loop == "dropin", capturable=True, **options)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lambda)
     static_x, static_y = _batch("cuda")
 
@@ -483,6 +590,32 @@ def test_cuda_graph_replays_equal_eager_capturable_steps(backend, loop):
     assert opt_graph.current_step == opt_eager.current_step == 3 + replays
     meta_graph, meta_eager = opt_graph.state_dict()["ivon"], opt_eager.state_dict()["ivon"]
     assert meta_graph["next_train_draw"] == meta_eager["next_train_draw"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("loop", ["dropin", "official"])
+def test_cuda_graph_replays_bf16_state(backend, loop):
+    """bf16 state in a CUDA graph (each backend that implements it on CUDA): the replays equal
+    eager capturable steps, bf16 momentum and hess included, so every replay rounds with the
+    bits of its own draw."""
+    reason = backends.unavailable_reason(backend, torch.device("cuda"), torch.float32, BF16)
+    if reason is not None:
+        pytest.skip(reason)
+    replays = 4
+    graphed, opt_graph = _graph_run(backend, loop, capture=True, replays=replays,
+                                    state_dtype=BF16)
+    eager, opt_eager = _graph_run(backend, loop, capture=False, replays=replays,
+                                  state_dtype=BF16)
+    for a, b in zip(graphed, eager):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    for p, q in zip(opt_graph.param_groups[0]["params"], opt_eager.param_groups[0]["params"]):
+        for key in ("momentum", "hess"):
+            assert opt_graph.state[p][key].dtype == BF16
+            torch.testing.assert_close(opt_graph.state[p][key], opt_eager.state[q][key],
+                                       rtol=1e-6, atol=1e-7)
+    assert not torch.equal(graphed[0][0], graphed[1][0])
 
 
 def test_a_state_dict_keeps_the_lr_of_its_moment():

@@ -6,6 +6,7 @@ by the per-dtype tolerances below. CUDA tests run the same comparisons on CUDA t
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -21,6 +22,9 @@ from kernel_checks import (PRIOR_OUTPUTS, PRIOR_SCALARS, assert_low_precision_ro
                            check_priors_with_device_inputs,
                            neutral_prior_is_the_weight_decay, one, prior_inputs, prior_state,
                            run_prior_op)
+from state_checks import (bf16_state, check_device_draws, check_float32_state_ignores_round_draw,
+                          check_rejects_mixed_state_dtypes, check_rounding_is_unbiased,
+                          check_sample_and_accumulate, check_update_against_reference)
 
 _REASON = cpp.unavailable_reason("cpu")
 if _REASON is not None and (os.environ.get("IVON_FAST_EXPECT_EXT") == "1"
@@ -682,6 +686,139 @@ def test_cuda_matches_cpu_kernels_bitwise_with_priors(dtype, prior):
         assert torch.equal(a, b)
 
 
+def _each_cpu_isa():
+    """Each CPU kernel build this CPU can run, made the one in use while the loop body runs (the
+    automatic choice is restored before the next and after the last, also after a failure)."""
+    with contextlib.ExitStack() as restore:
+        restore.callback(cpp.set_cpu_isa, "")
+        for isa in ("avx512", "avx2", "generic"):
+            try:
+                cpp.set_cpu_isa(isa)
+            except ValueError:
+                continue
+            yield isa
+
+
+# ---- bf16 momentum / hess (Note [bf16 state] in ivon_math.h; the checks are in state_checks.py)
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("grad,count", [(True, 1), (True, 3), (False, 3)])
+@pytest.mark.parametrize("next_draw", [None, 7])
+def test_update_with_bf16_state(device, dtype, hess_approx, grad, count, next_draw):
+    """Stored by stochastic rounding with the reference's bits (the same round_draw); the mean
+    from the unrounded values, the next sample around the stored hess."""
+    _skip_without_cuda(device)
+    check_update_against_reference(cpp, device, dtype, _close, hess_approx=hess_approx,
+                                   grad=grad, count=count, next_draw=next_draw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,offset", [(1, 0), (3, 2), (5, 1), (5, 3), (70_001, 3),
+                                      (70_001, 4), (4097, HIGH_OFFSETS[2])])
+def test_update_with_bf16_state_segments(device, n, offset):
+    """Partial quads at both ends, blocks and threads (CPU), the vector path (CUDA, offset 4),
+    a counter beyond 2^62 elements: the rounding bits of each element's quad."""
+    _skip_without_cuda(device)
+    check_update_against_reference(cpp, device, torch.bfloat16, _close, n=n, offset=offset,
+                                   count=3, next_draw=EVAL_DRAW)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prior", ["mean", "precision", "both"])
+@pytest.mark.parametrize("next_draw", [None, 7])
+def test_update_with_bf16_state_and_priors(device, prior, next_draw):
+    _skip_without_cuda(device)
+    check_update_against_reference(cpp, device, torch.float32, _close, prior=prior, count=3,
+                                   next_draw=next_draw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hess_approx,prior_precision", [("price", False), ("price", True),
+                                                         ("gradsq", False)])
+def test_sample_and_accumulate_with_bf16_hess(device, dtype, hess_approx, prior_precision):
+    _skip_without_cuda(device)
+    check_sample_and_accumulate(cpp, device, dtype, _close, hess_approx=hess_approx,
+                                prior_precision=prior_precision)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("found", [0.0, 1.0])
+@pytest.mark.parametrize("next_draw", [None, 7])
+@pytest.mark.parametrize("round_draw", [21, EVAL_DRAW])
+def test_bf16_state_rounds_with_the_device_draw(device, found, next_draw, round_draw):
+    """device_draws[1] is the rounding index (with or without a next sample; EVAL_DRAW: the sum
+    with 2^62 wraps as the reference's int64 sum does); the host's is ignored."""
+    _skip_without_cuda(device)
+    check_device_draws(cpp, device, torch.bfloat16, _close, found=found, next_draw=next_draw,
+                       round_draw=round_draw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_state_rounding_is_unbiased(device):
+    _skip_without_cuda(device)
+    check_rounding_is_unbiased(cpp, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_state_ignores_round_draw(device):
+    _skip_without_cuda(device)
+    check_float32_state_ignores_round_draw(cpp, device, torch.bfloat16)
+
+
+def test_state_dtype_validation():
+    check_rejects_mixed_state_dtypes(cpp, "cpu")
+    st = prior_state(8, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="momentum and hess must have the same dtype, got "
+                                           "BFloat16 and Float"):
+        run_prior_op(cpp, "update", {**st, "momentum": st["momentum"].to(torch.bfloat16)}, {},
+                     offset=0)
+    with pytest.raises(RuntimeError, match=r"hess must be float32 or bfloat16 \(the state "
+                                           r"dtype\), got Half"):
+        run_prior_op(cpp, "sample", {**st, "hess": st["hess"].half()}, {}, offset=0)
+    with pytest.raises(RuntimeError, match="avg_grad must be Float, got BFloat16"):
+        run_prior_op(cpp, "update", {**st, "avg_grad": st["avg_grad"].to(torch.bfloat16)}, {},
+                     offset=0, count=2)
+
+
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+def test_every_cpu_build_rounds_bf16_state_alike(hess_approx):
+    """The instruction-set builds give the same bits with bf16 state (their Philox words are
+    vector code: tests/test_cpp's other build checks cover only the noise)."""
+    results = {}
+    for isa in _each_cpu_isa():
+        state = bf16_state(prior_state(70_001, torch.bfloat16, "cpu", hess_approx))
+        upd = run_prior_op(cpp, "update", state, {}, count=3, next_draw=EVAL_DRAW, offset=1,
+                           round_draw=5, hess_approx=hess_approx)
+        skipped = run_prior_op(cpp, "update", state, {}, next_draw=EVAL_DRAW, offset=1,
+                               found_inf=one(1.0, "cpu"), hess_approx=hess_approx)
+        results[isa] = [upd[k] for k in ("mean", "momentum", "hess", "param")] + [
+            skipped["param"]]
+    assert "generic" in results
+    for isa, tensors in results.items():
+        for a, b in zip(tensors, results["generic"]):
+            assert torch.equal(a, b), isa
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu_kernels_bitwise_with_bf16_state(dtype):
+    _skip_without_cuda("cuda")
+    results = {}
+    for device in ("cpu", "cuda"):
+        state = bf16_state(prior_state(100_003, dtype, device))
+        upd = run_prior_op(cpp, "update", state, {}, count=3, next_draw=EVAL_DRAW, offset=4,
+                           round_draw=9)
+        acc = run_prior_op(cpp, "accumulate", state, {}, count=2, offset=3)
+        smp = run_prior_op(cpp, "sample", state, {}, offset=3)
+        results[device] = [upd[k].cpu() for k in PRIOR_OUTPUTS["update"]] + [
+            acc["avg_hess_term"].cpu(), smp["param"].cpu()]
+    for a, b in zip(results["cuda"], results["cpu"]):
+        assert torch.equal(a, b)
+
+
 # ---- every CPU instruction-set build: the counter's high word, rounding of bf16 / fp16 --------
 
 @pytest.fixture(params=["avx512", "avx2", "generic"])
@@ -733,41 +870,34 @@ def test_cuda_kernels_round_to_nearest_even(dtype, op, rounding_probe):
 def test_cpu_isa_builds_agree_bitwise():
     """Every instruction-set build the CPU supports gives the same bits as the portable one."""
     results = {}
-    for isa in ("avx512", "avx2", "generic"):
-        try:
-            cpp.set_cpu_isa(isa)
-        except ValueError:
-            continue
-        try:
-            st = _state(70_001, torch.bfloat16, "cpu", seed=6)
-            _run_update(cpp, st, grad=True, count=3, hess_approx="price", clip_radius=0.02,
-                        next_draw=EVAL_DRAW, offset=1)
-            scaled = _state(70_001, torch.float32, "cpu", seed=6)
-            _update_with(cpp, scaled, grad=True, count=3, hess_approx="gradsq", offset=1,
-                         grad_scale=one(3.0, "cpu"), device_lr=one(0.1, "cpu"),
-                         device_debias=one(0.3, "cpu"), found_inf=one(0.0, "cpu"))
-            skipped = _state(70_001, torch.float16, "cpu", seed=6)
-            _update_with(cpp, skipped, grad=False, count=3, hess_approx="price", offset=1,
-                         found_inf=one(1.0, "cpu"))
-            # the instances with prior inputs, each alone and both (Note [prior flags])
-            priors = {}
-            for prior, dtype in (("mean", torch.float16), ("precision", torch.float32),
-                                 ("both", torch.bfloat16)):
-                state = prior_state(70_001, dtype, "cpu")
-                inputs = prior_inputs(prior, 70_001, "cpu")
-                upd = run_prior_op(cpp, "update", state, inputs, count=3, next_draw=EVAL_DRAW,
-                                   offset=1)
-                priors.update({f"{prior}_{k}": upd[k] for k in PRIOR_OUTPUTS["update"]})
-                if prior != "mean":
-                    precision = dict(prior_precision=inputs["prior_precision"])
-                    acc = run_prior_op(cpp, "accumulate", state, precision, count=2, offset=1)
-                    smp = run_prior_op(cpp, "sample", state, precision, offset=1)
-                    priors.update({f"{prior}_avg_hess_term": acc["avg_hess_term"],
-                                   f"{prior}_sample": smp["param"]})
-            results[isa] = {**st, **{f"scaled_{k}": v for k, v in scaled.items()},
-                            **{f"skipped_{k}": v for k, v in skipped.items()}, **priors}
-        finally:
-            cpp.set_cpu_isa("")
+    for isa in _each_cpu_isa():
+        st = _state(70_001, torch.bfloat16, "cpu", seed=6)
+        _run_update(cpp, st, grad=True, count=3, hess_approx="price", clip_radius=0.02,
+                    next_draw=EVAL_DRAW, offset=1)
+        scaled = _state(70_001, torch.float32, "cpu", seed=6)
+        _update_with(cpp, scaled, grad=True, count=3, hess_approx="gradsq", offset=1,
+                     grad_scale=one(3.0, "cpu"), device_lr=one(0.1, "cpu"),
+                     device_debias=one(0.3, "cpu"), found_inf=one(0.0, "cpu"))
+        skipped = _state(70_001, torch.float16, "cpu", seed=6)
+        _update_with(cpp, skipped, grad=False, count=3, hess_approx="price", offset=1,
+                     found_inf=one(1.0, "cpu"))
+        # the instances with prior inputs, each alone and both (Note [prior flags])
+        priors = {}
+        for prior, dtype in (("mean", torch.float16), ("precision", torch.float32),
+                             ("both", torch.bfloat16)):
+            state = prior_state(70_001, dtype, "cpu")
+            inputs = prior_inputs(prior, 70_001, "cpu")
+            upd = run_prior_op(cpp, "update", state, inputs, count=3, next_draw=EVAL_DRAW,
+                               offset=1)
+            priors.update({f"{prior}_{k}": upd[k] for k in PRIOR_OUTPUTS["update"]})
+            if prior != "mean":
+                precision = dict(prior_precision=inputs["prior_precision"])
+                acc = run_prior_op(cpp, "accumulate", state, precision, count=2, offset=1)
+                smp = run_prior_op(cpp, "sample", state, precision, offset=1)
+                priors.update({f"{prior}_avg_hess_term": acc["avg_hess_term"],
+                               f"{prior}_sample": smp["param"]})
+        results[isa] = {**st, **{f"scaled_{k}": v for k, v in scaled.items()},
+                        **{f"skipped_{k}": v for k, v in skipped.items()}, **priors}
     assert "generic" in results
     for isa, st in results.items():
         for key in ("mean", "momentum", "hess", "param"):
@@ -783,7 +913,8 @@ def test_input_validation():
         cpp.sample(st["param"], st["mean"], st["hess"][:7], ess=1.0, weight_decay=0.0)
     with pytest.raises(RuntimeError, match="mean must be contiguous"):
         cpp.sample(torch.zeros(4), st["mean"][::2], st["hess"][:4], ess=1.0, weight_decay=0.0)
-    with pytest.raises(RuntimeError, match="momentum must be Float"):
+    with pytest.raises(RuntimeError, match=r"momentum must be float32 or bfloat16 \(the state "
+                                           r"dtype\), got Double"):
         _run_update(cpp, dict(st, momentum=st["momentum"].double()), grad=True, count=1,
                     hess_approx="price", clip_radius=1.0, next_draw=None, offset=0)
     with pytest.raises(RuntimeError, match="avg_grad is required"):

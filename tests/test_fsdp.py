@@ -12,6 +12,12 @@ an unsharded single-process IVON run on the full batch, computed here (FSDP's gr
 average of the ranks' gradients, and each rank trains on half the batch with a mean loss, so the
 runs agree up to the rounding of the reduce-scatter); the noise spec ``reference.philox_normal``
 at offsets computed from torch.chunk's row split; an uninterrupted run.
+
+bf16 state (``state_dtype=torch.bfloat16``, docs/DESIGN.md section 16) takes the same paths: its
+stochastic rounding draws its bits by the unsharded model's element index, so the sharded run
+matches the unsharded bf16 run (bf16 momentum and hess bit for bit, the float32 mean and params
+within the same tolerance as with float32 state), and its bf16 DTensor state round-trips
+through per-rank state dicts, DCP and an unsharded checkpoint.
 """
 from __future__ import annotations
 
@@ -57,15 +63,21 @@ def _ids(scenario):
     return [c["id"] for c in CONFIGS[scenario]]
 
 
-def _resume(loop, mc_samples, events, cut, tag):
-    return dict(id=tag, loop=loop, mc_samples=mc_samples, events=events, cut=cut, tag=tag)
+def _resume(loop, mc_samples, events, cut, tag, **state_dtype):
+    return dict(id=tag, loop=loop, mc_samples=mc_samples, events=events, cut=cut, tag=tag,
+                **state_dtype)
+
+
+BF16 = dict(state_dtype="bfloat16")  # the worker's make_optimizer takes the dtype's name
 
 
 CONFIGS = {
     "train": (_configs(loop=["official", "drop_in"], mc_samples=[1, 2], backend=["auto"],
                        steps=[3])
               + _configs(loop=["official", "drop_in"], mc_samples=[1], backend=["reference"],
-                         steps=[3])),
+                         steps=[3])
+              + _configs(loop=["official", "drop_in"], mc_samples=[1], backend=["auto"],
+                         steps=[3], state_dtype=["bfloat16"])),
     "noise": _configs(loop=["official", "drop_in"], backend=["reference", "auto"]),
     "options": [dict(id="options")],
     "nonfinite": _configs(backend=["reference"]),
@@ -78,9 +90,16 @@ CONFIGS = {
         # drop-in: the params hold the next sample (params_hold)
         _resume("drop_in", 1, list("DDD") + list("DDD"), 3, "drop_in"),
         _resume("drop_in", 2, list("CC") + list("CC"), 2, "drop_in-closure"),
+        # bf16 state: mid-step (the averages stay float32), and drop-in
+        _resume("official", 2, list("SSTSSTS") + list("STSST"), 7, "official-mid-step-bf16",
+                **BF16),
+        _resume("drop_in", 1, list("DDD") + list("DDD"), 3, "drop_in-bf16", **BF16),
     ],
-    "dcp": _configs(loop=["official", "drop_in"], api=["helpers", "plain", "full"], tag=["x"]),
-    "from_unsharded": _configs(loop=["official", "drop_in"], steps_before=[2], steps_after=[2]),
+    "dcp": (_configs(loop=["official", "drop_in"], api=["helpers", "plain", "full"], tag=["x"])
+            + _configs(loop=["drop_in"], api=["helpers"], tag=["x"], state_dtype=["bfloat16"])),
+    "from_unsharded": (_configs(loop=["official", "drop_in"], steps_before=[2], steps_after=[2])
+                       + _configs(loop=["official"], steps_before=[2], steps_after=[2],
+                                  state_dtype=["bfloat16"])),
 }
 for _config_dict in CONFIGS["dcp"]:  # one checkpoint directory per config
     _config_dict["tag"] = _config_dict["id"]
@@ -88,13 +107,15 @@ for _config_dict in CONFIGS["dcp"]:  # one checkpoint directory per config
 
 # ----------------------------------------------------------------------------- expectations
 
-def _dense_run(loop, mc_samples, steps, backend="auto", seed=SEED, init=None, events=None):
+def _dense_run(loop, mc_samples, steps, backend="auto", seed=SEED, init=None, events=None,
+               state_dtype="float32"):
     """The unsharded single-process run on the full batch (the expectation)."""
     model = worker.build_model()
     if init is not None:
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(init, model.parameters())
-    optimizer = worker.make_optimizer(model.parameters(), loop, mc_samples, backend, seed)
+    optimizer = worker.make_optimizer(model.parameters(), loop, mc_samples, backend, seed,
+                                      state_dtype=state_dtype)
     x, y = worker.full_batch()
     events = worker.step_events(loop, mc_samples, steps) if events is None else events
     worker.run_events(model, optimizer, events, x, y)
@@ -130,24 +151,36 @@ def test_sharded_training_equals_unsharded_run(run_ranks, config_id):
     sharded run equal those of an unsharded single-process run on the full batch (tolerance: the
     reduce-scatter's rounding), on both ranks; a run with another seed is far from it (the test
     sees the noise). Afterwards mean_params() puts the mean into the sharded params, and
-    sampled_params() the first evaluation draw's noise at the global offsets."""
+    sampled_params() the first evaluation draw's noise at the global offsets. bf16 state: the
+    same against the unsharded bf16 run, and the state (saved as DTensors) is bf16."""
     config = _config("train", config_id)
+    state_dtype = config.get("state_dtype", "float32")
     results = run_ranks("train", config_id)
     expected = _dense_run(config["loop"], config["mc_samples"], config["steps"],
-                          config["backend"])
+                          config["backend"], state_dtype=state_dtype)
     _assert_equal(results[0]["init"], worker.flat(worker.build_model().parameters()), "init")
     for rank, result in enumerate(results):
+        assert result["saved_dtypes"] == {"mean": ["torch.float32"],
+                                          "momentum": [f"torch.{state_dtype}"],
+                                          "hess": [f"torch.{state_dtype}"]}, f"rank {rank}"
         for name in ("mean", "momentum", "hess"):
+            assert result["after"][name].dtype == expected["state"][name].dtype
+            if state_dtype == "bfloat16" and name != "mean":
+                # rounded with the bits of the unsharded index; the reduce-scatter's last-bit
+                # differences change a stochastic rounding's result with probability 2^-16
+                # each, so the bf16 values are the unsharded run's, bit for bit
+                _assert_equal(result["after"][name], expected["state"][name],
+                              f"rank {rank}: {name}")
             _assert_close(result["after"][name], expected["state"][name], f"rank {rank}: {name}")
         _assert_close(result["params"], expected["params"], f"rank {rank}: params")
     for rank, result in enumerate(results):  # evaluation: mean_params and sampled_params()
         _assert_equal(result["mean_params"], result["after"]["mean"], f"rank {rank}: mean_params")
         after = result["after"]
         eps = reference.philox_normal(SEED, EVAL_DRAW_BASE, 0, NUMEL)
-        _assert_close(result["eval_sample"], _sample(after["mean"], eps, after["hess"]),
+        _assert_close(result["eval_sample"], _sample(after["mean"], eps, after["hess"].float()),
                       f"rank {rank}: the first evaluation sample")
     other_seed = _dense_run(config["loop"], config["mc_samples"], config["steps"],
-                            config["backend"], seed=SEED + 1)
+                            config["backend"], seed=SEED + 1, state_dtype=state_dtype)
     assert _far(other_seed["state"]["mean"], expected["state"]["mean"])
     assert _far(results[0]["after"]["mean"], other_seed["state"]["mean"])
 
@@ -266,15 +299,19 @@ def test_state_dict_round_trip_resumes_exactly(run_ranks, config_id):
     other seed), resumes exactly: continuing equals the uninterrupted run, bitwise, also mid-step
     and with a pending sample."""
     config = _config("resume", config_id)
+    state_dtype = config.get("state_dtype", "float32")
     results = run_ranks("resume", config_id)
     expected_keys = {"mean", "momentum", "hess"}
-    if config_id == "official-mid-step":
+    if config_id.startswith("official-mid-step"):
         expected_keys |= {"avg_grad", "avg_hess_term"}
     if config_id == "official-pending":
         expected_keys |= {"pending_grad"}
     for result in results:
         assert set(result["saved_keys"]) == expected_keys
         assert result["saved_types"] == ["DTensor"]
+        assert result["saved_dtypes"] == {"mean": ["torch.float32"],
+                                          "momentum": [f"torch.{state_dtype}"],
+                                          "hess": [f"torch.{state_dtype}"]}
     _assert_resumed_exactly(results)
     steps = sum(config["events"].count(event) for event in "TDC")
     assert results[0]["uninterrupted"]["step"] == steps
@@ -296,9 +333,11 @@ def test_unsharded_checkpoint_loads_into_sharded_optimizer(run_ranks, config_id)
     takes its shard, and continuing sharded equals the unsharded run continued."""
     config = _config("from_unsharded", config_id)
     results = run_ranks("from_unsharded", config_id)
-    expected = _dense_run(config["loop"], 1, config["steps_before"] + config["steps_after"])
+    expected = _dense_run(config["loop"], 1, config["steps_before"] + config["steps_after"],
+                          state_dtype=config.get("state_dtype", "float32"))
     for rank, result in enumerate(results):
         for name in ("mean", "momentum", "hess"):
+            assert result["state"][name].dtype == expected["state"][name].dtype
             _assert_close(result["state"][name], expected["state"][name], f"rank {rank}: {name}")
         _assert_close(result["params"], expected["params"], f"rank {rank}: params")
 

@@ -4,6 +4,11 @@ momentum and Hessian in bf16, stored by stochastic rounding from the noise's Phi
 Expectations: the rounding's definition checked exhaustively over its random bits (exact
 unbiasedness), the Philox words computed from ``philox4x32_10`` by hand, the float32 update then
 rounded by hand, and float32 state's trajectory within the rounding's spread.
+
+Backends are chosen by capability (``backends.STATE_DTYPES``): 'auto' takes the fastest that
+implements the state dtype, an explicit one that does not is a ValueError before anything moves.
+The backend tests skip the backends without bf16 state, so they hold before and after a kernel
+gains it. Capturable bf16 state: tests/test_capturable.py; sharded: tests/test_fsdp.py.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import copy
 import pytest
 import torch
 
-from ivon_fast import IVON, reference
+from ivon_fast import IVON, backends, reference
 from ivon_fast.reference import ROUND_DRAW_BASE, rounding_bits, stochastic_round_bf16
 from ivon_fast.scalars import StepScalars
 
@@ -158,7 +163,7 @@ def test_bf16_state_resumes_exactly_and_converts_from_and_to_float32(dropin):
 def test_each_update_rounds_with_fresh_bits():
     """Two updates from the same float32 values round with different bits: the rounding index
     advances with the training draws."""
-    model, opt = _run(BF16, dropin=True, steps=1)
+    model, opt = _run(BF16, dropin=True, steps=1, backend="reference")
     calls = []
     original = reference.update
 
@@ -177,15 +182,114 @@ def test_each_update_rounds_with_fresh_bits():
     assert len(set(calls)) == 3 and calls == sorted(calls)
 
 
+def _with_bf16_state(names):
+    """Backends parametrized by name, each skipped where it cannot run bf16 state on CPU (so the
+    tests follow ``backends.STATE_DTYPES`` as the kernels gain it)."""
+    params = []
+    for name in names:
+        reason = backends.unavailable_reason(name, torch.device("cpu"), torch.float32, BF16)
+        params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(
+            reason is not None, reason=str(reason))))
+    return params
+
+
+@pytest.mark.parametrize("dropin", [False, True], ids=["official", "dropin"])
+@pytest.mark.parametrize("backend", _with_bf16_state(("reference", "cpu", "triton")))
+def test_bf16_state_trains_on_every_backend_that_implements_it(backend, dropin):
+    """An explicit backend with bf16 state serves every bucket, keeps bf16 state and follows the
+    reference's bf16 run: exactly on the reference, within a bf16 ulp of the state (the same
+    rounding bits; a value an ulp of float32 away may round the other way) on a kernel."""
+    model, opt = _run(BF16, dropin, steps=4, backend=backend)
+    _, want = _run(BF16, dropin, steps=4, backend="reference")
+    assert set(opt.backends.values()) == {backend}
+    for p, q in zip(opt.param_groups[0]["params"], want.param_groups[0]["params"]):
+        for key in ("momentum", "hess"):
+            assert opt.state[p][key].dtype == BF16
+            if backend == "reference":
+                assert torch.equal(opt.state[p][key], want.state[q][key])
+            else:
+                torch.testing.assert_close(opt.state[p][key].float(), want.state[q][key].float(),
+                                           rtol=2 ** -7, atol=1e-6)
+        if backend == "reference":
+            assert torch.equal(opt.state[p]["mean"], want.state[q]["mean"])
+        else:
+            torch.testing.assert_close(opt.state[p]["mean"], want.state[q]["mean"], rtol=1e-3,
+                                       atol=1e-3)
+
+
+def test_auto_takes_the_fastest_backend_that_implements_the_state_dtype(monkeypatch):
+    """'auto' resolves each bucket with its state dtype (``backends.STATE_DTYPES``): the first
+    backend of the device's order that runs there and implements it. Switching a kernel's bf16
+    on in the table is all it takes for 'auto' to pick it."""
+    cpu = torch.device("cpu")
+    order = backends._AUTO_ORDER["cpu"]
+    for state_dtype in (torch.float32, BF16):
+        opt = IVON(Quadratic().parameters(), lr=0.1, ess=10.0, state_dtype=state_dtype)
+        want = next((name for name in order
+                     if backends.unavailable_reason(name, cpu, torch.float32, state_dtype) is None),
+                    "reference")
+        assert set(opt.backends.values()) == {want}
+        assert state_dtype in backends.STATE_DTYPES[want]
+    if backends.unavailable_reason("cpu", cpu) is not None:
+        pytest.skip("the C++ CPU kernels are not available here")
+    # the C++ kernels with and without bf16 in the table (only constructed: no op runs)
+    monkeypatch.setitem(backends.STATE_DTYPES, "cpu", (torch.float32, BF16))
+    opt = IVON(Quadratic().parameters(), lr=0.1, ess=10.0, state_dtype=BF16)
+    assert set(opt.backends.values()) == {"cpu"}
+    monkeypatch.setitem(backends.STATE_DTYPES, "cpu", (torch.float32,))
+    opt = IVON(Quadratic().parameters(), lr=0.1, ess=10.0, state_dtype=BF16)
+    assert set(opt.backends.values()) == {"reference"}
+    opt = IVON(Quadratic().parameters(), lr=0.1, ess=10.0)
+    assert set(opt.backends.values()) == {"cpu"}
+    with pytest.raises(ValueError, match="Invalid backend: backend='cpu'.*state_dtype"):
+        IVON(Quadratic().parameters(), lr=0.1, ess=10.0, state_dtype=BF16, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_explicit_backend_without_the_state_dtype_is_refused_before_anything_moves(backend):
+    """An explicit backend that does not implement bf16 state (``backends.STATE_DTYPES``) is a
+    ValueError naming the backend, raised before any param is moved into the flat layout."""
+    cpu = torch.device("cpu")
+    if backends.unavailable_reason(backend, cpu, torch.float32, BF16) is None:
+        pytest.skip(f"backend={backend!r} implements bf16 state")
+    model = Quadratic()
+    before = [p.data_ptr() for p in model.parameters()]
+    match = "Invalid backend"
+    if backends.unavailable_reason(backend, cpu) is None:  # it runs here, with float32 state
+        match = "Invalid backend: backend=.*bfloat16.*state_dtype=torch.bfloat16"
+    with pytest.raises(ValueError, match=match):
+        IVON(model.parameters(), lr=0.1, ess=10.0, state_dtype=BF16, backend=backend,
+             resample_on_step=True)
+    assert [p.data_ptr() for p in model.parameters()] == before
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(state_dtype=torch.float16), "Invalid state_dtype"),
+    (dict(state_dtype=torch.float64), "Invalid state_dtype"),
     (dict(state_dtype="bf16"), "Invalid state_dtype"),
-    (dict(state_dtype=BF16, backend="cpu"), "Invalid backend: 'cpu' with state_dtype"),
-    (dict(state_dtype=BF16, capturable=True), "Invalid capturable"),
 ])
 def test_bad_state_dtype_options_are_refused(bad, match):
     model = Quadratic()
+    before = [p.data_ptr() for p in model.parameters()]
     with pytest.raises(ValueError, match=match):
         IVON(model.parameters(), lr=0.1, ess=10.0, **bad)
-    with pytest.raises(ValueError, match="float64 params"):
-        IVON(Quadratic().double().parameters(), lr=0.1, ess=10.0, state_dtype=BF16)
+    assert [p.data_ptr() for p in model.parameters()] == before
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
+def test_float64_params_are_refused_with_bf16_state(backend):
+    """float64 params keep float64 state: bf16 state is refused for them (naming state_dtype,
+    whatever the backend), at construction and in add_param_group, before anything moves."""
+    with pytest.raises(ValueError, match="Invalid state_dtype.*float64 params"):
+        IVON(Quadratic().double().parameters(), lr=0.1, ess=10.0, state_dtype=BF16,
+             backend=backend)
+    opt = IVON([torch.nn.Parameter(torch.randn(3))], lr=0.1, ess=10.0, state_dtype=BF16)
+    extra = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    before = extra.data_ptr()
+    with pytest.raises(ValueError, match="Invalid state_dtype.*float64 params"):
+        opt.add_param_group({"params": [extra]})
+    assert extra.data_ptr() == before and len(opt.param_groups) == 1
+    # float32 state: float64 params train on the reference ('auto'), as before
+    opt = IVON(Quadratic().double().parameters(), lr=0.1, ess=10.0)
+    assert set(opt.backends.values()) == {"reference"}

@@ -131,3 +131,65 @@ def test_ood_quick(tmp_path):
         # unseen digits are more uncertain than seen ones, for every method
         assert row["auroc_entropy digits 5-9"] > 0.6, row
     assert all("auroc_mi digits 5-9" in r for r in results if r["method"] == "IVON K=4")
+
+
+def test_bf16_state_quick_learns_the_same_posterior(tmp_path):
+    """bf16 optimizer state (stochastic rounding) against float32 state, on the closed-form BLR
+    (quick run: 4 data sets x 5 noise seeds = 20 runs, 1500 full-batch steps, 1 MC sample,
+    beta2 0.995, hess_init 16; float32's predicted RMS error of sigma is 0.048, and bf16's
+    rounding adds 0.011 in quadrature), and a smoke run of the language-model part.
+
+    Expectations, on the 20 runs of each arm (the same data and Philox noise in both: only the
+    rounding differs):
+    - both reach the closed form in every run within blr's quick tolerances: sigma within 10% RMS
+      and 20% at worst, the mean within 0.15 exact posterior stds RMS and 1% in norm;
+    - bf16's average sigma error is at most 1.25x float32's and within 30% of its predicted floor;
+    - no bias: bf16's average sigma bias and mean error differ from float32's by less than 3
+      standard errors of that difference, computed from the seed-to-seed spread; paired run by
+      run, the average sigma bias differs by under 0.5%;
+    - paired run by run, bf16's sigma differs from float32's by the predicted rounding noise
+      (within 30%), under half as much as two float32 runs with different noise differ, and its
+      mean by under a fifth of theirs."""
+    record = _run("bf16_state.py", tmp_path)
+    blr_results, paired = record["blr"]["results"], record["blr"]["paired"]
+    assert set(blr_results) == {"fp32", "bf16"}
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    runs = {arm: blr_results[arm]["runs"] for arm in blr_results}
+    assert len(runs["fp32"]) == len(runs["bf16"]) == 20
+    for arm, arm_runs in runs.items():
+        for run in arm_runs:
+            assert run["sigma_rel_err_rms"] < 0.10, (arm, run)
+            assert run["sigma_rel_err_max"] < 0.20, (arm, run)
+            assert run["mean_err_rms_sigma"] < 0.15, (arm, run)
+            assert run["mean_rel_err"] < 0.01, (arm, run)
+    col = lambda arm, key: [run[key] for run in runs[arm]]  # noqa: E731
+    fp32_err = mean(col("fp32", "sigma_rel_err_rms"))
+    bf16_err = mean(col("bf16", "sigma_rel_err_rms"))
+    assert bf16_err <= 1.25 * fp32_err
+    predicted = mean(record["blr"]["predicted"]["bf16"])
+    assert 0.7 * predicted < bf16_err < 1.3 * predicted
+    for key in ("sigma_bias", "mean_err_rms_sigma", "sigma_rel_err_rms"):
+        a, b = col("bf16", key), col("fp32", key)
+        spread = math.sqrt((torch.tensor(a).var() + torch.tensor(b).var()) / len(a))
+        assert abs(mean(a) - mean(b)) < 3 * spread, key
+    assert abs(mean([a - b for a, b in zip(col("bf16", "sigma_bias"),
+                                           col("fp32", "sigma_bias"))])) < 0.005
+    rounding = mean(paired["bf16"]["sigma_rel_diff_rms"])
+    assert 0.7 * mean(record["blr"]["predicted"]["rounding"]) < rounding
+    assert rounding < 1.3 * mean(record["blr"]["predicted"]["rounding"])
+    assert rounding < 0.5 * mean(paired["fp32, other noise"]["sigma_rel_diff_rms"])
+    assert (mean(paired["bf16"]["mean_diff_rms_sigma"])
+            < 0.2 * mean(paired["fp32, other noise"]["mean_diff_rms_sigma"]))
+
+    # the language model: a 60-step smoke run; after so few steps bf16 state is still on
+    # float32's trajectory, while round-to-nearest has lost some of h's decay from hess_init
+    lm = {run["arm"]: run for run in record["lm"]["runs"]}
+    assert set(lm) == {"fp32", "bf16", "bf16 round-to-nearest"}
+    assert lm["bf16 round-to-nearest"]["backend"] == "reference, rounding to nearest"
+    for run in lm.values():
+        assert 0 < run["val_loss_mean"] < math.log(record["lm"]["data"]["vocab"]) + 0.5, run
+        assert math.isfinite(run["val_loss_predictive"]) and math.isfinite(run["train_loss_mean"])
+    assert abs(lm["bf16"]["val_loss_mean"] - lm["fp32"]["val_loss_mean"]) < 0.01
+    fp32_h = lm["fp32"]["hess_quantiles"][1]
+    assert abs(lm["bf16"]["hess_quantiles"][1] - fp32_h) < 0.01 * fp32_h
+    assert lm["bf16 round-to-nearest"]["hess_quantiles"][1] > fp32_h + 0.03

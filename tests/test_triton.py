@@ -23,6 +23,9 @@ from kernel_checks import (PRIOR_OUTPUTS, assert_low_precision_rounding,
                            check_priors_with_device_inputs,
                            neutral_prior_is_the_weight_decay, one, prior_inputs, prior_state,
                            run_prior_op)
+from state_checks import (check_device_draws, check_float32_state_ignores_round_draw,
+                          check_rejects_mixed_state_dtypes, check_rounding_is_unbiased,
+                          check_sample_and_accumulate, check_update_against_reference)
 
 triton = pytest.importorskip("triton")
 tl = triton.language
@@ -593,6 +596,123 @@ def test_prior_inputs_validation():
 
 
 # ---------------------------------------------------------------------------------------------
+# bf16 momentum / hess (docs/DESIGN.md section 16; the checks are in state_checks.py)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("next_draw", [None, 7])
+@pytest.mark.parametrize("grad,count", GRAD_MODES)
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_update_with_bf16_state(device, dtype, hess_approx, grad, count, next_draw):
+    """Stored by stochastic rounding with the reference's bits (the same round_draw); the mean
+    from the unrounded values, the next sample around the stored hess."""
+    check_update_against_reference(tb, device, dtype, assert_close, hess_approx=hess_approx,
+                                   grad=grad, count=count, next_draw=next_draw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,offset", [(1, 0), (3, 2), (5, 1), (5, 3), (4097, 3)])
+def test_update_with_bf16_state_segments(device, n, offset, block):
+    """Partial tiles at both ends, many programs: the rounding bits of each element's quad."""
+    check_update_against_reference(tb, device, torch.bfloat16, assert_close, n=n,
+                                   offset=offset, count=3, next_draw=EVAL_DRAW)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prior", ["mean", "precision", "both"])
+@pytest.mark.parametrize("next_draw", [None, 7])
+def test_update_with_bf16_state_and_priors(device, prior, next_draw):
+    check_update_against_reference(tb, device, torch.float32, assert_close, prior=prior,
+                                   count=3, next_draw=next_draw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hess_approx,prior_precision", [("price", False), ("price", True),
+                                                         ("gradsq", False)])
+def test_sample_and_accumulate_with_bf16_hess(device, dtype, hess_approx, prior_precision):
+    check_sample_and_accumulate(tb, device, dtype, assert_close, hess_approx=hess_approx,
+                                prior_precision=prior_precision)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("found", [0.0, 1.0])
+@pytest.mark.parametrize("next_draw", [None, 7])
+@pytest.mark.parametrize("round_draw", [21, EVAL_DRAW])
+# the interpreter's numpy warns about the skipped step's inf and NaN arithmetic
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_bf16_state_rounds_with_the_device_draw(device, found, next_draw, round_draw):
+    """device_draws[1] is the rounding index (with or without a next sample; EVAL_DRAW: the sum
+    with 2^62 wraps as the reference's int64 sum does); the host's is ignored."""
+    check_device_draws(tb, device, torch.bfloat16, assert_close, found=found,
+                       next_draw=next_draw, round_draw=round_draw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_state_rounding_is_unbiased(device):
+    check_rounding_is_unbiased(tb, device)
+
+
+@triton.jit
+def _stochastic_rounding_probe(out_ptr, value_ptr, random16_ptr, N: tl.constexpr):
+    """out <- the kernels' stochastic rounding of value with random16 (uint32 < 2^16)."""
+    k = tl.arange(0, N)
+    rounded = tb._bf16_round_stochastic(tl.load(value_ptr + k), tl.load(random16_ptr + k))
+    tl.store(out_ptr + k, rounded)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+# the interpreter's numpy warns about the probe's NaN comparisons
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_stochastic_rounding_bits(device, rounding_probe):
+    """The kernels' rounding is reference.stochastic_round_bf16 bit for bit: halfway cases,
+    overflow edges, infs, NaNs (also signalling ones, whose kept bits alone would read as inf),
+    with the random bits at their extremes and in between."""
+    signalling = torch.tensor([0x7F800001, 0xFF800001 - (1 << 32), 0x7FBFFFFF, 0x7F80FFFF],
+                              dtype=torch.int32).view(torch.float32)
+    values = torch.cat([rounding_probe, signalling])
+    random16 = torch.tensor([0, 1, 0x7FFF, 0x8000, 0xFFFE, 0xFFFF], dtype=torch.int64)
+    random16 = torch.cat([random16, torch.randint(0, 1 << 16, (10,),
+                                                  generator=torch.Generator().manual_seed(2))])
+    last = len(signalling) * len(random16)  # the signalling NaNs' elements come last
+    values, random16 = (values[:, None].expand(-1, len(random16)).reshape(-1),
+                        random16[None, :].expand(len(values), -1).reshape(-1))
+    size = 1 << (len(values) - 1).bit_length()  # tl.arange wants a power of two
+    padded = torch.zeros(size, dtype=torch.float32)
+    padded[:len(values)] = values
+    bits = torch.zeros(size, dtype=torch.int32)
+    bits[:len(values)] = random16.to(torch.int32)
+    out = torch.empty(size, dtype=torch.bfloat16, device=device)
+    _stochastic_rounding_probe[(1,)](out, padded.to(device), bits.view(torch.uint32).to(device),
+                                     N=size)
+    expected = reference.stochastic_round_bf16(values, random16)
+    assert torch.equal(out[:len(values)].cpu().view(torch.int16), expected.view(torch.int16))
+    assert bool(expected[-last:].isnan().all())  # the signalling NaNs stay NaN
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_state_ignores_round_draw(device):
+    check_float32_state_ignores_round_draw(tb, device, torch.bfloat16)
+
+
+def test_state_dtype_validation():
+    check_rejects_mixed_state_dtypes(tb, "cpu")
+    st = prior_state(8, torch.float32, "cpu")
+    with pytest.raises(TypeError, match="momentum and hess must have the same dtype, got "
+                                        "torch.bfloat16 and torch.float32"):
+        run_prior_op(tb, "update", {**st, "momentum": st["momentum"].to(torch.bfloat16)}, {},
+                     offset=0)
+    with pytest.raises(TypeError, match="momentum and hess in float32 or bfloat16 "
+                                        ".state_dtype., got torch.float16"):
+        run_prior_op(tb, "sample", {**st, "hess": st["hess"].half()}, {}, offset=0)
+    with pytest.raises(TypeError, match="mean and the averages in float32, got torch.bfloat16"):
+        run_prior_op(tb, "update", {**st, "avg_grad": st["avg_grad"].to(torch.bfloat16)}, {},
+                     offset=0, count=2)
+    with pytest.raises(ValueError, match="round_draw must be in"):
+        run_prior_op(tb, "update", st, {}, offset=0, round_draw=-1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Rounding of bf16 / fp16 params
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
@@ -758,7 +878,7 @@ def _record_launches(monkeypatch, run_kernels=True):
     return launches
 
 
-def _launch_every_op(device, dtype=torch.float32):
+def _launch_every_op(device, dtype=torch.float32, bf16_state=True):
     n = 37
     mean, momentum, hess, avg_grad, avg_term = make_state(n, device)
     grad, param = make_grad(n, dtype, device), torch.empty(n, dtype=dtype, device=device)
@@ -781,16 +901,30 @@ def _launch_every_op(device, dtype=torch.float32):
     tb.update(param, grad, mean, momentum, hess, avg_grad, avg_term, seed=BIG_SEED, offset=3,
               draw=2, next_draw=3, count=2, hess_approx="price", scalars=update_scalars(0.1),
               prior_mean=0.5 * mean, prior_precision=precision)
+    if not bf16_state:
+        return
+    # bf16 momentum / hess (the widening loads, the rounding bits, the stochastic rounding)
+    momentum16, hess16 = momentum.to(torch.bfloat16), hess.to(torch.bfloat16)
+    tb.sample(param, mean, hess16, draw=1, **common)
+    tb.accumulate(grad, hess16, avg_grad, avg_term, draw=1, count=2, hess_approx="price",
+                  **common)
+    tb.update(param, grad, mean, momentum16, hess16, avg_grad, avg_term, seed=BIG_SEED,
+              offset=3, draw=2, next_draw=3, count=2, hess_approx="price",
+              scalars=update_scalars(0.1), found_inf=one(0.0, device), round_draw=4,
+              device_draws=torch.tensor([2, 3], dtype=torch.int64, device=device))
+    # without noise ('gradsq', no next sample): Philox only for bf16 state's rounding bits
+    for state in ((momentum, hess), (momentum16, hess16)):
+        tb.update(param, grad, mean, *state, avg_grad, avg_term, seed=BIG_SEED, offset=3, draw=2,
+                  count=2, hess_approx="gradsq", scalars=update_scalars(0.1), round_draw=4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_launch_turns_fp_contraction_off(device, monkeypatch):
     launches = _record_launches(monkeypatch)
     _launch_every_op(device)
-    assert [name for name, _, _ in launches] == ["_sample_kernel", "_accumulate_kernel",
-                                                 "_update_kernel", "_update_kernel",
-                                                 "_sample_kernel", "_accumulate_kernel",
-                                                 "_update_kernel"]
+    ops = ["_sample_kernel", "_accumulate_kernel", "_update_kernel"]
+    assert [name for name, _, _ in launches] == (ops + ["_update_kernel"] + ops + ops
+                                                 + ["_update_kernel"] * 2)
     for name, _, kwargs in launches:
         assert kwargs.get("enable_fp_fusion") is False, name
 
@@ -808,8 +942,8 @@ def compile_launches_for_sm90():
             setattr(obj, name, value)
 
     launches = _record_launches(_Patch(), run_kernels=False)
-    for dtype in (torch.float32, torch.bfloat16):
-        _launch_every_op("cpu", dtype)
+    for dtype in (torch.float32, torch.bfloat16):  # bf16 state once: compiles cost
+        _launch_every_op("cpu", dtype, bf16_state=dtype == torch.bfloat16)
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     type_names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
@@ -828,6 +962,7 @@ def compile_launches_for_sm90():
         source = ASTSource(kernel, signature, constexprs)
         return triton.compile(source, target=target, options=options).asm["ptx"]
 
+    checked_philox = set()
     for name, args, kwargs in launches:
         kernel = getattr(tb, name)
         values = dict(zip(kernel.arg_names, args))
@@ -837,10 +972,18 @@ def compile_launches_for_sm90():
         assert set(options) <= set(backend.parse_options(options).__dict__), options
         # contracted multiply-adds of the kernel's own arithmetic appear as fma.rn.f32; the
         # fmas libdevice's log / sin / cos write on purpose are fma.rn.ftz.f32
-        assert not re.search(r"\bfma\.rn\.f32\b", ptx_of(kernel, values, options)), name
+        ptx = ptx_of(kernel, values, options)
+        assert not re.search(r"\bfma\.rn\.f32\b", ptx), name
+        if name == "_update_kernel" and not (values["PRICE"] or values["RESAMPLE"]):
+            # no noise: Philox (its mul.hi.u32) runs only for bf16 state's rounding bits; fp32
+            # state compiles to the kernel it was before bf16 state existed
+            bf16_state = values["momentum_ptr"].dtype == torch.bfloat16
+            assert bool(re.search(r"\bmul\.hi\.u32\b", ptx)) == bf16_state, values
+            checked_philox.add(bf16_state)
         if name == "_update_kernel":  # with contraction the update has fmas: the check can fail
             contracted = dict(options, enable_fp_fusion=True)
             assert re.search(r"\bfma\.rn\.f32\b", ptx_of(kernel, values, contracted))
+    assert checked_philox == {False, True}
 
 
 def test_gpu_code_has_no_contracted_fma():
