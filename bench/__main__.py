@@ -329,16 +329,27 @@ def kernel_backends(args, device: torch.device, dtype: torch.dtype, notes: list)
     else:  # the backends that can serve this device (Triton on CPU is the interpreter: no perf)
         wanted = ["cuda", "triton", "reference"] if device.type == "cuda" else [
             device.type, "reference"]
-    names = []
-    for name in wanted:
-        reason = (backends.unavailable_reason(name, device, dtype) if name in backends.BACKENDS
-                  else f"unknown backend; choose from {', '.join(backends.BACKENDS)}")
-        if reason is None:
-            names.append(name)
+
+    def reason(name):
+        if name not in backends.BACKENDS:
+            return f"unknown backend; choose from {', '.join(backends.BACKENDS)}"
+        return backends.unavailable_reason(name, device, dtype)
+
+    return _usable(wanted, reason, dtype, "skipped", notes)
+
+
+def _usable(names: list, reason, dtype: torch.dtype, passed_over: str, notes: list) -> list:
+    """Those of ``names`` for which ``reason(name)`` is None; each other gets the note "backend
+    NAME (DTYPE): ``passed_over`` (the reason's first line)"."""
+    usable = []
+    for name in names:
+        why = reason(name)
+        if why is None:
+            usable.append(name)
         else:
-            notes.append(f"backend {name} ({dtype_name(dtype)}): skipped "
-                         f"({reason.splitlines()[0]})")
-    return names
+            notes.append(f"backend {name} ({dtype_name(dtype)}): {passed_over} "
+                         f"({why.splitlines()[0]})")
+    return usable
 
 
 def bf16_state_backends(args, device: torch.device, dtype: torch.dtype, names: list,
@@ -348,15 +359,8 @@ def bf16_state_backends(args, device: torch.device, dtype: torch.dtype, names: l
     --state-dtypes leaves bfloat16 out. A backend without bf16 state gets a note, no row."""
     if torch.bfloat16 not in wanted_state_dtypes(args):
         return []
-    found = []
-    for name in names:
-        reason = backends.unavailable_reason(name, device, dtype, state_dtype=torch.bfloat16)
-        if reason is None:
-            found.append(name)
-        else:
-            notes.append(f"backend {name} ({dtype_name(dtype)}): no bf16-state row "
-                         f"({reason.splitlines()[0]})")
-    return found
+    return _usable(names, lambda name: backends.unavailable_reason(
+        name, device, dtype, state_dtype=torch.bfloat16), dtype, "no bf16-state row", notes)
 
 
 def ivon_kinds(args, name: str, bf16_names=()) -> list:

@@ -44,11 +44,10 @@ def resolve_backend(choice: str, device, dtype: torch.dtype, low_precision: torc
     """The concrete backend of a bucket of ``dtype`` params on ``device`` whose momentum and hess
     are ``low_precision`` (IVON's ``state_dtype``; ``backends.resolve``): 'auto' takes the
     fastest backend that implements that state dtype, an explicit backend that does not is a
-    ValueError. float64 params keep float64 state (``moment_dtype``) and resolve as with float32
-    state (the reference takes them, no kernel does)."""
-    resolved = moment_dtype(dtype, low_precision)
+    ValueError. float64 params keep float64 state (``moment_dtype``) whatever ``low_precision``
+    says, and resolve as with float32 state (the reference takes them, no kernel does)."""
     return backends.resolve(choice, device, dtype,
-                            torch.float32 if resolved == torch.float64 else resolved)
+                            torch.float32 if dtype == torch.float64 else low_precision)
 
 
 @dataclass

@@ -581,7 +581,7 @@ MUTATIONS = [
              ("tests/test_fsdp.py", "-k", "equals_unsharded or round_trip")),
     Mutation("backend-resolved-without-the-state-dtype", LAYOUT,
              "    return backends.resolve(choice, device, dtype,\n"
-             "                            torch.float32 if resolved == torch.float64 else resolved)\n",
+             "                            torch.float32 if dtype == torch.float64 else low_precision)\n",
              "    return backends.resolve(choice, device, dtype)\n",
              ("tests/test_state_dtype.py", "-k", "auto_takes or refused_before")),
 ]

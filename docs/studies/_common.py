@@ -66,6 +66,23 @@ def write_json(path: Path, record: dict, compact: bool = False) -> None:
         file.write("\n")
 
 
+def save(args, study: str, fig, results: dict, *, dpi: int = 110, compact: bool = False) -> dict:
+    """Write a study's figure and record into ``args.out``: ``<study>.png`` (``fig``, then closed)
+    and ``<study>.json``, which holds the study's name, its arguments and ``environment()``
+    before ``results``. Returns the record."""
+    import matplotlib.pyplot as plt
+
+    png, path = args.out / f"{study}.png", args.out / f"{study}.json"
+    fig.savefig(png, dpi=dpi)
+    plt.close(fig)
+    record = {"study": study, "args": {k: (str(v) if isinstance(v, Path) else v)
+                                       for k, v in vars(args).items()},
+              "environment": environment(), **results}
+    write_json(path, record, compact=compact)
+    print(f"\nwrote {png} and {path}")
+    return record
+
+
 def markdown_table(headers: list, rows: list) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -179,21 +196,30 @@ def cosine(base: float, step: int, total: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
-def train_adamw(model, x, y, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
-                seed: int):
-    """AdamW with a cosine learning-rate decay; returns the model (trained in place)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+def cosine_batches(opt, x, y, *, epochs: int, batch_size: int, lr: float, seed: int):
+    """The minibatches of ``epochs`` epochs (shuffled by a generator seeded with ``seed``), each
+    after setting every group's lr to its cosine decay from ``lr``: the schedule and batches both
+    optimizers train with."""
     g = torch.Generator().manual_seed(seed)
     total, step = epochs * math.ceil(len(y) / batch_size), 0
-    model.train()
     for _ in range(epochs):
         for xb, yb in batches(x, y, batch_size, g):
             for group in opt.param_groups:
                 group["lr"] = cosine(lr, step, total)
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
+            yield xb, yb
             step += 1
+
+
+def train_adamw(model, x, y, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
+                seed: int):
+    """AdamW with a cosine learning-rate decay; returns the model (trained in place)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    for xb, yb in cosine_batches(opt, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
+                                 seed=seed):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
     return model
 
 
@@ -208,19 +234,14 @@ def train_ivon(model, x, y, *, epochs: int, batch_size: int, lr: float, weight_d
 
     opt = IVON(model.parameters(), lr=lr, ess=float(ess or len(y)), hess_init=hess_init,
                beta2=beta2, weight_decay=weight_decay, mc_samples=mc_samples, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    total, step = epochs * math.ceil(len(y) / batch_size), 0
     model.train()
-    for _ in range(epochs):
-        for xb, yb in batches(x, y, batch_size, g):
-            for group in opt.param_groups:
-                group["lr"] = cosine(lr, step, total)
-            for _ in range(mc_samples):
-                with opt.sampled_params(train=True):
-                    opt.zero_grad()
-                    torch.nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
-            step += 1
+    for xb, yb in cosine_batches(opt, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
+                                 seed=seed):
+        for _ in range(mc_samples):
+            with opt.sampled_params(train=True):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
     return opt
 
 

@@ -567,23 +567,14 @@ def main(argv=None):
                       "1/sqrt(ess (h + weight decay)))")
     axes[3].legend(fontsize=8)
     fig.tight_layout()
-    png = args.out / "bf16_state.png"
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
     def plain(result):
         return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in result.items()}
 
-    record = {"study": "bf16_state",
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "environment": _common.environment(),
-              "blr": {"results": {arm: plain(r) for arm, r in results.items()},
-                      "paired": blr_record["paired"], "predicted": blr_record["predicted"]},
-              "lm": {"data": lm_record["data"], "runs": lm_record["runs"]},
-              "table": report}
-    _common.write_json(args.out / "bf16_state.json", record, compact=True)
-    print(f"\nwrote {png} and {args.out / 'bf16_state.json'}")
-    return record
+    return _common.save(args, "bf16_state", fig, {
+        "blr": {"results": {arm: plain(r) for arm, r in results.items()},
+                "paired": blr_record["paired"], "predicted": blr_record["predicted"]},
+        "lm": {"data": lm_record["data"], "runs": lm_record["runs"]}, "table": report},
+        dpi=100, compact=True)
 
 
 if __name__ == "__main__":

@@ -317,18 +317,10 @@ def main(argv=None):
     handles, labels = axes[2].get_legend_handles_labels()
     axes[2].legend(handles[::-1], labels[::-1], fontsize=7)   # in the table's order
     fig.tight_layout()
-    png = args.out / "blr.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-    record = {"study": "blr", "args": {k: (str(v) if isinstance(v, Path) else v)
-                                       for k, v in vars(args).items()},
-              "environment": _common.environment(), "runs": runs, "bitwise": bitwise,
-              "predicted_sigma_rel_err_rms": predicted, "ablation": ablation,
-              "marginal_over_diagonal_sigma": ratio.tolist(), "table": report}
-    _common.write_json(args.out / "blr.json", record, compact=True)
-    print(f"\nwrote {png} and {args.out / 'blr.json'}")
-    return record
+    return _common.save(args, "blr", fig, {
+        "runs": runs, "bitwise": bitwise, "predicted_sigma_rel_err_rms": predicted,
+        "ablation": ablation, "marginal_over_diagonal_sigma": ratio.tolist(), "table": report},
+        compact=True)
 
 
 if __name__ == "__main__":

@@ -234,19 +234,10 @@ def main(argv=None):
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
     fig.tight_layout()
-    png = args.out / "calibration.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-    record = {"study": "calibration", "args": {k: (str(v) if isinstance(v, Path) else v)
-                                               for k, v in vars(args).items()},
-              "environment": _common.environment(), "seconds": timer.seconds,
-              "ivon_fixed": IVON_FIXED, "grids": {"adamw": ADAMW_GRID, "ivon": IVON_GRID},
-              "tuning": tuning, "results": results,
-              "ivon_hess_last_seed": {name(*key): v for key, v in hess.items()}, "table": report}
-    _common.write_json(args.out / "calibration.json", record)
-    print(f"\nwrote {png} and {args.out / 'calibration.json'}")
-    return record
+    return _common.save(args, "calibration", fig, {
+        "seconds": timer.seconds, "ivon_fixed": IVON_FIXED,
+        "grids": {"adamw": ADAMW_GRID, "ivon": IVON_GRID}, "tuning": tuning, "results": results,
+        "ivon_hess_last_seed": {name(*key): v for key, v in hess.items()}, "table": report})
 
 
 if __name__ == "__main__":

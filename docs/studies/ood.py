@@ -191,18 +191,9 @@ def main(argv=None):
         ax.legend(fontsize=8)
     axes[0].set_ylabel("density (log scale)")
     fig.tight_layout()
-    png = args.out / "ood.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-    record = {"study": "ood", "args": {key: (str(v) if isinstance(v, Path) else v)
-                                       for key, v in vars(args).items()},
-              "environment": _common.environment(), "seconds": timer.seconds,
-              "grids": grids, "chosen": best, "results": results, "ivon_hess_last_seed": hess,
-              "table": report}
-    _common.write_json(args.out / "ood.json", record)
-    print(f"\nwrote {png} and {args.out / 'ood.json'}")
-    return record
+    return _common.save(args, "ood", fig, {
+        "seconds": timer.seconds, "grids": grids, "chosen": best, "results": results,
+        "ivon_hess_last_seed": hess, "table": report})
 
 
 if __name__ == "__main__":
