@@ -1,13 +1,39 @@
 """Microbenchmark: ivon_fast against torch.optim.AdamW and ivon-opt, per backend, size and shape.
 
-    python -m bench                     # the default sweep on the default device (cuda, else cpu)
+    python -m bench                     # the default sweep, sized to the device (cuda, else cpu)
     python -m bench --quick             # smoke test (tiny sizes, 3 rounds; files in a temp folder)
+    python -m bench --full              # the long sweep: every step kind, bf16 params too, and
+                                        # the reference backend (minutes on a CPU)
+    python -m bench --reference         # add the reference backend (up to --reference-max)
+    python -m bench --record            # keep the results in bench/results/ (date and device in
+                                        # the file names); without it they go to bench/out/
     python -m bench --sizes 16M,64M --shapes gpt2 --dtype bfloat16 --backends triton
+    python -m bench --kinds drop_in_step,drop_in_step_bf16_state   # pick the IVON step kinds
     python -m bench --host-only         # only the host cost against the tensor count
-    python -m bench --state-dtypes float32  # leave out the bf16-state rows
+
+The default sweep. On a CPU (about a minute on 2 cores): fp32 params, both model shapes, 1M, 4M
+and 16M params, the contenders users compare: AdamW(fused=True), AdamW(foreach=True), the C++
+kernel's drop-in step and official iteration, and ivon-opt's official iteration. On a GPU (a few
+minutes): fp32 and bf16 params, both shapes, 1M to 256M params (the GPU targets are judged at
+>= 64M), every step kind of every GPU backend, and ivon-opt up to 64M. It says first what it will
+time and about how long that takes (an estimate from the byte model below and the copy bandwidth
+it measures first), and at the end how long it took.
+
+Noise. Around each configuration's rounds the copy bandwidth is measured again (before and
+after), and on a CPU the share of the machine's CPU time other processes took meanwhile; a row
+whose copy bandwidth moved by more than 15%, whose rounds' interquartile range exceeds 10% of
+their median, or (CPU) during whose rounds other processes took more than 25% of the CPU time
+(bench/measure.py: ``BANDWIDTH_DRIFT_MAX``, ``SPREAD_MAX``, ``OTHERS_CPU_MAX``) was measured on a
+busy machine: its configuration is measured again (--retries, default 2, while the retries cost
+less than half the estimate), and a row still noisy is marked: "~" before its ratios and a
+``noisy`` column in the tables, ``"noisy": true`` with the reasons and the numbers in the JSON,
+hollow markers in the plots, and a closing warning that lists them. Host times are judged the
+same way (their spread and the CPU share), and a per-tensor host cost below its own noise is
+printed as such, never as a negative number.
 
 What is timed, like for like, in one process on one device (for every available backend; Triton
-only on GPUs, where it is not the interpreter; the reference backend up to --reference-max):
+only on GPUs, where it is not the interpreter; the reference backend with --reference or --full,
+up to --reference-max; the step kinds of --kinds):
   * the drop-in step, ``IVON(..., resample_on_step=True, skip_nonfinite=True).step()`` (the
     update fused with drawing the next sample, after the on-device check of the gradients for
     inf / NaN, docs/DESIGN.md section 11), against ``AdamW(fused=True).step()`` (the anchor of
@@ -17,13 +43,12 @@ only on GPUs, where it is not the interpreter; the reference backend up to --ref
     the two's ratios round by round);
   * the same drop-in step (checked) with ``state_dtype=torch.bfloat16`` ("bf16 state",
     docs/DESIGN.md section 16: bf16 momentum and Hessian, fp32 mean; 8 bytes of state per param,
-    AdamW's size, against 12), for each backend that implements bf16 state
-    (``backends.unavailable_reason(name, device, dtype, state_dtype=torch.bfloat16)`` is None;
-    the others get no such row, and a note says why); ``--state-dtypes`` picks the state dtypes
+    AdamW's size, against 12), for each backend timed (every backend implements bf16 state);
+    ``--state-dtypes`` picks the state dtypes
     timed (default float32,bfloat16: both). The JSON also keeps its median over the fp32-state
     drop-in step's ("x fp32 state", and the median of the two's ratios round by round). Its
-    target (issue 11; on a GPU at >= 64M params): <= 0.95x AdamW(fused=True), with state memory
-    equal to AdamW's (fp32 params); the summary's "# target" lines check it;
+    target (on a GPU at >= 64M fp32 params): <= 0.95x AdamW(fused=True), with state memory
+    equal to AdamW's; the summary's "# target" lines check it;
   * the official iteration, ``with opt.sampled_params(train=True): ...; opt.step()`` (sample,
     restore, update; ``skip_nonfinite=True``), against ivon-opt 0.1.3's official iteration (up to
     --ivon-opt-max).
@@ -83,8 +108,8 @@ Host cost against the tensor count (its own table, JSON key "host_cost" and a se
 *_host.png): the host time of one step() (as above: on CUDA the call with the device synchronized
 before it; on CPU the step over one-element tensors) for N = 30, 300, 3000 tensors of one element
 (--host-tensors; --quick: 300 only), for AdamW(fused=True) and, per backend, the checked and
-unchecked drop-in step and the official iteration, fp32 state (the reference backend up to
---reference-max tensors); alternated rounds (--host-rounds), min / median / max microseconds per
+unchecked drop-in step and the official iteration, fp32 state (those of --kinds; the reference
+backend up to --reference-max tensors); alternated rounds (--host-rounds), min / median / max microseconds per
 step, x AdamW, and microseconds per tensor: the slope of the medians between consecutive N (the
 headline: 300 to 3000). The target: with hundreds of tensors, IVON's host time at or below
 AdamW(fused=True)'s, and a per-tensor slope that does not make the step's Python work grow with
@@ -97,8 +122,10 @@ per tensor), state plus params and grads, and the peak transient memory of one s
 profiler's memory events; see bench/measure.py).
 
 Output: a progress bar (tqdm, on a terminal), the tables, a JSON record (device, versions, date,
-command, every row) and a PNG plot (matplotlib) of time and ratio against size, in bench/results/
-(--quick: a temporary folder) or --out. tqdm and matplotlib come with the ``bench`` extra
+command, every row, the noise verdicts, the estimate and the time taken) and two PNG plots
+(matplotlib): *_time.png, time against size per contender, and *_ratio.png, the ratio to
+AdamW(fused=True) with its spread; in bench/out/ (ignored by git; --quick: a temporary folder),
+bench/results/ with --record, or --out. tqdm and matplotlib come with the ``bench`` extra
 (``pip install -e '.[bench]'``); without them there is no bar or no plot, and a note says so.
 """
 from __future__ import annotations
@@ -127,7 +154,11 @@ from bench import measure, report
 from bench.measure import Contender
 from bench.shapes import SHAPES, describe, param_shapes
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")   # tracked: --record writes here
+OUT_DIR = os.path.join(HERE, "out")           # ignored by git: the default
+# the IVON step kinds the default CPU sweep times (--kinds; --quick, --full and GPUs: all)
+CPU_DEFAULT_KINDS = ("drop_in_step", "official_iteration")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 # the state dtypes --state-dtypes takes (IVON's ``state_dtype``: momentum and hess)
@@ -182,6 +213,14 @@ def bytes_per_element(kind: str, param_bytes: int) -> int:
 def state_dtype_of(kind: str) -> torch.dtype | None:
     """The momentum / hess dtype of an IVON kind (None for the others)."""
     return IVON_KINDS[kind][3] if kind in IVON_KINDS else None
+
+
+def wanted_kinds(args) -> list:
+    """The IVON kinds of --kinds (default: all of ``IVON_KINDS``)."""
+    text = getattr(args, "kinds", None)
+    if not text:
+        return list(IVON_KINDS)
+    return [kind for kind in IVON_KINDS if kind in {k.strip() for k in text.split(",")}]
 
 
 def wanted_state_dtypes(args) -> list:
@@ -326,9 +365,11 @@ def kernel_backends(args, device: torch.device, dtype: torch.dtype, notes: list)
     """The ivon_fast backends to time on ``device`` with ``dtype`` params."""
     if args.backends:
         wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
-    else:  # the backends that can serve this device (Triton on CPU is the interpreter: no perf)
-        wanted = ["cuda", "triton", "reference"] if device.type == "cuda" else [
-            device.type, "reference"]
+    else:  # the backends that can serve this device (Triton on CPU is the interpreter: no perf;
+        # the reference, the specification in plain torch, only with --reference: it is slow)
+        wanted = ["cuda", "triton"] if device.type == "cuda" else [device.type]
+        if getattr(args, "reference", False):
+            wanted.append("reference")
 
     def reason(name):
         if name not in backends.BACKENDS:
@@ -352,23 +393,18 @@ def _usable(names: list, reason, dtype: torch.dtype, passed_over: str, notes: li
     return usable
 
 
-def bf16_state_backends(args, device: torch.device, dtype: torch.dtype, names: list,
-                        notes: list) -> list:
-    """Those of ``names`` that time the drop-in step with bf16 state on ``device`` with ``dtype``
-    params (``backends.unavailable_reason(..., state_dtype=torch.bfloat16)`` is None); none when
-    --state-dtypes leaves bfloat16 out. A backend without bf16 state gets a note, no row."""
-    if torch.bfloat16 not in wanted_state_dtypes(args):
-        return []
-    return _usable(names, lambda name: backends.unavailable_reason(
-        name, device, dtype, state_dtype=torch.bfloat16), dtype, "no bf16-state row", notes)
+def bf16_state_backends(args, names: list) -> list:
+    """Those of ``names`` that time the drop-in step with bf16 state: all of them (every backend
+    implements it), none when --state-dtypes leaves bfloat16 out."""
+    return list(names) if torch.bfloat16 in wanted_state_dtypes(args) else []
 
 
 def ivon_kinds(args, name: str, bf16_names=()) -> list:
     """The IVON kinds timed for backend ``name``: the fp32-state ones when --state-dtypes has
     float32, the bf16-state drop-in step when it has bfloat16 and ``name`` is in
     ``bf16_names``."""
-    wanted = wanted_state_dtypes(args)
-    return [kind for kind in IVON_KINDS if state_dtype_of(kind) in wanted
+    wanted, kinds = wanted_state_dtypes(args), wanted_kinds(args)
+    return [kind for kind in kinds if state_dtype_of(kind) in wanted
             and (state_dtype_of(kind) == torch.float32 or name in bf16_names)]
 
 
@@ -376,41 +412,57 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def build_contenders(shapes, device, dtype, numel, args, names, notes, bf16_names=()) -> list:
-    """Every contender of one configuration; the CPU floor's probes last. ``bf16_names``: the
-    backends of ``names`` that also time the drop-in step with bf16 state."""
-    contenders = []
-    for mode in ("fused", "foreach"):
-        if mode == "foreach" and not args.foreach:
-            continue
-        try:
-            contenders.append(adamw_contender(shapes, device, dtype, mode))
-        except (RuntimeError, ValueError) as error:
-            if is_oom(error):
-                raise
-            note = f"AdamW({mode}=True) on {device.type} {dtype_name(dtype)}: {error}"
-            if note not in notes:
-                notes.append(note)
-    slow_rounds = max(2, args.rounds // 3)
+def planned_contenders(numel: int, device: torch.device, args, names: list,
+                       bf16_names=()) -> list:
+    """The (kind, backend) of every contender one configuration of ``numel`` params times, in
+    order: the AdamWs, the IVON kinds per backend, ivon-opt, and on CPU the floor's probes."""
+    planned = [("adamw_fused", None)] + ([("adamw_foreach", None)] if args.foreach else [])
     for name in names:
         if name == "reference" and numel > args.reference_max:
             continue
-        for mode in ivon_kinds(args, name, bf16_names):
-            contender = ivon_fast_contender(shapes, device, dtype, name, mode)
-            if name == "reference":  # the spec in plain torch: 50x to 200x AdamW on CPU
+        planned += [(kind, name) for kind in ivon_kinds(args, name, bf16_names)]
+    if args.ivon_opt and numel <= args.ivon_opt_max:
+        planned.append(("ivon_opt_iteration", None))
+    if device.type == "cpu" and args.floor:
+        planned += [("copy", None), ("noise", None)]
+    return planned
+
+
+def build_contenders(shapes, device, dtype, numel, args, names, notes, bf16_names=()) -> list:
+    """Every contender of one configuration (``planned_contenders``); the CPU floor's probes
+    last. ``bf16_names``: the backends of ``names`` that also time the drop-in step with bf16
+    state."""
+    contenders = []
+    slow_rounds = max(2, args.rounds // 3)
+    for kind, backend in planned_contenders(numel, device, args, names, bf16_names):
+        if kind.startswith("adamw_"):
+            mode = kind.split("_", 1)[1]
+            try:
+                contenders.append(adamw_contender(shapes, device, dtype, mode))
+            except (RuntimeError, ValueError) as error:
+                if is_oom(error):
+                    raise
+                note = f"AdamW({mode}=True) on {device.type} {dtype_name(dtype)}: {error}"
+                if note not in notes:
+                    notes.append(note)
+        elif kind in IVON_KINDS:
+            contender = ivon_fast_contender(shapes, device, dtype, backend, kind)
+            if backend == "reference":  # the spec in plain torch: 50x to 200x AdamW on CPU
                 contender.max_rounds, contender.warmup = 2, 1
             contenders.append(contender)
-    if args.ivon_opt and numel <= args.ivon_opt_max:
-        contender = ivon_opt_contender(shapes, device, dtype)
-        contender.max_rounds, contender.warmup = slow_rounds, 1
-        contenders.append(contender)
-    if device.type == "cpu" and args.floor:
-        numel = sum(math.prod(s) for s in shapes)
-        moved = bytes_per_element(FLOOR_KIND, dtype_bytes(dtype)) * numel
-        contenders.append(measure.copy_probe(moved, device))
-        noise = measure.noise_probe(numel, torch.get_num_threads())
-        if noise is not None:
-            contenders.append(noise)
+        elif kind == "ivon_opt_iteration":
+            contender = ivon_opt_contender(shapes, device, dtype)
+            contender.max_rounds, contender.warmup = slow_rounds, 1
+            contenders.append(contender)
+        elif kind == "copy":
+            count = sum(math.prod(s) for s in shapes)
+            moved = bytes_per_element(FLOOR_KIND, dtype_bytes(dtype)) * count
+            contenders.append(measure.copy_probe(moved, device))
+        elif kind == "noise":
+            noise = measure.noise_probe(sum(math.prod(s) for s in shapes),
+                                        torch.get_num_threads())
+            if noise is not None:
+                contenders.append(noise)
     return contenders
 
 
@@ -429,6 +481,167 @@ def footprint(numel: int, dtype: torch.dtype, args, names: list, bf16_names=()) 
     if args.ivon_opt and numel <= args.ivon_opt_max:
         per += 14 * p                                    # ivon-opt: 4P held, ~10P transient
     return int(1.15 * per * numel)
+
+
+# ------------------------------------------------------------------------------ the estimate
+
+# The time estimate (``estimate``) models one call of a contender as PACE times the time its bytes
+# (the byte model above) take to copy at the copy bandwidth measured at the start, plus
+# PER_TENSOR_US per tensor and CALL_US per call. PACE from quiet runs: on a 2-core VM the IVON
+# kernels are compute-bound (about 2x their bytes' copy time; the noise's share falls with more
+# cores, so the excess over 1 is scaled by 2 / threads), ivon-opt takes 15x to 25x, the reference
+# 100x to 200x; on a GPU the fused kernels reach most of the copy bandwidth.
+PACE = {
+    "cpu": {"adamw_fused": 1.0, "adamw_foreach": 2.5, "drop_in_step": 2.2,
+            "drop_in_step_unchecked": 2.0, "drop_in_step_bf16_state": 3.0,
+            "official_iteration": 1.8, "ivon_opt_iteration": 20.0, "reference": 150.0,
+            "copy": 1.0},
+    "cuda": {"adamw_fused": 1.3, "adamw_foreach": 2.0, "drop_in_step": 1.3,
+             "drop_in_step_unchecked": 1.3, "drop_in_step_bf16_state": 1.4,
+             "official_iteration": 1.5, "ivon_opt_iteration": 4.0, "reference": 10.0,
+             "copy": 1.0},
+}
+PER_TENSOR_US = {
+    "cpu": {"adamw_fused": 15, "adamw_foreach": 50, "ivon": 8, "official_iteration": 12,
+            "ivon_opt_iteration": 40, "reference": 1000},
+    "cuda": {"adamw_fused": 3, "adamw_foreach": 5, "ivon": 5, "official_iteration": 10,
+             "ivon_opt_iteration": 40, "reference": 150},
+}
+CALL_US = {"cpu": 20.0, "cuda": 40.0}
+# building a contender: random params and grads, then AdamW's first step or ivon_fast's flat
+# buffers, state and first sample (ns per param, ivon_fast / the others), and per tensor
+BUILD_NS_PER_PARAM = {"cpu": (65.0, 40.0), "cuda": (0.5, 0.3)}
+BUILD_US_PER_TENSOR = 30.0
+MEMORY_FIGURE_S = 0.03                            # the profiler around the memory figures' call
+FIRST_USE_S = {"triton": 3.0, "cuda": 0.3}        # per (backend, kind, dtype): compiling, JIT
+DRAW_NS_PER_PARAM = 2.1                           # one noise draw, one core (the CPU floor's probe)
+REPORT_S = 4.0                                    # tables, JSON and plots at the end
+
+
+def _call_seconds(kind: str, backend, numel: int, tensors: int, dtype: torch.dtype,
+                  device_type: str, copy_gbs: float, threads: int) -> float:
+    """The estimate of one call of contender (``kind``, ``backend``)."""
+    place = "cuda" if device_type == "cuda" else "cpu"
+    p = dtype_bytes(dtype)
+    if kind == "noise":
+        return DRAW_NS_PER_PARAM * numel / max(1, threads) * 1e-9
+    moved = (bytes_per_element(FLOOR_KIND, p) if kind == "copy" else
+             bytes_per_element(kind, p)) * numel
+    pace = PACE[place]["reference" if backend == "reference" else kind]
+    if place == "cpu":
+        pace = 1 + (pace - 1) * min(1.0, 2 / max(1, threads))
+    per_tensor = PER_TENSOR_US[place]
+    tensor_us = (0.0 if kind == "copy" else per_tensor.get(
+        "reference" if backend == "reference" else kind, per_tensor["ivon"]))
+    return pace * moved / (copy_gbs * 1e9) + (CALL_US[place] + tensor_us * tensors) * 1e-6
+
+
+CALIBRATION = ("gpt2", 256_000)  # the test step: fused AdamW over GPT-2's 148 tensors, 256K params
+
+
+def calibrate(device: torch.device, copy_gbs: float, threads: int) -> dict:
+    """How much slower than the estimate's model this machine runs now: one fused AdamW step
+    over ``CALIBRATION``'s params (per-call, per-tensor and per-byte costs together), its median
+    over 7 calls against ``_call_seconds``' prediction (clamped to 1..20: the model is a quiet
+    machine's, and a small step can beat it from the cache). A copy bandwidth already lowered by
+    a busy machine is in the prediction, so only the rest shows here."""
+    shape, numel = CALIBRATION
+    shapes = param_shapes(shape, numel)
+    contender = adamw_contender(shapes, device, torch.float32)
+    measure.run_rounds([contender], device, 7)
+    count = sum(math.prod(s) for s in shapes)
+    predicted = _call_seconds("adamw_fused", None, count, len(shapes), torch.float32,
+                              device.type, copy_gbs, threads)
+    measured = statistics.median(contender.seconds)
+    del contender
+    return {"test_step_s": measured, "predicted_s": predicted,
+            "scale": min(20.0, max(1.0, measured / predicted))}
+
+
+def estimate(plan: list, device: torch.device, args, names_of: dict, bf16_of: dict,
+             copy_gbs: float, threads: int | None = None, scale: float = 1.0) -> dict:
+    """About how long the run of ``plan`` takes after the first copy-bandwidth measurement, in
+    seconds: every configuration's rounds (warm-up, timed rounds, the memory figures' calls, the
+    copy-bandwidth readings around them), building its contenders, the host-cost section, and
+    the report; all of it times ``scale`` (``calibrate``: 1 on a machine as fast as the model).
+    Retries of noisy configurations come on top (``retry_budget``)."""
+    threads = threads or torch.get_num_threads()
+    place = "cuda" if device.type == "cuda" else "cpu"
+    total_rounds = args.rounds
+    configs, seen_first, host_tables = [], set(), set()
+    probe_numel = bandwidth_probe_numel(args, device)
+    probe_s = 2 * 6 * 8 * probe_numel / (copy_gbs * 1e9)
+    for dtype, shape, numel in plan:
+        shapes = param_shapes(shape, numel, args.tensors)
+        count, tensors = sum(math.prod(s) for s in shapes), len(shapes)
+        seconds = probe_s
+        planned = planned_contenders(numel, device, args, names_of[dtype], bf16_of[dtype])
+        for kind, backend in planned:
+            call = _call_seconds(kind, backend, count, tensors, dtype, device.type, copy_gbs,
+                                 threads)
+            if backend == "reference":
+                calls = 1 + min(2, total_rounds)
+            elif kind == "ivon_opt_iteration":
+                calls = 1 + min(max(2, total_rounds // 3), total_rounds)
+            else:
+                calls = 2 + total_rounds
+            if args.memory and kind not in ("copy", "noise"):
+                calls += 2 if place == "cpu" else 1
+                seconds += MEMORY_FIGURE_S
+            seconds += calls * call
+            if kind not in ("copy", "noise"):
+                build = BUILD_NS_PER_PARAM[place][0 if kind in IVON_KINDS else 1]
+                seconds += build * count * 1e-9 + BUILD_US_PER_TENSOR * tensors * 1e-6
+                if (kind, backend, dtype) not in seen_first and place == "cuda":
+                    seen_first.add((kind, backend, dtype))
+                    seconds += FIRST_USE_S.get(backend, 0.0)
+        if place == "cpu" and (dtype, shape) not in host_tables:  # the per-shape host column
+            host_tables.add((dtype, shape))
+            inner = 5 if args.quick else 20
+            for kind, backend in planned:
+                if kind in ("copy", "noise"):
+                    continue
+                call = _call_seconds(kind, backend, tensors, tensors, dtype, device.type,
+                                     copy_gbs, threads)
+                seconds += (3 + max(3, args.rounds) * inner) * call
+        configs.append(((dtype, shape, numel), seconds))
+    host = 0.0
+    host_dtype = host_dtype_of(args, names_of)
+    for count in args.host_tensors:
+        kinds = [("adamw_fused", None)] + [
+            (kind, name) for name in names_of.get(host_dtype, [])
+            if name != "reference" or count <= args.reference_max
+            for kind in host_kinds(args)]
+        for kind, backend in kinds:
+            call = _call_seconds(kind, backend, count, count, host_dtype, device.type, copy_gbs,
+                                 threads)
+            inner = max(1, min(50, math.ceil(2e-3 / call)))
+            host += BUILD_US_PER_TENSOR * count * 1e-6 + 6 * call
+            host += args.host_rounds * inner * call
+    sweep_s = scale * sum(seconds for _, seconds in configs)
+    host *= scale
+    return {"seconds": sweep_s + host + (REPORT_S if args.save else 0.0), "sweep_s": sweep_s,
+            "host_s": host, "copy_gbs": copy_gbs, "threads": threads, "scale": scale,
+            "configs": [{"dtype": dtype_name(d), "shape": sh, "size": n,
+                         "seconds": scale * sec} for (d, sh, n), sec in configs]}
+
+
+def host_dtype_of(args, names_of: dict) -> torch.dtype:
+    """The param dtype of the host-cost section: float32 if timed, else the first of --dtype."""
+    return torch.float32 if torch.float32 in names_of else DTYPES[args.dtype.split(",")[0].strip()]
+
+
+def retry_budget(estimated: float) -> float:
+    """Seconds the retries of noisy configurations may take in all."""
+    return max(measure.RETRY_MIN_SECONDS, measure.RETRY_TIME_SHARE * estimated)
+
+
+def bandwidth_probe_numel(args, device: torch.device) -> int:
+    """fp32 elements of the copy-bandwidth reading around each configuration: a quarter of the
+    start's probe (--copy-size), at most 2^24 on a CPU (64 MB: past its last-level cache) and
+    2^26 on a GPU; it only has to compare the machine before and after."""
+    cap = 2**26 if device.type == "cuda" else 2**24
+    return max(1, min(cap, args.copy_numel // 4))
 
 
 def host_table_cpu(shape_count, device, dtype, args, names, sizes, bf16_names=()) -> dict:
@@ -483,41 +696,58 @@ HOST_METHOD = {
 }
 
 
+def host_kinds(args) -> list:
+    """The IVON kinds of the host-cost section: those of --kinds with fp32 state (bf16 state runs
+    the same Python)."""
+    return [kind for kind in wanted_kinds(args) if state_dtype_of(kind) == torch.float32]
+
+
 def host_cost_contenders(count: int, device, dtype, args, names) -> list:
     """The host-cost section's contenders at ``count`` one-element tensors: AdamW(fused=True)
-    and, per backend, the checked and unchecked drop-in step and the official iteration (fp32
-    state: bf16 state runs the same Python)."""
+    and, per backend, the IVON kinds of ``host_kinds`` (by default the checked and unchecked
+    drop-in step and the official iteration)."""
     shapes = [(1,)] * count
     contenders = [adamw_contender(shapes, device, dtype, "fused")]
     for name in names:
         if name == "reference" and count > args.reference_max:
             continue
         contenders += [ivon_fast_contender(shapes, device, dtype, name, mode)
-                       for mode in IVON_KINDS if state_dtype_of(mode) == torch.float32]
+                       for mode in host_kinds(args)]
     for contender in contenders:
         contender.warmup = 3
     return contenders
 
 
-def host_cost(device, dtype, args, names, progress) -> dict:
+def host_cost(device, dtype, args, names, progress, budget=None) -> dict:
     """The host-cost section: host microseconds of one step() against the tensor count, and the
-    slope (microseconds per tensor) between consecutive counts."""
+    slope (microseconds per tensor) between consecutive counts. A tensor count whose rounds
+    spread too widely (``measure.verdict``) is measured again, like a configuration of the
+    sweep; a slope smaller than its own noise (the two medians' interquartile ranges) is
+    reported as below the noise, never as a negative cost."""
     rows, slopes = [], []
     for count in args.host_tensors:
         progress.config(f"host cost: {count} tensors")
         contenders = host_cost_contenders(count, device, dtype, args, names)
         try:
-            measure.host_rounds(contenders, device, args.host_rounds, on_round=progress.advance)
+            attempts = measure_attempts(
+                contenders, args, budget, progress, f"host cost at {count} tensors",
+                lambda on_round: measure.host_rounds(contenders, device, args.host_rounds,
+                                                     on_round=on_round),
+                host=True)
             anchor = statistics.median(contenders[0].host_seconds)
             for contender in contenders:
                 low, mid, high = (s * 1e6 for s in measure.spread(contender.host_seconds))
+                noise = attempts["verdicts"][contender.label]
                 rows.append({
                     "tensors": count, "run": contender.label, "kind": contender.kind,
                     "backend": contender.backend, "rounds": len(contender.host_seconds),
                     "inner": contender.inner,
                     "times_us": [s * 1e6 for s in contender.host_seconds],
                     "min_us": low, "median_us": mid, "max_us": high,
-                    "ratio_vs_adamw": mid / (anchor * 1e6)})
+                    "iqr_us": measure.iqr(contender.host_seconds) * 1e6,
+                    "ratio_vs_adamw": mid / (anchor * 1e6),
+                    "noisy": noise["noisy"],
+                    "noise": {**noise, "attempts": attempts["attempts"]}})
         finally:
             del contenders
             release(device)
@@ -527,18 +757,62 @@ def host_cost(device, dtype, args, names, progress) -> dict:
         medians = {row["tensors"]: row for row in rows if row["run"] == run}
         for low, high in zip(counts, counts[1:]):
             if low in medians and high in medians:
-                slopes.append({
-                    "run": run, "kind": medians[low]["kind"], "backend": medians[low]["backend"],
-                    "from_tensors": low, "to_tensors": high,
-                    "us_per_tensor": (medians[high]["median_us"] - medians[low]["median_us"])
-                    / (high - low)})
+                slopes.append(host_slope(medians[low], medians[high]))
     return {"dtype": dtype_name(dtype), "tensors": args.host_tensors, "elements_per_tensor": 1,
             "rounds": args.host_rounds, "method": HOST_METHOD.get(device.type, HOST_METHOD["cpu"]),
             "rows": rows, "slopes": slopes}
 
 
-def config_rows(contenders, size, dtype, shape, shapes, copy_gbs, host_ms) -> list:
-    """The rows of one configuration (``size`` requested, the shapes' count timed)."""
+def host_slope(low: dict, high: dict) -> dict:
+    """Microseconds per tensor between two host-cost rows of one contender: the difference of
+    the medians over the difference of the tensor counts. Its noise is the sum of the two rows'
+    interquartile ranges (per tensor); a difference not above it (negative ones included) is
+    "below the noise" (``below_noise``, and the tables print "<" the noise, not the value);
+    ``us_per_tensor`` is never negative (clamped at 0; ``us_per_tensor_raw`` keeps the value)."""
+    span = high["tensors"] - low["tensors"]
+    raw = (high["median_us"] - low["median_us"]) / span
+    noise = (low.get("iqr_us", 0.0) + high.get("iqr_us", 0.0)) / span
+    below = raw <= noise
+    return {"run": low["run"], "kind": low["kind"], "backend": low["backend"],
+            "from_tensors": low["tensors"], "to_tensors": high["tensors"],
+            "us_per_tensor": max(0.0, raw), "us_per_tensor_raw": raw,
+            "us_per_tensor_noise": noise, "below_noise": below}
+
+
+def paired_ratios(seconds: list, anchor: list) -> dict:
+    """The ratio to the anchor round by round (the pair timed in the same round): quartiles
+    and extremes, for the plots' error bars."""
+    ratios = [s / a for s, a in zip(seconds, anchor) if a > 0]
+    if not ratios:
+        return {}
+    if len(ratios) >= 2:
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    else:
+        q1 = q3 = ratios[0]
+    return {"ratio_min": min(ratios), "ratio_q1": q1, "ratio_q3": q3, "ratio_max": max(ratios)}
+
+
+def row_noise(contender, anchor, attempts: dict | None) -> dict:
+    """A row's noise verdict: its own (``measure.verdict`` of the kept attempt) and, as every
+    ratio is taken against it, the anchor's."""
+    if not attempts:
+        return {"noisy": False, "noise": None}
+    verdicts = attempts["verdicts"]
+    own = verdicts.get(contender.label) or measure.verdict(contender.seconds)
+    reasons = list(own["reasons"])
+    anchor_verdict = verdicts.get(anchor.label) if anchor is not None else None
+    if anchor is not contender and anchor_verdict and anchor_verdict["noisy"]:
+        if any(r not in reasons for r in anchor_verdict["reasons"]):  # its own row says why
+            reasons.append(f"its anchor, {anchor.label}, is noisy")
+    return {"noisy": bool(reasons),
+            "noise": {**own, "noisy": bool(reasons), "reasons": reasons,
+                      "attempts": attempts["attempts"], "attempt_used": attempts["used"]}}
+
+
+def config_rows(contenders, size, dtype, shape, shapes, copy_gbs, host_ms,
+                attempts: dict | None = None) -> list:
+    """The rows of one configuration (``size`` requested, the shapes' count timed);
+    ``attempts``: what ``measure_attempts`` returned (the noise verdicts)."""
     p = dtype_bytes(dtype)
     numel = sum(math.prod(s) for s in shapes)
     by_kind = {c.kind: c for c in contenders}
@@ -593,6 +867,8 @@ def config_rows(contenders, size, dtype, shape, shapes, copy_gbs, host_ms) -> li
             "floor_ms": floor_ms, "floor_memory_ms": floor_memory, "floor_draw_ms": draw_ms,
             "floor_draws": DRAWS.get(contender.kind), "floor_overlap_ms": floor_overlap,
             "floor_ratio": mid / floor_ms if floor_ms else None,
+            **(paired_ratios(contender.seconds, anchor.seconds) if anchor else {}),
+            **row_noise(contender, anchor, attempts),
         })
     return rows
 
@@ -632,6 +908,13 @@ class Progress:
             self.bar.set_description(text)
         elif self.enabled:
             print(f"# [{time.time() - self.started:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    def extend(self, count: int) -> None:
+        """``count`` more steps than planned (a noisy configuration measured again)."""
+        self.total += count
+        if self.bar is not None:
+            self.bar.total += count
+            self.bar.refresh()
 
     def advance(self, count: int = 1) -> None:
         self.done += count
@@ -682,16 +965,89 @@ def versions() -> dict:
     return found
 
 
-def default_sizes(device: torch.device, quick: bool) -> str:
+def default_sizes(device: torch.device, quick: bool, full: bool = False) -> str:
+    """The sizes of the sweep: tiny with --quick; on a GPU up to 256M (the GPU targets are
+    judged at >= 64M; --full adds 4M); on a CPU 1M to 16M."""
     if quick:
         return "64K,256K"
-    return "1M,4M,16M,64M,256M" if device.type == "cuda" else "1M,4M,16M"
+    if device.type == "cuda":
+        return "1M,4M,16M,64M,256M" if full else "1M,16M,64M,256M"
+    return "1M,4M,16M"
+
+
+def device_slug(info: dict) -> str:
+    """The device in a file name: the GPU's name, or cpu, its model and thread count."""
+    if info["type"] == "cuda":
+        text = info.get("name", "cuda")
+    else:
+        model = " ".join(info.get("cpu", "").replace("(R)", "").replace("(TM)", "").split()[:3])
+        text = f"cpu {model} {info.get('threads', '')}t"
+    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split()) or "device"
+
+
+class RetryBudget:
+    """The seconds that re-measuring noisy configurations may take in all (``retry_budget``)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.spent, self.refused = seconds, 0.0, []
+
+    def take(self, cost: float, what: str) -> bool:
+        """Whether one more attempt costing about ``cost`` seconds fits; books it if so."""
+        if self.spent + cost > self.seconds:
+            self.refused.append(what)
+            return False
+        self.spent += cost
+        return True
+
+
+def measure_attempts(contenders: list, args, budget, progress, what: str, run_once,
+                     host: bool = False, probe=None, cpu_bound: bool = True) -> dict:
+    """Measure ``contenders`` with ``run_once(on_round)`` (their rounds), reading the copy
+    bandwidth with ``probe`` before and after, and (``cpu_bound``: times taken on the CPU) the
+    CPU time other processes took meanwhile; while some row is noisy (``measure.verdict`` of
+    its rounds, ``host_seconds`` if ``host``), measure again, up to --retries times while
+    ``budget`` allows. The steadiest attempt's times are kept in the contenders (``badness``:
+    fewest noisy rows, then the smallest excess). Returns the attempts made, the kept attempt's
+    verdicts per contender label and its bandwidth readings."""
+    timed = [c for c in contenders if not c.is_probe]
+    rounds = args.host_rounds if host else args.rounds
+    tries = []
+    for attempt in range(1 + max(0, args.retries)):
+        if attempt:
+            for contender in contenders:
+                contender.seconds, contender.host_seconds = [], []
+            progress.extend(rounds)
+        started = time.perf_counter()
+        before = probe.gbs() if probe is not None else None
+        cpu_before = measure.cpu_snapshot() if cpu_bound else None
+        run_once(progress.advance)
+        others = measure.others_share(cpu_before, measure.cpu_snapshot()) if cpu_bound else None
+        after = probe.gbs() if probe is not None else None
+        took = time.perf_counter() - started
+        verdicts = {c.label: measure.verdict(c.host_seconds if host else c.seconds, before, after,
+                                             others=others)
+                    for c in timed}
+        tries.append((measure.badness(list(verdicts.values())), attempt,
+                      [(list(c.seconds), list(c.host_seconds)) for c in contenders],
+                      verdicts, before, after))
+        if not any(v["noisy"] for v in verdicts.values()) or attempt == args.retries:
+            break
+        if budget is not None and not budget.take(took, what):
+            break
+        progress.config(f"{what}: noisy, measuring again ({attempt + 2} of {args.retries + 1})")
+    _, used, times, verdicts, before, after = min(tries, key=lambda item: item[:2])
+    for contender, (seconds, host_seconds) in zip(contenders, times):
+        contender.seconds, contender.host_seconds = seconds, host_seconds
+    return {"attempts": len(tries), "used": used + 1, "verdicts": verdicts,
+            "bandwidth_before_gbs": before, "bandwidth_after_gbs": after}
 
 
 def sweep(plan, device, args, names_of, copy, progress, rows, host_tables, notes,
-          bf16_of=None) -> None:
+          bf16_of=None, probe=None, budget=None) -> None:
     """Time every (dtype, shape, size) of ``plan``, appending to ``rows``. ``bf16_of``: per
-    dtype, the backends that also time the drop-in step with bf16 state."""
+    dtype, the backends that also time the drop-in step with bf16 state. ``probe``: the copy
+    bandwidth read around each configuration's rounds; a noisy configuration is measured again
+    (``measure_attempts``, within ``budget``)."""
     for index, (dtype, shape, numel) in enumerate(plan):
         shapes = param_shapes(shape, numel, args.tensors)
         names = names_of[dtype]
@@ -713,9 +1069,13 @@ def sweep(plan, device, args, names_of, copy, progress, rows, host_tables, notes
         try:
             contenders = build_contenders(shapes, device, dtype, numel, args, names, notes,
                                           bf16_names)
-            measure.run_rounds(contenders, device, args.rounds, on_round=on_round)
+            attempts = measure_attempts(
+                contenders, args, budget, progress, label,
+                lambda advance: measure.run_rounds(contenders, device, args.rounds,
+                                                   on_round=on_round if advance else None),
+                probe=probe, cpu_bound=device.type == "cpu")
             config = config_rows(contenders, numel, dtype, shape, shapes, copy["gbs_median"],
-                                 host_tables.get((dtype, shape), {}))
+                                 host_tables.get((dtype, shape), {}), attempts)
             if args.memory:
                 for row, contender in zip(config, [c for c in contenders if not c.is_probe]):
                     row["memory"] = measure.memory_of(contender, device, row["numel"])
@@ -724,7 +1084,7 @@ def sweep(plan, device, args, names_of, copy, progress, rows, host_tables, notes
             if not is_oom(error):
                 raise
             notes.append(f"{label}: out of memory ({str(error).splitlines()[0]})")
-            progress.advance(args.rounds - rounds_done[0])
+            progress.advance(max(0, args.rounds - rounds_done[0]))
         finally:
             del contenders
             release(device)
@@ -738,23 +1098,14 @@ def _on_sigterm(signum, frame):
     raise Interrupted()
 
 
-def run(args) -> dict:
-    """The whole sweep; returns the record (also what the JSON holds)."""
-    device = torch.device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+def plan_of(args, device: torch.device, notes: list) -> tuple:
+    """The configurations to time, (dtype, shape, numel) each, and per dtype the backends timed
+    and those that also time bf16 state: (plan, names_of, bf16_of)."""
     dtypes = [DTYPES[d.strip()] for d in args.dtype.split(",") if d.strip()]
     shapes_wanted = [s.strip() for s in args.shapes.split(",") if s.strip()]
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    notes: list = []
-    if args.ivon_opt and ivon_opt_version() is None:
-        notes.append("ivon-opt is not installed: no ivon-opt rows (pip install ivon-opt==0.1.3, "
-                     "part of the test extra)")
-        args.ivon_opt = False
     names_of = {dtype: kernel_backends(args, device, dtype, notes) for dtype in dtypes}
-    bf16_of = {dtype: bf16_state_backends(args, device, dtype, names_of[dtype], notes)
-               for dtype in dtypes}
-
+    bf16_of = {dtype: bf16_state_backends(args, names_of[dtype]) for dtype in dtypes}
     plan = []  # (dtype, shape, numel)
     if args.host_only:
         dtypes = []
@@ -776,28 +1127,118 @@ def run(args) -> dict:
             notes.append(f"{dtype_name(dtype)}: no bf16-state rows: of the backends timed only "
                          f"the reference has bf16 state, timed up to --reference-max "
                          f"{report._size(args.reference_max)}")
+    return plan, names_of, bf16_of
 
-    copy_numel = args.copy_size or (256 * 2**20 if device.type == "cuda"
-                                    else (32 if args.quick else 64) * 2**20)
-    copy = measure.copy_bandwidth(copy_numel, device, max(5, args.rounds))
+
+def contender_names(plan: list, device: torch.device, args, names_of: dict,
+                    bf16_of: dict) -> list:
+    """The contenders of ``plan`` in words, each once, with the sizes it stops at."""
+    seen: dict = {}
+    largest = max((n for _, _, n in plan), default=0)
+    for dtype, _, numel in plan:
+        for kind, backend in planned_contenders(numel, device, args, names_of[dtype],
+                                                bf16_of[dtype]):
+            if kind in ("copy", "noise"):
+                seen.setdefault("probes", "the CPU floor's copy and noise probes")
+                continue
+            if kind.startswith("adamw_"):
+                name = f"AdamW({kind.split('_', 1)[1]}=True)"
+            elif kind == "ivon_opt_iteration":
+                name = "ivon-opt official iteration"
+                if args.ivon_opt_max < largest:
+                    name += f" (up to --ivon-opt-max {report._size(args.ivon_opt_max)})"
+            else:
+                name = f"ivon_fast[{backend}] {IVON_KINDS[kind][2]}"
+                if backend == "reference" and args.reference_max < largest:
+                    name += f" (up to --reference-max {report._size(args.reference_max)})"
+            seen.setdefault((kind, backend), name)
+    probes = seen.pop("probes", None)
+    return list(seen.values()) + ([probes] if probes else [])
+
+
+def plan_lines(plan: list, device: torch.device, args, names_of: dict, bf16_of: dict,
+               estimated: dict, copy: dict) -> list:
+    """What the run will time and about how long it takes, said before it starts."""
+    lines = []
+    threads = estimated["threads"]
+    if plan:
+        dtypes = list(dict.fromkeys(dtype_name(d) for d, _, _ in plan))
+        shapes = list(dict.fromkeys(s for _, s, _ in plan))
+        sizes = [report._size(n) for n in sorted({n for _, _, n in plan})]
+        lines.append(f"# plan: {device.type} ({threads} threads): {', '.join(dtypes)} params; "
+                     f"shapes {', '.join(shapes)}; sizes {', '.join(sizes)}: {len(plan)} "
+                     f"configurations x {args.rounds} rounds")
+        lines.append("# contenders: " + ", ".join(contender_names(plan, device, args, names_of,
+                                                                   bf16_of)))
+    if args.host_tensors:
+        lines.append(f"# host cost: {', '.join(map(str, args.host_tensors))} one-element tensors "
+                     f"x {args.host_rounds} rounds")
+    retry = retry_budget(estimated["seconds"])
+    scale = estimated.get("scale", 1.0)
+    pace = (f", a test step {scale:.1f}x the model's time" if abs(scale - 1) > 0.25 else "")
+    lines.append(f"# estimate: about {estimated['seconds']:.0f} s (the byte model at the copy "
+                 f"bandwidth measured now, {copy['gbs_median']:.1f} GB/s{pace}); a configuration "
+                 f"measured on a busy machine is measured again (--retries {args.retries}), for "
+                 f"at most {retry:.0f} s more")
+    others = estimated.get("cpu_others_at_start")
+    if others is not None and others > measure.OTHERS_CPU_MAX:
+        lines.append(f"# busy machine: other processes took {100 * others:.0f}% of its CPU time "
+                     "while the copy bandwidth was measured; expect a longer run than estimated "
+                     "and rows flagged as noisy")
+    if not (args.full or args.quick):
+        lines.append("# more: --full (every step kind, bf16 params, the reference backend), "
+                     "--reference, --sizes, --kinds; python -m bench --help")
+    return lines
+
+
+def run(args) -> dict:
+    """The whole sweep; returns the record (also what the JSON holds)."""
+    started = getattr(args, "started", None) or time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    notes: list = []
+    if args.ivon_opt and ivon_opt_version() is None:
+        notes.append("ivon-opt is not installed: no ivon-opt rows (pip install ivon-opt==0.1.3, "
+                     "part of the test extra)")
+        args.ivon_opt = False
+    plan, names_of, bf16_of = plan_of(args, device, notes)
+
+    cpu_start = measure.cpu_snapshot()
+    copy = measure.copy_bandwidth(args.copy_numel, device, max(5, args.rounds))
     release(device)
+    threads = torch.get_num_threads()
+    calibration = calibrate(device, copy["gbs_median"], threads)
+    estimated = estimate(plan, device, args, names_of, bf16_of, copy["gbs_median"], threads,
+                         calibration["scale"])
+    estimated["calibration"] = calibration
+    estimated["cpu_others_at_start"] = measure.others_share(cpu_start, measure.cpu_snapshot())
+    for line in plan_lines(plan, device, args, names_of, bf16_of, estimated, copy):
+        print(line, flush=True)
+    budget = RetryBudget(retry_budget(estimated["seconds"]))
+    probe = measure.BandwidthProbe(bandwidth_probe_numel(args, device), device) if plan else None
     host_passes = {(d, s) for d, s, _ in plan} if device.type == "cpu" else set()
-    host_dtype = DTYPES[args.dtype.split(",")[0].strip()]
-    host_dtype = torch.float32 if torch.float32 in names_of else host_dtype
+    host_dtype = host_dtype_of(args, names_of)
     host_rounds = len(args.host_tensors) * args.host_rounds
     progress = Progress(len(plan) * args.rounds + len(host_passes) + host_rounds, args.progress,
                         notes)
     rows, host_tables, interrupted, host = [], {}, False, None
     try:
         if args.host_tensors:  # first: short, and kept when a timeout stops the sweep
-            host = host_cost(device, host_dtype, args, names_of[host_dtype], progress)
-        sweep(plan, device, args, names_of, copy, progress, rows, host_tables, notes, bf16_of)
+            host = host_cost(device, host_dtype, args, names_of[host_dtype], progress, budget)
+        sweep(plan, device, args, names_of, copy, progress, rows, host_tables, notes, bf16_of,
+              probe, budget)
     except (KeyboardInterrupt, Interrupted) as stop:
         done = len({report.config_key(row) for row in rows})
         notes.append(f"interrupted ({type(stop).__name__}) after {done} of {len(plan)} "
                      "configurations: the record holds those")
         interrupted = True
     progress.close()
+    del probe
+    release(device)
+    if budget.refused:
+        notes.append(f"not measured again, the retries' time ({budget.seconds:.0f} s) being "
+                     f"spent: {', '.join(budget.refused)}")
     argv = getattr(args, "argv", None)
     command = "python -m bench" + (" " + shlex.join(argv) if argv else "")
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -805,42 +1246,64 @@ def run(args) -> dict:
         "tool": "python -m bench", "command": command,
         "date": now.strftime("%Y-%m-%d %H:%M:%S UTC"), "stamp": now.strftime("%Y-%m-%d_%H%M%S"),
         "device": device_info(device), "versions": versions(),
-        "args": {k: v for k, v in vars(args).items() if k != "argv"},
+        "args": {k: v for k, v in vars(args).items() if k not in ("argv", "started")},
         "copy_bandwidth": copy, "notes": notes, "interrupted": interrupted,
         "methods": {"timing": measure.__doc__, "bench": __doc__}, "rows": rows,
         "host_cost": host,
+        "noise_limits": {"bandwidth_drift_max": measure.BANDWIDTH_DRIFT_MAX,
+                         "spread_max": measure.SPREAD_MAX,
+                         "cpu_others_max": measure.OTHERS_CPU_MAX,
+                         "spread_min_rounds": measure.SPREAD_MIN_ROUNDS,
+                         "retries": args.retries},
+        "timing": {"estimate_s": estimated["seconds"], "estimate": estimated,
+                   "retry_budget_s": budget.seconds, "retries_s": budget.spent,
+                   "elapsed_s": time.perf_counter() - started},
     }
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with the defaults that depend on the device and the mode filled in."""
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if cuda else "cpu",
                         help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: sizes 64K,256K, 3 rounds, no reference backend, files "
-                             "into a temporary folder unless --out (explicit options win)")
+                        help="smoke test: sizes 64K,256K, 3 rounds, every step kind, no reference "
+                             "backend, files into a temporary folder unless --out or --record "
+                             "(explicit options win)")
+    parser.add_argument("--full", action="store_true",
+                        help="the long sweep: every step kind, fp32 and bf16 params, the reference "
+                             "backend up to --reference-max, 25 rounds on a GPU (minutes on a "
+                             "CPU; the estimate says how many)")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time the reference backend (the specification in plain torch; "
+                             "50x to 200x slower than AdamW on a CPU) up to --reference-max")
     parser.add_argument("--sizes", default=None,
                         help="comma-separated param counts; K, M, G are powers of 10 (default: "
-                             "1M,4M,16M on CPU, 1M,4M,16M,64M,256M on CUDA, skipping what does "
-                             "not fit in free memory)")
+                             "1M,4M,16M on CPU, 1M,16M,64M,256M on CUDA (--full: and 4M), "
+                             "skipping what does not fit in free memory)")
     parser.add_argument("--shapes", default=",".join(SHAPES),
                         help=f"comma-separated, of {', '.join(SHAPES)} (default: both)")
     parser.add_argument("--tensors", type=int, default=4, help="tensors of the few-large shape")
-    parser.add_argument("--dtype", default="float32,bfloat16",
+    parser.add_argument("--dtype", default=None,
                         help="comma-separated param dtypes: float32, bfloat16, float16 "
-                             "(default: float32,bfloat16)")
+                             "(default: float32 on CPU; float32,bfloat16 on CUDA, with --quick "
+                             "and with --full)")
     parser.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=None,
-                        help="timed rounds (default 25 on CUDA, 9 on CPU, 3 with --quick)")
+                        help="timed rounds (default 15 on CUDA (--full: 25), 9 on CPU, 3 with "
+                             "--quick)")
     parser.add_argument("--backends", default=None,
-                        help="comma-separated ivon_fast backends (default: those available; "
-                             "not triton on CPU)")
-    parser.add_argument("--state-dtypes", default="float32,bfloat16",
+                        help="comma-separated ivon_fast backends (default: those available, "
+                             "not triton on CPU, the reference only with --reference or --full)")
+    parser.add_argument("--kinds", default=None,
+                        help=f"comma-separated IVON step kinds, of {', '.join(IVON_KINDS)} "
+                             f"(default: {','.join(CPU_DEFAULT_KINDS)} on CPU; all on CUDA, with "
+                             "--quick, --full or --state-dtypes)")
+    parser.add_argument("--state-dtypes", default=None,
                         help="comma-separated ivon_fast state dtypes (momentum and hess): "
                              "float32 (the drop-in steps and the official iteration), bfloat16 "
-                             "(the drop-in step with bf16 state, where a backend implements it) "
-                             "(default: float32,bfloat16)")
+                             "(the drop-in step with bf16 state) (default: float32,bfloat16)")
     parser.add_argument("--no-foreach", dest="foreach", action="store_false",
                         help="leave out AdamW(foreach=True)")
     parser.add_argument("--no-ivon-opt", dest="ivon_opt", action="store_false",
@@ -850,6 +1313,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--reference-max", type=parse_size, default=None,
                         help="largest size the reference backend is timed at (default 2M; "
                              "--quick: none)")
+    parser.add_argument("--retries", type=int, default=measure.RETRIES,
+                        help="times a configuration measured on a busy machine is measured again "
+                             f"(default {measure.RETRIES}; 0: never)")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the memory figures")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
@@ -866,11 +1332,17 @@ def main(argv=None) -> dict:
                         help="skip the host-cost section")
     parser.add_argument("--host-only", action="store_true",
                         help="only the host-cost section (and the copy bandwidth), no sweep")
+    parser.add_argument("--record", action="store_true",
+                        help="write the JSON and plots into bench/results/ (tracked by git), the "
+                             "date and device in their names")
     parser.add_argument("--out", default=None,
-                        help="folder for the JSON and PNG (default bench/results/; --quick: a "
-                             "new temporary folder)")
+                        help="folder for the JSON and PNGs (default bench/out/, which git "
+                             "ignores; --record: bench/results/; --quick: a new temporary "
+                             "folder)")
     parser.add_argument("--json", default=None, help="JSON path (default: in --out)")
-    parser.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
+    parser.add_argument("--plot", default=None,
+                        help="PNG path; the plots are PATH_time.png and PATH_ratio.png "
+                             "(default: next to the JSON)")
     parser.add_argument("--no-save", dest="save", action="store_false",
                         help="write no files")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
@@ -878,10 +1350,20 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    wide = args.quick or args.full or gpu   # every step kind and both param dtypes
+    if args.full:
+        args.reference = True
     if args.sizes is None:
-        args.sizes = default_sizes(device, args.quick)
+        args.sizes = default_sizes(device, args.quick, args.full)
+    if args.dtype is None:
+        args.dtype = "float32,bfloat16" if wide else "float32"
     if args.rounds is None:
-        args.rounds = 3 if args.quick else (25 if device.type == "cuda" else 9)
+        args.rounds = 3 if args.quick else ((25 if args.full else 15) if gpu else 9)
+    if args.kinds is None and not wide and args.state_dtypes is None:
+        args.kinds = ",".join(CPU_DEFAULT_KINDS)
+    if args.state_dtypes is None:
+        args.state_dtypes = "float32,bfloat16"
     if args.host_tensors is None:
         args.host_tensors = "300" if args.quick else "30,300,3000"
     args.host_tensors = sorted({int(parse_size(n)) for n in args.host_tensors.split(",")
@@ -890,6 +1372,8 @@ def main(argv=None) -> dict:
         args.host_rounds = 5 if args.quick else 15
     if args.reference_max is None:  # the reference is the spec, not a fast path: slow to time
         args.reference_max = 0 if args.quick else parse_size("2M")
+    args.copy_numel = args.copy_size or (256 * 2**20 if gpu else
+                                         (32 if args.quick else 64) * 2**20)
     bad = [d for d in args.dtype.split(",") if d.strip() and d.strip() not in DTYPES]
     if bad:
         parser.error(f"--dtype: unknown {bad}; use float32, bfloat16, float16")
@@ -900,34 +1384,75 @@ def main(argv=None) -> dict:
     bad = [s for s in args.shapes.split(",") if s.strip() and s.strip() not in SHAPES]
     if bad:
         parser.error(f"--shapes: unknown {bad}; use {', '.join(SHAPES)}")
+    bad = [k for k in (args.kinds or "").split(",") if k.strip() and k.strip() not in IVON_KINDS]
+    if bad:
+        parser.error(f"--kinds: unknown {bad}; use {', '.join(IVON_KINDS)}")
+    return args
 
+
+def output_paths(record: dict, args) -> tuple:
+    """(JSON path, PNG base path) of a run: bench/out/ by default (ignored by git), bench/results/
+    with --record (date, time and device in the name), a temporary folder with --quick, or
+    --out; --json and --plot win."""
+    if args.out:
+        out = args.out
+    elif args.record:
+        out = RESULTS_DIR
+    elif args.quick:
+        out = tempfile.mkdtemp(prefix="ivon_bench_")
+    else:
+        out = OUT_DIR
+    stem = (f"bench_{record['stamp']}_{device_slug(record['device'])}"
+            + ("_quick" if args.quick else ""))
+    json_path = args.json or os.path.join(out, stem + ".json")
+    plot_path = args.plot or os.path.splitext(json_path)[0] + ".png"
+    return json_path, plot_path
+
+
+def main(argv=None) -> dict:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    args.started = started
+    device = torch.device(args.device)
     signal.signal(signal.SIGTERM, _on_sigterm)
     record = run(args)
+    copy = record["copy_bandwidth"]
+    readings = [row["noise"][key] for row in record["rows"] if row.get("noise")
+                for key in ("bandwidth_before_gbs", "bandwidth_after_gbs")
+                if row["noise"].get(key)]
+    around = (f"; around the configurations {min(readings):.1f} to {max(readings):.1f}"
+              if readings else "")
     print(f"# ivon_fast {ivon_fast.__version__} | torch {torch.__version__} | {device.type}: "
           f"{record['device']['name']} | {record['device']['threads']} threads | "
-          f"copy {record['copy_bandwidth']['gbs_median']:.1f} GB/s "
-          f"(min {record['copy_bandwidth']['gbs_min']:.1f}, max "
-          f"{record['copy_bandwidth']['gbs_max']:.1f}) | {record['date']}")
+          f"copy {copy['gbs_median']:.1f} GB/s (min {copy['gbs_min']:.1f}, max "
+          f"{copy['gbs_max']:.1f}{around}) | {record['date']}")
     report.print_table(record)
     report.print_memory_table(record)
     report.print_host_table(record)
     for note in record["notes"]:
         print(f"# note: {note}")
     if args.save:
-        out = args.out or (tempfile.mkdtemp(prefix="ivon_bench_") if args.quick else RESULTS_DIR)
-        stem = f"bench_{record['stamp']}_{device.type}" + ("_quick" if args.quick else "")
-        json_path = args.json or os.path.join(out, stem + ".json")
-        plot_path = args.plot or os.path.splitext(json_path)[0] + ".png"
+        json_path, plot_path = output_paths(record, args)
+        record["timing"]["elapsed_s"] = time.perf_counter() - started
         report.write_json(record, json_path)
         print(f"# results: {json_path}")
         if record["rows"]:
             problem = report.plot(record, plot_path)
-            print(f"# {problem}" if problem else f"# plot: {plot_path}")
+            print(f"# {problem}" if problem else
+                  f"# plots: {', '.join(report.plot_paths(plot_path))}")
         if record.get("host_cost"):
             host_path = os.path.splitext(plot_path)[0] + "_host.png"
             problem = report.plot_host(record, host_path)
             print(f"# {problem}" if problem else f"# host-cost plot: {host_path}")
     report.print_short_table([record])
+    for line in report.noise_lines(record):
+        print(line)
+    took = time.perf_counter() - started
+    record["timing"]["elapsed_s"] = took
+    retried = record["timing"]["retries_s"]
+    print(f"# took {took:.0f} s (the estimate said about {record['timing']['estimate_s']:.0f} s"
+          + (f"; about {retried:.0f} s went to measuring noisy configurations again"
+             if retried else "") + ")")
     return record
 
 

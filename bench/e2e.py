@@ -2,7 +2,7 @@
 
     python -m bench.e2e                                  # gpt2-125m on a GPU, tiny on a CPU
     python -m bench.e2e --config tiny --steps 5          # a smoke run (seconds)
-    python -m bench.e2e --config gpt2-125m --device cuda --json bench/results/e2e.json
+    python -m bench.e2e --config gpt2-125m --device cuda --json bench/out/e2e.json
 
 Three contenders train their own copy of the same model (same initial weights, same batches):
   * torch.optim.AdamW(fused=True)                          loss.backward(); step(); zero_grad()

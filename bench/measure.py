@@ -23,6 +23,18 @@ once per round in a rotating order; one round's sample is the mean of ``inner`` 
 fill about 2 ms, at most 50), each timed alone, with Python's garbage collector paused (as timeit
 does). The slope between two tensor counts is the host cost per tensor.
 
+Noise (`verdict`, `BandwidthProbe`, `others_share`): a row's times are trusted only if the machine
+stayed the same, and its own, while it was measured. Around the rounds of every configuration the
+benchmark measures the copy bandwidth (a short fp32 copy, before and after) and the CPU time
+other processes took (/proc/stat less this process's own); a row is "noisy" when the two copy
+readings differ by more than ``BANDWIDTH_DRIFT_MAX``, when its rounds' interquartile range
+exceeds ``SPREAD_MAX`` of their median (rows of fewer than ``SPREAD_MIN_ROUNDS`` rounds, the slow
+contenders timed in the first rounds only, are not judged by their spread: three values give no
+quartiles), or, for times taken on the CPU (CPU rows, host times), when other processes took more
+than ``OTHERS_CPU_MAX`` of the machine's CPU time. A noisy
+configuration is measured again, up to ``RETRIES`` times while the retries' time allows, and the
+steadiest attempt is kept; what stays noisy is marked, not hidden.
+
 Memory (`memory_of`), per param:
   * state: the optimizer's own tensors (AdamW: exp_avg, exp_avg_sq, step; ivon_fast: its flat
     mean / momentum / hess buffers, and the sample averages if allocated; ivon-opt: momentum and
@@ -169,6 +181,127 @@ def noise_probe(numel: int, threads: int) -> Optional[Contender]:
             torch.set_num_threads(threads)
     return Contender(f"noise: {calls} x sample({chunk}) on 1 of {threads} threads", "noise",
                      draw, scale=numel / (calls * chunk * threads))
+
+
+# ---------------------------------------------------------------------------------- noise
+
+# When a measurement is not trusted ("noisy"). On a quiet 2-core VM the copy bandwidth stays within
+# a few percent from one configuration to the next and most rows' rounds agree to within 5-10%;
+# a neighbour taking a core or the memory bus moves the copy bandwidth by 2x to 4x (18.6 GB/s
+# quiet, 4.8 GB/s busy) and scatters the rounds, so these limits catch it without flagging a quiet
+# machine's ordinary jitter.
+BANDWIDTH_DRIFT_MAX = 0.15  # copy bandwidth before vs after a configuration's rounds:
+                            # |before - after| / max(before, after) above this: noisy
+SPREAD_MAX = 0.10           # a row's rounds: interquartile range / median above this: noisy
+SPREAD_MIN_ROUNDS = 5       # rows with fewer rounds are judged by the copy bandwidth alone
+OTHERS_CPU_MAX = 0.25       # the share of the machine's CPU time that other processes (and, in
+                            # a VM, other guests: steal time) took during the rounds, above
+                            # this: noisy (CPU rows and host times; /proc/stat, Linux only).
+                            # A uniformly busy machine keeps the rounds steady and the copy
+                            # bandwidth level while every step waits for a core
+RETRIES = 2                 # a noisy configuration is measured again up to this many times
+RETRY_TIME_SHARE = 0.5      # ... while the retries have cost less than this share of the run's
+RETRY_MIN_SECONDS = 10.0    # estimated time, or this many seconds, whichever is more
+
+
+def iqr(values: list) -> float:
+    """The interquartile range of ``values`` (quartiles by linear interpolation, as
+    ``statistics.quantiles(method='inclusive')``); 0 for fewer than two values."""
+    if len(values) < 2:
+        return 0.0
+    low, _, high = statistics.quantiles(values, n=4, method="inclusive")
+    return high - low
+
+
+def relative_spread(values: list) -> Optional[float]:
+    """Interquartile range over median of ``values``; None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    middle = statistics.median(values)
+    return iqr(values) / middle if middle > 0 else None
+
+
+def bandwidth_drift(before: Optional[float], after: Optional[float]) -> Optional[float]:
+    """How far apart two copy-bandwidth readings are: |before - after| / max(before, after)."""
+    if not before or not after:
+        return None
+    return abs(before - after) / max(before, after)
+
+
+def cpu_snapshot() -> Optional[tuple]:
+    """(the machine's busy CPU seconds, all CPUs; this process's CPU seconds; wall seconds; CPU
+    count) now, from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    fields = [int(v) for v in lines[0].split()[1:]]
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    # user nice system idle iowait irq softirq steal (guest time is inside user already)
+    busy = sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+    return (busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.perf_counter(),
+            max(1, cpus))
+
+
+def others_share(start: Optional[tuple], end: Optional[tuple]) -> Optional[float]:
+    """The share of the machine's CPU time (all CPUs, start to end) that other processes took:
+    busy time less this process's, over wall time times the CPU count; None if unknown."""
+    if start is None or end is None or end[2] - start[2] <= 0.05:
+        return None
+    others = (end[0] - start[0]) - (end[1] - start[1])
+    return min(1.0, max(0.0, others / ((end[2] - start[2]) * end[3])))
+
+
+def verdict(seconds: list, before: Optional[float] = None, after: Optional[float] = None,
+            min_rounds: int = SPREAD_MIN_ROUNDS, others: Optional[float] = None) -> dict:
+    """Whether a row measured with ``seconds`` (its rounds), between copy-bandwidth readings
+    ``before`` and ``after`` (GB/s, or None), while other processes took the share ``others``
+    of the machine's CPU time (or None: not judged), is noisy, and why (``reasons``)."""
+    spread, drift = relative_spread(seconds), bandwidth_drift(before, after)
+    reasons = []
+    if others is not None and others > OTHERS_CPU_MAX:
+        reasons.append(f"other processes took {100 * others:.0f}% of the machine's CPU time "
+                       f"during the rounds (limit {100 * OTHERS_CPU_MAX:.0f}%)")
+    if drift is not None and drift > BANDWIDTH_DRIFT_MAX:
+        reasons.append(f"copy bandwidth {before:.1f} GB/s before the rounds, {after:.1f} GB/s "
+                       f"after ({100 * drift:.0f}% apart; limit {100 * BANDWIDTH_DRIFT_MAX:.0f}%)")
+    if spread is not None and len(seconds) >= min_rounds and spread > SPREAD_MAX:
+        reasons.append(f"rounds' interquartile range {100 * spread:.0f}% of their median "
+                       f"(limit {100 * SPREAD_MAX:.0f}%)")
+    return {"noisy": bool(reasons), "reasons": reasons, "rounds": len(seconds),
+            "spread": spread, "spread_max": SPREAD_MAX, "bandwidth_before_gbs": before,
+            "bandwidth_after_gbs": after, "bandwidth_drift": drift,
+            "bandwidth_drift_max": BANDWIDTH_DRIFT_MAX, "cpu_others": others,
+            "cpu_others_max": OTHERS_CPU_MAX}
+
+
+def badness(verdicts: list) -> tuple:
+    """Sort key of an attempt's verdicts, steadiest first: noisy rows, then the worst excess."""
+    worst = 0.0
+    for item in verdicts:
+        if item["bandwidth_drift"] is not None:
+            worst = max(worst, item["bandwidth_drift"] / BANDWIDTH_DRIFT_MAX)
+        if item["spread"] is not None:
+            worst = max(worst, item["spread"] / SPREAD_MAX)
+        if item.get("cpu_others") is not None:
+            worst = max(worst, item["cpu_others"] / OTHERS_CPU_MAX)
+    return sum(item["noisy"] for item in verdicts), worst
+
+
+class BandwidthProbe:
+    """The machine's state between configurations: the median GB/s of a few fp32 copies of
+    ``numel`` elements (bytes read plus written), its buffers allocated once."""
+
+    def __init__(self, numel: int, device: torch.device, rounds: int = 5):
+        self.device, self.rounds = device, rounds
+        self.source = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
+        self.target = torch.empty_like(self.source)
+
+    def gbs(self) -> float:
+        probe = Contender("copy", "copy", lambda: self.target.copy_(self.source), warmup=1)
+        run_rounds([probe], self.device, self.rounds)
+        return 8 * self.source.numel() / statistics.median(probe.seconds) / 1e9
 
 
 # ---------------------------------------------------------------------------------- host time

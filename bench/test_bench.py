@@ -13,8 +13,7 @@ Two groups per parameter layout, each compared like for like in pytest-benchmark
                  next sample), per available backend, with the on-device finite check of the
                  gradients (skip_nonfinite=True, docs/DESIGN.md section 11) and without it, and
                  with the check and bf16 momentum and Hessian (state_dtype=torch.bfloat16,
-                 docs/DESIGN.md section 16: "-bf16state") per backend that implements bf16 state
-                 (backends.STATE_DTYPES);
+                 docs/DESIGN.md section 16: "-bf16state") per backend;
   * "iteration": the official loop's iteration (sampled_params(train=True) entered and left, then
                  step(); skip_nonfinite=True) per available backend, against ivon-opt's (where it
                  is installed and the size is at most IVON_BENCH_SLOW_MAX), with
@@ -103,9 +102,8 @@ def _backends() -> list:
 
 
 BACKENDS = _backends()
-# those that implement bf16 state (backends.STATE_DTYPES; today the reference only)
-BF16_BACKENDS = [b for b in BACKENDS if b in backends.BACKENDS and backends.unavailable_reason(
-    b, DEVICE, DTYPE, state_dtype=torch.bfloat16) is None]
+# every backend implements bf16 state
+BF16_BACKENDS = [b for b in BACKENDS if b in backends.BACKENDS]
 
 
 class Layout:

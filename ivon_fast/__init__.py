@@ -2,7 +2,8 @@
 from .optimizer import IVON
 from .backends import BACKENDS
 from ._extension import ExtensionWarning
-from .posterior import Posterior, mean_params, merge, sampled_params, unwrap
+from ._wrappers import mean_params, sampled_params, unwrap
+from .posterior import Posterior, merge
 from . import predictive
 
 __all__ = ["IVON", "BACKENDS", "ExtensionWarning", "Posterior", "merge", "mean_params",

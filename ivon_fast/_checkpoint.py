@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 
+from . import _user_writes
 from ._checks import check_group_hyperparameters
 
 FORMAT = "ivon_fast/1"
@@ -48,46 +49,46 @@ def _flat_params(opt) -> list:
     return [p for group in opt.param_groups for p in group["params"]]
 
 
-def _saved(bucket, index: int, flat: torch.Tensor) -> torch.Tensor:
-    """How a param's flat state is saved: flat, or for a sharded param as a DTensor placed like
-    the param (Note [sharded state dicts])."""
-    return bucket.as_dtensor(index, flat) if bucket.sharded else flat
+def save_with_hooks(opt) -> dict:
+    """``opt.state_dict()``: ``save`` between torch's state-dict pre and post hooks."""
+    for hook in opt._optimizer_state_dict_pre_hooks.values():
+        hook(opt)
+    with torch.no_grad():
+        _user_writes.prepare(opt, params_hold_mean=opt._in_mean)
+        opt._check_pending_grads()
+        opt._pending_draw = opt._draws.settle_host(opt._pending_draw)  # capturable: replays
+        state_dict = save(opt)
+    for hook in opt._optimizer_state_dict_post_hooks.values():
+        result = hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    return state_dict
 
 
-def _values(bucket, index: int, saved: torch.Tensor) -> torch.Tensor:
-    """The flat values of the bucket's part of a saved tensor (ValueError when they don't fit)."""
-    return bucket.local_values(index, saved) if bucket.sharded else saved.reshape(-1)
+def load_with_hooks(opt, state_dict: dict, step: Optional[int]) -> None:
+    """``opt.load_state_dict()``: ``load`` between torch's load-state-dict pre and post hooks."""
+    for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    load(opt, state_dict, step)
+    opt._betas.loaded(opt.param_groups)
+    for hook in opt._optimizer_load_state_dict_post_hooks.values():
+        hook(opt)
 
 
 def save(opt) -> dict:
-    """The state dict of ``opt`` (its _prepare has run)."""
+    """The state dict of ``opt`` (caught up with user code: ``_user_writes.prepare``)."""
     pending_grad = opt._pending_draw is not None and not opt.resample_on_step
     if pending_grad:
         opt._layout.gather_grads()  # the pending sample's gradient is part of the state
     param_ids = {id(p): i for i, p in enumerate(_flat_params(opt))}
-    state = {}
-    for bucket in opt._layout.buckets:
-        group_start = bucket.group_start
-        for index, param in enumerate(bucket.params):
-            where = bucket.slice_of(index)
-            entry = {name: _saved(bucket, index, getattr(bucket, name)[where].clone())
-                     for name in _STATE + _PRIORS if getattr(bucket, name) is not None}
-            if opt._count > 0:
-                for name in _AVERAGES:
-                    entry[name] = _saved(bucket, index, getattr(bucket, name)[where].clone())
-            if pending_grad:
-                entry["pending_grad"] = _saved(bucket, index, bucket.grad_flat[where].clone())
-            if opt._pending_draw is not None:
-                local = bucket.offsets[index] - group_start
-                noise = opt._noise.pending_noise(opt._pending_draw, bucket.group_index, local,
-                                                 local + param.numel())
-                if noise is not None:
-                    entry["pending_noise"] = noise
-            state[param_ids[id(param)]] = entry
+    state = {param_ids[id(param)]: _saved_entry(opt, bucket, index, pending_grad)
+             for bucket in opt._layout.buckets for index, param in enumerate(bucket.params)}
     meta = {
         "format": FORMAT, "step": opt.current_step, "skipped_steps": opt.skipped_steps,
         "seed": opt.seed,
-        "next_train_draw": opt._next_train_draw, "next_eval_draw": opt._next_eval_draw,
+        "next_train_draw": opt._draws.next_train, "next_eval_draw": opt._draws.next_eval,
         "count": opt._count, "pending_draw": opt._pending_draw,
         "params_hold": opt._pending_draw if opt.resample_on_step else None,
         "resample_on_step": opt.resample_on_step, "hess_approx": opt.hess_approx,
@@ -102,6 +103,24 @@ def save(opt) -> dict:
                "params": [param_ids[id(p)] for p in group["params"]], _GROUP_KEY: dict(meta)}
               for group in opt.param_groups]
     return {"state": state, "param_groups": groups, "ivon": meta}
+
+
+def _saved_entry(opt, bucket, index: int, pending_grad: bool) -> dict:
+    """A param's entry of the state dict: its state, and mid-step what the step has so far."""
+    where = bucket.slice_of(index)
+    names = [name for name in _STATE + _PRIORS if getattr(bucket, name) is not None]
+    if opt._count > 0:
+        names += _AVERAGES
+    entry = {name: bucket.saved(index, getattr(bucket, name)[where].clone()) for name in names}
+    if pending_grad:
+        entry["pending_grad"] = bucket.saved(index, bucket.grad_flat[where].clone())
+    if opt._pending_draw is not None:
+        local = bucket.offsets[index] - bucket.group_start
+        noise = opt._noise.pending_noise(opt._pending_draw, bucket.group_index, local,
+                                         local + bucket.params[index].numel())
+        if noise is not None:
+            entry["pending_noise"] = noise
+    return entry
 
 
 def load(opt, state_dict: dict, step: Optional[int]) -> None:
@@ -142,12 +161,38 @@ def _load_own(opt, state_dict: dict, saved_groups) -> None:
     meta = state_dict.get("ivon")
     if meta is None:  # passed through DCP's set_optimizer_state_dict: the groups' copy
         meta = next(group[_GROUP_KEY] for group in saved_groups if _GROUP_KEY in group)
+    entries, needed = _validate_own(opt, meta, state_dict["state"], saved_groups)
+    _apply_own(opt, meta, entries, needed, saved_groups)
+
+
+def _validate_own(opt, meta: dict, saved_state: dict, saved_groups) -> tuple:
+    """Check an own state dict against ``opt`` before anything changes (a ValueError naming
+    what does not fit). Returns (each param's saved entry, by param; the entries it must
+    have)."""
     if meta.get("format") != FORMAT:
         raise ValueError(f"unknown state_dict format {meta.get('format')!r}")
     for key, mine in (("resample_on_step", opt.resample_on_step), ("rng", opt.rng)):
         if meta[key] != mine:
             raise ValueError(f"state_dict was saved with {key}={meta[key]!r}, this optimizer "
                              f"has {key}={mine!r}")
+    needed = _needed_entries(opt, meta)
+    # the saved groups' param keys, in order: indices here, names after DCP's helpers (which
+    # rely on torch's convention that the order is the param order)
+    keys = [key for saved in saved_groups for key in saved["params"]]
+    place = {id(param): (bucket, index) for bucket in opt._layout.buckets
+             for index, param in enumerate(bucket.params)}
+    entries = {}
+    for index, param in enumerate(_flat_params(opt)):
+        entry = saved_state.get(keys[index])
+        if entry is None:
+            raise ValueError(f"state_dict has no state for parameter {index}")
+        _check_entry(entry, index, param, *place[id(param)], needed)
+        entries[id(param)] = entry
+    return entries, needed
+
+
+def _needed_entries(opt, meta: dict) -> list:
+    """The per-param entries a state dict saved in the state ``meta`` describes holds."""
     pending = meta["pending_draw"]
     needed = list(_STATE)
     if meta["count"] > 0:
@@ -156,76 +201,97 @@ def _load_own(opt, state_dict: dict, saved_groups) -> None:
         needed.append("pending_grad")
     if pending is not None and opt.rng == "torch":
         needed.append("pending_noise")
-    saved_state = state_dict["state"]
-    flat_params = _flat_params(opt)
-    # the saved groups' param keys, in order: indices here, names after DCP's helpers (which
-    # rely on torch's convention that the order is the param order)
-    keys = [key for saved in saved_groups for key in saved["params"]]
-    place = {id(param): (bucket, index) for bucket in opt._layout.buckets
-             for index, param in enumerate(bucket.params)}
-    for index, param in enumerate(flat_params):
-        entry = saved_state.get(keys[index])
-        if entry is None:
-            raise ValueError(f"state_dict has no state for parameter {index}")
-        for name in needed + [n for n in _PRIORS if getattr(place[id(param)][0], n) is not None]:
-            if name not in entry or entry[name].numel() != param.numel():
-                raise ValueError(f"state_dict's {name!r} of parameter {index} is missing or "
-                                 f"does not have the parameter's {param.numel()} elements")
-            _values(*place[id(param)], entry[name])  # a sharded param's shard must fit
-        for name in _PRIORS:
-            if name in entry and getattr(place[id(param)][0], name) is None:
-                raise ValueError(f"state_dict has a {name!r} for parameter {index}, but this "
-                                 f"optimizer's param group has none; construct IVON with the "
-                                 f"same {name} option as the run that saved it")
+    return needed
 
+
+def _check_entry(entry: dict, index: int, param, bucket, position: int, needed: list) -> None:
+    for name in needed + [n for n in _PRIORS if getattr(bucket, n) is not None]:
+        if name not in entry or entry[name].numel() != param.numel():
+            raise ValueError(f"state_dict's {name!r} of parameter {index} is missing or "
+                             f"does not have the parameter's {param.numel()} elements")
+        bucket.saved_values(position, entry[name])  # a sharded param's shard must fit
+    for name in _PRIORS:
+        if name in entry and getattr(bucket, name) is None:
+            raise ValueError(f"state_dict has a {name!r} for parameter {index}, but this "
+                             f"optimizer's param group has none; construct IVON with the "
+                             f"same {name} option as the run that saved it")
+
+
+def _apply_own(opt, meta: dict, entries: dict, needed: list, saved_groups) -> None:
+    """Load a checked own state dict: hyperparameters, counters, then every bucket's state."""
     _copy_hyperparameters(opt, saved_groups)
-    opt._record_live_scalars()
+    opt._live.record(opt.param_groups)
     opt._steps.set(meta["step"], meta.get("skipped_steps", 0))
     opt.seed = meta["seed"]
     opt._noise.seed = meta["seed"]
-    opt._next_train_draw, opt._next_eval_draw = meta["next_train_draw"], meta["next_eval_draw"]
-    opt._count, opt._pending_draw = meta["count"], pending
-    opt._draws_set_on_host()  # capturable: the device's counters, in place
+    _set_draws(opt, meta["next_train_draw"], meta["next_eval_draw"])
+    opt._count, opt._pending_draw = meta["count"], meta["pending_draw"]
     opt.hess_approx, opt.mc_samples = meta["hess_approx"], meta["mc_samples"]
     opt._pending_grads = None
-    index_of = {id(p): i for i, p in enumerate(flat_params)}
-    layout = opt._layout
     with torch.no_grad():
-        layout.sync_requires_grad()
-        for bucket in layout.buckets:
-            if opt._count > 0:
-                bucket.ensure_averages()
-            for index, param in enumerate(bucket.params):
-                entry, where = saved_state[keys[index_of[id(param)]]], bucket.slice_of(index)
-                for name in needed:
-                    if name in _STATE or name in _AVERAGES:
-                        getattr(bucket, name)[where].copy_(_values(bucket, index, entry[name]))
-                for name in _PRIORS:
-                    if getattr(bucket, name) is not None:
-                        getattr(bucket, name)[where].copy_(_values(bucket, index, entry[name]))
-                if "pending_grad" in needed:
-                    bucket.grad_flat[where].copy_(_values(bucket, index, entry["pending_grad"]))
-                    if bucket.sharded:
-                        bucket.attach_grad(index)
-                    else:
-                        param.grad = bucket.grad_views[index]
+        opt._layout.sync_requires_grad()
+        for bucket in opt._layout.buckets:
+            _load_bucket(bucket, entries, needed, with_averages=opt._count > 0)
         if "pending_noise" in needed:
-            noise = []
-            for group in opt.param_groups:
-                first = group["params"][0]
-                pieces = [saved_state[keys[index_of[id(p)]]]["pending_noise"].reshape(-1)
-                          for p in group["params"]]
-                noise.append(torch.cat(pieces).to(first.device, first.dtype))
-            opt._noise.restore_pending(pending, noise)
+            _restore_pending_noise(opt, entries)
         opt._write_resting_params()
-        layout.mark_seen()
+        opt._layout.mark_seen()
     opt._params_from_checkpoint = True  # Note [what the params hold]
+
+
+def _load_bucket(bucket, entries: dict, needed: list, with_averages: bool) -> None:
+    if with_averages:
+        bucket.ensure_averages()
+    for index, param in enumerate(bucket.params):
+        entry, where = entries[id(param)], bucket.slice_of(index)
+        names = [n for n in needed if n in _STATE or n in _AVERAGES]
+        names += [n for n in _PRIORS if getattr(bucket, n) is not None]
+        for name in names:
+            getattr(bucket, name)[where].copy_(bucket.saved_values(index, entry[name]))
+        if "pending_grad" in needed:
+            bucket.grad_flat[where].copy_(bucket.saved_values(index, entry["pending_grad"]))
+            bucket.attach_grad(index)
+
+
+def _restore_pending_noise(opt, entries: dict) -> None:
+    """rng='torch': the pending draw's noise, one tensor per group (TorchNoise)."""
+    noise = []
+    for group in opt.param_groups:
+        first = group["params"][0]
+        pieces = [entries[id(p)]["pending_noise"].reshape(-1) for p in group["params"]]
+        noise.append(torch.cat(pieces).to(first.device, first.dtype))
+    opt._noise.restore_pending(opt._pending_draw, noise)
+
+
+def _set_draws(opt, next_train: int, next_eval: int) -> None:
+    """The draw counters; capturable: the device's in place, and the step count pinned there."""
+    opt._draws.set_on_host(next_train, next_eval)
+    if opt._draws.device is not None:
+        opt._steps.pin_to_device(opt._draws.device.device)
 
 
 def _load_ivon_opt(opt, state_dict: dict, saved_groups, step: int) -> None:
     saved_state = state_dict.get("state", {})
     count = int(saved_state.get("count", 0) or 0)
     hess_key = "avg_nxg" if opt.hess_approx == "price" else "avg_gsq"
+    _validate_ivon_opt(opt, saved_state, saved_groups, count, hess_key)
+    with torch.no_grad():
+        # the model's params are ivon-opt's mean: take them (Note [user writes to params])
+        _user_writes.prepare(opt)
+        _copy_hyperparameters(opt, saved_groups)
+        opt.current_step = step
+        _set_draws(opt, opt._draws.next_train, opt._draws.next_eval)
+        for bucket in opt._layout.buckets:
+            _load_ivon_opt_bucket(bucket, saved_groups[bucket.group_index], saved_state, count,
+                                  hess_key)
+        opt._count = count
+        if not opt.resample_on_step:
+            opt._pending_draw = None
+        opt._write_resting_params()
+        opt._layout.mark_seen()
+
+
+def _validate_ivon_opt(opt, saved_state: dict, saved_groups, count: int, hess_key: str) -> None:
     layout = opt._layout
     for saved, group in zip(saved_groups, opt.param_groups):
         numel = sum(p.numel() for p in group["params"])
@@ -238,28 +304,19 @@ def _load_ivon_opt(opt, state_dict: dict, saved_groups, step: int) -> None:
                 raise ValueError(f"ivon-opt state_dict holds {count} samples but no {key!r} "
                                  f"of {layout.numel} elements (hess_approx={opt.hess_approx!r})")
 
-    with torch.no_grad():
-        # the model's params are ivon-opt's mean: take them (Note [user writes to params])
-        opt._prepare()
-        _copy_hyperparameters(opt, saved_groups)
-        opt.current_step = step
-        opt._draws_set_on_host()
-        for bucket in layout.buckets:
-            saved, group_start = saved_groups[bucket.group_index], bucket.group_start
-            if count > 0:
-                bucket.ensure_averages()
-            for index in range(len(bucket.params)):
-                local = bucket.offsets[index] - group_start
-                where = bucket.slice_of(index)
-                size = where.stop - where.start  # a sharded param's: its local shard's
-                bucket.momentum[where].copy_(saved["momentum"][local:local + size])
-                bucket.hess[where].copy_(saved["hess"][local:local + size])
-                if count > 0:
-                    flat = slice(bucket.offsets[index], bucket.offsets[index] + size)
-                    bucket.avg_grad[where].copy_(saved_state["avg_grad"][flat])
-                    bucket.avg_hess_term[where].copy_(saved_state[hess_key][flat])
-        opt._count = count
-        if not opt.resample_on_step:
-            opt._pending_draw = None
-        opt._write_resting_params()
-        layout.mark_seen()
+
+def _load_ivon_opt_bucket(bucket, saved: dict, saved_state: dict, count: int,
+                          hess_key: str) -> None:
+    """A bucket's part of ivon-opt's per-group flat buffers (and its global sample averages)."""
+    if count > 0:
+        bucket.ensure_averages()
+    for index in range(len(bucket.params)):
+        local = bucket.offsets[index] - bucket.group_start
+        where = bucket.slice_of(index)
+        size = where.stop - where.start  # a sharded param's: its local shard's
+        bucket.momentum[where].copy_(saved["momentum"][local:local + size])
+        bucket.hess[where].copy_(saved["hess"][local:local + size])
+        if count > 0:
+            flat = slice(bucket.offsets[index], bucket.offsets[index] + size)
+            bucket.avg_grad[where].copy_(saved_state["avg_grad"][flat])
+            bucket.avg_hess_term[where].copy_(saved_state[hess_key][flat])

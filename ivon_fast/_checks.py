@@ -8,7 +8,8 @@ import numbers
 import torch
 
 from . import backends
-from ._layout import resolve_backend
+from ._sharded import check_params as check_sharded
+from ._sharded import is_sharded
 
 HESS_APPROX = ("price", "gradsq")
 RNGS = ("philox", "torch")
@@ -57,13 +58,27 @@ def check_group_hyperparameters(group: dict, read_tensors: bool = True) -> None:
             check_range(name, value, low, high, low_open, high_open)
 
 
-def check_options(*, mc_samples, hess_approx, backend, rng, seed, flags: dict) -> None:
-    """The constructor's arguments other than the group hyperparameters."""
+def check_options(*, mc_samples, hess_approx, backend, rng, seed, state_dtype,
+                  flags: dict) -> None:
+    """The constructor's arguments other than the params and group hyperparameters."""
     if (isinstance(mc_samples, bool) or not isinstance(mc_samples, numbers.Integral)
             or mc_samples < 1):
         raise ValueError(f"Invalid mc_samples: {mc_samples!r}; it must be an int >= 1")
     if hess_approx not in HESS_APPROX:
         raise ValueError(f"Invalid hess_approx: {hess_approx!r}; it must be one of {HESS_APPROX}")
+    _check_noise_options(backend, rng, seed)
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"Invalid {name}: {flag!r}; it must be True or False")
+    check_state_dtype(state_dtype)
+    if flags.get("capturable") and rng == "torch":
+        raise ValueError("Invalid capturable: True with rng='torch'; torch.randn noise is "
+                         "drawn on the host per step and cannot be replayed by a CUDA graph "
+                         "(use the default rng='philox')")
+
+
+def _check_noise_options(backend, rng, seed) -> None:
+    """``backend``, ``rng`` and ``seed``: together they decide where the noise comes from."""
     if backend != "auto" and backend not in backends.BACKENDS:
         raise ValueError(
             f"Invalid backend: {backend!r}; it must be 'auto' or one of {backends.BACKENDS}")
@@ -76,17 +91,14 @@ def check_options(*, mc_samples, hess_approx, backend, rng, seed, flags: dict) -
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                              or not 0 <= seed < 2**64):
         raise ValueError(f"Invalid seed: {seed!r}; it must be None or an int in [0, 2**64)")
-    for name, flag in flags.items():
-        if not isinstance(flag, bool):
-            raise ValueError(f"Invalid {name}: {flag!r}; it must be True or False")
 
 
 def check_params(params: list, backend_choice: str, *, sync: bool = False,
                  rng: str = "philox", state_dtype: torch.dtype = torch.float32) -> None:
     """The params of a group: tensors of a float dtype, each once, that ``backend_choice`` can
-    serve with momentum and hess in ``state_dtype`` (IVON's argument, checked by
-    ``check_state_dtype``): the backend is resolved as the layout will resolve it
-    (``_layout.resolve_backend``), so a ValueError comes before anything moves."""
+    serve (every backend keeps momentum and hess in any ``state_dtype``): the backend is
+    resolved as the layout will resolve it (``backends.resolve``), so a ValueError comes before
+    anything moves."""
     if len({id(p) for p in params}) != len(params):
         # torch only warns; each param owns one slice of a flat bucket, so a second copy would
         # be a second view that the optimizer overwrites
@@ -102,30 +114,14 @@ def check_params(params: list, backend_choice: str, *, sync: bool = False,
         if state_dtype != torch.float32 and param.dtype == torch.float64:
             raise ValueError(f"Invalid state_dtype: {state_dtype} with float64 params; their "
                              "state is float64 (use state_dtype=torch.float32)")
-        try:
-            resolve_backend(backend_choice, param.device, param.dtype, state_dtype)
-        except ValueError as error:
-            if (state_dtype == torch.float32 or backends.unavailable_reason(
-                    backend_choice, param.device, param.dtype) is not None):
-                raise
-            # the backend runs there, only not with this state dtype: say which argument
-            raise ValueError(f"{error}; state_dtype={state_dtype} runs on "
-                             f"{_backends_with(state_dtype)} (backend='auto' picks the fastest "
-                             "of them that can run here)") from None
-    from ._sharded import check_params as check_sharded
+        backends.resolve(backend_choice, param.device, param.dtype)
     check_sharded(params, sync=sync, rng=rng)
-
-
-def _backends_with(state_dtype: torch.dtype) -> list:
-    return [name for name in backends.BACKENDS if state_dtype in backends.STATE_DTYPES[name]]
 
 
 def check_prior(name: str, value, params: list) -> None:
     """A param group's ``prior_mean`` (None, 'init' or one tensor per param) or
     ``prior_precision`` (None or one tensor per param, finite and >= 0): a ValueError naming the
     argument, before anything moves (docs/DESIGN.md section 14)."""
-    from ._sharded import is_sharded
-
     if value is None:
         return
     from_init = name == "prior_mean" and isinstance(value, str) and value == "init"
@@ -143,26 +139,31 @@ def check_prior(name: str, value, params: list) -> None:
         raise ValueError(f"Invalid {name}: {len(given)} tensors for {len(params)} params (one "
                          "per param, in the order of the params, group by group)")
     for index, (tensor, param) in enumerate(zip(given, params)):
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise ValueError(f"Invalid {name}: item {index} is not a floating-point tensor")
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"Invalid {name}: item {index} has shape {tuple(tensor.shape)}, "
-                             f"its param {tuple(param.shape)}")
-        if param.device.type == "meta" or tensor.device.type == "meta":
-            raise ValueError(f"Invalid {name}: item {index} (or its param) is on the meta "
-                             "device, where values cannot be kept; build the optimizer after "
-                             "materializing the model")
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"Invalid {name}: item {index} holds inf or NaN")
-        if name == "prior_precision" and bool((tensor < 0).any()):
-            raise ValueError(f"Invalid {name}: item {index} holds negative values; a prior "
-                             "precision must be >= 0")
+        _check_prior_tensor(name, index, tensor, param)
+
+
+def _check_prior_tensor(name: str, index: int, tensor, param) -> None:
+    """Item ``index`` of a prior given as one tensor per param."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise ValueError(f"Invalid {name}: item {index} is not a floating-point tensor")
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(f"Invalid {name}: item {index} has shape {tuple(tensor.shape)}, "
+                         f"its param {tuple(param.shape)}")
+    if param.device.type == "meta" or tensor.device.type == "meta":
+        raise ValueError(f"Invalid {name}: item {index} (or its param) is on the meta "
+                         "device, where values cannot be kept; build the optimizer after "
+                         "materializing the model")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"Invalid {name}: item {index} holds inf or NaN")
+    if name == "prior_precision" and bool((tensor < 0).any()):
+        raise ValueError(f"Invalid {name}: item {index} holds negative values; a prior "
+                         "precision must be >= 0")
 
 
 def check_state_dtype(state_dtype) -> None:
-    """``state_dtype``: float32 or bfloat16 (docs/DESIGN.md 16). Which backends implement it is
-    ``backends.STATE_DTYPES``' answer, checked per param by ``check_params``; bf16 state also
-    takes ``capturable`` and sharded (FSDP2) params, not float64 params (``check_params``)."""
+    """``state_dtype``: float32 or bfloat16 (docs/DESIGN.md 16), which every backend implements;
+    bf16 state also takes ``capturable`` and sharded (FSDP2) params, not float64 params
+    (``check_params``)."""
     if state_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"Invalid state_dtype: {state_dtype!r}; it must be torch.float32 or "
                          "torch.bfloat16")

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._layout import Bucket, resolve_backend, storage_strides
+from . import backends
+from ._bucket import Bucket, storage_strides
 from .reference import moment_dtype, state_dtype
 
 _STATE = ("mean", "momentum", "hess")
@@ -139,7 +140,8 @@ def agree_on_skip(buckets: list, found_inf: torch.Tensor) -> None:
     """Sum ``found_inf`` over the sharded params' mesh (a collective, no host sync): each rank
     checked only its shards, and the ranks must skip a step together (docs/DESIGN.md section 11).
     """
-    first = next((b.params[0] for b in buckets if b.sharded and b.params), None)
+    first = next((b.params[0] for b in buckets if isinstance(b, ShardedBucket) and b.params),
+                 None)
     if first is None:
         return
     import torch.distributed as dist
@@ -160,12 +162,12 @@ class ShardedBucket(Bucket):
     """
     sizes: list = field(default_factory=list)
 
-    sharded = True
+    follows_moves = False  # FSDP owns the storage; ``local`` refuses a moved shard
 
     @classmethod
-    def create(cls, group_index: int, group_start: int, device, dtype, params: list,
-               offsets: list, backend_choice: str, hess_init: float,
-               low_precision: torch.dtype = torch.float32) -> "ShardedBucket":
+    def build(cls, group_index: int, group_start: int, device, dtype, params: list,
+              offsets: list, backend_choice: str, hess_init: float,
+              low_precision: torch.dtype = torch.float32) -> "ShardedBucket":
         """``low_precision``: IVON's ``state_dtype``, the dtype of momentum and hess
         (``moment_dtype``), as for a dense ``Bucket``; the mean and averages stay float32."""
         locals_ = [_local(p) for p in params]
@@ -183,7 +185,7 @@ class ShardedBucket(Bucket):
             mean=torch.empty(total, dtype=sdtype, device=device),
             momentum=torch.zeros(total, dtype=mdtype, device=device),
             hess=torch.full((total,), float(hess_init), dtype=mdtype, device=device),
-            backend=resolve_backend(backend_choice, device, dtype, low_precision), sizes=sizes)
+            backend=backends.resolve(backend_choice, device, dtype), sizes=sizes)
         with torch.no_grad():
             for index, (param, local) in enumerate(zip(params, locals_)):
                 where = bucket.slice_of(index)
@@ -197,6 +199,10 @@ class ShardedBucket(Bucket):
                 bucket.trainable.append(param.requires_grad)
             bucket.mean.copy_(bucket.param_flat)
         return bucket
+
+    def moved(self) -> bool:
+        """Never: ``local`` refuses a shard that changed device, dtype or shape."""
+        return False
 
     def unchanged(self) -> bool:
         """Never taken as unchanged: FSDP may reallocate the local shards at any time, so every
@@ -301,6 +307,11 @@ class ShardedBucket(Bucket):
 
     # ---------------------------------------------------------------- state as DTensors
 
+    def saved(self, index: int, flat: torch.Tensor):
+        """Saved as a DTensor placed like the param (Note [sharded state dicts] in
+        _checkpoint)."""
+        return self.as_dtensor(index, flat)
+
     def as_dtensor(self, index: int, flat: torch.Tensor):
         """A flat piece of this param's state as a DTensor shaped and placed like the param."""
         from torch.distributed.tensor import DTensor
@@ -318,7 +329,7 @@ class ShardedBucket(Bucket):
             yield param, {name: self.as_dtensor(index, getattr(self, name)[where])
                           for name in _STATE}
 
-    def local_values(self, index: int, value: torch.Tensor) -> torch.Tensor:
+    def saved_values(self, index: int, value: torch.Tensor) -> torch.Tensor:
         """The flat values of this param's local shard in a saved tensor: a DTensor placed like
         the param (this optimizer's, or DCP's resharded load), or a full unsharded tensor (an
         unsharded run's state dict, or DCP's ``full_state_dict``). ValueError otherwise."""

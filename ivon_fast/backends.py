@@ -2,7 +2,8 @@
 
 A backend module exposes ``sample``, ``accumulate`` and ``update`` with the signatures documented
 in ``ivon_fast.reference``, and ``unavailable_reason(device) -> str | None`` (None when it can
-run on that device). Kernel backends take the params in KERNEL_DTYPES.
+run on that device). Kernel backends take the params in KERNEL_DTYPES; every backend keeps the
+momentum and hess in float32 or bfloat16 (IVON's ``state_dtype``, docs/DESIGN.md section 16).
 """
 from __future__ import annotations
 
@@ -38,21 +39,15 @@ def _load(name: str):
     return importlib.import_module(_MODULES[name])
 
 
-# the kernel backends take fp32 / bf16 / fp16 params (fp32 state); the reference takes any float
+# the kernel backends take fp32 / bf16 / fp16 params (fp32 mean); the reference takes any float
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# the momentum / hess dtypes (IVON's ``state_dtype``, docs/DESIGN.md section 16) each backend
-# implements; the mean is float32 (float64 for float64 params) everywhere
-STATE_DTYPES = {name: (torch.float32, torch.bfloat16) for name in BACKENDS}
 
-
-def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                       state_dtype: torch.dtype = torch.float32) -> str | None:
-    """Why backend ``name`` cannot run on ``device`` with ``dtype`` params and ``state_dtype``
-    momentum / hess, or None when it can."""
+def unavailable_reason(name: str, device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` with ``dtype`` params, or None when it
+    can."""
     device = torch.device(device)
-    if state_dtype not in STATE_DTYPES[name]:
-        return f"backend={name!r} keeps its state in {STATE_DTYPES[name]}, got {state_dtype}"
     if name == "reference":
         return None
     if dtype not in KERNEL_DTYPES:
@@ -68,10 +63,8 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype = tor
     return module.unavailable_reason(device)
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
-            state_dtype: torch.dtype = torch.float32) -> str:
-    """The concrete backend for ``name`` on ``device``, ``dtype`` params and ``state_dtype``
-    momentum / hess.
+def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The concrete backend for ``name`` on ``device`` and ``dtype`` params.
 
     'auto' picks the fastest one available (the reference when no kernel fits); an explicit
     name that cannot run there raises ValueError.
@@ -79,12 +72,12 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
     device = torch.device(device)
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(candidate, device, dtype, state_dtype) is None:
+            if unavailable_reason(candidate, device, dtype) is None:
                 return candidate
             if candidate in _COMPILED and dtype in KERNEL_DTYPES:
                 _warn_extension_unloadable()
         return "reference"
-    reason = unavailable_reason(name, device, dtype, state_dtype)
+    reason = unavailable_reason(name, device, dtype)
     if reason is not None:
         raise ValueError(f"Invalid backend: {reason}")
     return name

@@ -4,21 +4,24 @@ The kernels live in the extension ``ivon_fast._C`` (sources in csrc/), which reg
 ``torch.ops.ivon_fast.sample / accumulate / update`` for CPU and, when built with CUDA, for CUDA
 tensors. This module imports without the extension; ``unavailable_reason`` then says why.
 
-Differences from the reference: the noise is always the counter-based Philox noise (no ``eps``
-arguments), params must be float32 / bfloat16 / float16 with float32 state (momentum and hess
-may be bfloat16, both, docs/DESIGN.md section 16; ``update``'s device scalars are float32, one
-element each, on the params' device), and every tensor must be contiguous (the optional
-``prior_mean`` / ``prior_precision`` too: float32, the segment's length, on the params' device). Seeds and draws are uint64 (evaluation draws have bit 63 set); they travel
-through the int64 schema arguments as the same 64 bits (see Note [uint64 seeds and draws] in
-csrc/ops.cpp).
+Differences from the reference (``ivon_fast._contract`` has the rules every backend shares):
+the noise is always the counter-based Philox noise (no ``eps`` arguments), and params must be
+float32 / bfloat16 / float16 with float32 state (momentum and hess may be bfloat16, both,
+docs/DESIGN.md section 16). Seeds and draws are uint64 (evaluation draws have bit 63 set); they
+travel through the int64 schema arguments as the same 64 bits (see Note [uint64 seeds and
+draws] in csrc/ops.cpp).
 """
 from __future__ import annotations
 
 import torch
 
-from ivon_fast import _extension
+from ivon_fast import _contract, _extension
 
 __all__ = ["sample", "accumulate", "update", "unavailable_reason", "cpu_isa", "set_cpu_isa"]
+
+# The Python values are checked here (``ivon_fast._contract``'s ``*_arguments``: the rules the
+# ops' schema states in its own way), the tensors by the ops (csrc/ops.cpp; the fake kernels)
+_check = _contract.raise_check
 
 # load_error() imports ivon_fast._C (registering torch.ops.ivon_fast.*) unless it was built for
 # another torch or not at all
@@ -55,22 +58,16 @@ def set_cpu_isa(name: str = "") -> None:
 
 
 def _i64(value: int) -> int:
-    """A uint64 (or int64) as the int64 with the same 64 bits."""
-    value = int(value)
-    if not -(1 << 63) <= value < (1 << 64):
-        raise ValueError(f"seed / draw {value} does not fit in 64 bits")
-    return value - (1 << 64) if value >= (1 << 63) else value
-
-
-def _no_eps(eps, next_eps=None):
-    if eps is not None or next_eps is not None:
-        raise ValueError("the compiled backend generates its own Philox noise; eps / next_eps "
-                         "are reference-only")
+    """A checked uint64 (``ivon_fast._contract``'s "uint64" rule) as the int64 with the same
+    64 bits."""
+    return _contract.int64_bits(int(value))
 
 
 def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, eps=None,
            device_draws=None, prior_precision=None):
-    _no_eps(eps)
+    _contract.sample_arguments(_check, param, mean, hess, seed=seed, draw=draw, offset=offset,
+                               device_draws=device_draws, prior_precision=prior_precision,
+                               eps=eps)
     torch.ops.ivon_fast.sample(param, mean, hess, seed=_i64(seed), draw=_i64(draw),
                                offset=int(offset), ess=float(ess),
                                weight_decay=float(weight_decay), device_draws=device_draws,
@@ -79,7 +76,10 @@ def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, ep
 
 def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
                weight_decay, hess_approx, eps=None, device_draws=None, prior_precision=None):
-    _no_eps(eps)
+    _contract.accumulate_arguments(_check, grad, hess, avg_grad, avg_hess_term, seed=seed,
+                                   draw=draw, offset=offset, count=count,
+                                   device_draws=device_draws, prior_precision=prior_precision,
+                                   eps=eps)
     torch.ops.ivon_fast.accumulate(grad, hess, avg_grad, avg_hess_term, seed=_i64(seed),
                                    draw=_i64(draw), offset=int(offset), count=int(count),
                                    ess=float(ess), weight_decay=float(weight_decay),
@@ -97,7 +97,13 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
     pointers and are read there, never here; so are the draws of ``device_draws`` (int64, 2
     elements: draw, next_draw). ``prior_mean`` / ``prior_precision`` (flat float32 tensors of
     the segment) go as pointers too; an absent one selects a kernel that never reads it."""
-    _no_eps(eps, next_eps)
+    _contract.update_arguments(_check, param, grad, mean, momentum, hess, avg_grad,
+                               avg_hess_term, seed=seed, draw=draw, next_draw=next_draw,
+                               offset=offset, count=count, round_draw=round_draw,
+                               grad_scale=grad_scale, found_inf=found_inf, device_lr=device_lr,
+                               device_debias=device_debias, device_draws=device_draws,
+                               prior_mean=prior_mean, prior_precision=prior_precision, eps=eps,
+                               next_eps=next_eps)
     s = scalars
     torch.ops.ivon_fast.update(
         param, grad, mean, momentum, hess, avg_grad, avg_hess_term, seed=_i64(seed),

@@ -15,11 +15,14 @@ optimizer never branches on ``rng``: it asks the source for the extra keyword ar
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from ._sharded import common_seed
 from .reference import EVAL_DRAW_BASE
 
-__all__ = ["EVAL_DRAW_BASE", "rank_seed", "PhiloxNoise", "TorchNoise"]
+__all__ = ["EVAL_DRAW_BASE", "rank_seed", "initial_seed", "PhiloxNoise", "TorchNoise"]
 
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # odd: rank -> key is a bijection on 64-bit integers
 _MASK64 = (1 << 64) - 1
@@ -28,6 +31,17 @@ _MASK64 = (1 << 64) - 1
 def rank_seed(seed: int, rank: int) -> int:
     """The noise key of ``rank`` under ``sync=True``: distinct per rank, ``seed`` itself on rank 0."""
     return (int(seed) + int(rank) * _GOLDEN_GAMMA) & _MASK64
+
+
+def initial_seed(seed: Optional[int], rng: str, param_groups: list) -> int:
+    """The optimizer's seed: the given one, or one drawn from torch's default generator (so
+    ``torch.manual_seed`` controls it); with sharded params rank 0's, on every rank."""
+    if seed is not None:
+        return seed
+    # under rng='torch' the seed only drives evaluation noise; drawing it would consume torch's
+    # generator and shift the training noise away from ivon-opt's
+    seed = torch.initial_seed() if rng == "torch" else int(torch.randint(0, 2**63 - 1, ()))
+    return common_seed(param_groups, seed)  # FSDP: one model, one key
 
 
 def _rank(sync: bool) -> int:

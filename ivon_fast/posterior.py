@@ -9,9 +9,7 @@ IVON's posterior over each parameter element is the Gaussian N(m, sigma^2) with
 standard deviation shaped like the param. ``merge`` combines posteriors of models fine-tuned from
 one base by precision-weighted averaging.
 
-The package-level ``ivon_fast.mean_params`` / ``sampled_params`` / ``unwrap`` accept the optimizer,
-or any wrapper that exposes it as ``.optimizer`` (``accelerate``'s ``AcceleratedOptimizer``,
-Lightning's ``LightningOptimizer``): ``ivon_fast.unwrap(wrapped).posterior()``.
+Behind a framework's wrapper, ``ivon_fast.unwrap(wrapped).posterior()`` (``_wrappers``).
 """
 from __future__ import annotations
 
@@ -154,31 +152,4 @@ def merge(posteriors: list) -> Posterior:
     return Posterior(mean=means, std=stds)
 
 
-def unwrap(optimizer):
-    """The IVON inside ``optimizer``: itself, or what wrappers expose as ``.optimizer``."""
-    from .optimizer import IVON
-
-    seen, current = [], optimizer
-    # a wrapper may also subclass IVON and forward to it (Lightning's LightningOptimizer): the
-    # optimizer itself is the instance that holds the state (Note [optimizer wrappers])
-    while not (isinstance(current, IVON) and "_layout" in vars(current)):
-        seen.append(type(current).__name__)
-        inner = getattr(current, "optimizer", None)
-        if inner is None or inner is current or len(seen) > 16:
-            raise TypeError(f"Invalid optimizer: expected an ivon_fast.IVON or a wrapper that "
-                            f"exposes one as .optimizer, got {' -> '.join(seen)}")
-        current = inner
-    return current
-
-
-def mean_params(optimizer):
-    """``unwrap(optimizer).mean_params()``: the posterior mean in the params for a block."""
-    return unwrap(optimizer).mean_params()
-
-
-def sampled_params(optimizer, train: bool = False):
-    """``unwrap(optimizer).sampled_params(train)``: a posterior sample in the params."""
-    return unwrap(optimizer).sampled_params(train=train)
-
-
-__all__ = ["Posterior", "merge", "unwrap", "mean_params", "sampled_params", "of_optimizer"]
+__all__ = ["Posterior", "merge", "of_optimizer"]

@@ -38,6 +38,9 @@ from numbers import Integral
 
 import torch
 
+from ._wrappers import unwrap
+from .posterior import Posterior
+
 # -log of this is the largest NLL one example can contribute (about 87.3 nats): the smallest
 # normal float32, so a probability of exactly 0 for the target stays finite.
 NLL_FLOOR = torch.finfo(torch.float32).tiny
@@ -93,10 +96,7 @@ def predict(model, source, loader, *, samples: int = 0, seed: int = 0, progress:
     """
     _check_predict_args(model, samples, seed, progress, forward)
     run_forward = _default_forward if forward is None else forward
-    if device is None:
-        first = next(iter(model.parameters()), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = _batch_device(model, device)
     params, means, stds = _matched_posterior(model, source)
     # move the posterior next to each param once (a loaded Posterior is on the CPU)
     means = [m.detach().to(p.device) for m, p in zip(means, params)]
@@ -109,23 +109,13 @@ def predict(model, source, loader, *, samples: int = 0, seed: int = 0, progress:
     rng_devices = {p.device for p in params} | {device}
     saved_rng = _rng_state(rng_devices)
     bar = _progress_bar(progress, passes, loader)
+    first_targets, prob_sums = [], []
     try:
         model.eval()
         with torch.no_grad():
-            generators = {}
-            if samples > 0:
-                for p in params:
-                    if p.device not in generators:
-                        generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-            first_targets, prob_sums = [], []
+            generators = _sample_generators(params, seed) if samples > 0 else {}
             for k in range(passes):
-                for p, mean, std in zip(params, means, stds):
-                    if samples == 0:
-                        p.data.copy_(mean)
-                    else:
-                        eps = torch.randn(mean.shape, dtype=mean.dtype, device=p.device,
-                                          generator=generators[p.device])
-                        p.data.copy_(torch.where(std == 0, mean, mean + std * eps))
+                _put_sample(params, means, stds, generators if samples > 0 else None)
                 _one_pass(model, loader, run_forward, device, k, first_targets, prob_sums, bar)
     finally:
         with torch.no_grad():
@@ -141,6 +131,34 @@ def predict(model, source, loader, *, samples: int = 0, seed: int = 0, progress:
         raise ValueError("Invalid loader: it yielded no batches")
     probs = (torch.cat(prob_sums) / passes).float()
     return probs, torch.cat(first_targets)
+
+
+def _batch_device(model, device) -> torch.device:
+    """Where batches go: ``device``, or the device of the model's first param (CPU without)."""
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    return torch.device(device)
+
+
+def _sample_generators(params: list, seed: int) -> dict:
+    """One generator per device of ``params``, seeded with ``seed`` (Note [the sample order])."""
+    generators = {}
+    for p in params:
+        if p.device not in generators:
+            generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+    return generators
+
+
+def _put_sample(params: list, means: list, stds: list, generators) -> None:
+    """The params <- the mean (``generators`` None), or the next posterior sample."""
+    for p, mean, std in zip(params, means, stds):
+        if generators is None:
+            p.data.copy_(mean)
+        else:
+            eps = torch.randn(mean.shape, dtype=mean.dtype, device=p.device,
+                              generator=generators[p.device])
+            p.data.copy_(torch.where(std == 0, mean, mean + std * eps))
 
 
 def calibration(probs, targets, n_bins: int = 15) -> dict:
@@ -230,8 +248,6 @@ def _check_predict_args(model, samples, seed, progress, forward) -> None:
 
 def _matched_posterior(model, source) -> tuple:
     """(params, means, stds): the params of ``model`` to perturb and their posterior."""
-    from .posterior import Posterior, unwrap
-
     if isinstance(source, Posterior):
         params = list(model.parameters())
         if len(params) != len(source.mean):

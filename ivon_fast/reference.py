@@ -87,6 +87,11 @@ floats (double); no backend combines them itself, so every backend rounds the sa
 reference ops additionally accept the standard normal ``eps`` (and ``next_eps``) explicitly,
 which is how the optimizer reproduces ivon-opt's ``torch.randn`` noise bit for bit.
 
+Every op checks its arguments against the rules of ``ivon_fast._contract``, which every backend
+shares (and csrc/ops.cpp states too): contiguous segment tensors of one length on one device,
+the dtypes above, seeds and draws in [0, 2**64), count >= 1, ... The reference differs from the
+kernels only where it does more: float64 params and state, and the explicit noise.
+
 Note [bitwise equality with ivon-opt]: the arithmetic below is written op for op as ivon-opt 0.1.3
 writes it: Python scalars combined in double on the host, true divisions, the same association
 order. Changing ``a / sqrt(b)`` into ``a * rsqrt(b)``, or regrouping a sum, breaks equality.
@@ -95,6 +100,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _contract
 from .scalars import StepScalars
 
 __all__ = [
@@ -248,63 +254,45 @@ def _eps(eps, seed, draw, offset, like: torch.Tensor) -> torch.Tensor:
 
 def _noise(eps: torch.Tensor, hess: torch.Tensor, ess: float, weight_decay) -> torch.Tensor:
     # written as ivon-opt writes it: randn / (ess * (hess + wd)).sqrt(); ``weight_decay`` is the
-    # group's float or the per-element prior precision (a tensor), see _prior_precision
+    # group's float or the per-element prior precision (a tensor, which replaces it in every
+    # per-element use)
     return eps / (ess * (hess + weight_decay)).sqrt()
 
 
-def _prior_precision(weight_decay: float, prior_precision, like: torch.Tensor):
-    """The delta of every per-element use: the group's weight decay, or the prior precision
-    tensor (checked as the kernels check it)."""
-    if prior_precision is None:
-        return weight_decay
-    _check_prior(prior_precision, "prior_precision", like)
-    return prior_precision
-
-
-def _check_prior(tensor: torch.Tensor, name: str, like: torch.Tensor) -> None:
-    """A prior input: a flat tensor of the segment's length in the state dtype, on its device."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor or None, got {type(tensor).__name__}")
-    if tensor.numel() != like.numel():
-        raise ValueError(f"{name} has {tensor.numel()} elements but the segment has "
-                         f"{like.numel()}")
-    if tensor.dtype != like.dtype:
-        raise TypeError(f"{name} must be {like.dtype} (the state dtype), got {tensor.dtype}")
-    if tensor.device != like.device:
-        raise ValueError(f"{name} must be on the params' device {like.device}, got "
-                         f"{tensor.device}")
-
-
 def _hess_term(grad, noise, hess_approx: str) -> torch.Tensor:
-    if hess_approx == "price":
-        return noise * grad
-    if hess_approx == "gradsq":
-        return grad.square()
-    raise ValueError(f"hess_approx must be 'price' or 'gradsq', got {hess_approx!r}")
+    return noise * grad if hess_approx == "price" else grad.square()
 
 
 def _running_mean(avg: torch.Tensor, new: torch.Tensor, count: int) -> torch.Tensor:
     return new if count == 1 else avg + (new - avg) / count
 
 
-def _device_draw(device_draws, count: int, index: int, like: torch.Tensor):
-    """Element ``index`` of an op's device draws (checked as the kernels check them)."""
-    if device_draws.numel() != count or device_draws.dtype != torch.int64:
-        raise ValueError(f"device_draws must be an int64 tensor of {count} element(s), got "
-                         f"{device_draws.numel()} of {device_draws.dtype}")
-    if device_draws.device != like.device:
-        raise ValueError(f"device_draws must be on the params' device {like.device}, got "
-                         f"{device_draws.device}")
-    return device_draws.reshape(-1)[index]
+def _draws(device_draws, draw, next_draw=None, round_draw=0) -> tuple:
+    """An op's (checked) draw, next draw and rounding index: as ints, or read from its device
+    draws (0-d int64 tensors, on the device; update's next draw and rounding index are the
+    second one, the next draw only where one is wanted)."""
+    if device_draws is None:
+        return int(draw), None if next_draw is None else int(next_draw), int(round_draw)
+    draws = device_draws.reshape(-1)
+    return draws[0], None if next_draw is None else draws[1], draws[-1]
 
 
 @torch.no_grad()
 def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, eps=None,
            device_draws=None, prior_precision=None):
-    if device_draws is not None:
-        draw = _device_draw(device_draws, 1, 0, param)
+    _contract.sample(param, mean, hess, seed=seed, draw=draw, offset=offset,
+                     device_draws=device_draws, prior_precision=prior_precision, eps=eps,
+                     reference=True)
+    draw = _draws(device_draws, draw)[0]
+    _sample(param, mean, hess, seed=int(seed), draw=draw, offset=int(offset), ess=ess,
+            weight_decay=weight_decay, eps=eps, prior_precision=prior_precision)
+
+
+def _sample(param, mean, hess, *, seed, draw, offset, ess, weight_decay, eps, prior_precision):
+    """``sample`` of checked arguments (``draw``: an int or a device draw)."""
     hess = hess.to(mean.dtype)  # bf16 state is computed with in float32
-    delta = _prior_precision(weight_decay, prior_precision, hess)
+    # the prior precision replaces weight_decay wherever it multiplies or adds per element
+    delta = weight_decay if prior_precision is None else prior_precision
     noise = _noise(_eps(eps, seed, draw, offset, mean), hess, ess, delta)
     param.copy_(mean + noise)
 
@@ -312,11 +300,14 @@ def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, ep
 @torch.no_grad()
 def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
                weight_decay, hess_approx, eps=None, device_draws=None, prior_precision=None):
-    if device_draws is not None:
-        draw = _device_draw(device_draws, 1, 0, grad)
+    _contract.accumulate(grad, hess, avg_grad, avg_hess_term, seed=seed, draw=draw,
+                         offset=offset, count=count, hess_approx=hess_approx,
+                         device_draws=device_draws, prior_precision=prior_precision, eps=eps,
+                         reference=True)
+    seed, draw, offset, count = int(seed), _draws(device_draws, draw)[0], int(offset), int(count)
     hess = hess.to(avg_grad.dtype)  # bf16 state is computed with in float32
     grad = grad.to(hess.dtype)
-    delta = _prior_precision(weight_decay, prior_precision, hess)
+    delta = weight_decay if prior_precision is None else prior_precision
     noise = _noise(_eps(eps, seed, draw, offset, hess), hess, ess, delta)
     avg_grad.copy_(_running_mean(avg_grad, grad, count))
     avg_hess_term.copy_(_running_mean(avg_hess_term, _hess_term(grad, noise, hess_approx), count))
@@ -338,18 +329,31 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
            next_eps=None, grad_scale=None, found_inf=None, device_lr=None,
            device_debias=None, device_draws=None, prior_mean=None, prior_precision=None,
            round_draw=0):
-    if device_draws is not None:
-        draw = _device_draw(device_draws, 2, 0, param)
-        next_draw = None if next_draw is None else _device_draw(device_draws, 2, 1, param)
-        round_draw = _device_draw(device_draws, 2, 1, param)
+    _contract.update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, seed=seed,
+                     draw=draw, next_draw=next_draw, offset=offset, count=count,
+                     hess_approx=hess_approx, round_draw=round_draw, grad_scale=grad_scale,
+                     found_inf=found_inf, device_lr=device_lr, device_debias=device_debias,
+                     device_draws=device_draws, prior_mean=prior_mean,
+                     prior_precision=prior_precision, eps=eps, next_eps=next_eps,
+                     reference=True)
+    draw, next_draw, round_draw = _draws(device_draws, draw, next_draw, round_draw)
+    _update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, seed=int(seed), draw=draw,
+            next_draw=next_draw, offset=int(offset), count=int(count), hess_approx=hess_approx,
+            scalars=scalars, eps=eps, next_eps=next_eps, grad_scale=grad_scale,
+            found_inf=found_inf, device_lr=device_lr, device_debias=device_debias,
+            prior_mean=prior_mean, prior_precision=prior_precision, round_draw=round_draw)
+
+
+def _update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed, draw, next_draw,
+            offset, count, hess_approx, scalars, eps, next_eps, grad_scale, found_inf, device_lr,
+            device_debias, prior_mean, prior_precision, round_draw):
+    """``update`` of checked arguments (draws: ints or device draws)."""
     # bf16 momentum / hess: computed with in float32 (the mean's dtype) and stored rounded
     stored_momentum, stored_hess = momentum, hess
     momentum, hess = momentum.to(mean.dtype), hess.to(mean.dtype)
     s = scalars
     # the prior precision replaces s.weight_decay wherever it multiplies or adds per element
-    delta = _prior_precision(s.weight_decay, prior_precision, hess)
-    if prior_mean is not None:
-        _check_prior(prior_mean, "prior_mean", hess)
+    delta = s.weight_decay if prior_precision is None else prior_precision
     # the hess-term average of 'gradsq' holds squared (so twice scaled) gradients
     term_scaled = 2 if hess_approx == "gradsq" else 1
     if grad is None:
@@ -384,7 +388,7 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
         min=-s.clip_radius, max=s.clip_radius)
 
     if found_inf is not None:  # a skipped step keeps the state (no host sync to decide it)
-        skip = found_inf.to(mean.device).reshape(()) != 0
+        skip = found_inf.reshape(()) != 0
         new_momentum = torch.where(skip, momentum, new_momentum)
         new_hess = torch.where(skip, hess, new_hess)
         new_mean = torch.where(skip, mean, new_mean)
@@ -396,5 +400,5 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
     if next_draw is None and next_eps is None:
         param.copy_(new_mean)
     else:
-        sample(param, mean, stored_hess, seed=seed, draw=next_draw, offset=offset, ess=s.ess,
-               weight_decay=s.weight_decay, eps=next_eps, prior_precision=prior_precision)
+        _sample(param, mean, stored_hess, seed=seed, draw=next_draw, offset=offset, ess=s.ess,
+                weight_decay=s.weight_decay, eps=next_eps, prior_precision=prior_precision)

@@ -77,6 +77,17 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=device.type != "cpu")
 
 
+def device_lr_tensor(lr, params) -> torch.Tensor:
+    """A capturable group's lr: the given tensor when it is a float tensor of one element on
+    the params' device (schedulers then ``fill_`` it in place), else a 0-dim float64 tensor
+    there holding the value (read once, here)."""
+    device = params[0].device if params else torch.device("cpu")
+    if (isinstance(lr, torch.Tensor) and lr.device == device and lr.is_floating_point()
+            and lr.numel() == 1):
+        return lr
+    return torch.tensor(float(lr), dtype=torch.float64, device=device)
+
+
 class StepCount:
     """The number of updates taken, kept on the host until a step's outcome is decided on a device.
 

@@ -1,7 +1,8 @@
 """Triton backend: the op contract of ``ivon_fast.reference`` as one fused kernel per op call.
 
-``sample``, ``accumulate`` and ``update`` take exactly the arguments of the reference ops (without
-the reference-only ``eps`` / ``next_eps``) and give the same results element by element with the
+``sample``, ``accumulate`` and ``update`` take exactly the arguments of the reference ops (the
+reference-only ``eps`` / ``next_eps`` only as None), check them against the rules every backend
+shares (``ivon_fast._contract``), and give the same results element by element with the
 same noise (docs/DESIGN.md section 3), which the kernels regenerate from Philox instead of storing it.
 ``update`` takes its hyperparameters as one ``ivon_fast.scalars.StepScalars``, and the rounding
 index ``round_draw`` of low-precision state.
@@ -40,6 +41,7 @@ import os
 
 import torch
 
+from . import _contract
 from .reference import ROUND_DRAW_BASE
 from .scalars import StepScalars
 
@@ -80,11 +82,6 @@ _NOT_SPECIALIZED = ["quad_base", "seed", "draw", "next_draw", "round_draw"]
 
 # Whether the kernels were defined for the interpreter (decided by triton when @triton.jit runs).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# momentum and hess: IVON's state_dtype (docs/DESIGN.md section 16)
-_MOMENT_DTYPES = (torch.float32, torch.bfloat16)
-
 
 def unavailable_reason(device) -> str | None:
     """None when the Triton backend can run on ``device``, else why it cannot."""
@@ -312,12 +309,12 @@ def _sample_kernel(param_ptr, mean_ptr, hess_ptr, device_draws_ptr, prior_precis
                      ess, weight_decay, HAS_PRIOR_PRECISION, MASKED=True)
 
 
-def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, device_draws=None,
-           prior_precision=None):
+def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, eps=None,
+           device_draws=None, prior_precision=None):
     """Reference ``sample`` (see ivon_fast.reference) in one kernel launch."""
-    n = _check_segment((param,), (mean,), (hess,))
-    _check_device_draws(device_draws, 1, param.device)
-    _check_prior(prior_precision, "prior_precision", mean)
+    _contract.sample(param, mean, hess, seed=seed, draw=draw, offset=offset,
+                     device_draws=device_draws, prior_precision=prior_precision, eps=eps)
+    n, offset = param.numel(), int(offset)
     if n == 0:
         return
     _launch(_sample_kernel, param.device, n, offset, param, mean, hess,
@@ -414,13 +411,12 @@ def _accumulate_kernel(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, devi
 
 
 def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
-               weight_decay, hess_approx, device_draws=None, prior_precision=None):
+               weight_decay, hess_approx, eps=None, device_draws=None, prior_precision=None):
     """Reference ``accumulate`` (see ivon_fast.reference) in one kernel launch."""
-    n = _check_segment((grad,), (avg_grad, avg_hess_term), (hess,))
-    price = _is_price(hess_approx)
-    _check_count(count)
-    _check_device_draws(device_draws, 1, grad.device)
-    _check_prior(prior_precision, "prior_precision", hess)
+    _contract.accumulate(grad, hess, avg_grad, avg_hess_term, seed=seed, draw=draw,
+                         offset=offset, count=count, hess_approx=hess_approx,
+                         device_draws=device_draws, prior_precision=prior_precision, eps=eps)
+    n, offset, count, price = grad.numel(), int(offset), int(count), hess_approx == "price"
     if n == 0:
         return
     # 'gradsq' never reads the prior precision (its hess term has no noise): one variant fewer
@@ -569,13 +565,13 @@ def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_gr
 
 
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
-           next_draw=None, offset=0, count, hess_approx, scalars: StepScalars, grad_scale=None,
-           found_inf=None, device_lr=None, device_debias=None, device_draws=None,
-           prior_mean=None, prior_precision=None, round_draw=0):
+           next_draw=None, offset=0, count, hess_approx, scalars: StepScalars, eps=None,
+           next_eps=None, grad_scale=None, found_inf=None, device_lr=None, device_debias=None,
+           device_draws=None, prior_mean=None, prior_precision=None, round_draw=0):
     """Reference ``update`` (see ivon_fast.reference) in one kernel launch.
 
-    With ``grad`` given and count == 1 the averages are neither read nor written (they may be
-    None); with ``grad=None`` they must hold all ``count`` samples. ``grad_scale``,
+    With ``grad`` given and count == 1 the averages are neither read, written nor checked (they
+    may be None); with ``grad=None`` they must hold all ``count`` samples. ``grad_scale``,
     ``found_inf``, ``device_lr`` and ``device_debias`` are 1-element float32 tensors on the
     params' device (or None); the kernel reads them, the host never does. ``prior_mean`` and
     ``prior_precision`` are fp32 tensors of the segment (or None). ``momentum`` and ``hess``
@@ -583,20 +579,15 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
     rounding index ``round_draw`` (with ``device_draws``: ``device_draws[1]``, read by the
     kernel; the host's value is then ignored). fp32 state ignores ``round_draw``.
     """
-    price = _is_price(hess_approx)
-    _check_count(count)
-    first = grad is not None and count == 1
-    if not first and (avg_grad is None or avg_hess_term is None):
-        raise ValueError("update needs avg_grad and avg_hess_term unless grad is given and "
-                         "count == 1")
-    n = _check_segment((param, grad), (mean, avg_grad, avg_hess_term), (momentum, hess))
     device_scalars = dict(grad_scale=grad_scale, found_inf=found_inf, device_lr=device_lr,
                           device_debias=device_debias)
-    for name, tensor in device_scalars.items():
-        _check_device_scalar(tensor, name, param.device)
-    _check_device_draws(device_draws, 2, param.device)
-    _check_prior(prior_mean, "prior_mean", mean)
-    _check_prior(prior_precision, "prior_precision", mean)
+    _contract.update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, seed=seed,
+                     draw=draw, next_draw=next_draw, offset=offset, count=count,
+                     hess_approx=hess_approx, round_draw=round_draw, device_draws=device_draws,
+                     prior_mean=prior_mean, prior_precision=prior_precision, eps=eps,
+                     next_eps=next_eps, **device_scalars)
+    n, offset, count, price = param.numel(), int(offset), int(count), hess_approx == "price"
+    first = grad is not None and count == 1
     if n == 0:
         return
     s = scalars
@@ -607,8 +598,8 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
     # the Philox draw of the rounding bits; with device draws the kernel adds draws[1] to it
     rounding = _rounding_draw(0 if device_draws is not None else round_draw)
     _launch(_update_kernel, param.device, n, offset, param, hess if grad is None else grad, mean,
-            momentum, hess, hess if avg_grad is None else avg_grad,
-            hess if avg_hess_term is None else avg_hess_term, *pointers, n, offset >> 2,
+            momentum, hess, hess if first else avg_grad, hess if first else avg_hess_term,
+            *pointers, n, offset >> 2,
             _u64_bits(seed, "seed"), _u64_bits(draw, "draw"),
             _u64_bits(0 if next_draw is None else next_draw, "next_draw"), rounding, float(count),
             s.lr, s.ess, s.weight_decay, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2,
@@ -626,10 +617,7 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
 def _u64_bits(value: int, name: str) -> int:
     """A uint64 as the int64 with the same bits: triton types larger Python ints as uint64, and
     one signed type keeps the kernel signature (and its compiled variants) the same for all."""
-    value = int(value)
-    if not 0 <= value < 1 << 64:
-        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
-    return value - (1 << 64) if value >= 1 << 63 else value
+    return _contract.int64_bits(_contract.uint64(_contract.raise_check, value, name))
 
 
 def _rounding_draw(round_draw: int) -> int:
@@ -663,94 +651,3 @@ def _on_device(device: torch.device):
     if device.type != "cuda" or device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device)
-
-
-def _is_price(hess_approx: str) -> bool:
-    if hess_approx not in ("price", "gradsq"):
-        raise ValueError(f"hess_approx must be 'price' or 'gradsq', got {hess_approx!r}")
-    return hess_approx == "price"
-
-
-def _check_count(count) -> None:
-    if int(count) != count or count < 1:
-        raise ValueError(f"count must be a positive integer, got {count!r}")
-
-
-def _check_device_scalar(tensor, name: str, device: torch.device) -> None:
-    """An update's optional device scalar: None, or 1 float32 element on the params' device."""
-    if tensor is None:
-        return
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor or None, got {type(tensor).__name__}")
-    if tensor.numel() != 1:
-        raise ValueError(f"{name} must be a tensor of 1 element, got {tensor.numel()} elements")
-    if tensor.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {tensor.dtype}")
-    if tensor.device != device:
-        raise ValueError(f"{name} must be on the params' device {device}, got {tensor.device}")
-
-
-def _check_device_draws(tensor, count: int, device: torch.device) -> None:
-    """An op's optional device draws: None, or ``count`` int64 elements on the params' device."""
-    if tensor is None:
-        return
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"device_draws must be a tensor or None, got {type(tensor).__name__}")
-    if tensor.numel() != count or tensor.dtype != torch.int64 or not tensor.is_contiguous():
-        raise ValueError(f"device_draws must be a contiguous int64 tensor of {count} element(s), "
-                         f"got {tensor.numel()} of {tensor.dtype}")
-    if tensor.device != device:
-        raise ValueError(f"device_draws must be on the params' device {device}, got "
-                         f"{tensor.device}")
-
-
-def _check_prior(tensor, name: str, state: torch.Tensor) -> None:
-    """An optional prior input: None, or an fp32 tensor of the segment (as long as ``state``,
-    contiguous, on its device)."""
-    if tensor is None:
-        return
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor or None, got {type(tensor).__name__}")
-    if tensor.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32 (the state dtype), got {tensor.dtype}")
-    if tensor.numel() != state.numel():
-        raise ValueError(f"{name} has {tensor.numel()} elements but the segment has "
-                         f"{state.numel()}")
-    if not tensor.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-    if tensor.device != state.device:
-        raise ValueError(f"{name} must be on the params' device {state.device}, got "
-                         f"{tensor.device}")
-
-
-def _check_segment(params, states, moments) -> int:
-    """The segment length. Every tensor (None skipped) must be contiguous with it and on one
-    device; params / grads fp32, bf16 or fp16 (a grad in its param's dtype), ``states`` (mean,
-    averages) fp32, ``moments`` (momentum and hess; hess alone for sample / accumulate) fp32 or
-    bf16, all the same."""
-    first = params[0]
-    n = first.numel()
-    for tensor in (*params, *states, *moments):
-        if tensor is not None and (tensor.numel() != n or not tensor.is_contiguous()
-                                   or tensor.device != first.device):
-            raise ValueError("segment tensors must be contiguous, of equal length and on one "
-                             f"device; got {tuple(tensor.shape)} on {tensor.device} against "
-                             f"{n} elements on {first.device}")
-    for tensor in params:
-        if tensor is not None and tensor.dtype not in _PARAM_DTYPES:
-            raise TypeError("the Triton backend supports float32, bfloat16 and float16 params, "
-                            f"got {tensor.dtype}")
-    for tensor in states:
-        if tensor is not None and tensor.dtype != torch.float32:
-            raise TypeError("the Triton backend keeps the mean and the averages in float32, got "
-                            f"{tensor.dtype}")
-    for tensor in moments:
-        if tensor.dtype not in _MOMENT_DTYPES:
-            raise TypeError("the Triton backend keeps momentum and hess in float32 or bfloat16 "
-                            f"(state_dtype), got {tensor.dtype}")
-    if len({tensor.dtype for tensor in moments}) > 1:
-        raise TypeError("momentum and hess must have the same dtype, got "
-                        f"{moments[0].dtype} and {moments[1].dtype}")
-    if len(params) > 1 and params[1] is not None and params[1].dtype != first.dtype:
-        raise TypeError(f"grad dtype {params[1].dtype} differs from param dtype {first.dtype}")
-    return n

@@ -1,4 +1,5 @@
 import os
+import re
 
 import torch
 
@@ -9,10 +10,22 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--nightly", action="store_true", default=False,
+                     help="also collect the kernel suite's long grids (marked nightly; the same "
+                          "as IVON_FAST_NIGHTLY=1 or -m nightly)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "triton: tests the Triton backend")
     config.addinivalue_line("markers", "cpp: tests the compiled C++/CUDA extension")
+    config.addinivalue_line("markers", "nightly: the kernel suite's long grids; collected only "
+                                       "with --nightly, -m nightly or IVON_FAST_NIGHTLY=1")
+    # the kernel suite builds its grids when its modules are imported (tests/covering.py)
+    if config.getoption("--nightly") or re.search(r"(?<!not )\bnightly\b",
+                                                  config.option.markexpr or ""):
+        os.environ["IVON_FAST_NIGHTLY"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,9 +1,8 @@
-"""Checks shared by the kernel backends' tests (test_cpp, test_triton)."""
+"""Inputs and checks shared by the kernel suite (tests/test_kernels*.py)."""
 from __future__ import annotations
 
 import torch
 
-from ivon_fast import reference
 from ivon_fast.scalars import StepScalars
 
 
@@ -94,65 +93,6 @@ def run_prior_op(backend, op, state, priors, *, hess_approx="price", grad=True, 
     return st
 
 
-def check_prior_against_reference(backend, op, device, dtype, prior, assert_close, *,
-                                  n=4097, prior_matters=True, **kw):
-    """``backend`` against the reference with the prior ``prior`` (a key of PRIORS; only the
-    precision for sample / accumulate), within ``assert_close(actual, expected, dtype)``, the
-    test file's per-dtype tolerance. ``prior_matters``: the reference's result without the prior
-    must differ beyond 100 times the fp32 tolerance (in some output), so a backend that dropped
-    the prior (or one use of it) fails; False where it cannot matter ('gradsq' accumulate, a
-    skipped step without a next sample), which the backend must then show too. Returns the
-    backend's result."""
-    state = prior_state(n, dtype, device, kw.get("hess_approx", "price"))
-    priors = prior_inputs(prior, n, device)
-    got = run_prior_op(backend, op, state, priors, **kw)
-    want = run_prior_op(reference, op, state, priors, **kw)
-    for key in PRIOR_OUTPUTS[op]:
-        assert_close(got[key].float(), want[key].float(),
-                     got[key].dtype if key == "param" else torch.float32)
-    without = run_prior_op(reference, op, state, {}, **kw)
-    moved = [not torch.allclose(want[key].float(), without[key].float(), rtol=1e-3, atol=1e-4)
-             for key in PRIOR_OUTPUTS[op]]
-    assert any(moved) == prior_matters, dict(zip(PRIOR_OUTPUTS[op], moved))
-    return got
-
-
-def neutral_prior_is_the_weight_decay(backend, op, device, dtype, **kw):
-    """A prior of mean 0 and precision weight_decay everywhere (rounded to fp32, as the kernels
-    round the scalar) is the prior of no prior argument: the same bits, in every output."""
-    n = 4097
-    state = prior_state(n, dtype, device, kw.get("hess_approx", "price"))
-    wd = PRIOR_SCALARS.weight_decay
-    neutral = dict(prior_precision=torch.full((n,), wd, dtype=torch.float32, device=device))
-    if op == "update":
-        neutral["prior_mean"] = torch.zeros(n, device=device)
-    with_prior = run_prior_op(backend, op, state, neutral, **kw)
-    without = run_prior_op(backend, op, state, {}, **kw)
-    for key in PRIOR_OUTPUTS[op]:
-        assert torch.equal(with_prior[key], without[key]), key
-
-
-def check_priors_in_a_skipped_step(backend, device, prior, next_draw, grad, count):
-    """found_inf: state bit for bit unchanged whatever the prior; the param is the old mean, or
-    the sample op's sample around the old state with the same prior precision (same bits)."""
-    n = 4097
-    state = prior_state(n, torch.bfloat16, device)
-    priors = prior_inputs(prior, n, device)
-    got = run_prior_op(backend, "update", state, priors, grad=grad, count=count,
-                       next_draw=next_draw, found_inf=one(1.0, device))
-    for key in ("mean", "momentum", "hess", "avg_grad", "avg_hess_term"):
-        assert torch.equal(got[key], state[key]), key
-    if next_draw is None:
-        assert torch.equal(got["param"], state["mean"].to(torch.bfloat16))
-    else:
-        sampled = torch.empty_like(state["param"])
-        backend.sample(sampled, state["mean"], state["hess"], seed=PRIOR_SEED, draw=next_draw,
-                       offset=4099, ess=PRIOR_SCALARS.ess,
-                       weight_decay=PRIOR_SCALARS.weight_decay,
-                       prior_precision=priors.get("prior_precision"))
-        assert torch.equal(got["param"], sampled)
-
-
 def one(value, device):
     """A 1-element float32 device scalar (grad_scale, found_inf, device_lr, device_debias)."""
     return torch.tensor([value], dtype=torch.float32, device=device)
@@ -162,26 +102,3 @@ def device_draws(values, device):
     """uint64 draw numbers as the int64 tensor that holds their bits."""
     return torch.tensor([v - (1 << 64) if v >= 1 << 63 else v for v in values],
                         dtype=torch.int64, device=device)
-
-
-def check_priors_with_device_inputs(backend, device, dtype, n, offset, found, assert_close,
-                                    eval_draw):
-    """Both priors together with every device scalar and the device draws (the update's next
-    draw and the one-draw ops' draw are ``eval_draw``); a skipped step (``found``) keeps the
-    state, and its next sample still uses the prior precision. Sample and accumulate with the
-    prior precision and the device draw."""
-    inputs = dict(grad_scale=one(3.0, device), found_inf=one(found, device),
-                  device_lr=one(0.1, device), device_debias=one(0.4, device),
-                  device_draws=device_draws([5, eval_draw], device))
-    got = check_prior_against_reference(backend, "update", device, dtype, "both", assert_close,
-                                        n=n, offset=offset, count=3, next_draw=eval_draw,
-                                        **inputs)
-    if found:
-        before = prior_state(n, dtype, device)
-        for key in ("mean", "momentum", "hess"):
-            assert torch.equal(got[key], before[key]), key
-    one_draw = dict(device_draws=device_draws([eval_draw], device))
-    check_prior_against_reference(backend, "sample", device, dtype, "precision", assert_close,
-                                  n=n, offset=offset, **one_draw)
-    check_prior_against_reference(backend, "accumulate", device, dtype, "precision",
-                                  assert_close, n=n, offset=offset, count=2, **one_draw)

@@ -1,5 +1,5 @@
-"""Checks of bf16 momentum / hess state (docs/DESIGN.md section 16) shared by the kernel backends'
-tests (test_triton; test_cpp can call them the same way).
+"""Checks of bf16 momentum / hess state (docs/DESIGN.md section 16) shared by the kernel suite
+(tests/test_kernels*.py).
 
 Every function takes the backend module, the device and, where it compares with the reference,
 the test file's ``assert_close(actual, expected, dtype)`` (its per-dtype tolerance for the mean
@@ -11,7 +11,8 @@ an fp32 ulp (the noise's transcendental functions), and such a difference change
 rounding only when the random bits sit at the boundary (about 2^-16 per fp32 ulp). So momentum
 and hess must be within one bf16 ulp everywhere and equal on at least 99% of the elements; a
 wrong stream of random bits (another draw, the halves swapped, round to nearest) differs on
-about a third of the values that are not bf16 values, which each check confirms it can see.
+about a third of the values that are not bf16 values, which the suite confirms it can see
+(test_kernels_state.py's test_the_bf16_state_comparison_sees_wrong_rounding_bits).
 """
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ import torch
 
 from ivon_fast import reference
 
-from kernel_checks import (PRIOR_DRAW, PRIOR_SEED, device_draws, one, prior_inputs,
-                           prior_state, run_prior_op)
+from kernel_checks import PRIOR_DRAW, device_draws, one, prior_state, run_prior_op
 
 BF16 = torch.bfloat16
 STATE_KEYS = ("mean", "momentum", "hess", "avg_grad", "avg_hess_term")
@@ -76,59 +76,6 @@ def _compare(got, want, assert_close, param_dtype):
     assert_rounded_alike(got["momentum"], want["momentum"], "momentum")
     same_hess = assert_rounded_alike(got["hess"], want["hess"], "hess").to(got["param"].device)
     assert_close(got["param"][same_hess].float(), want["param"][same_hess].float(), param_dtype)
-
-
-def check_update_against_reference(backend, device, dtype, assert_close, *, prior=None,
-                                   n=4097, offset=OFFSET, **kw):
-    """``backend.update`` with bf16 state against the reference with the same ``round_draw``
-    (``kw``: hess_approx, grad, count, next_draw as ``run_prior_op`` takes them; ``prior``: a key
-    of kernel_checks.PRIORS or None). Also: momentum and hess moved, and the wrong roundings of
-    the same fp32 values (the bits of the next round_draw, the halves of the bits swapped,
-    round to nearest) would have been seen."""
-    state = bf16_state(prior_state(n, dtype, device, kw.get("hess_approx", "price")))
-    priors = prior_inputs(prior, n, device)
-    got = run_prior_op(backend, "update", state, priors, offset=offset, round_draw=ROUND_DRAW,
-                       **kw)
-    want = run_prior_op(reference, "update", state, priors, offset=offset,
-                        round_draw=ROUND_DRAW, **kw)
-    for key in ("momentum", "hess"):
-        assert got[key].dtype == BF16, key
-    _compare(got, want, assert_close, dtype)
-    if n < 100:  # too few elements for the fractions below
-        return got
-    for key in ("momentum", "hess"):  # the update changed them beyond a rounding
-        assert (_ordered(want[key]) - _ordered(state[key])).abs().gt(1).float().mean() > 0.5, key
-    # the unrounded fp32 values (fp32 state holding the same values) and the element's bits
-    exact = run_prior_op(reference, "update", widened(state), priors, offset=offset, **kw)
-    bits = reference.rounding_bits(PRIOR_SEED, ROUND_DRAW, offset, n, device)
-    next_bits = reference.rounding_bits(PRIOR_SEED, ROUND_DRAW + 1, offset, n, device)
-    for key, right, swapped in (("momentum", bits & 0xFFFF, bits >> 16),
-                                ("hess", bits >> 16, bits & 0xFFFF)):
-        assert torch.equal(reference.stochastic_round_bf16(exact[key], right), want[key]), key
-        for wrong in (swapped, next_bits & 0xFFFF, next_bits >> 16):
-            assert_bits_matter(want[key], reference.stochastic_round_bf16(exact[key], wrong), key)
-        assert_bits_matter(want[key], exact[key].to(BF16), key)  # round to nearest
-    return got
-
-
-def check_sample_and_accumulate(backend, device, dtype, assert_close, *, prior_precision=False,
-                                hess_approx="price", count=2, n=4097, offset=OFFSET):
-    """sample and accumulate read bf16 hess widened: the backend's own result with the fp32
-    copy of the same values, bit for bit, and the reference's within tolerance."""
-    state = bf16_state(prior_state(n, dtype, device, hess_approx))
-    priors = prior_inputs("precision" if prior_precision else None, n, device)
-    for op, outputs, op_kw in (
-            ("sample", ("param",), dict(offset=offset)),
-            ("accumulate", ("avg_grad", "avg_hess_term"),
-             dict(hess_approx=hess_approx, count=count, offset=offset))):
-        got = run_prior_op(backend, op, state, priors, **op_kw)
-        same_values = run_prior_op(backend, op, widened(state), priors, **op_kw)
-        want = run_prior_op(reference, op, state, priors, **op_kw)
-        for key in outputs:
-            assert torch.equal(got[key], same_values[key]), (op, key)
-            assert_close(got[key].float(), want[key].float(),
-                         got[key].dtype if key == "param" else torch.float32)
-        assert torch.equal(got["hess"], state["hess"])  # read, never written
 
 
 def check_device_draws(backend, device, dtype, assert_close, *, found, next_draw, round_draw,
@@ -202,25 +149,3 @@ def check_float32_state_ignores_round_draw(backend, device, dtype):
                                                                              device))
     for key in ("param",) + STATE_KEYS:
         assert torch.equal(a[key], b[key]), key
-
-
-def check_rejects_mixed_state_dtypes(backend, device):
-    """momentum and hess are both fp32 or both bf16; the mean and the averages stay fp32."""
-    state = prior_state(8, torch.float32, device)
-    cases = [dict(momentum=state["momentum"].to(BF16)), dict(hess=state["hess"].to(BF16)),
-             dict(momentum=state["momentum"].half(), hess=state["hess"].half()),
-             dict(mean=state["mean"].to(BF16), momentum=state["momentum"].to(BF16),
-                  hess=state["hess"].to(BF16))]
-    for case in cases:
-        try:
-            run_prior_op(backend, "update", {**state, **case}, {}, offset=0)
-        except (TypeError, ValueError, RuntimeError):
-            continue
-        raise AssertionError(f"update accepted {({k: v.dtype for k, v in case.items()})}")
-    for op in ("sample", "accumulate"):
-        try:
-            run_prior_op(backend, op, {**state, "hess": state["hess"].half()}, {}, offset=0)
-        except (TypeError, ValueError, RuntimeError):
-            continue
-        raise AssertionError(f"{op} accepted an fp16 hess")
-

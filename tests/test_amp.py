@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from ivon_fast import IVON, backends, reference
+from ivon_fast import IVON, _op_loop, backends, reference
 from ivon_fast.scalars import StepScalars
 
 from test_optimizer import HP, loss_fn, make_model
@@ -114,18 +114,18 @@ def test_scaled_training_equals_unscaled_training(backend, mode, mc, hess_approx
 def test_ivon_declares_the_fused_amp_path_and_receives_the_scale():
     model, opt = _build("dropin", "reference")
     seen = {}
-    original = IVON._amp_inputs
+    original = _op_loop.amp_inputs
 
-    def spy(self, with_grad):
+    def spy(self, with_grad, folded):
         seen["grad_scale"] = getattr(self, "grad_scale", None)
         seen["found_inf"] = getattr(self, "found_inf", None)
-        return original(self, with_grad)
+        return original(self, with_grad, folded)
 
-    IVON._amp_inputs = spy
+    _op_loop.amp_inputs = spy
     try:
         _iteration(model, opt, "dropin", 0, scaler=_scaler())
     finally:
-        IVON._amp_inputs = original
+        _op_loop.amp_inputs = original
     assert IVON._step_supports_amp_scaling
     assert float(seen["grad_scale"]) == SCALE and float(seen["found_inf"]) == 0.0
     assert not hasattr(opt, "grad_scale")  # the scaler removes its attributes after the step
@@ -141,7 +141,7 @@ def test_scaler_overflow_skips_the_step_on_the_device(backend, mode, mc, at_samp
     scaler = _scaler()
     _iteration(model, opt, mode, 0, mc, scaler)
     before = _state(model, opt)
-    draws_before = opt._next_train_draw
+    draws_before = opt._draws.next_train
     _iteration(model, opt, mode, 1, mc, scaler,
                poison=_poison_first_grad(model, float("inf"), at_sample=at_sample))
     after = _state(model, opt)
@@ -156,8 +156,8 @@ def test_scaler_overflow_skips_the_step_on_the_device(backend, mode, mc, at_samp
         _assert_state_equal(before, after)  # params hold the unchanged mean
     else:
         # the params hold the next draw's sample around the unchanged mean
-        assert opt._next_train_draw == draws_before + 1
-        _assert_holds_sample(model, opt, opt._next_train_draw - 1)
+        assert opt._draws.next_train == draws_before + 1
+        _assert_holds_sample(model, opt, opt._draws.next_train - 1)
     # training goes on, and the step after the skip is update number 2 (debias with t = 2)
     _iteration(model, opt, mode, 2, mc, scaler)
     assert opt.current_step == 2 and opt.skipped_steps == 1
@@ -186,7 +186,7 @@ def test_step_after_a_skip_is_the_reference_update_with_the_unchanged_count(back
     params = list(model.parameters())
     state = {p: {k: opt.state[p][k].clone() for k in ("mean", "momentum", "hess")}
              for p in params}
-    draw = opt._next_train_draw
+    draw = opt._draws.next_train
     with opt.sampled_params(train=True):
         opt.zero_grad()
         loss_fn(model, 2).backward()

@@ -152,15 +152,6 @@ def test_device_draws_replace_the_host_draws(backend):
     assert not torch.equal(first[0], second[0])
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("bad", [torch.zeros(3, dtype=torch.int64), torch.zeros(2),
-                                 torch.zeros(1, dtype=torch.int32)], ids=["numel", "f32", "i32"])
-def test_device_draws_checked(backend, bad):
-    module = backends.get(backend)
-    with pytest.raises((ValueError, RuntimeError), match="device_draws"):
-        _run_op(module, "update", _inputs(n=8), offset=0, draw=0, next_draw=0, device_draws=bad)
-
-
 # ------------------------------------------------------------------------------------------------
 # optimizer level (CPU)
 # ------------------------------------------------------------------------------------------------
@@ -179,12 +170,12 @@ BF16 = torch.bfloat16
 
 
 def _with_bf16_state(params):
-    """The backends of ``params`` that implement bf16 state on CPU (the others skipped), so the
-    tests follow ``backends.STATE_DTYPES`` as kernels gain it."""
+    """The backends of ``params``, each skipped where it cannot run on CPU (every backend
+    implements bf16 state)."""
     out = []
     for param in params:
         name = param.values[0]
-        reason = backends.unavailable_reason(name, torch.device("cpu"), torch.float32, BF16)
+        reason = backends.unavailable_reason(name, torch.device("cpu"), torch.float32)
         out.append(pytest.param(name, id=name, marks=[
             *param.marks, pytest.mark.skipif(reason is not None, reason=str(reason))]))
     return out
@@ -482,12 +473,12 @@ def test_state_dict_round_trip(loop, mc):
     other_model = _model()
     other = IVON(other_model.parameters(), **HP, backend=backend, seed=1, mc_samples=mc,
                  resample_on_step=loop == "dropin", capturable=True)
-    lr_tensor, draws, taken = (other.param_groups[0]["lr"], other._device_draws,
+    lr_tensor, draws, taken = (other.param_groups[0]["lr"], other._draws.device,
                                other._steps._taken)
     other.load_state_dict(state)
     other_model.load_state_dict(model_state)
     assert other.param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == 0.02
-    assert other._device_draws is draws and other._steps._taken is taken
+    assert other._draws.device is draws and other._steps._taken is taken
     assert other.current_step == 3
     for _ in range(2):
         _one_step(opt, model, x, y, loop, mc)
@@ -505,7 +496,7 @@ def test_state_dict_reads_the_device_counters():
                capturable=True)
     x, y = _batch()
     _one_step(opt, model, x, y, "dropin", 1)
-    opt._device_draws.add_(4)  # what four replays do to the counter behind the host's back
+    opt._draws.device.add_(4)  # what four replays do to the counter behind the host's back
     opt._steps._taken.add_(4)
     meta = opt.state_dict()["ivon"]
     assert (meta["next_train_draw"], meta["pending_draw"], meta["step"]) == (6, 5, 5)
@@ -599,7 +590,7 @@ def test_cuda_graph_replays_bf16_state(backend, loop):
     """bf16 state in a CUDA graph (each backend that implements it on CUDA): the replays equal
     eager capturable steps, bf16 momentum and hess included, so every replay rounds with the
     bits of its own draw."""
-    reason = backends.unavailable_reason(backend, torch.device("cuda"), torch.float32, BF16)
+    reason = backends.unavailable_reason(backend, torch.device("cuda"), torch.float32)
     if reason is not None:
         pytest.skip(reason)
     replays = 4

@@ -115,7 +115,7 @@ def _snapshot(model, opt) -> dict:
     snap = {"params": _flat(params)}
     for key in ("mean", "momentum", "hess"):
         snap[key] = _flat(opt.state[p][key] for p in params)
-    snap["draws"] = torch.tensor([opt._next_train_draw, opt._next_eval_draw])
+    snap["draws"] = torch.tensor([opt._draws.next_train, opt._draws.next_eval])
     return snap
 
 
@@ -243,7 +243,7 @@ def test_inductor_tolerance_can_tell_a_replayed_or_skipped_sample():
         trajectory = []
         for i in range(STEPS):
             if i == 2:
-                opt._next_train_draw += -1 if fault == "replay" else 1
+                opt._draws.next_train += -1 if fault == "replay" else 1
             step(*batch(i))
             trajectory.append(_snapshot(model, opt))
         for name in ("params", "mean", "hess"):

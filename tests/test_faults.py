@@ -191,22 +191,26 @@ def test_global_options_given_in_a_param_group_are_ignored():
     assert_same_run(model_a, opt_a, model_b, opt_b)
 
 
-def test_a_hyperparameter_put_out_of_range_after_construction_is_refused_at_the_step():
+@pytest.mark.parametrize("name,bad,good", [("beta1", 1.0, 0.9), ("lr", -1.0, 0.1),
+                                           ("clip_radius", -1.0, float("inf"))])
+def test_a_hyperparameter_put_out_of_range_after_construction_is_refused_at_the_step(name, bad,
+                                                                                     good):
     """step() checks the groups' ranges again (a scheduler or user code may write into
-    param_groups): beta1 = 1 would make the debias factor 1 - beta1^t zero and the mean inf.
-    The error names the argument and nothing changes; a valid value trains on."""
+    param_groups): beta1 = 1 would make the debias factor 1 - beta1^t zero and the mean inf, a
+    negative lr would climb the loss. The error names the argument and nothing changes; a valid
+    value trains on."""
     model, opt = build("official")
     train(model, opt, "official", 0, 1)
-    opt.param_groups[0]["beta1"] = 1.0
+    opt.param_groups[0][name] = bad
     with opt.sampled_params(train=True):
         opt.zero_grad()
         loss_fn(model, 1).backward()
     before = _frozen(model, opt)
-    with pytest.raises(ValueError, match=r"Invalid beta1: 1\.0"):
+    with pytest.raises(ValueError, match=rf"Invalid {name}: {bad}"):
         opt.step()
     _assert_unchanged(model, opt, before)
     assert opt.current_step == 1
-    opt.param_groups[0]["beta1"] = 0.9
+    opt.param_groups[0][name] = good
     opt.step()
     assert opt.current_step == 2
     assert all(torch.isfinite(opt.state[p]["mean"]).all() for p in model.parameters())

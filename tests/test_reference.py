@@ -384,22 +384,3 @@ def test_each_prior_input_moves_the_update(name, grad, count):
     else:  # the mean's pull changes neither the hess nor the noise
         assert torch.equal(got["hess"], want["hess"])
 
-
-def test_prior_inputs_are_checked():
-    st = _device_scalar_inputs(torch.float32, "price")
-    kw = dict(grad=True, count=1, hess_approx="price")
-    for name in ("prior_mean", "prior_precision"):
-        with pytest.raises(ValueError, match=f"{name} has 300 elements but the segment has 301"):
-            _reference_update(st, **kw, **{name: torch.zeros(300)})
-        with pytest.raises(TypeError, match=f"{name} must be torch.float32 .the state dtype., "
-                                            "got torch.float64"):
-            _reference_update(st, **kw, **{name: torch.zeros(301, dtype=torch.float64)})
-        with pytest.raises(ValueError, match=f"{name} must be on the params' device cpu"):
-            _reference_update(st, **kw, **{name: torch.zeros(301, device="meta")})
-    with pytest.raises(ValueError, match="prior_precision has 3 elements"):
-        reference.sample(st["param"], st["mean"], st["hess"], ess=1.0, weight_decay=0.0,
-                         prior_precision=torch.zeros(3))
-    with pytest.raises(TypeError, match="prior_precision must be torch.float32"):
-        reference.accumulate(st["grad"], st["hess"], st["avg_grad"], st["avg_hess_term"],
-                             count=1, ess=1.0, weight_decay=0.0, hess_approx="price",
-                             prior_precision=torch.zeros(301, dtype=torch.float16))

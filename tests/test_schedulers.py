@@ -1,4 +1,4 @@
-"""LR schedulers that cycle momentum (Note [betas] in ivon_fast/optimizer.py), and optimizer
+"""LR schedulers that cycle momentum (Note [betas] in ivon_fast/_groups.py), and optimizer
 wrappers that forward to IVON (Note [optimizer wrappers]).
 
 Expectations: the momentum a scheduler computes, read from the same scheduler driving a torch

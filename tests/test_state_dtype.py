@@ -5,10 +5,8 @@ Expectations: the rounding's definition checked exhaustively over its random bit
 unbiasedness), the Philox words computed from ``philox4x32_10`` by hand, the float32 update then
 rounded by hand, and float32 state's trajectory within the rounding's spread.
 
-Backends are chosen by capability (``backends.STATE_DTYPES``): 'auto' takes the fastest that
-implements the state dtype, an explicit one that does not is a ValueError before anything moves.
-The backend tests skip the backends without bf16 state, so they hold before and after a kernel
-gains it. Capturable bf16 state: tests/test_capturable.py; sharded: tests/test_fsdp.py.
+Every backend implements bf16 state: 'auto' picks for it what it picks for float32 state.
+Capturable bf16 state: tests/test_capturable.py; sharded: tests/test_fsdp.py.
 """
 from __future__ import annotations
 
@@ -183,11 +181,11 @@ def test_each_update_rounds_with_fresh_bits():
 
 
 def _with_bf16_state(names):
-    """Backends parametrized by name, each skipped where it cannot run bf16 state on CPU (so the
-    tests follow ``backends.STATE_DTYPES`` as the kernels gain it)."""
+    """Backends parametrized by name, each skipped where it cannot run on CPU (every backend
+    implements bf16 state)."""
     params = []
     for name in names:
-        reason = backends.unavailable_reason(name, torch.device("cpu"), torch.float32, BF16)
+        reason = backends.unavailable_reason(name, torch.device("cpu"), torch.float32)
         params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(
             reason is not None, reason=str(reason))))
     return params
@@ -217,46 +215,27 @@ def test_bf16_state_trains_on_every_backend_that_implements_it(backend, dropin):
                                        atol=1e-3)
 
 
-def test_auto_takes_the_fastest_backend_that_implements_the_state_dtype(monkeypatch):
-    """'auto' resolves each bucket with its state dtype (``backends.STATE_DTYPES``): the first
-    backend of the device's order that runs there and implements it. Switching a kernel's bf16
-    on in the table is all it takes for 'auto' to pick it."""
-    cpu = torch.device("cpu")
-    order = backends._AUTO_ORDER["cpu"]
+def test_auto_picks_the_same_backend_for_either_state_dtype():
+    """Every backend implements bf16 state, so 'auto' resolves a bucket to the fastest backend
+    that runs there whatever the state dtype (the C++ kernels on CPU when built)."""
+    want = backends.resolve("auto", torch.device("cpu"), torch.float32)
     for state_dtype in (torch.float32, BF16):
         opt = IVON(Quadratic().parameters(), lr=0.1, ess=10.0, state_dtype=state_dtype)
-        want = next((name for name in order
-                     if backends.unavailable_reason(name, cpu, torch.float32, state_dtype) is None),
-                    "reference")
         assert set(opt.backends.values()) == {want}
-        assert state_dtype in backends.STATE_DTYPES[want]
-    if backends.unavailable_reason("cpu", cpu) is not None:
-        pytest.skip("the C++ CPU kernels are not available here")
-    # the C++ kernels with and without bf16 in the table (only constructed: no op runs)
-    monkeypatch.setitem(backends.STATE_DTYPES, "cpu", (torch.float32, BF16))
-    opt = IVON(Quadratic().parameters(), lr=0.1, ess=10.0, state_dtype=BF16)
-    assert set(opt.backends.values()) == {"cpu"}
-    monkeypatch.setitem(backends.STATE_DTYPES, "cpu", (torch.float32,))
-    opt = IVON(Quadratic().parameters(), lr=0.1, ess=10.0, state_dtype=BF16)
-    assert set(opt.backends.values()) == {"reference"}
-    opt = IVON(Quadratic().parameters(), lr=0.1, ess=10.0)
-    assert set(opt.backends.values()) == {"cpu"}
-    with pytest.raises(ValueError, match="Invalid backend: backend='cpu'.*state_dtype"):
-        IVON(Quadratic().parameters(), lr=0.1, ess=10.0, state_dtype=BF16, backend="cpu")
+    if backends.unavailable_reason("cpu", torch.device("cpu")) is None:
+        assert want == "cpu"
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
-def test_explicit_backend_without_the_state_dtype_is_refused_before_anything_moves(backend):
-    """An explicit backend that does not implement bf16 state (``backends.STATE_DTYPES``) is a
+def test_explicit_backend_that_cannot_run_is_refused_before_anything_moves(backend):
+    """With bf16 state, an explicit backend that cannot run on the params' device is a
     ValueError naming the backend, raised before any param is moved into the flat layout."""
     cpu = torch.device("cpu")
-    if backends.unavailable_reason(backend, cpu, torch.float32, BF16) is None:
-        pytest.skip(f"backend={backend!r} implements bf16 state")
+    if backends.unavailable_reason(backend, cpu) is None:
+        pytest.skip(f"backend={backend!r} runs here")
     model = Quadratic()
     before = [p.data_ptr() for p in model.parameters()]
     match = "Invalid backend"
-    if backends.unavailable_reason(backend, cpu) is None:  # it runs here, with float32 state
-        match = "Invalid backend: backend=.*bfloat16.*state_dtype=torch.bfloat16"
     with pytest.raises(ValueError, match=match):
         IVON(model.parameters(), lr=0.1, ess=10.0, state_dtype=BF16, backend=backend,
              resample_on_step=True)

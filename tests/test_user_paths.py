@@ -443,7 +443,7 @@ def test_compiled_training_step_follows_eager(mode):
     for i in range(4):
         eager(i)
         compiled(i)
-    assert opt_b._next_train_draw == opt_a._next_train_draw == (4 if mode == "official" else 5)
+    assert opt_b._draws.next_train == opt_a._draws.next_train == (4 if mode == "official" else 5)
     assert_same_run(model_a, opt_a, model_b, opt_b)
 
 

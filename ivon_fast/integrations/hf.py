@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.utils import logging as hf_logging
 
-from ..posterior import unwrap
+from .._wrappers import unwrap
 
 __all__ = ["IVONCallback", "IVONTrainer"]
 

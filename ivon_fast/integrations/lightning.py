@@ -46,7 +46,7 @@ from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..optimizer import IVON
-from ..posterior import unwrap
+from .._wrappers import unwrap
 
 _CLOSURE_RUN_BY_PLUGIN = (
     "IVONCallback: the precision plugin {plugin} (precision={precision!r}) runs Lightning's "
