@@ -1,10 +1,21 @@
-"""A bucket: the params of one param group with one (device, dtype), in flat contiguous buffers.
+"""A bucket: the trainable params of one param group with one (device, dtype), in flat
+contiguous buffers.
 
-Every ``p.data`` and ``p.grad`` of a dense bucket is a view into its flat buffers, with the
-param's own strides (a ``channels_last`` weight stays ``channels_last``): the flat order is each
-param's storage order, which is also the order of the noise index (docs/DESIGN.md sections 3 and
-4). The state (mean, momentum, hess, the sample averages while a step takes several samples, and
-the group's prior where it has one) is flat alongside.
+Every ``p.data`` of a dense bucket lies in its flat ``param_flat`` and every ``p.grad`` is a view
+into ``grad_flat``, with the param's own strides (a ``channels_last`` weight stays
+``channels_last``): the flat order is each param's storage order, which is also the order of the
+noise index (docs/DESIGN.md sections 3 and 4). The state (mean, momentum, hess, the sample
+averages while a step takes several samples, and the group's prior where it has one) is flat
+alongside.
+
+Note [params own their storage]: a param's ``.data`` is not a view of ``param_flat`` (all views
+share one storage, and serialization tools see one tensor: safetensors and accelerate then save
+one param of many, ``torch.save`` of a sub-module writes the whole buffer). Each param gets a
+tensor with a storage of its own over its part of ``param_flat``'s memory (``own_storage``: a
+DLPack hand-over, whose deleter holds a reference to ``param_flat``), so every tool sees one
+storage per param, exactly its bytes, while the kernels still make one pass over the flat
+buffer. Each such storage keeps the buffer alive: deleting the optimizer leaves the model's
+params valid. Gradients stay views of ``grad_flat`` (no tool serializes them).
 
 A bucket also answers for what user code did to its params since the layout last looked (Note
 [user writes to params] in ``_layout``): writes and rebinds, ``requires_grad`` changes, gradients
@@ -24,6 +35,15 @@ from . import backends
 from .reference import moment_dtype, state_dtype
 
 PRIOR_STATE = ("prior_mean", "prior_precision")  # optional per-element state of a group
+
+
+@dataclass(eq=False)
+class ParamEntry:
+    """A param of a group as the layout knows it: its first element's global flat index, and
+    its prior's sources (name -> a tensor shaped like it, or 'init': its values when it joins)."""
+    param: torch.Tensor
+    offset: int
+    prior: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -58,7 +78,7 @@ class Bucket:
     # zero-mean prior of precision weight_decay
     prior_mean: Optional[torch.Tensor] = None
     prior_precision: Optional[torch.Tensor] = None
-    param_views: list = field(default_factory=list)  # each param's view into param_flat
+    param_views: list = field(default_factory=list)  # each param's storage in param_flat
     grad_views: list = field(default_factory=list)   # each param's view into grad_flat
     versions: list = field(default_factory=list)     # each param's _version after our last look
     trainable: list = field(default_factory=list)    # each param's requires_grad at our last look
@@ -92,29 +112,41 @@ class Bucket:
             backend=backends.resolve(backend_choice, device, dtype))
         for index, param in enumerate(params):
             where, strides = bucket.slice_of(index), storage_strides(param)
-            bucket.param_views.append(_view(bucket.param_flat, where, param, strides))
+            bucket.param_views.append(own_storage(_view(bucket.param_flat, where, param, strides)))
             bucket.grad_views.append(_view(bucket.grad_flat, where, param, strides))
         return bucket
 
     @classmethod
-    def build(cls, group_index: int, group_start: int, device, dtype: torch.dtype, params: list,
-              offsets: list, backend_choice: str, hess_init: float,
+    def build(cls, group_index: int, group_start: int, device, dtype: torch.dtype,
+              entries: list, backend_choice: str, hess_init: float,
               low_precision: torch.dtype) -> "Bucket":
-        """A bucket that took over ``params``: their values are the mean, the hess is
-        ``hess_init``, and every param (and trainable grad) is now a view into the bucket."""
-        bucket = cls.create(group_index, group_start, device, dtype, params, offsets,
-                            backend_choice, low_precision)
-        for index, param in enumerate(bucket.params):
-            where = bucket.slice_of(index)
-            with torch.no_grad():
-                bucket.param_views[index].copy_(param.detach())
-                bucket.mean[where].copy_(bucket.param_flat[where])
-                grad = param.grad if param.requires_grad else None
-                if grad is not None:
-                    bucket.grad_views[index].copy_(grad)
-            bucket.hess[where].fill_(float(hess_init))
-            bucket.bind(index)
+        """A bucket that took over the params of ``entries`` (``ParamEntry``) with fresh state
+        (``take_in``)."""
+        bucket = cls.create(group_index, group_start, device, dtype,
+                            [entry.param for entry in entries],
+                            [entry.offset for entry in entries], backend_choice, low_precision)
+        for index, entry in enumerate(entries):
+            bucket.take_in(index, hess_init, entry.prior)
         return bucket
+
+    @torch.no_grad()
+    def take_in(self, index: int, hess_init: float, prior: dict) -> None:
+        """Param ``index`` joins with fresh state: its values are the mean, the hess
+        ``hess_init``, the momentum zero (``create``), its prior from ``prior`` (name -> a
+        tensor, or 'init': its values), its current grad kept; then it (and its grad, when
+        trainable) lives in the bucket (``bind``)."""
+        param, where = self.params[index], self.slice_of(index)
+        self.param_views[index].copy_(param.detach())
+        self.mean[where].copy_(self.param_flat[where])
+        self.hess[where].fill_(float(hess_init))
+        for name, source in prior.items():
+            self.ensure_prior(name)
+            self.shaped(getattr(self, name), index).copy_(
+                self.shaped(self.mean, index) if isinstance(source, str) else source)
+        grad = param.grad if param.requires_grad else None
+        if grad is not None:
+            self.grad_views[index].copy_(grad.reshape(param.shape))
+        self.bind(index)
 
     def bind(self, index: int) -> None:
         """Make the param (and its grad, when trainable) views into the bucket."""
@@ -321,9 +353,12 @@ class Bucket:
                 f"{tuple(view.stride())} -> {tuple(param.stride())}), e.g. "
                 "model.to(memory_format=...) after the optimizer was built; convert "
                 "the model before building the optimizer")
+        # a fresh storage over the param's place: the old one may have moved (share_memory_)
+        fresh = own_storage(_view(self.param_flat, self.slice_of(index), view, view.stride()))
         with torch.no_grad():
-            view.copy_(param.data)
-        param.data = view
+            fresh.copy_(param.data)
+        self.param_views[index] = fresh
+        param.data = fresh
 
     def gather_grads(self) -> None:
         """Make ``grad_flat`` hold every trainable param's current ``.grad``."""
@@ -337,11 +372,8 @@ class Bucket:
                     else self.grad_views[index])
             if grad is None:
                 view.zero_()
-            elif grad.is_sparse:
-                raise RuntimeError("IVON does not support sparse gradients (e.g. "
-                                   "nn.Embedding(sparse=True)); use dense gradients")
-            else:
-                view.copy_(grad.reshape(view.shape))
+            else:  # a sparse gradient is densified (docs/FAULTS.md): IVON's step is dense
+                view.copy_((grad.to_dense() if grad.is_sparse else grad).reshape(view.shape))
             param.grad = view
 
     def grad_fingerprint(self) -> tuple:
@@ -357,6 +389,31 @@ class Bucket:
                 param.grad = (self.renew_grad_view(index)
                               if param.grad is self.grad_views[index]
                               else self.grad_views[index])
+
+    def copy_marks(self) -> tuple:
+        """What a copy must know of the params that the copied params cannot say (a copied
+        ``Parameter`` has a fresh version and no grad): for each param, whether user code wrote
+        it since the layout last looked, and whether its grad is its view into ``grad_flat``."""
+        return ([param._version != version for param, version in zip(self.params, self.versions)],
+                [self.holds_grad(index) for index in range(len(self.params))])
+
+    def realias(self, marks: tuple) -> None:
+        """After a copy (``copy.deepcopy``, pickle): each param's own storage over the copied
+        ``param_flat`` again, holding the param's copied values, and each grad view a view of
+        the copied ``grad_flat`` (a plain pickle copies every tensor apart; Note [copies] in
+        optimizer), as the original's ``copy_marks`` say."""
+        unseen, held = marks
+        for index, param in enumerate(self.params):
+            where, strides = self.slice_of(index), self.param_views[index].stride()
+            fresh = own_storage(_view(self.param_flat, where, param, strides))
+            with torch.no_grad():
+                fresh.copy_(param.data)
+            self.param_views[index] = fresh
+            param.data = fresh
+            self.versions[index] = -1 if unseen[index] else param._version
+            self.grad_views[index] = _view(self.grad_flat, where, param, strides)
+            if held[index]:
+                param.grad = self.grad_views[index]
 
     def publish(self) -> None:
         """After the optimizer wrote ``param_flat``: the params are views of it already."""
@@ -385,6 +442,15 @@ def storage_strides(tensor: torch.Tensor) -> tuple:
             return contiguous
         expected *= tensor.shape[dim]
     return tuple(tensor.stride())
+
+
+def own_storage(view: torch.Tensor) -> torch.Tensor:
+    """A tensor over ``view``'s memory with a storage of its own, which keeps the memory
+    alive (Note [params own their storage]); on the meta device, which has no memory (and no
+    DLPack), the view itself."""
+    if view.device.type == "meta":
+        return view.detach()
+    return torch.from_dlpack(view.detach())
 
 
 def _view(flat: torch.Tensor, where: slice, like: torch.Tensor, strides: tuple) -> torch.Tensor:

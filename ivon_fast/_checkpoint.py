@@ -161,14 +161,14 @@ def _load_own(opt, state_dict: dict, saved_groups) -> None:
     meta = state_dict.get("ivon")
     if meta is None:  # passed through DCP's set_optimizer_state_dict: the groups' copy
         meta = next(group[_GROUP_KEY] for group in saved_groups if _GROUP_KEY in group)
-    entries, needed = _validate_own(opt, meta, state_dict["state"], saved_groups)
-    _apply_own(opt, meta, entries, needed, saved_groups)
+    entries, needed, joining = _validate_own(opt, meta, state_dict["state"], saved_groups)
+    _apply_own(opt, meta, entries, needed, joining, saved_groups)
 
 
 def _validate_own(opt, meta: dict, saved_state: dict, saved_groups) -> tuple:
     """Check an own state dict against ``opt`` before anything changes (a ValueError naming
-    what does not fit). Returns (each param's saved entry, by param; the entries it must
-    have)."""
+    what does not fit). Returns (each param's saved entry, by param; the entries it must have;
+    the waiting params that join, Note [params that wait] in _layout)."""
     if meta.get("format") != FORMAT:
         raise ValueError(f"unknown state_dict format {meta.get('format')!r}")
     for key, mine in (("resample_on_step", opt.resample_on_step), ("rng", opt.rng)):
@@ -181,14 +181,42 @@ def _validate_own(opt, meta: dict, saved_state: dict, saved_groups) -> tuple:
     keys = [key for saved in saved_groups for key in saved["params"]]
     place = {id(param): (bucket, index) for bucket in opt._layout.buckets
              for index, param in enumerate(bucket.params)}
-    entries = {}
+    waiting = {id(w.entry.param): w for w in opt._layout.waiting}
+    entries, joining = {}, []
     for index, param in enumerate(_flat_params(opt)):
         entry = saved_state.get(keys[index])
+        if id(param) in waiting:
+            if _joins(opt, waiting[id(param)], entry, index, needed):
+                entries[id(param)] = entry
+                joining.append(waiting[id(param)])
+            continue
         if entry is None:
             raise ValueError(f"state_dict has no state for parameter {index}")
-        _check_entry(entry, index, param, *place[id(param)], needed)
+        bucket, position = place[id(param)]
+        _check_entry(entry, index, param, needed,
+                     [n for n in _PRIORS if getattr(bucket, n) is not None],
+                     lambda value: bucket.saved_values(position, value))
         entries[id(param)] = entry
-    return entries, needed
+    return entries, needed, joining
+
+
+def _joins(opt, waiting, entry, index: int, needed: list) -> bool:
+    """Whether a param that waits here joins with its saved entry: the saved run trained it."""
+    group, param = opt.param_groups[waiting.group_index], waiting.entry.param
+    if entry is None or param.numel() == 0 or not _trained(entry, group["hess_init"]):
+        return False
+    _check_entry(entry, index, param, needed, [n for n in _PRIORS if group.get(n) is not None],
+                 lambda value: None)
+    return True
+
+
+def _trained(entry: dict, hess_init: float) -> bool:
+    """Whether a saved entry of a param that waits here holds trained state, not the fresh
+    state of a param that never trained (older state dicts saved every param): any momentum,
+    sample average, or a hess other than ``hess_init``."""
+    fresh_hess = torch.tensor(float(hess_init), dtype=entry["hess"].dtype)
+    return (bool(entry["momentum"].ne(0).any()) or bool(entry["hess"].ne(fresh_hess).any())
+            or any(bool(entry[name].ne(0).any()) for name in _AVERAGES if name in entry))
 
 
 def _needed_entries(opt, meta: dict) -> list:
@@ -204,22 +232,29 @@ def _needed_entries(opt, meta: dict) -> list:
     return needed
 
 
-def _check_entry(entry: dict, index: int, param, bucket, position: int, needed: list) -> None:
-    for name in needed + [n for n in _PRIORS if getattr(bucket, n) is not None]:
+def _check_entry(entry: dict, index: int, param, needed: list, priors: list, fits) -> None:
+    """A param's saved entry has every entry ``needed`` and the group's ``priors``, each of
+    the param's size, and ``fits`` each (a sharded param's shard must fit)."""
+    for name in needed + priors:
         if name not in entry or entry[name].numel() != param.numel():
             raise ValueError(f"state_dict's {name!r} of parameter {index} is missing or "
                              f"does not have the parameter's {param.numel()} elements")
-        bucket.saved_values(position, entry[name])  # a sharded param's shard must fit
+        fits(entry[name])
     for name in _PRIORS:
-        if name in entry and getattr(bucket, name) is None:
+        if name in entry and name not in priors:
             raise ValueError(f"state_dict has a {name!r} for parameter {index}, but this "
                              f"optimizer's param group has none; construct IVON with the "
                              f"same {name} option as the run that saved it")
 
 
-def _apply_own(opt, meta: dict, entries: dict, needed: list, saved_groups) -> None:
-    """Load a checked own state dict: hyperparameters, counters, then every bucket's state."""
+def _apply_own(opt, meta: dict, entries: dict, needed: list, joining: list,
+               saved_groups) -> None:
+    """Load a checked own state dict: hyperparameters, counters, then every bucket's state
+    (the waiting params of ``joining`` join first)."""
     _copy_hyperparameters(opt, saved_groups)
+    if joining:
+        opt._layout.admit(joining, [group["hess_init"] for group in opt.param_groups])
+        opt._layout.state_views_into(opt.state)
     opt._live.record(opt.param_groups)
     opt._steps.set(meta["step"], meta.get("skipped_steps", 0))
     opt.seed = meta["seed"]

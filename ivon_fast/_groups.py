@@ -14,6 +14,7 @@ import torch
 from . import _op_loop
 from ._bucket import PRIOR_STATE
 from ._checks import check_group_hyperparameters, check_params, check_prior
+from .posterior import PriorList
 from .scalars import device_lr_tensor
 
 
@@ -31,6 +32,8 @@ def new_param_groups(params, defaults: dict, *, backend_choice: str, sync: bool,
     if not param_groups or not isinstance(param_groups[0], dict):
         param_groups = [{"params": param_groups}]
     param_groups = [{**group, "params": param_list(group["params"])} for group in param_groups]
+    for group in param_groups:
+        _split_names(group)
     if not any(group["params"] for group in param_groups):
         raise ValueError("Invalid params: IVON got an empty parameter list (a generator such "
                          "as model.parameters() can only be iterated once)")
@@ -39,11 +42,79 @@ def new_param_groups(params, defaults: dict, *, backend_choice: str, sync: bool,
         check_params(group["params"], backend_choice, sync=sync, rng=rng,
                      state_dtype=state_dtype)
     for name, value in (("prior_mean", prior_mean), ("prior_precision", prior_precision)):
-        defaults[name] = _split_prior(name, value, param_groups)
+        for group in param_groups:  # a group's own prior given by name
+            if name in group:
+                group[name] = _prior_in_order(name, group[name], [group])
+        defaults[name] = _split_prior(name, _prior_in_order(name, value, [
+            group for group in param_groups if name not in group]), param_groups)
     for group in param_groups:
         for name in PRIOR_STATE:
             check_prior(name, group.get(name, defaults[name]), group["params"])
     return param_groups
+
+
+def _split_names(group: dict) -> None:
+    """A group given as (name, param) pairs (``model.named_parameters()``): its params, and
+    their names in ``param_names`` (torch.optim's convention)."""
+    named = [isinstance(item, tuple) for item in group["params"]]
+    if not any(named):
+        return
+    if not all(named):
+        raise ValueError("Invalid params: a param group gives some params with their names and "
+                         "some without; give all as (name, param) pairs or none")
+    group["param_names"] = [name for name, _ in group["params"]]
+    group["params"] = [param for _, param in group["params"]]
+
+
+def _prior_in_order(name: str, value, groups: list):
+    """A prior given by param name (a dict, ``Posterior.as_prior`` of a named posterior) as a
+    list in the params' order of ``groups``, which must know their names; an unnamed
+    posterior's list (``PriorList``) checked against those params. Other values as given."""
+    if isinstance(value, PriorList):
+        _check_same_params(name, [p for group in groups for p in group["params"]], value.params)
+        return list(value)
+    return _by_name(name, value, groups) if isinstance(value, dict) else value
+
+
+def _by_name(name: str, value: dict, groups: list) -> list:
+    """A prior's tensors by param name, in the params' order of ``groups``."""
+    if not all("param_names" in group for group in groups):
+        raise ValueError(f"Invalid {name}: given by param name, but the optimizer does not know "
+                         "its params' names; pass model.named_parameters()")
+    names = [n for group in groups for n in group["param_names"]]
+    missing = [n for n in names if n not in value]
+    if missing:
+        raise ValueError(f"Invalid {name}: no tensor for param {missing[0]!r}")
+    unknown = [n for n in value if n not in set(names)]
+    if unknown:
+        raise ValueError(f"Invalid {name}: {unknown[0]!r} is not a param of this optimizer")
+    return [value[n] for n in names]
+
+
+def _check_same_params(name: str, mine: list, theirs: list) -> None:
+    """An unnamed posterior's prior must belong to exactly these params, in this order."""
+    for index in range(max(len(mine), len(theirs))):
+        if index >= len(mine) or index >= len(theirs) or mine[index] is not theirs[index]:
+            raise ValueError(f"Invalid {name}: it comes from a posterior without param names "
+                             f"whose param {index} is not this optimizer's param {index}; give "
+                             "the posterior names (IVON(model.named_parameters()) or "
+                             "opt.posterior(model))")
+
+
+def param_names(param_groups: list, model=None):
+    """Every param's name, group by group: from ``model.named_parameters()`` when given, else
+    from the groups' ``param_names``; None when unknown."""
+    params = [p for group in param_groups for p in group["params"]]
+    if model is not None:
+        names = {id(p): name for name, p in model.named_parameters()}
+        for index, param in enumerate(params):
+            if id(param) not in names:
+                raise ValueError(f"Invalid model: the optimizer's param {index} (shape "
+                                 f"{tuple(param.shape)}) is not a parameter of model")
+        return [names[id(p)] for p in params]
+    if all("param_names" in group for group in param_groups):
+        return [name for group in param_groups for name in group["param_names"]]
+    return None
 
 
 def take_over(param_groups: list, defaults: dict, optimizer_init) -> None:
@@ -69,7 +140,11 @@ def check_added_group(group: dict, defaults: dict, *, backend_choice: str, sync:
     check_group_hyperparameters(group)
     _betas_of_new_group(group, defaults)
     group["params"] = param_list(group["params"])
+    _split_names(group)
     check_params(group["params"], backend_choice, sync=sync, rng=rng, state_dtype=state_dtype)
+    for name in PRIOR_STATE:
+        if name in group:
+            group[name] = _prior_in_order(name, group[name], [group])
     for name in PRIOR_STATE:
         check_prior(name, group.get(name, defaults.get(name)), group["params"])
 
@@ -101,33 +176,18 @@ def set_up_added_group(opt, group: dict) -> None:
     opt._betas.add(group)
     if opt.capturable:
         group["lr"] = device_lr_tensor(group["lr"], group["params"])
+    priors = {name: group.get(name) for name in PRIOR_STATE}
     new_buckets = opt._layout.add_group(len(opt.param_groups) - 1, group["params"],
-                                        group["hess_init"])
-    _attach_priors(group, new_buckets)
+                                        group["hess_init"], priors)
+    for name, value in priors.items():  # the values are state now, saved per param
+        if value is not None:
+            group[name] = value if isinstance(value, str) else "given"
     opt._layout.state_views_into(opt.state)
     if opt._count > 0:
         for bucket in new_buckets:
             bucket.ensure_averages()
     if opt.resample_on_step and opt._pending_draw is not None:
         _op_loop.sample(opt, opt._pending_draw, buckets=new_buckets)
-
-
-@torch.no_grad()
-def _attach_priors(group: dict, buckets: list) -> None:
-    """The group's prior into its buckets' flat prior state; the group then records only what
-    it was ('init' or 'given'; the values are state, saved per param)."""
-    position = {id(p): i for i, p in enumerate(group["params"])}
-    for name in PRIOR_STATE:
-        value = group.get(name)
-        if value is None:
-            continue
-        for bucket in buckets:
-            bucket.ensure_prior(name)
-            for index, param in enumerate(bucket.params):
-                source = (bucket.shaped(bucket.mean, index) if isinstance(value, str)
-                          else value[position[id(param)]].detach())
-                bucket.shaped(getattr(bucket, name), index).copy_(source)
-        group[name] = value if isinstance(value, str) else "given"
 
 
 def _two_betas(betas) -> tuple:

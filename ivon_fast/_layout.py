@@ -15,6 +15,16 @@ next optimizer call notices (the param's version counter, its storage pointer) a
 decides what the new values are (normally: the new mean). Writes through ``p.data.copy_`` cannot be
 seen: ``p.data`` is a new tensor object with a version counter of its own.
 
+Note [params that wait]: a param that does not train (``requires_grad=False`` when its group is
+added, or without elements) is not taken into a bucket: it keeps its own storage, and costs no
+state and no gradient buffer, so ``IVON(peft_model.parameters())`` holds what
+``IVON(adapter params)`` holds. It waits (``FlatLayout.waiting``) with its global offset and its
+prior's sources; its elements keep their place in the global index, so the noise of every other
+param is the same either way. When it first trains (``requires_grad`` set, checked at every
+optimizer call), its group's buckets are rebuilt with it (``admit``): it joins with fresh state
+from its current values, as an unfrozen param always did. A param frozen after it trained stays
+in its bucket with its state (it may train again).
+
 Note [moved params]: ``model.to(device)``, ``.to(dtype)`` or ``.half()`` after the optimizer was
 built rebind each ``p.data`` (and ``p.grad.data``) to a new tensor on the new device or dtype. The
 layout then follows: it is rebuilt for the new (device, dtype), and the state moves with the
@@ -28,8 +38,23 @@ from typing import Iterator
 
 import torch
 
-from ._bucket import PRIOR_STATE, Bucket
+from dataclasses import dataclass
+
+from ._bucket import PRIOR_STATE, Bucket, ParamEntry
 from ._sharded import ShardedBucket, is_sharded
+
+
+@dataclass(eq=False)
+class Waiting:
+    """A param that does not train yet (Note [params that wait])."""
+    group_index: int
+    group_start: int  # the global index of its param group's first element
+    entry: ParamEntry
+
+
+def trains(param: torch.Tensor) -> bool:
+    """Whether a param takes part in training: it requires grad and has elements."""
+    return param.requires_grad and param.numel() > 0
 
 
 class FlatLayout:
@@ -39,22 +64,46 @@ class FlatLayout:
         self.backend_choice = backend_choice
         self.low_precision = low_precision  # IVON's state_dtype: momentum and hess
         self.buckets: list = []
+        self.waiting: list = []  # Note [params that wait]
         self.numel = 0  # elements in the global flat index space so far
+        self.grads_at_rest = None  # Note [a step without a gradient]: rest_mark(), None: unknown
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["copy_marks"] = [bucket.copy_marks() for bucket in self.buckets]
+        state["at_rest"] = not self.gradient_arrived()  # a copy's versions start afresh
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        marks, at_rest = state.pop("copy_marks"), state.pop("at_rest")
+        self.__dict__.update(state)
+        for bucket, bucket_marks in zip(self.buckets, marks):
+            bucket.realias(bucket_marks)
+        self.grads_at_rest = self.rest_mark() if at_rest else None
 
     # -------------------------------------------------------------------------- construction
 
-    def add_group(self, group_index: int, params: list, hess_init: float) -> list:
-        """Move a param group's params into new buckets; returns them."""
+    def add_group(self, group_index: int, params: list, hess_init: float,
+                  priors: dict) -> list:
+        """Move a param group's trainable params into new buckets (returned); the others wait
+        (Note [params that wait]). ``priors``: the group's prior sources by name (None, 'init',
+        or one tensor per param)."""
         by_key: dict = {}
         group_start = self.numel
-        for param in params:
-            kind = ShardedBucket if is_sharded(param) else Bucket  # FSDP2 keeps its storage
-            by_key.setdefault((param.device, param.dtype, kind), []).append((param, self.numel))
+        for position, param in enumerate(params):
+            prior = {name: value if isinstance(value, str) else value[position].detach()
+                     for name, value in priors.items() if value is not None}
+            entry = ParamEntry(param, self.numel, prior)
             self.numel += param.numel()  # a DTensor's numel is the unsharded param's
-        new_buckets = [kind.build(group_index, group_start, device, dtype,
-                                  [p for p, _ in members], [offset for _, offset in members],
+            if is_sharded(param):  # FSDP2 keeps its storage; its buckets hold every param
+                by_key.setdefault((param.device, param.dtype, ShardedBucket), []).append(entry)
+            elif trains(param):
+                by_key.setdefault((param.device, param.dtype, Bucket), []).append(entry)
+            else:
+                self.waiting.append(Waiting(group_index, group_start, entry))
+        new_buckets = [kind.build(group_index, group_start, device, dtype, entries,
                                   self.backend_choice, hess_init, self.low_precision)
-                       for (device, dtype, kind), members in by_key.items()]
+                       for (device, dtype, kind), entries in by_key.items()]
         self.buckets.extend(new_buckets)
         return new_buckets
 
@@ -97,8 +146,9 @@ class FlatLayout:
 
     def unchanged(self) -> bool:
         """Whether user code left every param and grad as the layout bound them (Note [the
-        per-step check] in Bucket.unchanged)."""
-        return all(bucket.unchanged() for bucket in self.buckets)
+        per-step check] in Bucket.unchanged), and no waiting param trains now."""
+        return (all(bucket.unchanged() for bucket in self.buckets)
+                and not any(trains(waiting.entry.param) for waiting in self.waiting))
 
     def check_materialized(self) -> None:
         for bucket in self.buckets:
@@ -133,6 +183,28 @@ class FlatLayout:
         for bucket in self.buckets:
             bucket.versions = [p._version for p in bucket.params]
 
+    def rest_mark(self) -> list:
+        """The gradients as the optimizer left them (after a step or its own zero_grad)."""
+        return [(bucket, bucket.grad_flat._version) for bucket in self.buckets]
+
+    def gradient_arrived(self) -> bool:
+        """Whether a trainable param got a gradient since ``grads_at_rest``: a backward into its
+        view, or a tensor of its own (a grad of None is none). Unknown counts as arrived.
+
+        Note [a step without a gradient]: a drop-in ``step()`` when no trainable param got a
+        gradient since the last step (no backward; or only ``zero_grad``) does nothing, as
+        torch.optim's step does for params without a gradient: the params keep their sample,
+        the state and the step count stay. (Without it, the step would move the mean by the
+        weight decay and the momentum of a zero gradient.)
+        """
+        if self.grads_at_rest is None or [b for b, _ in self.grads_at_rest] != self.buckets:
+            return True
+        # (a waiting param that trains now has joined a new bucket first: _user_writes.prepare)
+        return any(bucket.trainable[index] and param.grad is not None
+                   and (not bucket.holds_grad(index) or bucket.grad_flat._version != version)
+                   for bucket, version in self.grads_at_rest
+                   for index, param in enumerate(bucket.params))
+
     def grad_versions(self) -> list:
         """A fingerprint of the gradients: changes when a backward, zero_grad or assignment did."""
         return [bucket.grad_fingerprint() for bucket in self.buckets]
@@ -157,29 +229,49 @@ class FlatLayout:
             return False
         old_buckets = [b for b in self.buckets if b.follows_moves]
         self.buckets = [b for b in self.buckets if not b.follows_moves]
-        by_group: dict = {}
-        for old in old_buckets:
-            by_group.setdefault(old.group_index, []).append(old)
-        for group_index in sorted(by_group):
-            self._rebuild_group(group_index, by_group[group_index], hess_init[group_index])
+        for group_index in sorted({old.group_index for old in old_buckets}):
+            self._rebuild_group([old for old in old_buckets if old.group_index == group_index],
+                                [], hess_init[group_index])
         return True
 
-    def _rebuild_group(self, group_index: int, old_buckets: list, hess_init: float) -> None:
-        """New buckets for a group's params by their current (device, dtype), in offset order,
-        each param's state moved over from its old bucket."""
-        members = [(old, index) for old in old_buckets for index in range(len(old.params))]
-        members.sort(key=lambda m: m[0].offsets[m[1]])
+    def admit_new_trainables(self, hess_init: list) -> bool:
+        """Waiting params that train now join their groups' buckets (Note [params that wait]);
+        returns whether any did. ``hess_init``: each param group's initial Hessian."""
+        joining = [waiting for waiting in self.waiting if trains(waiting.entry.param)]
+        self.admit(joining, hess_init)
+        return bool(joining)
+
+    def admit(self, joining: list, hess_init: list) -> None:
+        """The ``Waiting`` params of ``joining`` join their groups' buckets, which are rebuilt."""
+        self.waiting = [waiting for waiting in self.waiting if waiting not in joining]
+        for group_index in sorted({waiting.group_index for waiting in joining}):
+            old = [b for b in self.buckets if b.group_index == group_index and b.follows_moves]
+            self.buckets = [b for b in self.buckets if b not in old]
+            self._rebuild_group(old, [w for w in joining if w.group_index == group_index],
+                                hess_init[group_index])
+
+    def _rebuild_group(self, old_buckets: list, joining: list, hess_init: float) -> None:
+        """New buckets for a group's params by their current (device, dtype), in offset order:
+        each bucket member's state moved over from its old bucket, each joining param's fresh."""
+        members = [(old.offsets[i], old.params[i], (old, i))
+                   for old in old_buckets for i in range(len(old.params))]
+        members += [(w.entry.offset, w.entry.param, w) for w in joining]
+        members.sort(key=lambda member: member[0])
+        first = old_buckets[0] if old_buckets else joining[0]
+        group_index, group_start = first.group_index, first.group_start
         by_key: dict = {}
-        for old, index in members:
-            param = old.params[index]
-            by_key.setdefault((param.device, param.dtype), []).append((old, index))
+        for member in members:
+            by_key.setdefault((member[1].device, member[1].dtype), []).append(member)
         for (device, dtype), moving in by_key.items():
-            bucket = Bucket.create(group_index, moving[0][0].group_start, device, dtype,
-                                   [old.params[i] for old, i in moving],
-                                   [old.offsets[i] for old, i in moving],
+            bucket = Bucket.create(group_index, group_start, device, dtype,
+                                   [param for _, param, _ in moving],
+                                   [offset for offset, _, _ in moving],
                                    self.backend_choice, self.low_precision)
-            for new_index, (old, index) in enumerate(moving):
-                _move_param(old, index, bucket, new_index, hess_init)
+            for new_index, (_, _, source) in enumerate(moving):
+                if isinstance(source, Waiting):
+                    bucket.take_in(new_index, hess_init, source.entry.prior)
+                else:
+                    _move_param(*source, bucket, new_index, hess_init)
             self.buckets.append(bucket)
 
 

@@ -43,3 +43,34 @@ UNSCALED_FOLDED_MESSAGE = (
     "averages while still scaled, and the optimizer is not told the scale. With mc_samples > 1 "
     "let scaler.step(optimizer) unscale (do not call scaler.unscale_ before it); the optimizer "
     "then divides every sample by the scale inside its kernels.")
+
+OFFICIAL_LOOP_ONLY = (
+    "sampled_params(train=True) is the official loop; with resample_on_step=True the params "
+    "already hold a training sample: call loss.backward(); optimizer.step()")
+
+WRITTEN_INSIDE_SAMPLE = (
+    "parameters were written inside sampled_params(); the block was undone and the write "
+    "discarded. Write to parameters outside the block, or inside mean_params() to set the mean.")
+
+_ACCUMULATION_PATTERN = (
+    "    for _ in range(optimizer.mc_samples):\n"
+    "        with optimizer.sampled_params(train=True):\n"
+    "            optimizer.zero_grad()\n"
+    "            for micro_batch in micro_batches:\n"
+    "                (loss_fn(model, micro_batch) / len(micro_batches)).backward()\n"
+    "    optimizer.step()")
+
+EXTRA_SAMPLE_WARNING = (
+    "IVON took training sample {taken} for one step with mc_samples={mc}: the samples are "
+    "averaged as Monte Carlo samples (as ivon-opt does). If you meant more samples, set "
+    "mc_samples to their number to silence this. If you meant gradient accumulation, each "
+    "sampled_params(train=True) block draws a new sample, and a gradient not cleared between "
+    "blocks is counted again; accumulate the micro-batches inside one block per sample:\n"
+    + _ACCUMULATION_PATTERN)
+
+ACCUMULATION_WITH_SAMPLES = (
+    "gradient accumulation (accelerate's accumulate() skips this step) with mc_samples={mc}: "
+    "the micro-batches of one step would be spread over different posterior samples. With "
+    "mc_samples=1 IVON keeps one sample for all micro-batches of a step; for more samples, "
+    "accumulate the micro-batches inside one block per sample, without accumulate():\n"
+    + _ACCUMULATION_PATTERN)

@@ -165,11 +165,13 @@ class ShardedBucket(Bucket):
     follows_moves = False  # FSDP owns the storage; ``local`` refuses a moved shard
 
     @classmethod
-    def build(cls, group_index: int, group_start: int, device, dtype, params: list,
-              offsets: list, backend_choice: str, hess_init: float,
+    def build(cls, group_index: int, group_start: int, device, dtype, entries: list,
+              backend_choice: str, hess_init: float,
               low_precision: torch.dtype = torch.float32) -> "ShardedBucket":
-        """``low_precision``: IVON's ``state_dtype``, the dtype of momentum and hess
+        """``entries``: the params' ``ParamEntry`` (sharded params take no prior);
+        ``low_precision``: IVON's ``state_dtype``, the dtype of momentum and hess
         (``moment_dtype``), as for a dense ``Bucket``; the mean and averages stay float32."""
+        params, offsets = [e.param for e in entries], [e.offset for e in entries]
         locals_ = [_local(p) for p in params]
         sizes = [t.numel() for t in locals_]
         starts, total = [], 0
@@ -211,6 +213,18 @@ class ShardedBucket(Bucket):
 
     def slice_of(self, index: int) -> slice:
         return slice(self.starts[index], self.starts[index] + self.sizes[index])
+
+    def realias(self, marks: tuple) -> None:
+        """After a copy: the params are FSDP's; ``param_views`` and ``grad_views`` are views of
+        the copied flat buffers again (a plain pickle copies every tensor apart)."""
+        for index, (view, grad) in enumerate(zip(self.param_views, self.grad_views)):
+            where = self.slice_of(index)
+            self.param_views[index] = torch.as_strided(self.param_flat[where], view.shape,
+                                                       view.stride())
+            self.grad_views[index] = torch.as_strided(self.grad_flat[where], grad.shape,
+                                                      grad.stride())
+        self.versions = [-1 if flag else param._version
+                         for param, flag in zip(self.params, marks[0])]
 
     # ---------------------------------------------------------------- the params' own storage
 

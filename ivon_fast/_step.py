@@ -27,6 +27,8 @@ def step(opt, closure):
         return _step_with_closure(opt, closure)
     grads_bound = _user_writes.prepare(opt)
     _check_ready(opt)
+    if opt.resample_on_step and not opt._layout.gradient_arrived():
+        return None  # Note [a step without a gradient] in _layout
     opt._finish_step(grads_bound)
     return None
 

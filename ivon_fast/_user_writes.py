@@ -26,10 +26,7 @@ def prepare(opt, params_hold_mean: bool = False) -> bool:
     if layout.unchanged():  # the common case: one cheap pass (Note [the per-step check])
         opt._params_from_checkpoint = False
         return True
-    if layout.follow_moves([g["hess_init"] for g in opt.param_groups]):
-        opt._layout.state_views_into(opt.state)
-        opt._write_resting_params()
-        layout.mark_seen()
+    _rebuild_buckets(opt)
     layout.sync_requires_grad()
     written = [(b, i) for b, i in layout.written_params() if b.trainable[i]]
     from_checkpoint, opt._params_from_checkpoint = opt._params_from_checkpoint, False
@@ -49,6 +46,23 @@ def prepare(opt, params_hold_mean: bool = False) -> bool:
         opt._write_resting_params()
         layout.mark_seen()
     return False
+
+
+def _rebuild_buckets(opt) -> None:
+    """Buckets whose params moved (Note [moved params] in ``_layout``), or that params which
+    train now join (Note [params that wait]), are rebuilt; the state follows."""
+    layout, hess_init = opt._layout, [group["hess_init"] for group in opt.param_groups]
+    moved = layout.follow_moves(hess_init)
+    admitted = layout.admit_new_trainables(hess_init)
+    if not (moved or admitted):
+        return
+    if opt._count > 0:  # mid-step: a param that joins takes part with zero past gradients
+        for bucket in layout.buckets:
+            bucket.ensure_averages()
+    layout.state_views_into(opt.state)
+    if moved:
+        opt._write_resting_params()
+    layout.mark_seen()
 
 
 def _resting_values(opt, bucket, index: int, holds_sample: bool) -> torch.Tensor:

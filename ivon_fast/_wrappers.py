@@ -10,6 +10,7 @@ optimizer itself (``on_optimizer``): the loop's state has one home, the one ``st
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -70,3 +71,14 @@ def disable_dynamo(function):
         return torch.compiler.disable(function, reason=_EAGER_REASON)
     except TypeError:  # torch before the reason argument
         return torch.compiler.disable(function)
+
+
+def accelerate_skips_the_step() -> bool:
+    """Whether accelerate's gradient accumulation will skip the coming optimizer step: inside
+    ``accelerator.accumulate()`` a micro-batch before the last has ``sync_gradients`` False, and
+    ``AcceleratedOptimizer.step()`` and ``zero_grad()`` then do nothing. False without
+    accelerate (Note [gradient accumulation] in ``optimizer``)."""
+    state = sys.modules.get("accelerate.state")
+    if state is None:
+        return False
+    return getattr(state.GradientState, "_shared_state", {}).get("sync_gradients", True) is False

@@ -21,6 +21,13 @@ clear its gradient: at the block's exit when more samples of this step are expec
 pending until ``step()``, so the single-sample loop needs no extra pass and gradient clipping
 between the block and ``step()`` applies to it, as with AdamW.
 
+Note [gradient accumulation]: a ``sampled_params(train=True)`` block draws a new sample, so
+several blocks per step are several Monte Carlo samples (as in ivon-opt; one beyond
+``mc_samples`` warns). Under accelerate's ``accumulate()`` the step after a micro-batch's block is
+skipped and the gradient not cleared: the next block then takes the same sample again
+(``_accumulating``), so the micro-batches of a step add up to one sample's gradient, as AdamW's
+do (with ``mc_samples`` > 1 that is an error naming the pattern that works).
+
 Note [torch.compile]: the optimizer's methods are opaque to Dynamo (``torch.compiler.disable``):
 a compiled function that calls ``step()`` or enters ``sampled_params()`` runs them eagerly, with a
 graph break, so the draw counters advance exactly as in eager mode. Traced, a ``@no_grad`` step
@@ -35,11 +42,12 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import _checkpoint, _messages as messages, _op_loop, _step, _user_writes
+from . import _blocks, _checkpoint, _messages as messages, _op_loop, _step, _user_writes
 from . import posterior as _posterior
 from ._checks import check_group_hyperparameters, check_options
 from ._draws import Draws
-from ._groups import Betas, check_added_group, new_param_groups, set_up_added_group, take_over
+from ._groups import (Betas, check_added_group, new_param_groups, param_names, set_up_added_group,
+                      take_over)
 from ._layout import FlatLayout
 from ._wrappers import disable_dynamo, on_optimizer
 from .noise import PhiloxNoise, TorchNoise, initial_seed
@@ -150,6 +158,7 @@ class IVON(torch.optim.Optimizer):
         self._steps = StepCount()  # Note [steps decided on the device] in scalars
         self._draws = Draws()
         self._count, self._pending_draw = 0, None  # Note [the pending sample]
+        self._accumulating = False  # Note [gradient accumulation]
         # gradient fingerprints: when a sample was left pending; when a loaded model overwrote
         # the drop-in sample (_user_writes)
         self._pending_grads = self._grads_before_rewrite = None
@@ -158,7 +167,7 @@ class IVON(torch.optim.Optimizer):
         self._live = _op_loop.LiveScalars()
         self._betas = Betas()
         self._layout = FlatLayout(backend_choice, state_dtype)
-        self._noise = (TorchNoise(self.seed, sync, lambda: [g["params"] for g in self.param_groups])
+        self._noise = (TorchNoise(self.seed, sync, self._group_param_lists)
                        if rng == "torch" else PhiloxNoise(self.seed, sync))
         take_over(param_groups, defaults, super().__init__)
         self._live.record(self.param_groups)
@@ -169,6 +178,22 @@ class IVON(torch.optim.Optimizer):
         if resample_on_step:
             self._pending_draw = self._draws.take_train()
             _op_loop.sample(self, self._pending_draw)
+        self._layout.grads_at_rest = self._layout.rest_mark()
+
+    def _group_param_lists(self) -> list:
+        return [group["params"] for group in self.param_groups]
+
+    # Note [copies]: torch.optim.Optimizer pickles only defaults, state and param_groups; IVON's
+    # flat buffers and counters are its state too, so a copy (copy.deepcopy, pickle) takes them
+    # all, torch's hooks left out as torch.optim leaves them. A copy gives each param a storage
+    # of its own, so the layout makes the copied params alias the copied flat buffers again.
+    def __getstate__(self) -> dict:
+        return {name: value for name, value in self.__dict__.items()
+                if not name.startswith("_optimizer_")}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._layout.state_views_into(self.state)
 
     @on_optimizer
     def add_param_group(self, param_group: dict) -> None:
@@ -231,6 +256,7 @@ class IVON(torch.optim.Optimizer):
         """Fold the pending sample's gradient into the running averages."""
         _op_loop.accumulate(self, self._pending_draw, self._count + 1)
         self._count, self._pending_draw, self._pending_grads = self._count + 1, None, None
+        self._accumulating = False
 
     def _finish_step(self, grads_bound: bool = False) -> None:
         """Average across processes when asked, then update (and resample in drop-in mode):
@@ -245,7 +271,9 @@ class IVON(torch.optim.Optimizer):
             self._fold_pending()  # its noise needs the old ess / weight_decay; the update the new
         _op_loop.update(self, self._pending_draw, self._count, next_draw, grads_bound)
         self._count, self._pending_draw, self._pending_grads = 0, next_draw, None
+        self._accumulating = False
         self._live.record(self.param_groups)
+        self._layout.grads_at_rest = self._layout.rest_mark()
 
     # ------------------------------------------------------------------ public API
 
@@ -260,83 +288,31 @@ class IVON(torch.optim.Optimizer):
         hold what they held before; an exception in the block leaves params and optimizer as they
         were. Writing to the params inside the block is an error (the write would be lost).
         """
-        draw = self._enter_sample(train)
+        kind, draw = self._enter_sample(train)
         self._in_context = True
         try:
             yield
         except BaseException:
             self._in_context = False
-            self._discard_sample(train, draw)
+            self._discard_sample(kind, draw)
             raise
         self._in_context = False
-        self._exit_sample(train, draw)
+        self._exit_sample(kind, draw)
 
     @disable_dynamo
     @torch.no_grad()
-    def _enter_sample(self, train: bool) -> int:
-        self._check_not_in_context("sampled_params()")
-        if train and self.resample_on_step:
-            raise RuntimeError(
-                "sampled_params(train=True) is the official loop; with resample_on_step=True the "
-                "params already hold a training sample: call loss.backward(); optimizer.step()")
-        _user_writes.prepare(self)
-        if train and self._pending_draw is not None:
-            if (self._pending_grads is not None
-                    and self._pending_grads != self._layout.grad_versions()):
-                raise RuntimeError(messages.CLEARED_MESSAGE.format(mc=self.mc_samples))
-            self._fold_pending()
-        if train:
-            draw = self._draws.take_train()
-            self._live.record(self.param_groups)
-        else:
-            draw = self._draws.take_eval()
-        try:
-            _op_loop.sample(self, draw)
-        except BaseException:
-            self._discard_sample(train, draw)
-            raise
-        self._layout.mark_seen()
-        return draw
+    def _enter_sample(self, train: bool) -> tuple:
+        return _blocks.enter_sample(self, train)
 
     @disable_dynamo
     @torch.no_grad()
-    def _exit_sample(self, train: bool, draw: int) -> None:
-        if self._layout.forget_writes():
-            self._discard_sample(train, draw)
-            raise RuntimeError(
-                "parameters were written inside sampled_params(); the block was undone and the "
-                "write discarded. Write to parameters outside the block, or inside mean_params() "
-                "to set the mean.")
-        if train:
-            self._pending_draw = draw
-            if self._count + 1 < self.mc_samples:
-                try:
-                    self._fold_pending()  # a later sample's zero_grad could clear this gradient
-                except BaseException:  # e.g. a sparse gradient: the sample does not count
-                    self._pending_draw = None
-                    self._discard_sample(train, draw)
-                    raise
-            else:
-                self._pending_grads = self._layout.grad_versions()
-        else:
-            self._noise.forget(draw)
-        self._layout.sync_requires_grad()
-        self._write_resting_params()
-        self._layout.mark_seen()
+    def _exit_sample(self, kind: str, draw: int) -> None:
+        _blocks.exit_sample(self, kind, draw)
 
     @disable_dynamo
     @torch.no_grad()
-    def _discard_sample(self, train: bool, draw: int) -> None:
-        """Undo a sample that does not count: the params get back what they held before."""
-        if train:
-            self._draws.untake_train()
-        else:
-            self._draws.untake_eval()
-        self._noise.forget(draw)
-        self._layout.forget_writes()
-        self._layout.sync_requires_grad()
-        self._write_resting_params()
-        self._layout.mark_seen()
+    def _discard_sample(self, kind: str, draw: int) -> None:
+        _blocks.discard_sample(self, kind, draw)
 
     @on_optimizer
     @contextmanager
@@ -415,18 +391,19 @@ class IVON(torch.optim.Optimizer):
                 _user_writes.prepare(self)
                 self._fold_pending()
         self._layout.zero_grads()
+        self._layout.grads_at_rest = self._layout.rest_mark()
 
     @disable_dynamo
     @on_optimizer
-    def posterior(self):
-        """The posterior learned so far, as an ``ivon_fast.Posterior``: per param (in the order
-        of ``param_groups``), its mean and std 1 / sqrt(ess (hess + weight_decay)), copies shaped
-        like the param (std 0 for frozen params). Writes to the params since the last optimizer
-        call count as usual (they become the mean). Allowed inside ``mean_params()``."""
+    def posterior(self, model=None):
+        """The posterior so far, an ``ivon_fast.Posterior``: per param (``param_groups`` order)
+        a copy of its mean and std (0 if frozen), and its name (from ``model`` when given, else
+        ``IVON(model.named_parameters())``'s). Allowed inside ``mean_params()``."""
         self._check_not_in_context("posterior()", mean_allowed=True)
+        names = param_names(self.param_groups, model)
         with torch.no_grad():
             _user_writes.prepare(self, params_hold_mean=self._in_mean)
-            return _posterior.of_optimizer(self)
+            return _posterior.of_optimizer(self, names)
 
     @disable_dynamo
     @on_optimizer

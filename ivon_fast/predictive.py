@@ -247,35 +247,47 @@ def _check_predict_args(model, samples, seed, progress, forward) -> None:
 
 
 def _matched_posterior(model, source) -> tuple:
-    """(params, means, stds): the params of ``model`` to perturb and their posterior."""
+    """(params, means, stds): the params of ``model`` to perturb and their posterior, matched
+    by name, or by identity with the params it was built from (Note [posteriors know their
+    params] in ``posterior``)."""
     if isinstance(source, Posterior):
-        params = list(model.parameters())
-        if len(params) != len(source.mean):
-            raise ValueError(
-                f"Invalid source: the Posterior has {len(source.mean)} params but model has "
-                f"{len(params)}; a Posterior is matched to list(model.parameters()) in order (pass "
-                "the IVON optimizer itself to match its params by identity)")
-        for index, (p, mean) in enumerate(zip(params, source.mean)):
-            if p.shape != mean.shape:
-                raise ValueError(
-                    f"Invalid source: the Posterior's param {index} has shape {tuple(mean.shape)} "
-                    f"but model's param {index} has shape {tuple(p.shape)} (a Posterior is "
-                    "matched to list(model.parameters()) in order)")
-        return params, list(source.mean), list(source.std)
+        return _params_of(model, source), list(source.mean), list(source.std)
     try:
         optimizer = unwrap(source)
     except TypeError:
         raise ValueError(f"Invalid source: expected an ivon_fast.IVON, a wrapper exposing one as "
                          f".optimizer, or an ivon_fast.Posterior; got {type(source).__name__}"
                          ) from None
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    owned = {id(p) for p in model.parameters()}
-    for index, p in enumerate(params):
-        if id(p) not in owned:
-            raise ValueError(f"Invalid source: the optimizer's param {index} (shape "
-                             f"{tuple(p.shape)}) is not a parameter of model")
     posterior = optimizer.posterior()
-    return params, posterior.mean, posterior.std
+    return _params_of(model, posterior), posterior.mean, posterior.std
+
+
+def _params_of(model, posterior) -> list:
+    """``model``'s params in the posterior's order (ValueError naming the first mismatch)."""
+    owned = dict(model.named_parameters())
+    if posterior.names is not None:
+        missing = [name for name in posterior.names if name not in owned]
+        if missing:
+            raise ValueError(f"Invalid source: the posterior's param {missing[0]!r} is not a "
+                             "parameter of model")
+        params = [owned[name] for name in posterior.names]
+    else:
+        params = posterior.live_params()
+        if params is None:
+            raise ValueError("Invalid source: the Posterior has no param names and was not built "
+                             "from live params, so it cannot be matched to model's params safely; "
+                             "give it names (Posterior.with_names, IVON(model.named_parameters()) "
+                             "or opt.posterior(model))")
+        ids = {id(p) for p in owned.values()}
+        for index, param in enumerate(params):
+            if id(param) not in ids:
+                raise ValueError(f"Invalid source: the posterior's param {index} (shape "
+                                 f"{tuple(param.shape)}) is not a parameter of model")
+    for name, param, mean in zip(posterior.names or range(len(params)), params, posterior.mean):
+        if param.shape != mean.shape:
+            raise ValueError(f"Invalid source: the posterior's param {name!r} has shape "
+                             f"{tuple(mean.shape)} but model's has {tuple(param.shape)}")
+    return params
 
 
 def _one_pass(model, loader, run_forward, device, k, first_targets, prob_sums, bar) -> None:

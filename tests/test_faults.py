@@ -328,38 +328,72 @@ def test_params_on_cpu_and_cuda_train_like_all_on_cpu():
 
 # ============================================================================ 3. gradients
 
-def _sparse_setup(mode, mc):
-    embedding = nn.Embedding(5, 3, sparse=True)
+def _embedding_run(mode, mc, sparse, clear):
+    """Two steps of an embedding; ``clear``: how gradients are cleared before each backward
+    ('none': set to None, so autograd hands the step a sparse tensor; 'zero':
+    ``optimizer.zero_grad()``, so autograd adds a sparse gradient into the dense one)."""
+    torch.manual_seed(0)
+    embedding = nn.Embedding(5, 3, sparse=sparse)
     opt = IVON(embedding.parameters(), **HP, backend="reference", seed=SEED, mc_samples=mc,
                resample_on_step=(mode == "dropin"))
-    return embedding, opt
 
-
-def _sparse_backward(embedding):
-    embedding.zero_grad(set_to_none=True)
-    embedding(torch.tensor([1, 2])).sum().backward()
-    assert embedding.weight.grad.is_sparse
-
-
-@pytest.mark.parametrize("mode,mc", [
-    ("official", 1), ("dropin", 1),
-    ("official", 2)])
-def test_sparse_gradients_are_refused_and_change_nothing(mode, mc):
-    embedding, opt = _sparse_setup(mode, mc)
-    before_params, before_state = snapshot(embedding), _state_tensors(embedding, opt)
-    with pytest.raises(RuntimeError, match="sparse gradients"):
-        if mode == "dropin":
-            _sparse_backward(embedding)
-            opt.step()
+    def backward(i):
+        if clear == "none":
+            embedding.zero_grad(set_to_none=True)
         else:
+            opt.zero_grad()
+        embedding(torch.tensor([1, 2, 2 + i])).pow(2).sum().backward()
+        assert embedding.weight.grad.is_sparse == (sparse and clear == "none")
+
+    for i in range(2):
+        if mode == "dropin":
+            backward(i)
+        else:
+            for _ in range(mc):
+                with opt.sampled_params(train=True):
+                    backward(i)
+        opt.step()
+    return embedding.weight.detach().clone(), opt.state_dict()
+
+
+@pytest.mark.parametrize("clear", ["none", "zero"])
+@pytest.mark.parametrize("mode,mc", [("official", 1), ("dropin", 1), ("official", 2)])
+def test_sparse_gradients_are_densified_in_every_loop(mode, mc, clear):
+    """A sparse gradient trains exactly as its dense equal does (docs/FAULTS.md), however the
+    gradients were cleared."""
+    sparse_weight, sparse_state = _embedding_run(mode, mc, True, clear)
+    dense_weight, dense_state = _embedding_run(mode, mc, False, clear)
+    assert torch.equal(sparse_weight, dense_weight)
+    assert_state_dicts_equal(sparse_state, dense_state)
+
+
+def test_an_error_while_a_sample_is_folded_in_discards_it_and_changes_nothing(monkeypatch):
+    """With mc_samples > 1 the block's exit folds its gradient in; an error there (out of
+    memory, say) leaves params and optimizer as before the block, and the step goes on."""
+    model = make_model(0)
+    opt = IVON(model.parameters(), **HP, backend="reference", seed=SEED, mc_samples=2)
+    official_iter(model, opt, 0, mc=2)
+    before = _frozen(model, opt)
+    from ivon_fast._bucket import Bucket
+
+    def out_of_memory(self):
+        raise RuntimeError("out of memory (injected)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Bucket, "gather_grads", out_of_memory)
+        with pytest.raises(RuntimeError, match="injected"):
             with opt.sampled_params(train=True):
-                _sparse_backward(embedding)
-            opt.step()
-    assert_params_equal(embedding, before_params)
-    _assert_state_tensors_equal(before_state, _state_tensors(embedding, opt))
-    assert opt.current_step == 0
-
-
+                opt.zero_grad()
+                loss_fn(model, 1).backward()
+    _assert_unchanged(model, opt, before)
+    assert opt.samples_taken == 0
+    official_iter(model, opt, 1, mc=2)   # the step goes on as if the failed block never ran
+    reference_model = make_model(0)
+    reference_opt = IVON(reference_model.parameters(), **HP, backend="reference", seed=SEED,
+                         mc_samples=2)
+    for i in range(2):
+        official_iter(reference_model, reference_opt, i, mc=2)
+    assert_params_equal(model, snapshot(reference_model))
 
 
 def test_a_nonfinite_gradient_is_skipped_by_default():
@@ -413,28 +447,82 @@ def test_a_gradscaler_skips_an_overflow_even_with_skip_nonfinite_false(mode, mc,
     assert scaler.get_scale() == (scale / 2 if at_sample == mc - 1 else scale)
 
 
-@pytest.mark.parametrize("fault", ["no_backward", "grads_set_to_none"])
-def test_dropin_step_without_a_gradient_is_a_zero_gradient_update(fault):
-    """The drop-in loop always has a pending sample (the params hold it), so step() without a
-    backward, or after model.zero_grad(set_to_none=True), is an update with a zero gradient
-    (documented: a trainable param without .grad gets a zero gradient), not an error. The
-    expectation: a backward of 0 * loss."""
+@pytest.mark.parametrize("fault", ["fresh", "no_backward", "zero_grad", "grads_set_to_none"])
+def test_dropin_step_without_a_gradient_does_nothing(fault):
+    """Note [a step without a gradient]: no trainable param got a gradient since the last step
+    (or since construction; a backward cleared by zero_grad, of either kind, counts as none), so
+    step() changes nothing, as torch.optim's step skips params without a gradient; training then
+    goes on as if it had not been called."""
     def run(faulty):
         model, opt = build("dropin")
-        train(model, opt, "dropin", 0, 2)
-        if not faulty:
-            (loss_fn(model, 2) * 0.0).backward()
-        elif fault == "grads_set_to_none":
-            loss_fn(model, 2).backward()
-            model.zero_grad(set_to_none=True)
-        opt.step()
-        opt.zero_grad()
+        steps = 0 if fault == "fresh" else 2
+        train(model, opt, "dropin", 0, steps)
+        if faulty:
+            if fault in ("zero_grad", "grads_set_to_none"):
+                loss_fn(model, 2).backward()
+            if fault == "zero_grad":
+                opt.zero_grad()
+            elif fault == "grads_set_to_none":
+                model.zero_grad(set_to_none=True)
+            before = _frozen(model, opt)
+            opt.step()
+            _assert_unchanged(model, opt, before)
+            assert opt.current_step == steps
+        train(model, opt, "dropin", steps, 2)
         return model, opt
 
-    model_a, opt_a = run(faulty=False)
-    model_b, opt_b = run(faulty=True)
-    assert opt_b.current_step == 3
-    assert_same_run(model_a, opt_a, model_b, opt_b)
+    assert_same_run(*run(faulty=False), *run(faulty=True))
+
+
+def test_a_second_dropin_step_on_the_same_gradient_does_nothing():
+    model, opt = build("dropin")
+    train(model, opt, "dropin", 0, 1)
+    opt.zero_grad()
+    loss_fn(model, 1).backward()
+    opt.step()
+    before = _frozen(model, opt)
+    opt.step()   # the gradient it would use is the one the last step used
+    _assert_unchanged(model, opt, before)
+    assert opt.current_step == 2
+
+
+def test_dropin_step_with_a_zero_gradient_is_a_step():
+    """A backward that computed zeros is a gradient: the step moves the mean (weight decay)."""
+    model, opt = build("dropin")
+    train(model, opt, "dropin", 0, 1)
+    opt.zero_grad()
+    (loss_fn(model, 2) * 0.0).backward()
+    before = opt.posterior().mean
+    opt.step()
+    assert opt.current_step == 2
+    assert not all(torch.equal(a, b) for a, b in zip(before, opt.posterior().mean))
+
+
+def test_dropin_step_with_an_assigned_gradient_is_a_step():
+    model, opt = build("dropin")
+    train(model, opt, "dropin", 0, 1)
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 0.5)   # tensors of their own, no backward
+    opt.step()
+    assert opt.current_step == 2
+
+
+def test_dropin_step_with_a_gradient_only_for_a_param_unfrozen_since_is_a_step():
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 3), nn.Linear(3, 1)
+    second.requires_grad_(False)
+    opt = IVON(list(first.parameters()) + list(second.parameters()), **HP, backend="reference",
+               seed=SEED, resample_on_step=True)
+    x = torch.randn(4, 3)
+    second(first(x)).sum().backward()
+    opt.step()
+    second.requires_grad_(True)
+    first.zero_grad(set_to_none=True)
+    second(first(x).detach()).sum().backward()   # only the unfrozen params get a gradient
+    weight = second.weight.detach().clone()
+    opt.step()
+    assert opt.current_step == 2
+    assert not torch.equal(second.weight, weight)
 
 
 def test_official_step_without_a_sample_refuses_and_changes_nothing():

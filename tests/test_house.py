@@ -21,9 +21,9 @@ LAYERS = {
     0: ("backends", "reference", "triton_backend", "cpp_backend", "_contract", "_fake_ops",
         "_extension", "_build_info", "scalars"),
     1: ("_op_loop", "_layout", "_bucket", "_sharded"),
-    2: ("_step", "_user_writes", "_groups", "_checkpoint", "_checks", "_draws", "noise",
-        "posterior", "_messages"),
-    3: ("optimizer", "_wrappers"),
+    2: ("_step", "_blocks", "_user_writes", "_groups", "_checkpoint", "_checks", "_draws",
+        "noise", "posterior", "_messages", "_wrappers"),
+    3: ("optimizer",),
     4: ("", "__main__", "predictive", "integrations", "integrations.hf",
         "integrations.lightning"),
 }

@@ -46,9 +46,10 @@ def test_posterior_holds_the_mean_and_sigma_by_hand(two_groups):
     for group in opt.param_groups:
         for p in group["params"]:
             index = next(i for i, q in enumerate(params) if q is p)
-            state = opt.state[p]
+            state = opt.state.get(p, {})
             assert posterior.mean[index].shape == p.shape
-            assert torch.equal(posterior.mean[index], state["mean"])
+            # a param frozen at construction has no state (it waits): its mean is its value
+            assert torch.equal(posterior.mean[index], state["mean"] if p.requires_grad else p)
             if p.requires_grad:
                 by_hand = 1.0 / torch.sqrt(group["ess"] * (state["hess"].double()
                                                            + group["weight_decay"]))
@@ -56,6 +57,16 @@ def test_posterior_holds_the_mean_and_sigma_by_hand(two_groups):
                                            atol=0)
             else:
                 assert torch.equal(posterior.std[index], torch.zeros_like(p))
+
+
+def test_a_param_frozen_after_training_has_no_spread():
+    """Frozen, it is never perturbed again: its posterior is its value, with std 0."""
+    model, opt = _trained()
+    param = _params_in_order(opt)[0]
+    param.requires_grad_(False)
+    posterior = opt.posterior()
+    assert torch.equal(posterior.std[0], torch.zeros_like(param))
+    assert torch.equal(posterior.mean[0], param.detach())
 
 
 def test_posterior_is_a_copy():
@@ -91,14 +102,33 @@ def test_posterior_inside_a_block_is_an_error():
 
 
 def test_save_and_load_round_trip(tmp_path):
+    """Means, stds and names come back; a posterior saved before names (format /1) loads
+    without them."""
     model, opt = _trained(frozen=True)
-    posterior = opt.posterior()
+    posterior = opt.posterior(model)
+    assert posterior.names == [name for name, _ in model.named_parameters()]
     path = tmp_path / "posterior.pt"
     posterior.save(path)
     loaded = Posterior.load(path)
     assert all(torch.equal(a, b) for a, b in zip(posterior.mean, loaded.mean))
     assert all(torch.equal(a, b) for a, b in zip(posterior.std, loaded.std))
+    assert loaded.names == posterior.names and loaded.live_params() is None
     assert [p.name for p in tmp_path.iterdir()] == ["posterior.pt"]  # no temporary left
+    torch.save({"format": "ivon_fast.Posterior/1", "mean": loaded.mean, "std": loaded.std}, path)
+    assert Posterior.load(path).names is None
+
+
+def test_names_come_from_the_model_or_from_named_parameters():
+    """opt.posterior(model) names each param by model.named_parameters(); an optimizer built
+    from named_parameters() knows them itself; otherwise a posterior has no names."""
+    model = make_model(0)
+    named = IVON(model.named_parameters(), lr=0.1, ess=10.0, backend="reference")
+    want = [name for name, _ in model.named_parameters()]
+    assert named.posterior().names == want
+    plain = IVON(make_model(0).parameters(), lr=0.1, ess=10.0, backend="reference")
+    assert plain.posterior().names is None
+    with pytest.raises(ValueError, match="not a parameter of model"):
+        plain.posterior(model)
 
 
 def test_loading_something_else_is_a_clear_error(tmp_path):
@@ -121,8 +151,8 @@ def test_merge_is_precision_weighted_by_hand():
     # element 0: m = 1, s = 1 (precision 1) and m = 3, s = 0.5 (precision 4):
     #   mean = (1 * 1 + 3 * 4) / 5 = 2.6, std = 1 / sqrt(5)
     # element 1: equal precisions 4 and 4: the plain average 0, std 1 / sqrt(8)
-    a = Posterior(mean=[torch.tensor([1.0, -1.0])], std=[torch.tensor([1.0, 0.5])])
-    b = Posterior(mean=[torch.tensor([3.0, 1.0])], std=[torch.tensor([0.5, 0.5])])
+    a = Posterior(mean=[torch.tensor([1.0, -1.0])], std=[torch.tensor([1.0, 0.5])], names=["w"])
+    b = Posterior(mean=[torch.tensor([3.0, 1.0])], std=[torch.tensor([0.5, 0.5])], names=["w"])
     merged = merge([a, b])
     torch.testing.assert_close(merged.mean[0], torch.tensor([2.6, 0.0]))
     torch.testing.assert_close(merged.std[0], torch.tensor([1 / math.sqrt(5), 1 / math.sqrt(8)]))
@@ -130,7 +160,8 @@ def test_merge_is_precision_weighted_by_hand():
 
 def test_merge_of_one_posterior_is_itself_and_of_copies_keeps_the_mean():
     model, opt = _trained()
-    posterior = Posterior(mean=opt.posterior().mean[1:], std=opt.posterior().std[1:])
+    full = opt.posterior(model)
+    posterior = Posterior(mean=full.mean[1:], std=full.std[1:], names=full.names[1:])
     alone = merge([posterior])
     for a, b in zip(alone.mean, posterior.mean):
         torch.testing.assert_close(a, b)
@@ -146,7 +177,7 @@ def test_merging_models_fine_tuned_from_one_base():
     for offset in (0, 2):
         model, opt = _trained()
         train(model, opt, "official", 10 + offset, 3)
-        posteriors.append(opt.posterior())
+        posteriors.append(opt.posterior(model))
     merged = merge(posteriors)
     for index in range(len(merged.mean)):
         (m1, s1), (m2, s2) = [(p.mean[index].double(), p.std[index].double())
@@ -157,17 +188,34 @@ def test_merging_models_fine_tuned_from_one_base():
 
 
 def test_merge_refuses_what_does_not_fit():
-    one = Posterior(mean=[torch.zeros(2)], std=[torch.ones(2)])
+    """merge aligns by name and names the first param that does not fit; posteriors without
+    names cannot be aligned safely and are refused."""
+    one = Posterior(mean=[torch.zeros(2)], std=[torch.ones(2)], names=["a"])
     with pytest.raises(ValueError, match="at least one"):
         merge([])
-    with pytest.raises(ValueError, match="params"):
-        merge([one, Posterior(mean=[torch.zeros(2)] * 2, std=[torch.ones(2)] * 2)])
-    with pytest.raises(ValueError, match="shapes"):
-        merge([one, Posterior(mean=[torch.zeros(3)], std=[torch.ones(3)])])
+    with pytest.raises(ValueError, match="extra 'b'"):
+        merge([one, Posterior(mean=[torch.zeros(2)] * 2, std=[torch.ones(2)] * 2,
+                              names=["a", "b"])])
+    with pytest.raises(ValueError, match="missing 'a'"):
+        merge([one, Posterior(mean=[torch.zeros(2)], std=[torch.ones(2)], names=["b"])])
+    with pytest.raises(ValueError, match="param 'a' has shape"):
+        merge([one, Posterior(mean=[torch.zeros(3)], std=[torch.ones(3)], names=["a"])])
     with pytest.raises(ValueError, match="frozen"):
-        merge([one, Posterior(mean=[torch.zeros(2)], std=[torch.zeros(2)])])
+        merge([one, Posterior(mean=[torch.zeros(2)], std=[torch.zeros(2)], names=["a"])])
     with pytest.raises(ValueError, match="not an ivon_fast.Posterior"):
         merge([one, {"mean": []}])
+    with pytest.raises(ValueError, match="no param names"):
+        merge([one, Posterior(mean=[torch.zeros(2)], std=[torch.ones(2)])])
+
+
+def test_merge_aligns_by_name_not_by_order():
+    """Two posteriors listing the same params in different orders merge param by param."""
+    a = Posterior(mean=[torch.zeros(2), torch.ones(2)], std=[torch.ones(2)] * 2, names=["x", "y"])
+    b = Posterior(mean=[torch.ones(2), torch.zeros(2)], std=[torch.ones(2)] * 2, names=["y", "x"])
+    merged = merge([a, b])
+    assert merged.names == ["x", "y"]
+    assert torch.equal(merged.mean[0], torch.zeros(2)) and torch.equal(merged.mean[1],
+                                                                         torch.ones(2))
 
 
 # ----------------------------------------------------------------------------- wrappers

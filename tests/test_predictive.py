@@ -271,17 +271,22 @@ def test_frozen_param_untouched():
     assert not torch.equal(weights_seen[0], weights_seen[-1])  # trainable ones do move
 
 
-def test_posterior_source_wrong_count_or_shape():
+def test_posterior_source_that_does_not_fit_is_refused_naming_the_param():
+    """A named posterior is matched by name (a param model lacks, or of another shape, is
+    named); an unnamed one only to the live params it was built from; nothing moves."""
     model, opt = trained()
     loader = make_loader(*make_data())
-    posterior = opt.posterior()
+    posterior = opt.posterior(model)
     before = snapshot(model)
-    short = Posterior(mean=posterior.mean[:-1], std=posterior.std[:-1])
-    with pytest.raises(ValueError, match="Posterior has 3 params but model has 4"):
-        predict(model, short, loader, progress=False)
-    swapped = Posterior(mean=posterior.mean[::-1], std=posterior.std[::-1])
-    with pytest.raises(ValueError, match="shape"):
+    unnamed = Posterior(mean=posterior.mean, std=posterior.std)
+    with pytest.raises(ValueError, match="no param names"):
+        predict(model, unnamed, loader, progress=False)
+    swapped = Posterior(mean=posterior.mean[::-1], std=posterior.std[::-1], names=posterior.names)
+    with pytest.raises(ValueError, match=f"param '{posterior.names[0]}' has shape"):
         predict(model, swapped, loader, progress=False)
+    renamed = posterior.with_names(["x." + name for name in posterior.names])
+    with pytest.raises(ValueError, match="'x.0.weight' is not a parameter of model"):
+        predict(model, renamed, loader, progress=False)
     other = make_model(seed=1)
     other_opt = make_ivon(other.parameters())
     with pytest.raises(ValueError, match="not a parameter of model"):
@@ -473,3 +478,36 @@ def test_missing_torchmetrics_is_a_clear_error(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install ivon_fast\[metrics\]"):
         calibration(PROBS, TARGETS)
     reliability(PROBS, TARGETS)  # needs no torchmetrics
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_a_saved_posterior_in_group_order_evaluates_the_right_weights(tmp_path, named):
+    """Layer-wise lr groups listed top layer first put the posterior in another order than
+    model.parameters(), with equal shapes in both orders: a named posterior, saved and loaded,
+    predicts exactly what the optimizer does; an unnamed one is refused, never silently
+    matched by order (it used to give the wrong weights)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(CLASSES, CLASSES), nn.Tanh(), nn.Linear(CLASSES, CLASSES))
+    groups = [{"params": list(model[2].named_parameters(prefix="2")), "lr": 0.05},
+              {"params": list(model[0].named_parameters(prefix="0")), "lr": 0.01}]
+    if not named:
+        groups = [{**g, "params": [p for _, p in g["params"]]} for g in groups]
+    opt = IVON(groups, lr=0.1, ess=float(N), backend="reference")
+    x = torch.randn(N, CLASSES, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, CLASSES, (N,), generator=torch.Generator().manual_seed(4))
+    for _ in range(3):
+        with opt.sampled_params(train=True):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    path = tmp_path / "posterior.pt"
+    opt.posterior().save(path)
+    loaded = Posterior.load(path)
+    loader = make_loader(x, y)
+    if not named:
+        with pytest.raises(ValueError, match="no param names"):
+            predict(model, loaded, loader, progress=False)
+        return
+    assert loaded.names == ["2.weight", "2.bias", "0.weight", "0.bias"]
+    want = predict(model, opt, loader, samples=2, seed=5, progress=False)[0]
+    assert torch.equal(predict(model, loaded, loader, samples=2, seed=5, progress=False)[0], want)

@@ -61,9 +61,10 @@ def _priors(kind, model):
             "init+precision": dict(prior_mean="init", prior_precision=precisions)}[kind]
 
 
-def _optimizer(model, backend="reference", dropin=False, **priors):
+def _optimizer(model, backend="reference", dropin=False, mc_samples=1, **priors):
     return IVON(model.parameters(), lr=LR, ess=ESS, hess_init=H0, beta1=B1, beta2=B2,
-                weight_decay=WD, backend=backend, seed=SEED, resample_on_step=dropin, **priors)
+                weight_decay=WD, backend=backend, seed=SEED, resample_on_step=dropin,
+                mc_samples=mc_samples, **priors)
 
 
 def _by_hand(m0, prior_mu, delta, a, c, offset, draw, h0=H0):
@@ -179,23 +180,22 @@ def test_posterior_std_uses_the_prior_precision_and_as_prior_round_trips():
             opt.zero_grad()
             model.loss().backward()
         opt.step()
-    posterior = opt.posterior()
+    posterior = opt.posterior(model)
     for param, std, delta in zip(model.parameters(), posterior.std, precisions):
         expected = 1.0 / (ESS * (opt.state[param]["hess"].double() + delta.double())).sqrt()
         torch.testing.assert_close(std.double(), expected, rtol=1e-6, atol=0)
-    prior = posterior.as_prior(ess=200.0)
-    for mean, std, mu, precision in zip(posterior.mean, posterior.std, prior["prior_mean"],
-                                        prior["prior_precision"]):
-        assert torch.equal(mu, mean)
-        torch.testing.assert_close(precision.double(), 1.0 / (200.0 * std.double() ** 2),
-                                   rtol=1e-6, atol=0)
+    prior = posterior.as_prior(ess=200.0)  # by name
+    for name, mean, std in zip(posterior.names, posterior.mean, posterior.std):
+        assert torch.equal(prior["prior_mean"][name], mean)
+        torch.testing.assert_close(prior["prior_precision"][name].double(),
+                                   1.0 / (200.0 * std.double() ** 2), rtol=1e-6, atol=0)
     # the next task starts from this posterior as its prior: at its first sample its noise
     # scale is 1 / sqrt(ess (h0 + delta)) with delta the old posterior's precision
     next_model = Quadratic()
-    next_opt = IVON(next_model.parameters(), lr=LR, ess=200.0, hess_init=H0, backend="reference",
-                    seed=SEED, **prior)
+    next_opt = IVON(next_model.named_parameters(), lr=LR, ess=200.0, hess_init=H0,
+                    backend="reference", seed=SEED, **prior)
     start = next_opt.posterior()
-    for std, precision in zip(start.std, prior["prior_precision"]):
+    for std, precision in zip(start.std, prior["prior_precision"].values()):
         torch.testing.assert_close(std.double(), 1 / (200.0 * (H0 + precision.double())).sqrt(),
                                    rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="Invalid ess"):
@@ -306,8 +306,34 @@ def test_kernel_backends_follow_the_reference_with_priors(backend, dtype, dropin
         model = Quadratic().to(dtype)
         model.a = [a.to(dtype) for a in model.a]
         model.c = [c.to(dtype) for c in model.c]
-        opt = _optimizer(model, backend=name, dropin=dropin, **_priors("both", model))
+        opt = _optimizer(model, backend=name, dropin=dropin, mc_samples=1 if dropin else 2,
+                         **_priors("both", model))
         train_quadratic(model, opt, 4, dropin)
         runs.append([opt.state[p]["mean"].clone() for p in model.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_as_prior_aligns_by_name_and_refuses_an_unverifiable_order():
+    """A named posterior's prior goes to each param by name, whatever the new optimizer's
+    param order; an optimizer without names cannot take it; an unnamed posterior's prior fits
+    only the params it was built from, in their order."""
+    model = Quadratic()
+    opt = _optimizer(model)
+    with opt.sampled_params(train=True):
+        opt.zero_grad()
+        model.loss().backward()
+    opt.step()
+    prior = opt.posterior(model).as_prior(ess=ESS)
+    reordered = IVON(list(model.named_parameters())[::-1], lr=LR, ess=ESS, backend="reference",
+                     **prior)
+    for name, param in model.named_parameters():
+        assert torch.equal(reordered.state[param]["prior_mean"], prior["prior_mean"][name])
+    with pytest.raises(ValueError, match="pass model.named_parameters"):
+        IVON(model.parameters(), lr=LR, ess=ESS, backend="reference", **prior)
+    unnamed = opt.posterior().as_prior(ess=ESS)
+    IVON(model.parameters(), lr=LR, ess=ESS, backend="reference", **unnamed)  # its own params
+    with pytest.raises(ValueError, match="param 0 is not this optimizer's param 0"):
+        IVON(list(model.parameters())[::-1], lr=LR, ess=ESS, backend="reference", **unnamed)
+    with pytest.raises(ValueError, match="not built from live params"):
+        Posterior(mean=[torch.zeros(2)], std=[torch.ones(2)]).as_prior(ess=1.0)

@@ -107,7 +107,7 @@ def _run(state_dtype, dropin, steps=30, seed=5, **kwargs):
     model = Quadratic()
     opt = IVON(model.parameters(), lr=0.05, ess=50.0, hess_init=0.5, beta2=0.99,
                weight_decay=1e-2, seed=seed, resample_on_step=dropin, state_dtype=state_dtype,
-               **kwargs)
+               mc_samples=1 if dropin else 2, **kwargs)
     train_quadratic(model, opt, steps, dropin)
     return model, opt
 

@@ -253,7 +253,7 @@ class IVONCallback(TrainerCallback):
         if model is not self._hooked_model:
             if self._load_hook is not None:
                 self._load_hook.remove()
-            self._load_hook = model.register_load_state_dict_pre_hook(self._before_load)
+            self._load_hook = model.register_load_state_dict_pre_hook(_ReleaseOnLoad(self))
             self._hooked_model = model
         self._phase = _Phase(model, opt, self._eval_samples)
         if not self._exit_registered:
@@ -261,12 +261,6 @@ class IVONCallback(TrainerCallback):
             # while modules are torn down; close it while the interpreter still works
             atexit.register(_release_at_exit, weakref.ref(self))
             self._exit_registered = True
-
-    def _before_load(self, *args) -> None:
-        # the Trainer loads the model before the optimizer (resuming, or load_best_model_at_end),
-        # and IVON.load_state_dict refuses to run inside mean_params(). The hook stays
-        # registered (removing it here would change the dict torch is iterating over)
-        self.release()
 
     def _warn_if_sample(self, what: str, optimizer) -> None:
         if self._phase is not None or self._warned or optimizer is None:
@@ -284,6 +278,26 @@ class IVONCallback(TrainerCallback):
                  "IVONCallback.release()); wrap it in `with ivon_fast.mean_params(optimizer):`")
         warnings.warn(f"IVONCallback: this {what} used the optimizer's current posterior sample, "
                       f"not the mean: {where}", RuntimeWarning, stacklevel=2)
+
+
+class _ReleaseOnLoad:
+    """The model's ``load_state_dict`` pre-hook: the Trainer loads the model before the optimizer
+    (resuming, or load_best_model_at_end), and IVON.load_state_dict refuses to run inside
+    mean_params(), so a load ends the evaluation phase. It stays registered (removing it while
+    torch iterates over the hooks would change their dict). It holds the callback weakly, and a
+    copy of the model (``copy.deepcopy``, pickle) gets one that does nothing: the copy is in no
+    phase, and the callback's phase holds what cannot be copied."""
+
+    def __init__(self, callback=None):
+        self._callback = None if callback is None else weakref.ref(callback)
+
+    def __call__(self, *args) -> None:
+        callback = None if self._callback is None else self._callback()
+        if callback is not None:
+            callback.release()
+
+    def __reduce__(self):
+        return (_ReleaseOnLoad, ())
 
 
 def _release_at_exit(reference) -> None:
