@@ -74,3 +74,15 @@ ACCUMULATION_WITH_SAMPLES = (
     "mc_samples=1 IVON keeps one sample for all micro-batches of a step; for more samples, "
     "accumulate the micro-batches inside one block per sample, without accumulate():\n"
     + _ACCUMULATION_PATTERN)
+
+ZERO_GRAD_MID_ACCUMULATION = (
+    "zero_grad() inside the sampled_params(train=True) block of a later micro-batch of "
+    "accelerate's accumulate() would clear the gradient of the step's earlier micro-batches "
+    "(accelerate lets zero_grad() through on the last micro-batch only); the block was undone. "
+    "With gradient accumulation, clear the gradients after the step, outside the block:\n"
+    "    for batch in loader:\n"
+    "        with accelerator.accumulate(model):\n"
+    "            with optimizer.sampled_params(train=True):\n"
+    "                accelerator.backward(loss_fn(model, batch))\n"
+    "            optimizer.step()\n"
+    "            optimizer.zero_grad()")

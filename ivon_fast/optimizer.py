@@ -42,7 +42,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import _blocks, _checkpoint, _messages as messages, _op_loop, _step, _user_writes
+from . import _blocks, _checkpoint, _ivon_opt_export, _messages as messages, _op_loop, _step
+from . import _user_writes
 from . import posterior as _posterior
 from ._checks import check_group_hyperparameters, check_options
 from ._draws import Draws
@@ -386,6 +387,8 @@ class IVON(torch.optim.Optimizer):
         pending sample's gradient is folded into the step's averages first, so clearing
         gradients before the next ``sampled_params`` block never loses a sample.
         """
+        if self._in_context and self._accumulating:  # Note [gradient accumulation]
+            raise RuntimeError(messages.ZERO_GRAD_MID_ACCUMULATION)
         if self._pending_draw is not None and not self.resample_on_step and not self._in_context:
             with torch.no_grad():
                 _user_writes.prepare(self)
@@ -414,6 +417,14 @@ class IVON(torch.optim.Optimizer):
         # Inside mean_params() a model saved beside is the mean (Note [what the params hold]).
         self._check_not_in_context("state_dict()", mean_allowed=True)
         return _checkpoint.save_with_hooks(self)
+
+    @disable_dynamo
+    @on_optimizer
+    def ivon_opt_state_dict(self) -> dict:
+        """The state as ivon-opt's ``ivon.IVON.load_state_dict`` takes it (the model's params
+        are its mean: between steps in the official loop, inside ``mean_params()`` in the
+        drop-in mode; then set its ``current_step``). Refuses state ivon-opt cannot hold."""
+        return _ivon_opt_export.export(self)
 
     @disable_dynamo
     @on_optimizer

@@ -473,3 +473,50 @@ def test_example_runs(tmp_path):
                                "--output-dir", str(tmp_path)])
     for key in ("train_loss", "eval_loss_mean", "eval_loss_predictive"):
         assert math.isfinite(result[key]), key
+
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_zero_element_and_zero_dim_params_leave_training_as_without_them(tmp_path, mode):
+    """A device marker (zero elements) and an unused zero-dim param, through evaluations and
+    checkpoints: the GPT trains and evaluates as without them."""
+    def run(markers, directory):
+        model = gpt()
+        if markers:
+            model.marker = torch.nn.Parameter(torch.empty(0))   # first in parameters()
+            model.extra = torch.nn.Module()                      # a child after the others
+            model.extra.unused = torch.nn.Parameter(torch.tensor(0.5))
+        opt = ivon(model, resample_on_step=mode == "dropin")
+        args = arguments(directory, max_steps=2, eval_strategy="steps", eval_steps=1,
+                         save_strategy="steps", save_steps=2)
+        trainer = trainer_for(model, opt, args, [IVONCallback()],
+                              cls=IVONTrainer if mode == "official" else Trainer)
+        trainer.train()
+        names = [name for name, _ in gpt().named_parameters()]
+        return [dict(model.named_parameters())[name].detach() for name in names], \
+            eval_losses(trainer)
+
+    (params, losses), (plain_params, plain_losses) = run(True, tmp_path / "a"), \
+        run(False, tmp_path / "b")
+    assert losses == plain_losses and len(losses) == 2
+    assert_same(params, plain_params, "params")
+
+
+def test_a_trainer_built_ivon_with_a_flat_prior_warns_and_says_how_to_keep_it(tmp_path):
+    """With optimizer_cls_and_kwargs the Trainer sets every group's weight_decay (IVON's prior
+    precision) from TrainingArguments: 0.0 by default. The callback says so at train start."""
+    model = Classifier()
+    args = arguments(tmp_path, max_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=Points(8, 0),
+                      optimizer_cls_and_kwargs=(IVON, dict(lr=0.05, ess=100.0,
+                                                           resample_on_step=True)),
+                      callbacks=[IVONCallback()])
+    with pytest.warns(UserWarning, match="weight_decay=0.0: a flat prior") as caught:
+        trainer.train()
+    assert "optimizers=(IVON(model.parameters()" in str(caught[0].message)
+    assert {group["weight_decay"] for group in trainer.optimizer.param_groups} == {0.0}
+    # built by hand, IVON keeps its prior: no warning
+    model = Classifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer_for(model, ivon(model), arguments(tmp_path, max_steps=1), [IVONCallback()],
+                    train=Points(8, 0)).train()

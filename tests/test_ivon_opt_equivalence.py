@@ -54,6 +54,7 @@ def _train(optimizer_class, steps, mc_samples, grouped, **options):
                 optimizer.zero_grad()
                 torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
+    model._optimizer = optimizer  # for the export tests
     return model
 
 
@@ -89,3 +90,64 @@ def test_training_moves_the_params_so_equality_is_not_trivial():
     initial = [p.detach().clone() for p in SmallNet().parameters()]
     trained = _train(ivon_fast.IVON, 10, 1, False, backend="reference", rng="torch")
     assert all(not torch.equal(a, b) for a, b in zip(initial, trained.parameters()))
+
+
+def _continue(model, optimizer, steps, mc_samples, x, y, seed=2):
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        for _ in range(mc_samples):
+            with optimizer.sampled_params(train=True):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def _sample(model, optimizer, x, y, seed):
+    torch.manual_seed(seed)
+    with optimizer.sampled_params(train=True):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize("taken", [0, 1, 2], ids=["between_steps", "one_of_two_samples",
+                                                  "before_the_step"])
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+def test_ivon_opt_takes_our_exported_state_and_continues_bit_for_bit(hess_approx, taken):
+    """Trained by us (ivon-opt's noise), exported, loaded into ivon-opt: ivon-opt's next steps
+    equal ours, three param groups; exported between steps or after some of a step's samples
+    (the last one still pending in our optimizer: the export folds it in, as ivon-opt has)."""
+    x, y = _data()
+    ours = _train(ivon_fast.IVON, 3, 2, True, backend="reference", rng="torch",
+                  hess_approx=hess_approx)
+    ours_opt = ours._optimizer
+    for sample in range(taken):
+        _sample(ours, ours_opt, x, y, seed=5 + sample)
+    exported = ours_opt.ivon_opt_state_dict()
+    theirs = SmallNet()
+    theirs.load_state_dict(ours.state_dict())   # the params are the mean
+    theirs_opt = ivon.IVON(_param_groups(theirs, True), lr=0.1, ess=200.0, mc_samples=2,
+                           hess_approx=hess_approx)
+    theirs_opt.load_state_dict(exported)
+    theirs_opt.current_step = ours_opt.current_step
+    assert theirs_opt.state["count"] == taken
+    for model, optimizer in ((ours, ours_opt), (theirs, theirs_opt)):
+        for sample in range(taken, 2 if taken else 0):   # the rest of the step
+            _sample(model, optimizer, x, y, seed=5 + sample)
+        if taken:
+            optimizer.step()
+        _continue(model, optimizer, 2, 2, x, y)
+    for (name, want), got in zip(theirs.named_parameters(), ours.parameters()):
+        assert torch.equal(want, got), name
+
+
+def test_an_export_ivon_opt_cannot_hold_is_refused():
+    model = SmallNet()
+    prior = [torch.zeros_like(p) for p in model.parameters()]
+    opt = ivon_fast.IVON(model.parameters(), lr=0.1, ess=10.0, prior_mean=prior)
+    with pytest.raises(RuntimeError, match="prior_mean or prior_precision; ivon-opt"):
+        opt.ivon_opt_state_dict()
+    mixed = ivon_fast.IVON([{"params": model.fc1.parameters()},
+                            {"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))]}],
+                           lr=0.1, ess=10.0)
+    with pytest.raises(RuntimeError, match="several dtypes or devices"):
+        mixed.ivon_opt_state_dict()

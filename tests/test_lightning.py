@@ -486,3 +486,18 @@ def test_example_image_classifier_runs(capsys):
         assert set(scores) == {"accuracy", "nll", "ece", "brier"}
         assert 0.0 <= scores["accuracy"] <= 1.0
     assert "accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_zero_element_and_zero_dim_params_leave_training_as_without_them(tmp_path, mode):
+    """A device marker (zero elements) and an unused zero-dim param: with validation through
+    the callback and its checkpoints, the net trains as in the plain loop."""
+    module = Classifier(mode)
+    module.marker = torch.nn.Parameter(torch.empty(0))   # first in parameters(): no elements
+    module.extra = torch.nn.Module()   # a child after the net: its element follows the net's
+    module.extra.unused_scale = torch.nn.Parameter(torch.tensor(0.5))
+    _, ivon = fit(tmp_path, module, val=True, val_check_interval=2, callbacks=[IVONCallback()])
+    net, _, _ = plain_run(mode, 1)
+    for a, b in zip(module.net.parameters(), net.parameters()):
+        assert torch.equal(a, b)
+    assert ivon.current_step == 2 * BATCHES

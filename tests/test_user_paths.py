@@ -811,3 +811,66 @@ def test_the_same_parameter_twice_in_a_group_is_a_value_error_before_anything_mo
     with pytest.raises(ValueError, match="same parameter twice"):
         IVON(params + params[:1], **HP)
     assert [p.data_ptr() for p in params] == before
+
+
+# ------------------------------------------------- zero-element and zero-dimensional params
+
+class _WithMarkers(nn.Module):
+    """A zero-element param (the device-marker idiom) and a zero-dimensional scale."""
+
+    def __init__(self, markers: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        if markers:
+            self.marker = nn.Parameter(torch.empty(0))
+        self.body = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.tensor(1.5) if markers else torch.tensor([1.5]))
+        if markers:
+            self.empty_matrix = nn.Parameter(torch.empty(0, 4))
+
+    def forward(self, x):
+        return self.body(x) * self.scale
+
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=pytest.mark.cpp)])
+def test_zero_element_and_zero_dim_params_train_like_a_model_without_them(mode, backend):
+    """Zero-element params take no noise index and a zero-dim param is one element, so the run
+    equals one where the markers are absent and the scale has shape (1,), bit for bit: both
+    loops, the closure step, evaluation samples, mean_params, state dict round trip."""
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+
+    def run(markers):
+        model = _WithMarkers(markers)
+        opt = IVON(model.parameters(), lr=0.1, ess=10.0, resample_on_step=mode == "dropin",
+                   backend=backend, seed=5)
+        outputs = []
+        for _ in range(2):
+            if mode == "dropin":
+                opt.zero_grad()
+                model(x).square().sum().backward()
+                opt.step()
+            else:
+                with opt.sampled_params(train=True):
+                    opt.zero_grad()
+                    model(x).square().sum().backward()
+                opt.step()
+            with opt.sampled_params(), torch.no_grad():
+                outputs.append(model(x))
+            with opt.mean_params(), torch.no_grad():
+                outputs.append(model(x))
+
+        def closure():
+            opt.zero_grad()
+            loss = model(x).square().sum()
+            loss.backward()
+            return loss
+
+        outputs.append(opt.step(closure).detach())
+        opt.load_state_dict(opt.state_dict())
+        opt.step(closure)
+        return outputs, [p.detach().reshape(-1) for p in model.parameters() if p.numel()]
+
+    with_markers, without = run(True), run(False)
+    for a, b in zip(with_markers[0] + with_markers[1], without[0] + without[1]):
+        assert torch.equal(a, b)

@@ -96,8 +96,22 @@ def _ivon_of(optimizer):
             f"scheduler_or_None)); got {type(optimizer).__name__}") from error
 
 
+FLAT_PRIOR_WARNING = (
+    "IVON's prior precision is each param group's weight_decay, and {count} of the params train "
+    "with weight_decay=0.0: a flat prior (no pull toward zero, and their posterior std rests on "
+    "the Hessian alone). When the Trainer builds the optimizer (optimizer_cls_and_kwargs), it "
+    "sets weight_decay=TrainingArguments.weight_decay (default 0.0) for most params and 0.0 for "
+    "biases and norms, whatever IVON's own weight_decay. Build IVON yourself to keep its prior: "
+    "Trainer(..., optimizers=(IVON(model.parameters(), lr=..., ess=..., weight_decay=1e-4), "
+    "None)), or set TrainingArguments(weight_decay=...) for the decayed params")
+
+
 def _check_setup(opt, args) -> None:
     """The combinations of IVON and TrainingArguments that cannot train correctly."""
+    flat = sum(p.numel() > 0 for group in opt.param_groups if float(group["weight_decay"]) == 0.0
+               for p in group["params"] if p.requires_grad)
+    if flat:
+        warnings.warn(FLAT_PRIOR_WARNING.format(count=flat), UserWarning, stacklevel=3)
     if opt.resample_on_step:
         if opt.mc_samples > 1:
             raise ValueError(
