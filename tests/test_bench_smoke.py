@@ -511,3 +511,22 @@ def test_the_two_plots_give_each_contender_its_own_colour():
     assert len(set(colours.values())) == len(expected)
     assert colours["AdamW(fused=True) step"] != colours["ivon-opt 0.1.3 official iteration"]
     plt.close("all")
+
+
+def test_memory_bench_measures_the_step_peak_and_what_frozen_params_cost(tmp_path, capsys):
+    """python -m bench.memory: both tables; IVON's frozen params cost nothing (the same bytes
+    whether the whole model or its trainable params are given: mean, momentum, hess and the
+    gradient, 16 B per trainable fp32 element), AdamW's 12 B."""
+    from bench import memory
+    out = tmp_path / "memory.json"
+    assert memory.main(["--device", "cpu", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    peaks = {row["optimizer"]: row for row in result["step_peaks"]}
+    assert peaks["AdamW"]["peak_vs_adamw"] == 1.0
+    assert peaks["IVON"]["peak_bytes"] >= peaks["IVON"]["held_between_steps"] > 0
+    for row in result["frozen_costs"]:   # (AdamW also keeps a step count per param)
+        per_element = 16 if row["optimizer"] == "IVON" else 12
+        assert row["state_and_grad_bytes"] // row["trainable"] == per_element, row
+    ivon = [row for row in result["frozen_costs"] if row["optimizer"] == "IVON"]
+    assert ivon[0]["state_and_grad_bytes"] == ivon[1]["state_and_grad_bytes"]
+    assert "held between steps MB" in capsys.readouterr().out

@@ -623,3 +623,26 @@ def test_a_state_dict_keeps_the_lr_of_its_moment():
     assert float(saved["param_groups"][0]["lr"]) == HP["lr"]
     opt.load_state_dict(saved)
     assert float(opt.param_groups[0]["lr"]) == HP["lr"]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["training_block", "evaluation_block"])
+def test_an_exception_inside_a_block_gives_the_device_draw_back(train):
+    """capturable=True keeps the draw counter on the device: a block that raises gives its
+    draw back there too, and training then equals a run without the failed block."""
+    def run(fail):
+        model = _model()
+        opt = IVON(model.parameters(), **HP, backend="reference", seed=9, mc_samples=2,
+                   capturable=True)
+        x, y = _batch()
+        _one_step(opt, model, x, y, "official", 2)
+        if fail:
+            with pytest.raises(KeyError):
+                with opt.sampled_params(train=train):
+                    raise KeyError("in the user's code")
+        for _ in range(2):
+            _one_step(opt, model, x, y, "official", 2)
+        with opt.sampled_params():   # the evaluation stream, too
+            evaluated = [p.detach().clone() for p in model.parameters()]
+        return [p.detach().clone() for p in model.parameters()] + evaluated
+
+    _assert_equal_runs([run(False)], [run(True)])

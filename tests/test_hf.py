@@ -520,3 +520,25 @@ def test_a_trainer_built_ivon_with_a_flat_prior_warns_and_says_how_to_keep_it(tm
         warnings.simplefilter("error", UserWarning)
         trainer_for(model, ivon(model), arguments(tmp_path, max_steps=1), [IVONCallback()],
                     train=Points(8, 0)).train()
+
+
+def test_checkpoints_on_steps_without_evaluation_hold_the_mean(tmp_path):
+    """save_strategy='steps' with no evaluation: each checkpoint's model file is the posterior
+    mean at that step (a run stopped there gives it), and training is the run without saves."""
+    def run(steps, directory, **saves):
+        model = gpt()
+        opt = ivon(model)
+        trainer_for(model, opt, arguments(directory, max_steps=steps, **saves),
+                    [IVONCallback(mean_after_train=False)]).train()
+        return model, opt
+
+    model, opt = run(2, tmp_path / "saved", save_strategy="steps", save_steps=1)
+    names = [name for name, _ in model.named_parameters()]
+    for step in (1, 2):
+        _, stopped = run(step, tmp_path / f"stopped{step}")
+        saved = safetensors_torch.load_file(
+            str(tmp_path / "saved" / f"checkpoint-{step}" / "model.safetensors"))
+        assert_same([saved[name] for name in names], stopped.posterior().mean, f"step {step}")
+    plain, plain_opt = run(2, tmp_path / "plain")
+    assert_same(params_of(model), params_of(plain))   # the training sample, in both
+    assert_same(opt.state_dict(), plain_opt.state_dict())

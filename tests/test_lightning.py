@@ -501,3 +501,24 @@ def test_zero_element_and_zero_dim_params_leave_training_as_without_them(tmp_pat
     for a, b in zip(module.net.parameters(), net.parameters()):
         assert torch.equal(a, b)
     assert ivon.current_step == 2 * BATCHES
+
+
+def test_an_exception_after_a_write_in_the_mean_phase_discards_the_write(tmp_path):
+    """Validation writes to a param (at the mean), then fails: as for an exception inside
+    mean_params(), the write is discarded and the params hold the training sample again; the
+    posterior is the one training left."""
+    class WriteThenFail(Classifier):
+        def validation_step(self, batch, batch_idx):
+            with torch.no_grad():
+                self.net[0].weight.fill_(7.0)
+            raise KeyError("validation failed")
+
+    module = WriteThenFail("dropin")
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[IVONCallback()])
+    with pytest.raises(KeyError, match="validation failed"):
+        trainer.fit(module, loader(), loader())
+    ivon = trainer.optimizers[0]
+    plain = Classifier("dropin")
+    _, plain_ivon = fit(tmp_path, plain, max_epochs=1)
+    assert_same_run(module.net, ivon, plain.net, plain_ivon)
+    assert not bool((module.net[0].weight == 7.0).any())

@@ -391,6 +391,35 @@ def test_load_ivon_opt_state_dict():
             assert torch.equal(group_ref[key], ours)
 
 
+def test_load_ivon_opt_state_dict_saved_between_the_samples_of_a_step():
+    """ivon-opt saved after one of three samples (its averages over all groups folded in, two
+    param groups): loaded, the rest of the step and the next steps equal ivon-opt's."""
+    model_ref = make_model(0)
+    opt_ref = ivon.IVON(_ivon_opt_groups(model_ref), **HP, mc_samples=3)
+    torch.manual_seed(10)
+    train(model_ref, opt_ref, "official", 0, 2, mc=3)
+    with opt_ref.sampled_params(train=True):
+        opt_ref.zero_grad()
+        loss_fn(model_ref, 2).backward()
+    assert opt_ref.state["count"] == 1
+    model = make_model(50)
+    model.load_state_dict(model_ref.state_dict())
+    opt = IVON(_ivon_opt_groups(model), lr=0.3, ess=7.0, mc_samples=3, backend="reference",
+               rng="torch")
+    opt.load_state_dict(roundtrip(opt_ref.state_dict()), step=2)
+    assert opt.samples_taken == 1
+    for one_model, one_opt in ((model_ref, opt_ref), (model, opt)):
+        torch.manual_seed(20)
+        for _ in range(2):   # the step's other two samples
+            with one_opt.sampled_params(train=True):
+                one_opt.zero_grad()
+                loss_fn(one_model, 2).backward()
+        one_opt.step()
+        train(one_model, one_opt, "official", 3, 2, mc=3)
+    for p_ref, p in zip(model_ref.parameters(), model.parameters()):
+        assert torch.equal(p_ref, p)
+
+
 def test_load_ivon_opt_state_dict_needs_step():
     model_ref = make_model(0)
     opt_ref = ivon.IVON(model_ref.parameters(), **HP)

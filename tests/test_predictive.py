@@ -511,3 +511,18 @@ def test_a_saved_posterior_in_group_order_evaluates_the_right_weights(tmp_path, 
     assert loaded.names == ["2.weight", "2.bias", "0.weight", "0.bias"]
     want = predict(model, opt, loader, samples=2, seed=5, progress=False)[0]
     assert torch.equal(predict(model, loaded, loader, samples=2, seed=5, progress=False)[0], want)
+
+
+def test_a_confidence_exactly_on_a_bin_edge_goes_to_the_bin_it_opens():
+    """Bin b is [edges[b], edges[b + 1]): a confidence equal to an inner edge (as float32, the
+    dtype of the edges and of the binning) counts in the bin above it, 1.0 in the last bin."""
+    n_bins = 5
+    edges = torch.linspace(0, 1, n_bins + 1)
+    confidences = [float(edges[b]) for b in range(3, n_bins)] + [1.0]   # >= 0.5: a top class
+    probs = torch.tensor([[c, 1.0 - c] for c in confidences], dtype=torch.float32)
+    targets = torch.zeros(len(confidences), dtype=torch.int64)
+    bins = reliability(probs, targets, n_bins)
+    assert bins["count"].tolist() == [0, 0, 0, 1, 2]
+    ece = calibration(probs, targets, n_bins)["ece"]
+    by_hand = (abs(1 - confidences[0]) + 2 * abs(1 - (confidences[1] + 1.0) / 2)) / 3
+    assert ece == pytest.approx(by_hand, rel=1e-12)

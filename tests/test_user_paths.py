@@ -874,3 +874,41 @@ def test_zero_element_and_zero_dim_params_train_like_a_model_without_them(mode, 
     with_markers, without = run(True), run(False)
     for a, b in zip(with_markers[0] + with_markers[1], without[0] + without[1]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_a_write_to_one_bucket_leaves_the_other_bucket_exactly_as_it_was(mode):
+    """Two param groups (two buckets); a write to a param of the second: its written elements
+    become the mean, and the first bucket's state is the unwritten twin's, bit for bit."""
+    def build_two_groups():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+        opt = IVON([{"params": model[0].parameters()}, {"params": model[2].parameters()}],
+                   **HP, backend="reference", seed=SEED, resample_on_step=mode == "dropin")
+        return model, opt
+
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+
+    def one_step(model, opt):
+        if mode == "official":
+            with opt.sampled_params(train=True):
+                opt.zero_grad()
+                model(x).square().sum().backward()
+        else:
+            opt.zero_grad()
+            model(x).square().sum().backward()
+        opt.step()
+
+    (model, opt), (twin, twin_opt) = build_two_groups(), build_two_groups()
+    for m, o in ((model, opt), (twin, twin_opt)):
+        one_step(m, o)
+    with torch.no_grad():
+        model[2].bias.fill_(0.25)
+    posterior, twin_posterior = opt.posterior(), twin_opt.posterior()
+    assert torch.equal(posterior.mean[3], torch.full((2,), 0.25))   # the write is the mean
+    for index in range(3):   # the first bucket, and the second one's unwritten weight
+        assert torch.equal(posterior.mean[index], twin_posterior.mean[index])
+        assert torch.equal(posterior.std[index], twin_posterior.std[index])
+    first = list(model[0].parameters())
+    for p, q in zip(first, twin[0].parameters()):
+        assert torch.equal(p, q)   # the first bucket's params are untouched too
