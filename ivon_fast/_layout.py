@@ -187,9 +187,11 @@ class FlatLayout:
         """The gradients as the optimizer left them (after a step or its own zero_grad)."""
         return [(bucket, bucket.grad_flat._version) for bucket in self.buckets]
 
-    def gradient_arrived(self) -> bool:
+    def gradient_arrived(self, grads_bound: bool = False) -> bool:
         """Whether a trainable param got a gradient since ``grads_at_rest``: a backward into its
         view, or a tensor of its own (a grad of None is none). Unknown counts as arrived.
+        ``grads_bound``: every trainable grad is known to be its view (``unchanged()``), so the
+        buffers' versions alone tell.
 
         Note [a step without a gradient]: a drop-in ``step()`` when no trainable param got a
         gradient since the last step (no backward; or only ``zero_grad``) does nothing, as
@@ -199,6 +201,9 @@ class FlatLayout:
         """
         if self.grads_at_rest is None or [b for b, _ in self.grads_at_rest] != self.buckets:
             return True
+        if grads_bound:
+            return any(bucket.grad_flat._version != version
+                       for bucket, version in self.grads_at_rest)
         # (a waiting param that trains now has joined a new bucket first: _user_writes.prepare)
         return any(bucket.trainable[index] and param.grad is not None
                    and (not bucket.holds_grad(index) or bucket.grad_flat._version != version)

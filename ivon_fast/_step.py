@@ -27,7 +27,7 @@ def step(opt, closure):
         return _step_with_closure(opt, closure)
     grads_bound = _user_writes.prepare(opt)
     _check_ready(opt)
-    if opt.resample_on_step and not opt._layout.gradient_arrived():
+    if opt.resample_on_step and not opt._layout.gradient_arrived(grads_bound):
         return None  # Note [a step without a gradient] in _layout
     opt._finish_step(grads_bound)
     return None
