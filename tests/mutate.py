@@ -690,7 +690,7 @@ MUTATIONS = [
              "view.copy_(grad.reshape(view.shape))",
              (FAULTS, "-k", "densified")),
     Mutation("dropin-step-without-a-gradient-moves", STEP,
-             "    if opt.resample_on_step and not opt._layout.gradient_arrived():",
+             "    if opt.resample_on_step and not opt._layout.gradient_arrived(grads_bound):",
              "    if False:",
              (FAULTS, "-k", "without_a_gradient_does_nothing")),
     Mutation("zero-grad-leaves-the-rest-mark", OPTIMIZER,
