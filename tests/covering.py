@@ -52,13 +52,9 @@ def _key(assignment: Mapping) -> tuple:
     return tuple(sorted(assignment.items(), key=lambda item: item[0]))
 
 
-def cover(factors: Mapping[str, Sequence], *, required: Iterable[Mapping] = (),
-          explicit: Iterable[Mapping] = (), valid: Callable[[Mapping], bool] = lambda row: True,
-          pairwise: bool = True) -> list[Row]:
-    """Rows covering every pair, every ``required`` partial row and every ``explicit`` one
-    (see the module docstring). Requirements that ``valid`` rejects are dropped (they cannot
-    occur); a requirement with an unknown factor or level is an error."""
-    names = list(factors)
+def _requirements(factors, explicit, required, valid, pairwise) -> tuple:
+    """(the explicit rows, the uncovered requirements by ``_key``, in order), each checked
+    against the factors; requirements that ``valid`` rejects are dropped."""
     for name, levels in factors.items():
         if len(set(levels)) != len(levels) or not levels:
             raise ValueError(f"factor {name}: levels must be distinct and non-empty: {levels}")
@@ -72,14 +68,25 @@ def cover(factors: Mapping[str, Sequence], *, required: Iterable[Mapping] = (),
     explicit = [check(dict(a)) for a in explicit]
     wanted = [check(dict(a)) for a in required]
     if pairwise:
-        for a, b in itertools.combinations(names, 2):
+        for a, b in itertools.combinations(list(factors), 2):
             wanted += [{a: x, b: y} for x in factors[a] for y in factors[b]]
-    # uncovered requirements, in order; each is indexed under its factors' names so that a
-    # candidate level only looks at the requirements it could complete
     uncovered: dict[tuple, dict] = {}
     for assignment in wanted:
         if valid(assignment):
             uncovered.setdefault(_key(assignment), assignment)
+    return explicit, uncovered
+
+
+def cover(factors: Mapping[str, Sequence], *, required: Iterable[Mapping] = (),
+          explicit: Iterable[Mapping] = (), valid: Callable[[Mapping], bool] = lambda row: True,
+          pairwise: bool = True) -> list[Row]:
+    """Rows covering every pair, every ``required`` partial row and every ``explicit`` one
+    (see the module docstring). Requirements that ``valid`` rejects are dropped (they cannot
+    occur); a requirement with an unknown factor or level is an error."""
+    names = list(factors)
+    explicit, uncovered = _requirements(factors, explicit, required, valid, pairwise)
+    # each uncovered requirement is indexed under its factors' names so that a candidate level
+    # only looks at the requirements it could complete
     index: dict[tuple, set] = {}  # (name, level) -> the uncovered requirements that hold it
     primary: dict[tuple, set] = {}  # the same, under the first item of each requirement only
     for key, assignment in uncovered.items():
