@@ -7,6 +7,7 @@ bit for bit).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 
@@ -112,13 +113,14 @@ def test_accelerate_save_model_writes_every_tensor(tmp_path, mode, dtype):
     assert_same(saved, tensors_of(accelerator.unwrap_model(model)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["official", "dropin"])
-def test_accelerate_save_state_and_load_state_resume_exactly(tmp_path, mode):
+def test_accelerate_save_state_and_load_state_resume_exactly(tmp_path, mode, dtype):
     accelerate = pytest.importorskip("accelerate")
 
     def prepared():
         accelerator = accelerate.Accelerator(cpu=True)
-        return (accelerator, *accelerator.prepare(*build(mode, torch.float32)))
+        return (accelerator, *accelerator.prepare(*build(mode, dtype)))
 
     accelerator, model, opt = prepared()
     train(model, opt, mode, 2, accelerator.backward)
@@ -134,18 +136,23 @@ def test_accelerate_save_state_and_load_state_resume_exactly(tmp_path, mode):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-def test_hf_save_pretrained_and_from_pretrained_round_trip(tmp_path, dtype):
+@pytest.mark.parametrize("mode", ["official", "dropin"])
+def test_hf_save_pretrained_and_from_pretrained_round_trip(tmp_path, mode, dtype):
+    """Official loop: the params hold the mean between steps; drop-in: saved inside
+    mean_params(), the file holds the mean."""
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).to(dtype)
-    opt = IVON(model.parameters(), lr=0.05, ess=100.0, seed=3)
+    opt = IVON(model.parameters(), lr=0.05, ess=100.0, seed=3, resample_on_step=mode == "dropin")
     ids = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
-        with opt.sampled_params(train=True):
+        with opt.sampled_params(train=True) if mode == "official" else contextlib.nullcontext():
             opt.zero_grad()
             model(ids, labels=ids).loss.backward()
         opt.step()
-    model.save_pretrained(str(tmp_path))
+    with opt.mean_params() if mode == "dropin" else contextlib.nullcontext():
+        model.save_pretrained(str(tmp_path))
+        mean = tensors_of(model)
     loaded = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path), dtype=dtype)
-    assert_same(tensors_of(loaded), tensors_of(model))
+    assert_same(tensors_of(loaded), mean)
