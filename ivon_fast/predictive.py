@@ -49,7 +49,7 @@ NLL_FLOOR = torch.finfo(torch.float32).tiny
 # probabilities by ~1e-3.
 ROW_SUM_ATOL = 2e-3
 
-_METRICS_HINT = "pip install ivon_fast[metrics]"
+_METRICS_HINT = "pip install torchmetrics"
 
 
 def predict(model, source, loader, *, samples: int = 0, seed: int = 0, progress: bool = True,
@@ -181,7 +181,7 @@ def calibration(probs, targets, n_bins: int = 15) -> dict:
         n_bins (int, default 15): confidence bins of the ECE, >= 1.
 
     Raises:
-        ImportError: torchmetrics is missing (``pip install ivon_fast[metrics]``).
+        ImportError: torchmetrics is missing (``pip install torchmetrics``).
     """
     probs, targets = _check_probs_targets(probs, targets)
     n_bins = _check_n_bins(n_bins)
