@@ -149,6 +149,11 @@ def _extension_build():
         why_not = "torch is not a CUDA build"
     elif not nvcc_found:
         why_not = "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    elif not (force_cuda or os.environ.get("TORCH_CUDA_ARCH_LIST")
+              or torch.cuda.is_available()):
+        # the CUDA part is most of the build's time, and nothing here could run it
+        why_not = ("no GPU is visible (IVON_FAST_FORCE_CUDA=1, or an arch list in "
+                   "TORCH_CUDA_ARCH_LIST for wheels run elsewhere, builds them anyway)")
     if why_not is not None and force_cuda:
         raise RuntimeError(f"IVON_FAST_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why_not}")
 
