@@ -683,7 +683,11 @@ def test_swapping_conversion_moves_the_state_like_the_default_one(mode, conversi
 
 
 @pytest.mark.parametrize("frozen_at_construction", [True, False])
-def test_unfreezing_in_dropin_mode_keeps_the_first_gradient(frozen_at_construction):
+@pytest.mark.parametrize("grads_dropped", [False, True], ids=["grads_kept", "grads_dropped"])
+def test_unfreezing_in_dropin_mode_keeps_the_first_gradient(frozen_at_construction,
+                                                            grads_dropped):
+    """grads_dropped: model.zero_grad(set_to_none=True) while frozen, so the first backward
+    after unfreezing hands the param a gradient tensor of its own."""
     model = make_model(0)
     w = model.body[0].weight
     if frozen_at_construction:   # then w.grad is None until the first backward after unfreezing
@@ -692,6 +696,8 @@ def test_unfreezing_in_dropin_mode_keeps_the_first_gradient(frozen_at_constructi
     opt = IVON(model.parameters(), **HP, backend="reference", resample_on_step=True)
     w.requires_grad_(False)
     train(model, opt, "dropin", 0, 2)
+    if grads_dropped:
+        model.zero_grad(set_to_none=True)
     w.requires_grad_(True)
     loss_fn(model, 2).backward()
     # frozen at construction, it has no state until it first trains (it starts from zero)
