@@ -423,21 +423,33 @@ def test_a_failed_step_inside_scaler_step_leaves_no_scale_behind():
     _assert_state_equal(runs[0], runs[1])
 
 
-def test_scaler_without_any_gradient_steps_with_zero_gradients():
-    """With every .grad None the scaler hands over found_inf as the int 0; the drop-in step is
-    then a zero-gradient update, as without a scaler."""
-    runs = []
-    for scaler in (None, _scaler()):
-        model, opt = _build("dropin", "reference")
-        for p in model.parameters():
-            p.grad = None
-        if scaler is None:
-            opt.step()
-        else:
-            scaler.scale(loss_fn(model, 0))  # the scaler's scale exists from here on
-            scaler.step(opt)
-        runs.append(_state(model, opt))
-    _assert_state_equal(runs[0], runs[1])
+def test_scaler_without_any_gradient_hands_an_int_found_inf_and_changes_nothing():
+    """With every .grad None the scaler hands over found_inf as the int 0. Drop-in: no gradient
+    arrived, so the step does nothing, as without a scaler (Note [a step without a gradient]).
+    Official loop, the sample scaled and folded in by zero_grad() before the grads were dropped:
+    the step reads the int and equals the step of a run with every gradient divided by hand."""
+    for mode in ("dropin", "official"):
+        runs = []
+        for scaler in (None, _scaler()):
+            model, opt = _build(mode, "reference")
+            if mode == "official":
+                with opt.sampled_params(train=True):
+                    opt.zero_grad()
+                    loss = loss_fn(model, 0)
+                    (loss if scaler is None else scaler.scale(loss)).backward()
+                    if scaler is None:   # the scale, divided out by hand
+                        for p in model.parameters():
+                            p.grad.mul_(SCALE).div_(SCALE)
+                opt.zero_grad()   # folds the sample in
+            for p in model.parameters():
+                p.grad = None
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.scale(loss_fn(model, 0))  # the scaler's scale exists from here on
+                scaler.step(opt)
+            runs.append(_state(model, opt))
+        _assert_state_equal(runs[0], runs[1])
 
 
 @pytest.mark.parametrize("mc", [1, 2])
