@@ -475,7 +475,7 @@ def test_missing_torchmetrics_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchmetrics", None)
     monkeypatch.setitem(sys.modules, "torchmetrics.functional", None)
     monkeypatch.setitem(sys.modules, "torchmetrics.functional.classification", None)
-    with pytest.raises(ImportError, match=r"pip install ivon_fast\[metrics\]"):
+    with pytest.raises(ImportError, match="pip install torchmetrics"):
         calibration(PROBS, TARGETS)
     reliability(PROBS, TARGETS)  # needs no torchmetrics
 
