@@ -6,7 +6,14 @@
 // pointer is aligned to four elements, a quad is one 16-byte load / store of float state (8 bytes
 // for bf16 / fp16 params and grads, and for bf16 state). Otherwise (or for the segment's partial first / last quad)
 // the thread falls back to bounds-checked scalar accesses; the results are identical.
+#if defined(IVON_CUDA_ON_CPU)
+#include "cuda_on_cpu.h"  // the CPU run of this file (Note [the CUDA source on the CPU])
+#else
 #include <cuda_runtime.h>
+// Note [launches]: every launch goes through IVON_LAUNCH so the CPU run can replace the
+// <<< >>> syntax; the kernel comes last because its template arguments hold commas
+#define IVON_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -284,8 +291,8 @@ const char* cuda_sample(const OpArgs& a, void* stream) {
   const int64_t nq = num_quads(a);
   const bool al = vector_ok(a);
   dispatch_sample(a, [&](auto pt, auto prec) {
-    sample_kernel<decltype(pt), decltype(prec)::value>
-        <<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
+    IVON_LAUNCH(grid_for(nq), kThreads, st, sample_kernel<decltype(pt), decltype(prec)::value>)
+    (a, nq, al);
   });
   return last_error();
 }
@@ -295,8 +302,10 @@ const char* cuda_accumulate(const OpArgs& a, void* stream) {
   const int64_t nq = num_quads(a);
   const bool al = vector_ok(a);
   dispatch_accumulate(a, [&](auto pt, auto price, auto first, auto prec) {
-    accumulate_kernel<decltype(pt), decltype(price)::value, decltype(first)::value,
-                      decltype(prec)::value><<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
+    IVON_LAUNCH(grid_for(nq), kThreads, st,
+                accumulate_kernel<decltype(pt), decltype(price)::value, decltype(first)::value,
+                                  decltype(prec)::value>)
+    (a, nq, al);
   });
   return last_error();
 }
@@ -307,9 +316,11 @@ const char* cuda_update(const OpArgs& a, void* stream) {
   const bool al = vector_ok(a);
   dispatch_update(a, [&](auto pt, auto price, auto mode, auto next, auto scaled, auto prec,
                          auto pmean) {
-    update_kernel<decltype(pt), decltype(price)::value, decltype(mode)::value,
-                  decltype(next)::value, decltype(scaled)::value, decltype(prec)::value,
-                  decltype(pmean)::value><<<grid_for(nq), kThreads, 0, st>>>(a, nq, al);
+    IVON_LAUNCH(grid_for(nq), kThreads, st,
+                update_kernel<decltype(pt), decltype(price)::value, decltype(mode)::value,
+                              decltype(next)::value, decltype(scaled)::value,
+                              decltype(prec)::value, decltype(pmean)::value>)
+    (a, nq, al);
   });
   return last_error();
 }
