@@ -72,21 +72,57 @@ struct U32x4 {
   uint32_t x0, x1, x2, x3;
 };
 
+// One of Philox's ten rounds with the round keys k0, k1.
+IVON_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
+                          uint32_t k1) {
+  // the 64-bit product of two 32-bit words; compilers map this to mul.hi / vpmuludq
+  const uint64_t p0 = uint64_t(0xD2511F53u) * c0;
+  const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2;
+  const uint32_t hi0 = uint32_t(p0 >> 32), lo0 = uint32_t(p0);
+  const uint32_t hi1 = uint32_t(p1 >> 32), lo1 = uint32_t(p1);
+  c0 = hi1 ^ c1 ^ k0;
+  c1 = lo1;
+  c2 = hi0 ^ c3 ^ k1;
+  c3 = lo0;
+}
+
 IVON_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                             uint32_t k1) {
 IVON_UNROLL
   for (int round = 0; round < 10; ++round) {
-    // the 64-bit product of two 32-bit words; compilers map this to mul.hi / vpmuludq
-    const uint64_t p0 = uint64_t(0xD2511F53u) * c0;
-    const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2;
-    const uint32_t hi0 = uint32_t(p0 >> 32), lo0 = uint32_t(p0);
-    const uint32_t hi1 = uint32_t(p1 >> 32), lo1 = uint32_t(p1);
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
+    philox_round(c0, c1, c2, c3, k0, k1);
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
+  }
+  return {c0, c1, c2, c3};
+}
+
+// Note [Philox key schedule]: the ten round keys depend on the seed alone, so a kernel that
+// makes many Philox calls with one seed can form them once (the CUDA kernels: on the host, once
+// per launch, into the launch's arguments, where the instructions read them as operands) instead
+// of adding the two Weyl constants in every call (18 of each call's ~70 instructions).
+struct PhiloxKeys {
+  uint32_t k0[10], k1[10];
+};
+
+IVON_HD PhiloxKeys philox_keys(uint64_t seed) {
+  PhiloxKeys key;
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    key.k0[round] = k0;
+    key.k1[round] = k1;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return key;
+}
+
+// philox4x32_10 with the key schedule formed beforehand: the same function, the same words
+IVON_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                            const PhiloxKeys& key) {
+IVON_UNROLL
+  for (int round = 0; round < 10; ++round) {
+    philox_round(c0, c1, c2, c3, key.k0[round], key.k1[round]);
   }
   return {c0, c1, c2, c3};
 }
@@ -181,13 +217,24 @@ struct F32x4 {
   float v0, v1, v2, v3;
 };
 
-IVON_HD F32x4 normals4(uint64_t seed, uint64_t draw, uint64_t quad) {
-  const U32x4 x = philox4x32_10(uint32_t(quad), uint32_t(quad >> 32), uint32_t(draw),
-                                uint32_t(draw >> 32), uint32_t(seed), uint32_t(seed >> 32));
+// The normals of the quad's Philox words (x0, x1, x2, x3)
+IVON_HD F32x4 normals_of_words(const U32x4& x) {
   F32x4 n;
   box_muller(uint_to_uniform(x.x0), uint_to_uniform(x.x1), &n.v0, &n.v1);
   box_muller(uint_to_uniform(x.x2), uint_to_uniform(x.x3), &n.v2, &n.v3);
   return n;
+}
+
+IVON_HD F32x4 normals4(uint64_t seed, uint64_t draw, uint64_t quad) {
+  return normals_of_words(philox4x32_10(uint32_t(quad), uint32_t(quad >> 32), uint32_t(draw),
+                                        uint32_t(draw >> 32), uint32_t(seed),
+                                        uint32_t(seed >> 32)));
+}
+
+// normals4 with the seed's key schedule formed beforehand (Note [Philox key schedule])
+IVON_HD F32x4 normals4(const PhiloxKeys& key, uint64_t draw, uint64_t quad) {
+  return normals_of_words(philox4x32_10(uint32_t(quad), uint32_t(quad >> 32), uint32_t(draw),
+                                        uint32_t(draw >> 32), key));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -356,6 +403,21 @@ IVON_HD float unscaled(float x, const ::ivon_fast::Scalars& s) {
   return x;
 }
 
+// The pending grad g and the averages avg_grad, avg_term divided by the grad scale (as the
+// scaler multiplied them; SCALED in grad_statistics): only what the GradMode reads, the hessian
+// term average twice for 'gradsq' (it holds squared grads). The CUDA kernels call this under a
+// run-time flag, once per quad (Note [CUDA run-time flags] in cuda_kernels.cuh).
+template <bool PRICE, ::ivon_fast::GradMode MODE>
+IVON_HD void unscale_grads(float& g, float& avg_grad, float& avg_term,
+                           const ::ivon_fast::Scalars& s) {
+  using ::ivon_fast::GradMode;
+  if (MODE != GradMode::kAvgOnly) g = unscaled<true, 1>(g, s);
+  if (MODE != GradMode::kGradOnly) {
+    avg_grad = unscaled<true, 1>(avg_grad, s);
+    avg_term = unscaled<true, PRICE ? 1 : 2>(avg_term, s);
+  }
+}
+
 // The gradient mean and hessian term an update uses (GradMode in kernel_args.h), as the
 // reference forms them: the pending grad g (its sample's noise eps; unused for kAvgOnly) folded
 // into the averages avg_grad, avg_term of the first count - 1 samples (unused for kGradOnly), or
@@ -366,19 +428,17 @@ IVON_HD void grad_statistics(float g, float eps, float hess, float delta, float 
                              float avg_term, const ::ivon_fast::Scalars& s, float& grad_mean,
                              float& hess_term) {
   using ::ivon_fast::GradMode;
-  constexpr int kTermTimes = PRICE ? 1 : 2;
   constexpr bool kFirst = MODE == GradMode::kGradOnly;
+  if (SCALED) unscale_grads<PRICE, MODE>(g, avg_grad, avg_term, s);
   if (MODE == GradMode::kAvgOnly) {
-    grad_mean = unscaled<SCALED, 1>(avg_grad, s);
-    hess_term = unscaled<SCALED, kTermTimes>(avg_term, s);
+    grad_mean = avg_grad;
+    hess_term = avg_term;
     return;
   }
-  g = unscaled<SCALED, 1>(g, s);
   const float noise = PRICE ? noise_of(eps, hess, delta, s) : 0.0f;
   const float ht = hess_term_of<PRICE>(g, noise);
-  grad_mean = running_mean<kFirst>(kFirst ? 0.0f : unscaled<SCALED, 1>(avg_grad, s), g, s);
-  hess_term =
-      running_mean<kFirst>(kFirst ? 0.0f : unscaled<SCALED, kTermTimes>(avg_term, s), ht, s);
+  grad_mean = running_mean<kFirst>(kFirst ? 0.0f : avg_grad, g, s);
+  hess_term = running_mean<kFirst>(kFirst ? 0.0f : avg_term, ht, s);
 }
 
 // What an update writes into the param: the mean, or (NEXT) the sample of next_draw around the
@@ -389,27 +449,71 @@ IVON_HD float param_value(float mean, float hess, float delta, float eps_next,
   return NEXT ? mean + noise_of(eps_next, hess, delta, s) : mean;
 }
 
-// The update proper, from the (averaged) gradient and hessian term: writes the new momentum,
-// hess and mean. Same association order as the reference (see Note [floating-point contraction]).
-// delta: s.wd or the element's prior precision; PRIOR_MEAN: the step's prior term is
-// delta * (mean - mu0) instead of ivon-opt's delta * mean (Note [per-element prior]).
-template <bool PRICE, bool PRIOR_MEAN>
-IVON_HD void update_state(float grad_mean, float hess_term, float delta, float mu0, float& mean,
-                          float& momentum, float& hess, const ::ivon_fast::Scalars& s) {
+// The update proper (update_state) in two halves, so that a kernel can skip the division by a
+// debias factor of exactly 1 (Note [debias of one]) between them.
+//
+// The first half: the new momentum and hess from the (averaged) gradient and hessian term,
+// written over the old ones. delta: s.wd or the element's prior precision.
+template <bool PRICE>
+IVON_HD void new_moments(float grad_mean, float hess_term, float delta, float& momentum,
+                         float& hess, const ::ivon_fast::Scalars& s) {
   const float new_momentum = s.beta1 * momentum + s.one_minus_beta1 * grad_mean;
   const float hpd = hess + delta;
   const float nll_hess = PRICE ? (hess_term * hpd) * s.ess : hess_term * s.ess;
   const float diff = hess - nll_hess;
-  const float new_hess =
-      (s.beta2 * hess + s.one_minus_beta2 * nll_hess) + (s.hess_coef * (diff * diff)) / hpd;
-  const float prior_term = PRIOR_MEAN ? delta * (mean - mu0) : delta * mean;
-  float step = (new_momentum / s.debias + prior_term) / (new_hess + delta);
-  // clip; comparisons (not fminf/fmaxf) so a NaN propagates like torch.clip
-  step = step < -s.clip ? -s.clip : step;
-  step = step > s.clip ? s.clip : step;
-  mean = mean - s.lr * step;
   momentum = new_momentum;
-  hess = new_hess;
+  hess = (s.beta2 * hess + s.one_minus_beta2 * nll_hess) + (s.hess_coef * (diff * diff)) / hpd;
+}
+
+// The momentum divided by the debias factor, as the step uses it.
+//
+// Note [debias of one]: from about step 165 on (beta1 = 0.9), and always without debiasing, the
+// factor 1 - beta1^t is exactly 1.0f, and x / 1.0f is x for every float x (the quotient is
+// representable, so the IEEE division is exact; a NaN stays a NaN, and the mean it reaches is NaN
+// either way). A kernel may therefore skip this division when the factor is 1 without changing
+// a bit; the CUDA kernels do, by a uniform test per quad (one of five divisions per element).
+IVON_HD float debiased(float momentum, const ::ivon_fast::Scalars& s) {
+  return momentum / s.debias;
+}
+
+// The second half, the new mean from the debiased new momentum and the new hess, in three steps:
+// the preconditioned step, its clip and the move. PRIOR_MEAN: the step's prior term is
+// delta * (mean - mu0) instead of ivon-opt's delta * mean (Note [per-element prior]).
+template <bool PRIOR_MEAN>
+IVON_HD float preconditioned_step(float mean, float debiased_momentum, float new_hess,
+                                  float delta, float mu0, const ::ivon_fast::Scalars& s) {
+  const float prior_term = PRIOR_MEAN ? delta * (mean - mu0) : delta * mean;
+  return (debiased_momentum + prior_term) / (new_hess + delta);
+}
+
+// Note [clip of inf]: comparisons (not fminf/fmaxf), so a NaN propagates like torch.clip. With
+// the default clip radius, +inf, both comparisons are false for every step (NaN too), so the
+// clip is the identity, and a kernel may skip it (the CUDA kernels do, by a uniform test per quad).
+IVON_HD float clipped(float step, const ::ivon_fast::Scalars& s) {
+  step = step < -s.clip ? -s.clip : step;
+  return step > s.clip ? s.clip : step;
+}
+
+IVON_HD float mean_after(float mean, float step, const ::ivon_fast::Scalars& s) {
+  return mean - s.lr * step;
+}
+
+template <bool PRIOR_MEAN>
+IVON_HD float new_mean(float mean, float debiased_momentum, float new_hess, float delta,
+                       float mu0, const ::ivon_fast::Scalars& s) {
+  const float step =
+      preconditioned_step<PRIOR_MEAN>(mean, debiased_momentum, new_hess, delta, mu0, s);
+  return mean_after(mean, clipped(step, s), s);
+}
+
+// The update proper, from the (averaged) gradient and hessian term: writes the new momentum,
+// hess and mean. Same association order as the reference (see Note [floating-point contraction]).
+// delta: s.wd or the element's prior precision; PRIOR_MEAN: as in new_mean.
+template <bool PRICE, bool PRIOR_MEAN>
+IVON_HD void update_state(float grad_mean, float hess_term, float delta, float mu0, float& mean,
+                          float& momentum, float& hess, const ::ivon_fast::Scalars& s) {
+  new_moments<PRICE>(grad_mean, hess_term, delta, momentum, hess, s);
+  mean = new_mean<PRIOR_MEAN>(mean, debiased(momentum, s), hess, delta, mu0, s);
 }
 
 }  // namespace IVON_MATH_NS
