@@ -10,8 +10,9 @@ Environment switches:
                             backends still work)
     IVON_FAST_NO_CUDA=1     CPU kernels only
     IVON_FAST_FORCE_CUDA=1  fail instead of silently skipping the CUDA kernels
-    TORCH_CUDA_ARCH_LIST    CUDA architectures (default here: '8.0;9.0+PTX', i.e. sm_80 and
-                            sm_90 code plus PTX that newer GPUs can JIT)
+    TORCH_CUDA_ARCH_LIST    CUDA architectures (default here: the visible GPUs' own, else
+                            '8.0;9.0+PTX', i.e. sm_80 and sm_90 code plus PTX that newer GPUs
+                            can JIT)
 """
 from __future__ import annotations
 
@@ -49,6 +50,35 @@ def _find_cuda_home():
         if os.path.exists(os.path.join(folder, "include", "cuda_runtime.h")):
             return folder
     return None
+
+
+# Note [CUDA sources]: the CUDA translation units (csrc/cuda_kernels.cuh holds the kernels): the
+# update's instances in one file per param type, so that MAX_JOBS compiles them in parallel
+CUDA_SOURCES = ("cuda_update_float.cu", "cuda_update_bf16.cu", "cuda_update_f16.cu",
+                "cuda_ops.cu")
+
+
+def cuda_arch_list(torch) -> str:
+    """The CUDA architectures to build for: TORCH_CUDA_ARCH_LIST when set; else those of the
+    visible GPUs, for a build used where it is made (what the GPU runs and no more: each
+    architecture costs a full compile of the CUDA kernels); else, without a GPU (the kernels
+    were asked for: CI, or wheels), '8.0;9.0+PTX'. A GPU newer than this torch supports gets the
+    newest architecture torch knows, with PTX that its driver compiles.
+    """
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if not torch.cuda.is_available():
+        # explicit: without a list and a GPU, torch compiles for every architecture it knows
+        return "8.0;9.0+PTX"
+    known = [(int(m.group(1)), int(m.group(2))) for arch in torch.cuda.get_arch_list()
+             for m in [re.fullmatch(r"sm_(\d+)(\d)", arch)] if m]
+    newest = max(known, default=(9, 0))
+    archs = set()
+    for device in range(torch.cuda.device_count()):
+        capability = torch.cuda.get_device_capability(device)
+        major, minor = min(capability, newest)
+        archs.add(f"{major}.{minor}" + ("+PTX" if capability > newest else ""))
+    return ";".join(sorted(archs))
 
 
 def torch_requirement(built_against: str | None) -> str:
@@ -122,10 +152,8 @@ def _extension_build():
     # raised per file by target pragmas, not flags (see csrc/cpu_isa_avx512.cpp). No -std: torch's
     # build helper picks the standard its headers need (C++17 for older torch, C++20 for newer).
     cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
-    # --threads 2: nvcc compiles the two architectures of TORCH_CUDA_ARCH_LIST in parallel. The
-    # CUDA file holds most of the build's work (a kernel instance per flag combination,
-    # csrc/dispatch_flags.h) and ninja starts it after the CPU files, so it would otherwise finish
-    # alone on one core of a MAX_JOBS=2 build.
+    # --threads 2: nvcc compiles the two architectures of the default arch list in parallel, so
+    # the last CUDA file does not finish alone on one core of a MAX_JOBS=2 build.
     nvcc = ["-O3", "--fmad=false", "-lineinfo", "--threads", "2"]
     include_dirs = [os.path.join(here, csrc)]
     link_args = []
@@ -158,12 +186,10 @@ def _extension_build():
         raise RuntimeError(f"IVON_FAST_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why_not}")
 
     if why_not is None:
-        # an explicit arch list: without one and without a visible GPU, torch compiles for every
-        # architecture it knows, which makes the CI build many times slower
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(torch)
         ext = cpp_extension.CUDAExtension(
             "ivon_fast._C",
-            cpu_sources + [os.path.join(csrc, "cuda_kernels.cu")],
+            cpu_sources + [os.path.join(csrc, name) for name in CUDA_SOURCES],
             include_dirs=include_dirs,
             define_macros=[("IVON_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},

@@ -1,7 +1,8 @@
 // dispatch_flags.h: the one place where an op's run-time flags (OpArgs: param dtype, price or
 // gradsq, first sample, grad mode, resampling, unscaling, the per-element prior's inputs) become
-// template parameters. The CPU kernels (cpu_kernels.h) and the CUDA kernels (cuda_kernels.cu)
-// both call these, so the two can never disagree on which flag selects which instance.
+// template parameters. The CPU kernels (cpu_kernels.h) and the CUDA kernels (cuda_kernels.cuh)
+// both call these, so the two can never disagree on which flag selects which instance (the CUDA
+// kernels take a subset of the flags: Note [CUDA dispatch]).
 //
 // Each dispatcher calls a generic lambda once, with one argument per flag: a value of the param
 // type (float, BF16 or F16) and std::integral_constant values for the others, so the lambda
@@ -42,11 +43,12 @@ inline void with_grad_mode(GradMode mode, F&& f) {
   }
 }
 
-// Note [prior flags]: prior_precision and prior_mean (Note [per-element prior] in ivon_math.h)
-// are flags of their own because an instance without them must not read them: an absent input
-// costs no load and no branch per element. prec = prior_precision given; pmean = prior_mean
-// given (update only: only the step reads it). Each flag exists only in the ops that read its
-// input, so they add 3 sample, 6 accumulate and 216 update instances per build.
+// Note [prior flags]: in the CPU kernels prior_precision and prior_mean (Note [per-element
+// prior] in ivon_math.h) are flags of their own because an instance without them must not read
+// them: an absent input costs no load and no branch per element, and the loops stay vectorized.
+// prec = prior_precision given; pmean = prior_mean given (update only: only the step reads it).
+// Each flag exists only in the ops that read its input, so they add 3 sample, 6 accumulate and
+// 216 update instances to each CPU build. The CUDA kernels test them at run time instead.
 
 // sample: f(param_type, prec)
 template <typename F>
@@ -56,38 +58,55 @@ inline void dispatch_sample(const OpArgs& a, F&& f) {
   });
 }
 
+// Note [CUDA dispatch]: the CUDA kernels take fewer template flags than the CPU ones (Note [CUDA
+// run-time flags] in cuda_kernels.cuh), so each op has a CUDA dispatcher with the CUDA kernels'
+// flags, and the CPU dispatcher is built on it, adding its own: the two agree on every flag they
+// share. The CUDA update's param type is picked outside (one translation unit per type).
+
+// accumulate (CUDA): f(param_type, price, first)
+template <typename F>
+inline void dispatch_accumulate_cuda(const OpArgs& a, F&& f) {
+  with_param_type(a.ptype, [&](auto pt) {
+    with_bool(a.price, [&](auto price) {
+      with_bool(a.first, [&](auto first) { f(pt, price, first); });
+    });
+  });
+}
+
 // accumulate: f(param_type, price, first, prec); gradsq's hess term has no noise, so it never
 // reads the prior precision and gets no instance with it
 template <typename F>
 inline void dispatch_accumulate(const OpArgs& a, F&& f) {
-  with_param_type(a.ptype, [&](auto pt) {
-    with_bool(a.price, [&](auto price) {
-      with_bool(a.first, [&](auto first) {
-        if constexpr (decltype(price)::value) {
-          with_bool(a.prior_precision != nullptr, [&](auto prec) { f(pt, price, first, prec); });
-        } else {
-          f(pt, price, first, std::false_type{});
-        }
-      });
-    });
+  dispatch_accumulate_cuda(a, [&](auto pt, auto price, auto first) {
+    if constexpr (decltype(price)::value) {
+      with_bool(a.prior_precision != nullptr, [&](auto prec) { f(pt, price, first, prec); });
+    } else {
+      f(pt, price, first, std::false_type{});
+    }
+  });
+}
+
+// update (CUDA): f(price, grad_mode)
+template <typename F>
+inline void dispatch_update_cuda(const OpArgs& a, F&& f) {
+  with_bool(a.price, [&](auto price) {
+    with_grad_mode(a.mode, [&](auto mode) { f(price, mode); });
   });
 }
 
 // update: f(param_type, price, grad_mode, next, scaled, prec, pmean) where next = a next sample
 // is written, scaled = the grads are divided by a grad_scale (Note [device scalars of an update]
-// in ivon_math.h; the other device scalars are read once per launch and need no instance of their
-// own), prec / pmean = Note [prior flags]
+// in ivon_math.h; the other device scalars are read once per launch and need no instance of
+// their own), prec / pmean = Note [prior flags]
 template <typename F>
 inline void dispatch_update(const OpArgs& a, F&& f) {
   with_param_type(a.ptype, [&](auto pt) {
-    with_bool(a.price, [&](auto price) {
-      with_grad_mode(a.mode, [&](auto mode) {
-        with_bool(a.has_next_draw, [&](auto next) {
-          with_bool(a.grad_scale != nullptr, [&](auto scaled) {
-            with_bool(a.prior_precision != nullptr, [&](auto prec) {
-              with_bool(a.prior_mean != nullptr,
-                        [&](auto pmean) { f(pt, price, mode, next, scaled, prec, pmean); });
-            });
+    dispatch_update_cuda(a, [&](auto price, auto mode) {
+      with_bool(a.has_next_draw, [&](auto next) {
+        with_bool(a.grad_scale != nullptr, [&](auto scaled) {
+          with_bool(a.prior_precision != nullptr, [&](auto prec) {
+            with_bool(a.prior_mean != nullptr,
+                      [&](auto pmean) { f(pt, price, mode, next, scaled, prec, pmean); });
           });
         });
       });

@@ -1,5 +1,5 @@
 // kernel_args.h: the plain-data interface between the op layer (ops.cpp, which sees torch) and the
-// kernels (cpu_kernels.h, cuda_kernels.cu, which see only raw pointers). Keeping torch out of the
+// kernels (cpu_kernels.h, cuda_kernels.cuh, which see only raw pointers). Keeping torch out of the
 // kernel TUs makes nvcc fast and makes the per-ISA CPU TUs safe (see ivon_math.h).
 #pragma once
 
@@ -70,7 +70,7 @@ const char* cpu_isa_name();
 // "" restores automatic selection; returns false for an unknown / unsupported name.
 bool cpu_set_isa(const char* name);
 
-// CUDA entry points (cuda_kernels.cu), launched on `stream` (a cudaStream_t). They return
+// CUDA entry points (cuda_ops.cu), launched on `stream` (a cudaStream_t). They return
 // nullptr on success, else the CUDA error string of the launch.
 const char* cuda_sample(const OpArgs& a, void* stream);
 const char* cuda_accumulate(const OpArgs& a, void* stream);
