@@ -15,8 +15,9 @@ A marker, an HTML comment on the line right before a block's opening fence, chan
                                left: a page may build on its earlier block. The blocks so joined
                                form one chain and one test, named after its first block.
 
-Blocks in other languages are not executed: bash blocks are commands for a shell (the README's
-main and test commands run in CI, .ci/run), plain blocks are diagrams or program output.
+Blocks in other languages are not executed: bash blocks are commands for a shell (CI runs the
+README's test command, .ci/run, and the tests run the benchmark's quick mode), plain blocks are
+diagrams or program output. The pages' relative links are checked too.
 """
 from __future__ import annotations
 
@@ -159,3 +160,11 @@ def test_the_pages_have_their_blocks():
             "docs/peft.md"} <= pages
     skipped = [block for block in ALL_BLOCKS if block.not_run_reason is not None]
     assert len(skipped) <= len(ALL_BLOCKS) // 4, [f"{b.page}:{b.line}" for b in skipped]
+
+
+def test_the_pages_links_lead_to_files():
+    """Pages moved between README.md and docs/: every relative link still finds its file."""
+    broken = [f"{page}: {target}" for page, text in TEXTS.items()
+              for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+              if "://" not in target and not ((ROOT / page).parent / target).exists()]
+    assert not broken, broken
