@@ -487,14 +487,15 @@ def gated(rows: list) -> list:
 
 
 def extract_cubins(lib: str, folder: str) -> dict:
-    """{arch: path} of the cubins ``cuobjdump -xelf all`` writes into ``folder``."""
+    """{arch: [paths]} of the cubins ``cuobjdump -xelf all`` writes into ``folder`` (one per
+    architecture and CUDA translation unit)."""
     subprocess.run([tool("cuobjdump"), "-xelf", "all", os.path.abspath(lib)], cwd=folder,
                    capture_output=True, check=True)
     found = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.cubin"))):
         match = re.search(r"\.(sm_\d+a?)\.cubin$", path)
         if match:
-            found.setdefault(match.group(1), path)
+            found.setdefault(match.group(1), []).append(path)
     return found
 
 
@@ -509,13 +510,17 @@ def disassemble(cubin: str, names: list = None) -> dict:
             fields = line.split()
             if len(fields) >= 8 and fields[3] == "FUNC" and fields[-1] in wanted:
                 indices.append(fields[0].rstrip(":"))
+        if not indices:  # another translation unit's cubin
+            return {}
         select = ["-fun", ",".join(indices)]
     return sass.parse_sass(run_tool("nvdisasm", "-c", *select, cubin))
 
 
-def measure_cuda(cubin: str, rows: list, every: bool = False) -> list:
-    """Read the SASS of ``rows`` (one architecture's) and measure each."""
-    functions = disassemble(cubin, None if every else [row.mangled for row in rows])
+def measure_cuda(cubins: list, rows: list, every: bool = False) -> list:
+    """Read the SASS of ``rows`` (one architecture's, from its ``cubins``) and measure each."""
+    functions = {}
+    for cubin in cubins:
+        functions.update(disassemble(cubin, None if every else [row.mangled for row in rows]))
     for row in rows:
         kind = kind_of(row.kernel)
         model = ivon_model(kind, cuda_flags(row.flags)) if kind else None
