@@ -372,6 +372,27 @@ def test_update_device_lr_and_debias_replace_the_scalars(backend, ptype, hess_ap
                                                       hess_approx=hess_approx)["mean"])
 
 
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("next_draw", [7, None])
+def test_update_without_debiasing(backend, next_draw):
+    """debias exactly 1.0 (debias=False, and every step after about 165 with beta1 = 0.9),
+    where the kernels skip the division by it: as a scalar and as device_debias, the bits of
+    each other, as the reference (x / 1 is x)."""
+    device = backend.device
+    st = _state(device=device, seed=11)
+    s = PRIOR_SCALARS
+    unbiased = StepScalars.of(lr=s.lr, ess=s.ess, weight_decay=s.weight_decay, beta1=s.beta1,
+                              beta2=s.beta2, debias=1.0)
+    got = _update(backend.module, st, scalars=unbiased, next_draw=next_draw)
+    on_device = _update(backend.module, st, next_draw=next_draw, device_debias=one(1.0, device))
+    _assert_same(on_device, got)
+    want = _update(reference, {k: v.cpu() for k, v in st.items()}, scalars=unbiased,
+                   next_draw=next_draw)
+    for key in kc.UPDATE_OUTPUTS:
+        assert_close(got[key].cpu().float(), want[key].float(), msg=key)
+    assert not same_bits(got["mean"], _update(backend.module, st, next_draw=next_draw)["mean"])
+
+
 DRAW_ROWS = cover({"op": ["update", "sample", "accumulate"], "state": kc.STATE_TYPES,
                    "next": [True, False], "draw": ["train", "eval"],
                    "ptype": kc.PARAM_TYPES})
