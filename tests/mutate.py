@@ -15,7 +15,10 @@ script
 2. replaces the text; it must occur exactly once, so that a refactor which moves or rewrites the
    code fails loudly here instead of silently disabling the mutation,
 3. rebuilds the extension in the copy when the file is under csrc/ (CPU kernels only, to save
-   time), else copies the built ``ivon_fast/_C*.so`` (and ``_build_info.py``) in,
+   time; so not for a CUDA source, csrc/*.cu), else copies the built ``ivon_fast/_C*.so`` (and
+   ``_build_info.py``) in; and links the test build of the CUDA source on the CPU
+   (build/cuda_on_cpu/, tests/cuda_on_cpu_build.py) in, which recompiles what the mutation
+   changed when a test loads it,
 4. runs pytest with the row's arguments in the copy, with the copy first on PYTHONPATH (the
    repository is installed in editable mode; the script checks that the copy's ``ivon_fast``, and
    its compiled extension, are the ones imported).
@@ -79,6 +82,10 @@ USER_WRITES = "ivon_fast/_user_writes.py"
 STEP = "ivon_fast/_step.py"
 WRAPPERS = "ivon_fast/_wrappers.py"
 CHECKPOINT = "ivon_fast/_checkpoint.py"
+CUDA = "csrc/cuda_kernels.cu"
+# the CUDA source run on the CPU under the sanitizers (tests/test_cuda_on_cpu.py): the shared
+# kernel suite and the grids and misaligned buffers of tests/cuda_on_cpu_suite.py
+CUDA_ON_CPU = ("tests/test_cuda_on_cpu.py", "-k", "kernel_suite")
 
 MUTATIONS = [
     # ---- rounding of bf16 / fp16 params ----
@@ -815,6 +822,39 @@ MUTATIONS = [
     Mutation("copied-model-drags-the-hf-phase", "ivon_fast/integrations/hf.py",
              "    def __reduce__(self):", "    def _unused_reduce(self):",
              ("tests/test_copies.py", "-k", "hf_callback")),
+    # ---- the CUDA kernels, run on the CPU (Note [the CUDA source on the CPU]) ----
+    Mutation("cuda-quad-first-element-off-by-one", CUDA,
+             "  const int64_t k0 = 4 * q - a.offset;\n",
+             "  const int64_t k0 = 4 * q - a.offset + 1;\n",
+             CUDA_ON_CPU),
+    Mutation("cuda-vector-path-ignores-the-segment-offset", CUDA,
+             "  return a.offset % 4 == 0 && aligned_to(a.param, pbytes)",
+             "  return aligned_to(a.param, pbytes)",
+             CUDA_ON_CPU),
+    Mutation("cuda-vector-path-ignores-the-quad-bounds", CUDA,
+             "  return {q, k0, aligned && k0 >= 0 && k0 + 4 <= a.n};",
+             "  return {q, k0, aligned};",
+             CUDA_ON_CPU),
+    Mutation("cuda-vector-path-ignores-prior-mean-alignment", CUDA,
+             "aligned_to(a.prior_precision, 16) && aligned_to(a.prior_mean, 16);",
+             "aligned_to(a.prior_precision, 16);",
+             CUDA_ON_CPU),
+    Mutation("cuda-last-partial-quad-dropped", CUDA,
+             "return ((a.offset + a.n - 1) >> 2) - (a.offset >> 2) + 1; }",
+             "return ((a.offset + a.n - 1) >> 2) - (a.offset >> 2); }",
+             CUDA_ON_CPU),
+    Mutation("cuda-tail-store-one-past-the-end", CUDA,
+             "      if (k0 + j >= 0 && k0 + j < n) p[k0 + j] = v[j];\n",
+             "      if (k0 + j >= 0 && k0 + j <= n) p[k0 + j] = v[j];\n",
+             CUDA_ON_CPU),
+    Mutation("cuda-grid-stride-of-one-block", CUDA,
+             "       i += int64_t(gridDim.x) * blockDim.x)",
+             "       i += int64_t(blockDim.x))",
+             CUDA_ON_CPU),
+    Mutation("cuda-bf16-state-vector-store-swaps-a-pair", CUDA,
+             "uint32_t(b[2]) | (uint32_t(b[3]) << 16));",
+             "uint32_t(b[3]) | (uint32_t(b[2]) << 16));",
+             CUDA_ON_CPU),
 ]
 
 def _log(message: str) -> None:
@@ -852,6 +892,21 @@ def _environment(copy: str) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [copy, env.get("PYTHONPATH")]))
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
+
+
+def _carry_cpu_run_build(copy: str) -> None:
+    """The test build of the CUDA source on the CPU (tests/cuda_on_cpu_build.py), linked into
+    the copy: its objects are named by the hash of their sources (Note [the CPU run's build
+    cache]), so the copy recompiles only what its mutation changed."""
+    source = os.path.join(REPO, "build", "cuda_on_cpu")
+    if not os.path.isdir(source):
+        return
+    target = os.path.join(copy, "build", "cuda_on_cpu")
+    try:  # links cost nothing, and a build replaces files rather than writing into them
+        shutil.copytree(source, target, copy_function=os.link)
+    except OSError:  # another file system
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
 
 
 def _prepare_extension(copy: str, rebuild: bool) -> None:
@@ -906,7 +961,12 @@ def _prepared_copy(parent: str, mutation: Mutation | None) -> str:
     _copy_repository(copy)
     if mutation is not None:
         _apply(copy, mutation)
-    _prepare_extension(copy, rebuild=mutation is not None and mutation.file.startswith("csrc/"))
+    # the mutation build is CPU-only (IVON_FAST_NO_CUDA), so a CUDA source needs no rebuild;
+    # the CPU run of the CUDA source rebuilds what changed itself
+    rebuild = (mutation is not None and mutation.file.startswith("csrc/")
+               and not mutation.file.endswith(".cu"))
+    _prepare_extension(copy, rebuild=rebuild)
+    _carry_cpu_run_build(copy)
     _check_imports(copy)
     return copy
 

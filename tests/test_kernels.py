@@ -3,10 +3,11 @@ accumulate and update against ``ivon_fast.reference`` element by element with th
 and the properties every backend, the reference included, must have (device scalars, priors,
 device draws; docs/DESIGN.md sections 11, 13, 14).
 
-Backends: tests/kernel_backends.py, one line each (reference, triton, cpu, cuda). A check against
-the reference runs on every backend but the reference itself (it could not fail there; the
-reference is checked against ivon-opt and hand computations in tests/test_reference.py); a
-property runs on all. Cases: tests/kernel_cases.py, covering arrays in which every kernel
+Backends: tests/kernel_backends.py, one line each (reference, triton, cpu, cuda, and
+cuda_on_cpu: the CUDA source compiled for the CPU, which tests/test_cuda_on_cpu.py runs under the
+sanitizers in a process of its own; skipped anywhere else). A check against the reference runs
+on every backend but the reference itself (it could not fail there; the reference is checked
+against ivon-opt and hand computations in tests/test_reference.py); a property runs on all. Cases: tests/kernel_cases.py, covering arrays in which every kernel
 instance runs (test_every_kernel_instance_runs proves it) plus the known risky combinations.
 bf16 state and the rounding of low-precision stores: tests/test_kernels_state.py; what concerns
 one backend's build or launch: tests/test_kernels_builds.py.
