@@ -124,6 +124,22 @@ def _recording_build_ext(base, info: dict):
     return RecordingBuildExt
 
 
+def _persistent_build_temp(base, folder: str):
+    """``base`` (a build_ext) that keeps its object files in ``folder``.
+
+    pip's editable install (PEP 660) runs the build in a new temporary folder every time, so each
+    install would compile every source again (minutes). In a git-ignored folder of the source tree
+    the objects outlive the install, and torch's ninja build recompiles only what changed: ninja
+    tracks each object's sources, the headers they include and its compile command.
+    """
+    class PersistentBuildTemp(base):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = folder
+
+    return PersistentBuildTemp
+
+
 def _extension_build():
     """(ext_modules, cmdclass, torch version built against) for ivon_fast._C, or
     ([], {}, None) under IVON_FAST_NO_EXT=1."""
@@ -209,6 +225,10 @@ def _extension_build():
         "CUDA_ARCH_LIST": os.environ["TORCH_CUDA_ARCH_LIST"] if why_not is None else None,
     }
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    # one folder per Python and torch, so switching either never mixes their objects
+    objects = os.path.join(
+        here, "build", f"temp-{sys.implementation.cache_tag}-torch-{torch.__version__}")
+    build_ext = _persistent_build_temp(build_ext, objects)
     return [ext], {"build_ext": _recording_build_ext(build_ext, info)}, info["TORCH_VERSION"]
 
 

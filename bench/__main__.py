@@ -57,9 +57,10 @@ are set once and never recomputed: only the optimizer is timed.
 
 Sizes are param counts (K, M, G: powers of 10), in two model shapes (bench/shapes.py):
 ``few-large`` (--tensors equal 1-D tensors) and ``gpt2`` (GPT-2 small's 148 tensors scaled to the
-size). Params are fp32, bf16 or fp16 (--dtype; ivon_fast keeps an fp32 mean and fp32 momentum
-and Hessian, or bf16 ones in the bf16-state rows; AdamW and ivon-opt keep their state in the
-params' dtype).
+size); ``--shapes odd-group`` adds few-large after a 3-element param group (its bucket starts at
+an odd offset: issue 19's lead pad). Params are fp32, bf16 or fp16 (--dtype; ivon_fast keeps an
+fp32 mean and fp32 momentum and Hessian, or bf16 ones in the bf16-state rows; AdamW and ivon-opt
+keep their state in the params' dtype).
 
 Every row: min / median / max milliseconds over the alternated rounds (bench/measure.py: all
 contenders of a configuration timed once per round, in a rotating order; slow ones in the first
@@ -152,7 +153,7 @@ from ivon_fast import backends
 
 from bench import measure, report
 from bench.measure import Contender
-from bench.shapes import SHAPES, describe, param_shapes
+from bench.shapes import DEFAULT_SHAPES, SHAPES, describe, param_groups, param_shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(HERE, "results")   # tracked: --record writes here
@@ -274,9 +275,9 @@ def ivon_fast_contender(shapes, device, dtype, backend: str, mode: str) -> Conte
     params = make_shaped_params(shapes, device, dtype)
     grads = [p.grad.clone() for p in params]
     options = {} if state_dtype == torch.float32 else {"state_dtype": state_dtype}
-    optimizer = ivon_fast.IVON(params, lr=1e-3, ess=1e6, backend=backend, seed=1234,
-                               resample_on_step=resample, skip_nonfinite=skip_nonfinite,
-                               **options)
+    optimizer = ivon_fast.IVON(param_groups(shapes, params), lr=1e-3, ess=1e6, backend=backend,
+                               seed=1234, resample_on_step=resample,
+                               skip_nonfinite=skip_nonfinite, **options)
     with torch.no_grad():
         for param, grad in zip(params, grads):  # the grads are views into the flat buffer now
             param.grad.copy_(grad)
@@ -1283,8 +1284,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated param counts; K, M, G are powers of 10 (default: "
                              "1M,4M,16M on CPU, 1M,16M,64M,256M on CUDA (--full: and 4M), "
                              "skipping what does not fit in free memory)")
-    parser.add_argument("--shapes", default=",".join(SHAPES),
-                        help=f"comma-separated, of {', '.join(SHAPES)} (default: both)")
+    parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+                        help=f"comma-separated, of {', '.join(SHAPES)} (default: "
+                             f"{', '.join(DEFAULT_SHAPES)})")
     parser.add_argument("--tensors", type=int, default=4, help="tensors of the few-large shape")
     parser.add_argument("--dtype", default=None,
                         help="comma-separated param dtypes: float32, bfloat16, float16 "

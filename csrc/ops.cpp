@@ -144,16 +144,27 @@ OpArgs segment_args(const at::Tensor& lead, int64_t offset, int64_t seed, int64_
 
 enum class Op { kSample, kAccumulate, kUpdate };
 
+#if defined(IVON_WITH_CUDA) || defined(IVON_CUDA_ON_CPU)
+void launch_cuda(Op op, const OpArgs& a, void* stream) {
+  const char* err = op == Op::kSample       ? cuda_sample(a, stream)
+                    : op == Op::kAccumulate ? cuda_accumulate(a, stream)
+                                            : cuda_update(a, stream);
+  TORCH_CHECK(err == nullptr, "ivon_fast: CUDA kernel launch failed: ", err);
+}
+#endif
+
 void launch(Op op, const OpArgs& a, const at::Tensor& param) {
   if (a.n == 0) return;
+#if defined(IVON_CUDA_ON_CPU)
+  // the test build (Note [the CUDA source on the CPU] in cuda_on_cpu.h): CPU tensors go to the
+  // CUDA kernels, compiled as host code; there is no stream
+  (void)param;
+  launch_cuda(op, a, nullptr);
+#else
   if (param.is_cuda()) {
 #ifdef IVON_WITH_CUDA
     c10::cuda::CUDAGuard guard(param.device());
-    void* stream = c10::cuda::getCurrentCUDAStream(param.device().index()).stream();
-    const char* err = op == Op::kSample       ? cuda_sample(a, stream)
-                      : op == Op::kAccumulate ? cuda_accumulate(a, stream)
-                                              : cuda_update(a, stream);
-    TORCH_CHECK(err == nullptr, "ivon_fast: CUDA kernel launch failed: ", err);
+    launch_cuda(op, a, c10::cuda::getCurrentCUDAStream(param.device().index()).stream());
 #else
     TORCH_CHECK(false, "ivon_fast: the extension was built without CUDA");
 #endif
@@ -164,6 +175,7 @@ void launch(Op op, const OpArgs& a, const at::Tensor& param) {
     case Op::kAccumulate: return cpu_accumulate(a);
     case Op::kUpdate: return cpu_update(a);
   }
+#endif
 }
 
 void sample(const at::Tensor& param, const at::Tensor& mean, const at::Tensor& hess, int64_t seed,
@@ -287,7 +299,17 @@ bool built_with_cuda() {
 
 }  // namespace
 
-TORCH_LIBRARY(ivon_fast, m) {
+// The ops' library: torch.ops.ivon_fast. The test build of the CUDA source on the CPU compiles
+// this file with IVON_OPS_LIBRARY=ivon_fast_cuda_on_cpu, so both can live in one process and its
+// ops get their OpArgs from the code above, the same as the extension's.
+#ifndef IVON_OPS_LIBRARY
+#define IVON_OPS_LIBRARY ivon_fast
+#endif
+// (one more macro level, so that IVON_OPS_LIBRARY is expanded before TORCH_LIBRARY pastes it)
+#define IVON_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define IVON_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+IVON_TORCH_LIBRARY(IVON_OPS_LIBRARY, m) {
   m.def(
       "sample(Tensor(a!) param, Tensor mean, Tensor hess, *, int seed, int draw, int offset, "
       "float ess, float weight_decay, Tensor? device_draws=None, "
@@ -311,14 +333,14 @@ TORCH_LIBRARY(ivon_fast, m) {
   m.def("_built_with_cuda", &built_with_cuda);
 }
 
-TORCH_LIBRARY_IMPL(ivon_fast, CPU, m) {
+IVON_TORCH_LIBRARY_IMPL(IVON_OPS_LIBRARY, CPU, m) {
   m.impl("sample", &sample);
   m.impl("accumulate", &accumulate);
   m.impl("update", &update);
 }
 
 #ifdef IVON_WITH_CUDA
-TORCH_LIBRARY_IMPL(ivon_fast, CUDA, m) {
+IVON_TORCH_LIBRARY_IMPL(IVON_OPS_LIBRARY, CUDA, m) {
   m.impl("sample", &sample);
   m.impl("accumulate", &accumulate);
   m.impl("update", &update);

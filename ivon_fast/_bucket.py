@@ -25,7 +25,6 @@ which kind a bucket is.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -97,18 +96,17 @@ class Bucket:
                offsets: list, backend_choice: str, low_precision: torch.dtype) -> "Bucket":
         """An empty bucket for ``params`` (uninitialized mean and hess), with each param's view
         into the flat param and grad buffers; ``low_precision`` is IVON's ``state_dtype``."""
-        sizes = [p.numel() for p in params]
-        starts = [0, *itertools.accumulate(sizes)][:-1]
-        total, sdtype = sum(sizes), state_dtype(dtype)
-        mdtype = moment_dtype(dtype, low_precision)
+        starts, total = quad_aligned_starts([p.numel() for p in params], offsets)
+        sdtype, mdtype = state_dtype(dtype), moment_dtype(dtype, low_precision)
         bucket = cls(
             group_index=group_index, group_start=group_start, params=params, starts=starts,
             offsets=offsets,
-            param_flat=torch.empty(total, dtype=dtype, device=device),
+            # zeros: the pads (Note [quads in the buffers]) hold finite values nobody reads
+            param_flat=torch.zeros(total, dtype=dtype, device=device),
             grad_flat=torch.zeros(total, dtype=dtype, device=device),
-            mean=torch.empty(total, dtype=sdtype, device=device),
+            mean=torch.zeros(total, dtype=sdtype, device=device),
             momentum=torch.zeros(total, dtype=mdtype, device=device),
-            hess=torch.empty(total, dtype=mdtype, device=device),
+            hess=torch.zeros(total, dtype=mdtype, device=device),
             backend=backends.resolve(backend_choice, device, dtype))
         for index, param in enumerate(params):
             where, strides = bucket.slice_of(index), storage_strides(param)
@@ -417,6 +415,29 @@ class Bucket:
 
     def publish(self) -> None:
         """After the optimizer wrote ``param_flat``: the params are views of it already."""
+
+
+def quad_aligned_starts(sizes: list, offsets: list) -> tuple:
+    """(each param's first element in its bucket, the buffers' length) for params of ``sizes`` at
+    the global ``offsets``, in order.
+
+    Note [quads in the buffers]: the noise comes in quads of 4 elements with the same global
+    index >> 2 (docs/DESIGN.md section 3), which the kernels load and store as one 16-byte word
+    (fp32) when it lies on a 16-byte boundary. A param whose global offset does not follow on from
+    the previous one in the bucket (a bucket's first param after an odd-sized param group, a
+    param after an odd-sized waiting param or one of another dtype) starts after a pad of up to
+    3 elements, at a position congruent to its global offset modulo 4: local and global index
+    then agree modulo 4 everywhere, every quad of the bucket is one aligned word, and the
+    segments that start mid-quad still run on aligned words (a masked head; Note [segments
+    from their quad] in triton_backend). A bucket whose offsets run on from a multiple of 4 has
+    no pad. Pads belong to no param: no view, no saved state, no segment covers them.
+    """
+    starts, end = [], 0
+    for size, offset in zip(sizes, offsets):
+        start = end + (offset - end) % 4
+        starts.append(start)
+        end = start + size
+    return starts, end
 
 
 def storage_strides(tensor: torch.Tensor) -> tuple:

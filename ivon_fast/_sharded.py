@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import backends
-from ._bucket import Bucket, storage_strides
+from ._bucket import Bucket, quad_aligned_starts, storage_strides
 from .reference import moment_dtype, state_dtype
 
 _STATE = ("mean", "momentum", "hess")
@@ -171,20 +171,19 @@ class ShardedBucket(Bucket):
         """``entries``: the params' ``ParamEntry`` (sharded params take no prior);
         ``low_precision``: IVON's ``state_dtype``, the dtype of momentum and hess
         (``moment_dtype``), as for a dense ``Bucket``; the mean and averages stay float32."""
-        params, offsets = [e.param for e in entries], [e.offset for e in entries]
+        params = [e.param for e in entries]
+        offsets = [e.offset + _shard_start(e.param) for e in entries]
         locals_ = [_local(p) for p in params]
         sizes = [t.numel() for t in locals_]
-        starts, total = [], 0
-        for size in sizes:
-            starts.append(total)
-            total += size
+        # each shard at a place congruent to its global offset (Note [quads in the buffers])
+        starts, total = quad_aligned_starts(sizes, offsets)
         sdtype, mdtype = state_dtype(dtype), moment_dtype(dtype, low_precision)
         bucket = cls(
             group_index=group_index, group_start=group_start, params=params, starts=starts,
-            offsets=[offset + _shard_start(p) for p, offset in zip(params, offsets)],
-            param_flat=torch.empty(total, dtype=dtype, device=device),
+            offsets=offsets,
+            param_flat=torch.zeros(total, dtype=dtype, device=device),
             grad_flat=torch.zeros(total, dtype=dtype, device=device),
-            mean=torch.empty(total, dtype=sdtype, device=device),
+            mean=torch.zeros(total, dtype=sdtype, device=device),
             momentum=torch.zeros(total, dtype=mdtype, device=device),
             hess=torch.full((total,), float(hess_init), dtype=mdtype, device=device),
             backend=backends.resolve(backend_choice, device, dtype), sizes=sizes)

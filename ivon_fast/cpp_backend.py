@@ -29,6 +29,16 @@ if _extension.load_error() is None:
     from ivon_fast import _fake_ops  # noqa: F401  (fake kernels for torch.compile)
 
 
+# The torch library whose ops the wrappers below call. The tests run a second instance of this
+# module over the test build of the CUDA source on the CPU, whose ops have the same schemas
+# (tests/cuda_on_cpu_backend.py)
+LIBRARY = "ivon_fast"
+
+
+def _library():
+    return getattr(torch.ops, LIBRARY)
+
+
 def unavailable_reason(device) -> str | None:
     """None when the compiled ops can run on ``device``, else why not."""
     device = torch.device(device)
@@ -68,10 +78,9 @@ def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, ep
     _contract.sample_arguments(_check, param, mean, hess, seed=seed, draw=draw, offset=offset,
                                device_draws=device_draws, prior_precision=prior_precision,
                                eps=eps)
-    torch.ops.ivon_fast.sample(param, mean, hess, seed=_i64(seed), draw=_i64(draw),
-                               offset=int(offset), ess=float(ess),
-                               weight_decay=float(weight_decay), device_draws=device_draws,
-                               prior_precision=prior_precision)
+    _library().sample(param, mean, hess, seed=_i64(seed), draw=_i64(draw), offset=int(offset),
+                      ess=float(ess), weight_decay=float(weight_decay),
+                      device_draws=device_draws, prior_precision=prior_precision)
 
 
 def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
@@ -80,11 +89,10 @@ def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0,
                                    draw=draw, offset=offset, count=count,
                                    device_draws=device_draws, prior_precision=prior_precision,
                                    eps=eps)
-    torch.ops.ivon_fast.accumulate(grad, hess, avg_grad, avg_hess_term, seed=_i64(seed),
-                                   draw=_i64(draw), offset=int(offset), count=int(count),
-                                   ess=float(ess), weight_decay=float(weight_decay),
-                                   hess_approx=hess_approx, device_draws=device_draws,
-                                   prior_precision=prior_precision)
+    _library().accumulate(grad, hess, avg_grad, avg_hess_term, seed=_i64(seed), draw=_i64(draw),
+                          offset=int(offset), count=int(count), ess=float(ess),
+                          weight_decay=float(weight_decay), hess_approx=hess_approx,
+                          device_draws=device_draws, prior_precision=prior_precision)
 
 
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
@@ -105,7 +113,7 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
                                prior_mean=prior_mean, prior_precision=prior_precision, eps=eps,
                                next_eps=next_eps)
     s = scalars
-    torch.ops.ivon_fast.update(
+    _library().update(
         param, grad, mean, momentum, hess, avg_grad, avg_hess_term, seed=_i64(seed),
         draw=_i64(draw), next_draw=None if next_draw is None else _i64(next_draw),
         offset=int(offset), count=int(count), hess_approx=hess_approx, lr=s.lr, ess=s.ess,

@@ -116,30 +116,39 @@ def _launch_config(device: torch.device) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------
 # Shared device helpers
 # ------------------------------------------------------------------------------------------------
+# Note [segments from their quad]: a segment that starts mid-quad (LEAD = offset & 3 != 0) is
+# handled from its quad's first element, LEAD elements before it, so that tiles start on global
+# quads (one Philox call per 4 neighbouring elements). Its pointers either point at the segment
+# (ORIGIN False) and the tiles start LEAD elements before them, unaligned for every tile and so
+# never vectorized; or (ORIGIN True) the host handed the kernel views that start LEAD elements
+# earlier, at the quad, which the layout makes room for and puts on 16-byte boundaries (Note
+# [quads in the buffers] in _bucket): the tiles then start at the pointers, aligned, and only
+# the first tile masks the LEAD elements off. Same addresses, same quads, same bits either way.
 @triton.jit
-def _tile(quad_base, n, BLOCK: tl.constexpr, LEAD: tl.constexpr):
-    """This program's BLOCK segment positions k and the BLOCK // 4 global quads they cover.
+def _tile(quad_base, n, BLOCK: tl.constexpr, LEAD: tl.constexpr, ORIGIN: tl.constexpr):
+    """This program's BLOCK pointer positions k, the BLOCK // 4 global quads they cover, whether
+    the tile lies inside the segment, and which lanes do (for the masked tiles).
 
-    Element k of the segment has global index i = 4 * quad_base + LEAD + k. Tiles start on global
-    quad boundaries (i & 3 == 0), so one Philox call serves 4 neighbouring elements; a segment
-    that starts mid-quad (LEAD = offset & 3 != 0) is shifted back by LEAD and its first lanes
-    masked off. ``full`` says the tile lies inside the segment: it then runs without masks, which
-    lets the compiler vectorize the loads for any n (masks by ``k < n`` only vectorize when n is
-    known to be a multiple of 16).
+    Position k has global index i = 4 * quad_base + k (ORIGIN: the pointers point at the
+    segment's quad) or 4 * quad_base + LEAD + k (the pointers point at the segment); see Note
+    [segments from their quad]. ``full`` tiles run without masks, which lets the compiler
+    vectorize the loads for any n (masks by ``k < n`` only vectorize when n is known to be a
+    multiple of 16).
     """
     pid = tl.program_id(0).to(tl.int64)
-    start = pid * BLOCK - LEAD
+    first = LEAD if ORIGIN else 0  # the position of the segment's first element
+    start = pid * BLOCK + first - LEAD
     k = start + tl.arange(0, BLOCK)
     quad = quad_base + pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-    full = (start >= 0) & (start + BLOCK <= n)
-    return k, quad, full
+    full = (start >= first) & (start + BLOCK <= first + n)
+    return k, quad, full, (k >= first) & (k < first + n)
 
 
 @triton.jit
-def _load(ptr, k, n, other, MASKED: tl.constexpr):
+def _load(ptr, k, inside, other, MASKED: tl.constexpr):
     """ptr[k] as fp32; positions outside the segment read ``other`` (MASKED tiles only)."""
     if MASKED:
-        return tl.load(ptr + k, mask=(k >= 0) & (k < n), other=other).to(tl.float32)
+        return tl.load(ptr + k, mask=inside, other=other).to(tl.float32)
     else:
         return tl.load(ptr + k).to(tl.float32)
 
@@ -161,22 +170,22 @@ def _bf16_round_to_nearest_even(value):
 
 
 @triton.jit
-def _write(ptr, k, n, value, MASKED: tl.constexpr):
+def _write(ptr, k, inside, value, MASKED: tl.constexpr):
     """ptr[k] <- value, already in the pointer's dtype."""
     if MASKED:
-        tl.store(ptr + k, value, mask=(k >= 0) & (k < n))
+        tl.store(ptr + k, value, mask=inside)
     else:
         tl.store(ptr + k, value)
 
 
 @triton.jit
-def _store(ptr, k, n, value, MASKED: tl.constexpr):
+def _store(ptr, k, inside, value, MASKED: tl.constexpr):
     """ptr[k] <- value, rounded to the pointer's dtype (round to nearest even, as torch)."""
     if ptr.dtype.element_ty == tl.bfloat16:
         value = _bf16_round_to_nearest_even(value)
     else:
         value = value.to(ptr.dtype.element_ty)
-    _write(ptr, k, n, value, MASKED)
+    _write(ptr, k, inside, value, MASKED)
 
 
 @triton.jit
@@ -207,17 +216,56 @@ def _uniform(x):
     return s.to(tl.float32) * 4.6566127342e-10
 
 
+# Note [Philox's wide multiply]: each Philox round needs the high and the low word of two 32 x 32
+# -> 64-bit products. ``tl.philox`` writes them as mul.hi.u32 and mul.lo.u32, which ptxas keeps as
+# two instructions; one mul.wide.u32 gives both (IMAD.WIDE.U32 on sm_90). Written as a uint64
+# product in Triton, LLVM widens the rounds' xors to 64 bits and multiplies in 64 bits (the
+# sample kernel grew by 3 SASS instructions per element). So the GPU build says mul.wide.u32 in
+# one line of inline PTX (8 SASS instructions per element fewer in the drop-in update, 5 in
+# sample and accumulate); the interpreter, which runs no PTX, computes the same two words as
+# ``tl.philox`` does. Integer arithmetic: the same bits either way, which the known answers and
+# the reference's words check (tests/test_kernels_builds.py).
+if _INTERPRETED:
+    @triton.jit
+    def _mulhilo(m: tl.constexpr, x):
+        """(hi32, lo32) of the 64-bit product m * x of uint32 (Note [Philox's wide multiply])."""
+        return tl.math.umulhi(x, m), tl.mul(x, m, sanitize_overflow=False)
+else:
+    @triton.jit
+    def _mulhilo(m: tl.constexpr, x):
+        """(hi32, lo32) of the 64-bit product m * x of uint32 (Note [Philox's wide multiply])."""
+        return tl.inline_asm_elementwise(
+            "{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$1, $0}, t; }", "=r,=r,r,r",
+            [x, tl.full(x.shape, m, tl.uint32)], dtype=(tl.uint32, tl.uint32), is_pure=True,
+            pack=1)
+
+
 @triton.jit
 def _philox(seed, draw, quad):
-    """Philox4x32-10 with key = seed and counter (lo32(quad), hi32(quad), lo32(draw), hi32(draw)).
+    """Philox4x32-10 with key = seed and counter (lo32(quad), hi32(quad), lo32(draw), hi32(draw)):
+    Random123's rounds, as ``tl.philox`` computes them (docs/DESIGN.md section 3).
+
+        per round: (c0, c1, c2, c3) <- (hi(B c2) ^ c1 ^ k0, lo(B c2), hi(A c0) ^ c3 ^ k1, lo(A c0))
+                   (k0, k1) += (0x9E3779B9, 0xBB67AE85)
+        A = 0xD2511F53, B = 0xCD9E8D57
 
     ``seed``, ``draw`` and ``quad`` are int64 holding uint64 bits (an int32 scalar argument
     sign-extends to the same bits); an arithmetic shift then a truncation gives hi32 for negative
-    values too.
+    values too. The key schedule depends on the seed alone: the compiler computes it once per
+    program on the uniform datapath.
     """
+    seed = seed.to(tl.int64)
     draw = draw.to(tl.int64)
-    return tl.philox(seed.to(tl.int64), quad.to(tl.uint32), (quad >> 32).to(tl.uint32),
-                     draw.to(tl.uint32), (draw >> 32).to(tl.uint32))
+    k0, k1 = seed.to(tl.uint32), (seed >> 32).to(tl.uint32)
+    c0, c1 = quad.to(tl.uint32), (quad >> 32).to(tl.uint32)
+    c2, c3 = draw.to(tl.uint32), (draw >> 32).to(tl.uint32)
+    for _ in tl.static_range(10):
+        hi0, lo0 = _mulhilo(0xD2511F53, c0)
+        hi1, lo1 = _mulhilo(0xCD9E8D57, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -269,13 +317,13 @@ def _sigma_noise(eps, hess, ess, delta):
 
 
 @triton.jit
-def _delta(prior_precision_ptr, k, n, weight_decay, HAS_PRIOR_PRECISION: tl.constexpr,
+def _delta(prior_precision_ptr, k, inside, weight_decay, HAS_PRIOR_PRECISION: tl.constexpr,
            MASKED: tl.constexpr):
     """The delta of every per-element use (ivon_fast.reference's module docstring): the prior
     precision of the element when the op got one, else the group's weight decay. Written into
     the same expressions in place of the scalar, so both round as the reference does."""
     if HAS_PRIOR_PRECISION:
-        return _load(prior_precision_ptr, k, n, 0.0, MASKED)
+        return _load(prior_precision_ptr, k, inside, 0.0, MASKED)
     else:
         return weight_decay
 
@@ -284,29 +332,30 @@ def _delta(prior_precision_ptr, k, n, weight_decay, HAS_PRIOR_PRECISION: tl.cons
 # sample
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, n, quad, seed, draw, ess,
-                 weight_decay, HAS_PRIOR_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, quad, seed, draw,
+                 ess, weight_decay, HAS_PRIOR_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """param <- mean + eps(seed, draw, i) / sqrt(ess * (hess + delta))"""
-    mean = _load(mean_ptr, k, n, 0.0, MASKED)
-    hess = _load(hess_ptr, k, n, 1.0, MASKED)
-    delta = _delta(prior_precision_ptr, k, n, weight_decay, HAS_PRIOR_PRECISION, MASKED)
+    mean = _load(mean_ptr, k, inside, 0.0, MASKED)
+    hess = _load(hess_ptr, k, inside, 1.0, MASKED)
+    delta = _delta(prior_precision_ptr, k, inside, weight_decay, HAS_PRIOR_PRECISION, MASKED)
     eps = _normal(seed, draw, quad)
-    _store(param_ptr, k, n, mean + _sigma_noise(eps, hess, ess, delta), MASKED)
+    _store(param_ptr, k, inside, mean + _sigma_noise(eps, hess, ess, delta), MASKED)
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED[:3])
-def _sample_kernel(param_ptr, mean_ptr, hess_ptr, device_draws_ptr, prior_precision_ptr, n,
+def _sample_kernel(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, device_draws_ptr, n,
                    quad_base, seed, draw, ess, weight_decay, HAS_DEVICE_DRAWS: tl.constexpr,
-                   HAS_PRIOR_PRECISION: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr):
+                   HAS_PRIOR_PRECISION: tl.constexpr, LEAD: tl.constexpr, ORIGIN: tl.constexpr,
+                   BLOCK: tl.constexpr):
     if HAS_DEVICE_DRAWS:  # the draw number on the device (capturable steps)
         draw = tl.load(device_draws_ptr)
-    k, quad, full = _tile(quad_base, n, BLOCK, LEAD)
+    k, quad, full, inside = _tile(quad_base, n, BLOCK, LEAD, ORIGIN)
     if full:
-        _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, n, quad, seed, draw,
-                     ess, weight_decay, HAS_PRIOR_PRECISION, MASKED=False)
+        _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, quad, seed,
+                     draw, ess, weight_decay, HAS_PRIOR_PRECISION, MASKED=False)
     else:
-        _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, n, quad, seed, draw,
-                     ess, weight_decay, HAS_PRIOR_PRECISION, MASKED=True)
+        _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, quad, seed,
+                     draw, ess, weight_decay, HAS_PRIOR_PRECISION, MASKED=True)
 
 
 def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, eps=None,
@@ -317,9 +366,9 @@ def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, ep
     n, offset = param.numel(), int(offset)
     if n == 0:
         return
-    _launch(_sample_kernel, param.device, n, offset, param, mean, hess,
-            mean if device_draws is None else device_draws,
-            mean if prior_precision is None else prior_precision, n, offset >> 2,
+    _launch(_sample_kernel, param.device, n, offset,
+            [param, mean, hess, mean if prior_precision is None else prior_precision],
+            mean if device_draws is None else device_draws, n, offset >> 2,
             _u64_bits(seed, "seed"), _u64_bits(draw, "draw"), float(ess), float(weight_decay),
             HAS_DEVICE_DRAWS=device_draws is not None,
             HAS_PRIOR_PRECISION=prior_precision is not None)
@@ -346,25 +395,25 @@ def _unscaled(value, scale, SCALED: tl.constexpr):
 
 
 @triton.jit
-def _averages(avg_grad_ptr, avg_hess_term_ptr, k, n, scale, PRICE: tl.constexpr,
+def _averages(avg_grad_ptr, avg_hess_term_ptr, k, inside, scale, PRICE: tl.constexpr,
               SCALED: tl.constexpr, MASKED: tl.constexpr):
     """The running averages as stored, or (SCALED) divided by the grad scale: avg_grad once, the
     hess term once for price (noise * grad) and twice for gradsq (grad^2 is scaled twice)."""
-    avg_grad = _unscaled(_load(avg_grad_ptr, k, n, 0.0, MASKED), scale, SCALED)
-    avg_term = _unscaled(_load(avg_hess_term_ptr, k, n, 0.0, MASKED), scale, SCALED)
+    avg_grad = _unscaled(_load(avg_grad_ptr, k, inside, 0.0, MASKED), scale, SCALED)
+    avg_term = _unscaled(_load(avg_hess_term_ptr, k, inside, 0.0, MASKED), scale, SCALED)
     if not PRICE:
         avg_term = _unscaled(avg_term, scale, SCALED)
     return avg_grad, avg_term
 
 
 @triton.jit
-def _running_means(grad, term, avg_grad_ptr, avg_hess_term_ptr, k, n, count, scale,
+def _running_means(grad, term, avg_grad_ptr, avg_hess_term_ptr, k, inside, count, scale,
                    FIRST: tl.constexpr, PRICE: tl.constexpr, SCALED: tl.constexpr,
                    MASKED: tl.constexpr):
     """avg <- new if count == 1 else avg + (new - avg) / count, for (grad, hess term); the
     averages read are unscaled as ``_averages`` says"""
     if not FIRST:  # the first sample overwrites, so stale averages are never read
-        avg_grad, avg_term = _averages(avg_grad_ptr, avg_hess_term_ptr, k, n, scale, PRICE,
+        avg_grad, avg_term = _averages(avg_grad_ptr, avg_hess_term_ptr, k, inside, scale, PRICE,
                                        SCALED, MASKED)
         grad = avg_grad + tl.div_rn(grad - avg_grad, count)
         term = avg_term + tl.div_rn(term - avg_term, count)
@@ -373,40 +422,40 @@ def _running_means(grad, term, avg_grad_ptr, avg_hess_term_ptr, k, n, count, sca
 
 @triton.jit
 def _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, prior_precision_ptr, k,
-                     n, quad, seed, draw, count, ess, weight_decay, FIRST: tl.constexpr,
+                     inside, quad, seed, draw, count, ess, weight_decay, FIRST: tl.constexpr,
                      PRICE: tl.constexpr, HAS_PRIOR_PRECISION: tl.constexpr,
                      MASKED: tl.constexpr):
     """avg_grad, avg_hess_term <- running means with new = grad, hess_term(grad)"""
-    grad = _load(grad_ptr, k, n, 0.0, MASKED)
-    hess = _load(hess_ptr, k, n, 1.0, MASKED)
+    grad = _load(grad_ptr, k, inside, 0.0, MASKED)
+    hess = _load(hess_ptr, k, inside, 1.0, MASKED)
     eps = 0.0
     delta = weight_decay
     if PRICE:  # gradsq needs no noise (nor its delta): skip the Philox work entirely
         eps = _normal(seed, draw, quad)
-        delta = _delta(prior_precision_ptr, k, n, weight_decay, HAS_PRIOR_PRECISION, MASKED)
+        delta = _delta(prior_precision_ptr, k, inside, weight_decay, HAS_PRIOR_PRECISION, MASKED)
     grad, term = _running_means(grad, _hess_term(grad, hess, eps, ess, delta, PRICE),
-                                avg_grad_ptr, avg_hess_term_ptr, k, n, count, 1.0, FIRST, PRICE,
-                                SCALED=False, MASKED=MASKED)
-    _store(avg_grad_ptr, k, n, grad, MASKED)
-    _store(avg_hess_term_ptr, k, n, term, MASKED)
+                                avg_grad_ptr, avg_hess_term_ptr, k, inside, count, 1.0, FIRST,
+                                PRICE, SCALED=False, MASKED=MASKED)
+    _store(avg_grad_ptr, k, inside, grad, MASKED)
+    _store(avg_hess_term_ptr, k, inside, term, MASKED)
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED[:3])
-def _accumulate_kernel(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, device_draws_ptr,
-                       prior_precision_ptr, n, quad_base, seed, draw, count, ess, weight_decay,
+def _accumulate_kernel(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, prior_precision_ptr,
+                       device_draws_ptr, n, quad_base, seed, draw, count, ess, weight_decay,
                        FIRST: tl.constexpr, PRICE: tl.constexpr, HAS_DEVICE_DRAWS: tl.constexpr,
                        HAS_PRIOR_PRECISION: tl.constexpr, LEAD: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       ORIGIN: tl.constexpr, BLOCK: tl.constexpr):
     if HAS_DEVICE_DRAWS:  # the draw number on the device (capturable steps)
         draw = tl.load(device_draws_ptr)
-    k, quad, full = _tile(quad_base, n, BLOCK, LEAD)
+    k, quad, full, inside = _tile(quad_base, n, BLOCK, LEAD, ORIGIN)
     if full:
         _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, prior_precision_ptr,
-                         k, n, quad, seed, draw, count, ess, weight_decay, FIRST, PRICE,
+                         k, inside, quad, seed, draw, count, ess, weight_decay, FIRST, PRICE,
                          HAS_PRIOR_PRECISION, MASKED=False)
     else:
         _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, prior_precision_ptr,
-                         k, n, quad, seed, draw, count, ess, weight_decay, FIRST, PRICE,
+                         k, inside, quad, seed, draw, count, ess, weight_decay, FIRST, PRICE,
                          HAS_PRIOR_PRECISION, MASKED=True)
 
 
@@ -421,9 +470,9 @@ def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0,
         return
     # 'gradsq' never reads the prior precision (its hess term has no noise): one variant fewer
     has_prior_precision = price and prior_precision is not None
-    _launch(_accumulate_kernel, hess.device, n, offset, grad, hess, avg_grad, avg_hess_term,
-            hess if device_draws is None else device_draws,
-            prior_precision if has_prior_precision else hess, n, offset >> 2,
+    _launch(_accumulate_kernel, hess.device, n, offset,
+            [grad, hess, avg_grad, avg_hess_term, prior_precision if has_prior_precision else hess],
+            hess if device_draws is None else device_draws, n, offset >> 2,
             _u64_bits(seed, "seed"), _u64_bits(draw, "draw"), float(count), float(ess),
             float(weight_decay), FIRST=count == 1, PRICE=price,
             HAS_DEVICE_DRAWS=device_draws is not None, HAS_PRIOR_PRECISION=has_prior_precision)
@@ -433,9 +482,19 @@ def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0,
 # update
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _debiased(momentum, debias):
+    """momentum / debias, a true division, skipped where debias is exactly 1 (no debiasing,
+    and every step after about 165 with beta1 = 0.9): x / 1 is x (NaN stays NaN), so the bits
+    are the division's. A uniform branch on the launch's scalar, not a recompile."""
+    if debias != 1.0:
+        momentum = tl.div_rn(momentum, debias)
+    return momentum
+
+
+@triton.jit
 def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
-                 avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, n, quad, seed, draw,
-                 next_draw, round_draw, count, lr, ess, weight_decay, beta1, one_minus_beta1,
+                 avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, inside, quad, seed,
+                 draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1, one_minus_beta1,
                  beta2, one_minus_beta2, hess_coef, clip_radius, debias, scale, skip,
                  HAS_GRAD: tl.constexpr, FIRST: tl.constexpr, PRICE: tl.constexpr,
                  RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
@@ -458,21 +517,21 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
 
     g and h are read as stored (bf16 state widened, exactly) and computed in fp32 throughout.
     """
-    mean = _load(mean_ptr, k, n, 0.0, MASKED)
-    momentum = _load(momentum_ptr, k, n, 0.0, MASKED)
-    hess = _load(hess_ptr, k, n, 1.0, MASKED)
-    delta = _delta(prior_precision_ptr, k, n, weight_decay, HAS_PRIOR_PRECISION, MASKED)
+    mean = _load(mean_ptr, k, inside, 0.0, MASKED)
+    momentum = _load(momentum_ptr, k, inside, 0.0, MASKED)
+    hess = _load(hess_ptr, k, inside, 1.0, MASKED)
+    delta = _delta(prior_precision_ptr, k, inside, weight_decay, HAS_PRIOR_PRECISION, MASKED)
     if HAS_GRAD:
-        grad = _unscaled(_load(grad_ptr, k, n, 0.0, MASKED), scale, HAS_GRAD_SCALE)
+        grad = _unscaled(_load(grad_ptr, k, inside, 0.0, MASKED), scale, HAS_GRAD_SCALE)
         eps = 0.0
         if PRICE:  # price needs the noise of the sample the grad was taken at (old hess)
             eps = _normal(seed, draw, quad)
         # FIRST (count == 1) reads no averages at all
         grad_mean, hess_term = _running_means(
             grad, _hess_term(grad, hess, eps, ess, delta, PRICE), avg_grad_ptr,
-            avg_hess_term_ptr, k, n, count, scale, FIRST, PRICE, HAS_GRAD_SCALE, MASKED)
+            avg_hess_term_ptr, k, inside, count, scale, FIRST, PRICE, HAS_GRAD_SCALE, MASKED)
     else:
-        grad_mean, hess_term = _averages(avg_grad_ptr, avg_hess_term_ptr, k, n, scale, PRICE,
+        grad_mean, hess_term = _averages(avg_grad_ptr, avg_hess_term_ptr, k, inside, scale, PRICE,
                                          HAS_GRAD_SCALE, MASKED)
 
     new_momentum = beta1 * momentum + one_minus_beta1 * grad_mean
@@ -484,10 +543,10 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
     new_hess = ((beta2 * hess + one_minus_beta2 * nll_hess)
                 + tl.div_rn(hess_coef * (diff * diff), hess + delta))
     if HAS_PRIOR_MEAN:  # the pull toward the prior's mean
-        prior_term = delta * (mean - _load(prior_mean_ptr, k, n, 0.0, MASKED))
+        prior_term = delta * (mean - _load(prior_mean_ptr, k, inside, 0.0, MASKED))
     else:  # toward 0: ivon-opt's weight decay
         prior_term = delta * mean
-    step = tl.div_rn(tl.div_rn(new_momentum, debias) + prior_term, new_hess + delta)
+    step = tl.div_rn(_debiased(new_momentum, debias) + prior_term, new_hess + delta)
     # NaN stays NaN, as in torch.clip (tl.minimum / tl.maximum would drop it)
     new_mean = mean - lr * tl.clamp(step, -clip_radius, clip_radius,
                                     propagate_nan=tl.PropagateNan.ALL)
@@ -502,23 +561,24 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
         # are bf16 values, which round to themselves
         random = _rounding_bits(seed, round_draw, quad)
         stored_hess = _bf16_round_stochastic(new_hess, random >> 16)
-        _write(momentum_ptr, k, n, _bf16_round_stochastic(new_momentum, random & 0xFFFF), MASKED)
-        _write(hess_ptr, k, n, stored_hess, MASKED)
+        _write(momentum_ptr, k, inside, _bf16_round_stochastic(new_momentum, random & 0xFFFF),
+               MASKED)
+        _write(hess_ptr, k, inside, stored_hess, MASKED)
         # the next sample is drawn around the hess as stored, as a later sample op would draw it
         new_hess = stored_hess.to(tl.float32)
     else:
-        _store(momentum_ptr, k, n, new_momentum, MASKED)
-        _store(hess_ptr, k, n, new_hess, MASKED)
-    _store(mean_ptr, k, n, new_mean, MASKED)
+        _store(momentum_ptr, k, inside, new_momentum, MASKED)
+        _store(hess_ptr, k, inside, new_hess, MASKED)
+    _store(mean_ptr, k, inside, new_mean, MASKED)
     if RESAMPLE:  # write the next sample now: saves a separate sample pass over m and h
         new_mean = new_mean + _sigma_noise(_normal(seed, next_draw, quad), new_hess, ess, delta)
-    _store(param_ptr, k, n, new_mean, MASKED)
+    _store(param_ptr, k, inside, new_mean, MASKED)
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
-                   avg_hess_term_ptr, grad_scale_ptr, found_inf_ptr, device_lr_ptr,
-                   device_debias_ptr, device_draws_ptr, prior_mean_ptr, prior_precision_ptr, n,
+                   avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, grad_scale_ptr,
+                   found_inf_ptr, device_lr_ptr, device_debias_ptr, device_draws_ptr, n,
                    quad_base, seed, draw, next_draw, round_draw, count, lr, ess,
                    weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
                    clip_radius, debias, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
@@ -526,7 +586,7 @@ def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_gr
                    HAS_FOUND_INF: tl.constexpr, HAS_DEVICE_LR: tl.constexpr,
                    HAS_DEVICE_DEBIAS: tl.constexpr, HAS_DEVICE_DRAWS: tl.constexpr,
                    HAS_PRIOR_MEAN: tl.constexpr, HAS_PRIOR_PRECISION: tl.constexpr,
-                   LEAD: tl.constexpr, BLOCK: tl.constexpr):
+                   LEAD: tl.constexpr, ORIGIN: tl.constexpr, BLOCK: tl.constexpr):
     # the device scalars (1-element fp32 tensors), read here, never on the host; an absent one
     # costs nothing (its flag is off and its pointer is never touched)
     scale = 1.0
@@ -547,17 +607,17 @@ def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_gr
             # the rounding index is draws[1], also without RESAMPLE; the host passed the bare
             # ROUND_DRAW_BASE (int64 sums wrap, as uint64 sums do)
             round_draw = round_draw + tl.load(device_draws_ptr + 1)
-    k, quad, full = _tile(quad_base, n, BLOCK, LEAD)
+    k, quad, full, inside = _tile(quad_base, n, BLOCK, LEAD, ORIGIN)
     if full:
         _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
-                     avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, n, quad, seed,
+                     avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, inside, quad, seed,
                      draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1,
                      one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias,
                      scale, skip, HAS_GRAD, FIRST, PRICE, RESAMPLE, HAS_GRAD_SCALE,
                      HAS_FOUND_INF, HAS_PRIOR_MEAN, HAS_PRIOR_PRECISION, MASKED=False)
     else:
         _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
-                     avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, n, quad, seed,
+                     avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, inside, quad, seed,
                      draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1,
                      one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias,
                      scale, skip, HAS_GRAD, FIRST, PRICE, RESAMPLE, HAS_GRAD_SCALE,
@@ -592,14 +652,14 @@ def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0
         return
     s = scalars
     # unused pointers still need a tensor: hand the kernel one it never touches
+    segment = [param, hess if grad is None else grad, mean, momentum, hess,
+               hess if first else avg_grad, hess if first else avg_hess_term]
+    segment += [mean if prior is None else prior for prior in (prior_mean, prior_precision)]
     pointers = [mean if tensor is None else tensor for tensor in device_scalars.values()]
     pointers.append(hess if device_draws is None else device_draws)
-    pointers += [mean if prior is None else prior for prior in (prior_mean, prior_precision)]
     # the Philox draw of the rounding bits; with device draws the kernel adds draws[1] to it
     rounding = _rounding_draw(0 if device_draws is not None else round_draw)
-    _launch(_update_kernel, param.device, n, offset, param, hess if grad is None else grad, mean,
-            momentum, hess, hess if first else avg_grad, hess if first else avg_hess_term,
-            *pointers, n, offset >> 2,
+    _launch(_update_kernel, param.device, n, offset, segment, *pointers, n, offset >> 2,
             _u64_bits(seed, "seed"), _u64_bits(draw, "draw"),
             _u64_bits(0 if next_draw is None else next_draw, "next_draw"), rounding, float(count),
             s.lr, s.ess, s.weight_decay, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2,
@@ -628,20 +688,36 @@ def _rounding_draw(round_draw: int) -> int:
                      "the rounding draw")
 
 
-def _launch(kernel, device: torch.device, n: int, offset: int, *args, **flags) -> None:
-    """One launch of ``kernel`` over a segment of n elements at global ``offset``.
+def _launch(kernel, device: torch.device, n: int, offset: int, segment: list, *args,
+            **flags) -> None:
+    """One launch of ``kernel`` over a segment of n elements at global ``offset``: ``segment``
+    holds its tensors of the segment (the kernel's first pointers), ``args`` the other
+    arguments.
 
-    ``flags`` are the kernel's constexpr flags; LEAD, BLOCK and the launch options are added here.
-    FMA contraction is off (``enable_fp_fusion=False``), as in the C++ build, so each multiply and
-    add rounds like torch's elementwise ops and the GPU kernels match the reference and the C++
-    kernels to the tolerances the tests claim (the interpreter ignores the option: numpy never
-    contracts).
+    ``flags`` are the kernel's constexpr flags; LEAD, ORIGIN (``_from_quad``), BLOCK and the
+    launch options are added here. FMA contraction is off (``enable_fp_fusion=False``), as in
+    the C++ build, so each multiply and add rounds like torch's elementwise ops and the GPU
+    kernels match the reference and the C++ kernels to the tolerances the tests claim (the
+    interpreter ignores the option: numpy never contracts).
     """
     block, warps = _launch_config(device)
+    lead = offset & 3
+    widened = _from_quad(segment, lead)
     with _on_device(device):
-        kernel[(triton.cdiv(n + (offset & 3), block),)](
-            *args, **flags, LEAD=offset & 3, BLOCK=block, num_warps=warps,
-            enable_fp_fusion=False)
+        kernel[(triton.cdiv(n + lead, block),)](
+            *(segment if widened is None else widened), *args, **flags, LEAD=lead,
+            ORIGIN=widened is not None, BLOCK=block, num_warps=warps, enable_fp_fusion=False)
+
+
+def _from_quad(segment: list, lead: int):
+    """The segment's tensors widened to start ``lead`` elements earlier, at the first element of
+    the segment's quad (Note [segments from their quad]), where every one of them has that room
+    in its storage (the layout's buffers do: Note [quads in the buffers] in _bucket); else
+    None, and the kernel runs from the segment's own pointers. None when lead is 0 too: the
+    segment already starts at its quad."""
+    if lead == 0 or any(t.storage_offset() < lead for t in segment):
+        return None
+    return [t.as_strided((t.numel() + lead,), (1,), t.storage_offset() - lead) for t in segment]
 
 
 def _on_device(device: torch.device):

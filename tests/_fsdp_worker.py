@@ -171,6 +171,9 @@ def scenario_train(rank, world_size, mesh, out_dir, loop, mc_samples, backend, s
         eval_sample=eval_sample, local_numel=local_numel,
         bucket_numels={name: sum(getattr(b, name).numel() for b in buckets)
                        for name in ("mean", "momentum", "hess", "param_flat", "grad_flat")},
+        # the pads before shards that start mid-quad (Note [quads in the buffers])
+        pads=sum(b.mean.numel() - sum(s.stop - s.start for s in map(b.slice_of, range(len(
+            b.params)))) for b in buckets), local_params=sum(len(b.params) for b in buckets),
         saved_local_numel=sum(state[i]["mean"].to_local().numel() for i in state),
         saved_types=sorted({type(state[i]["mean"]).__name__ for i in state}),
         saved_dtypes={name: sorted({str(state[i][name].dtype) for i in state})

@@ -57,6 +57,9 @@ BACKENDS = [
     Backend("triton", "ivon_fast.triton_backend", _TRITON_DEVICE, (pytest.mark.triton,)),
     Backend("cpu", "ivon_fast.cpp_backend", "cpu", (pytest.mark.cpp,)),
     Backend("cuda", "ivon_fast.cpp_backend", "cuda", (pytest.mark.cpp, pytest.mark.gpu)),
+    # the CUDA source compiled as host C++ under the sanitizers; runs only in the subprocess of
+    # tests/test_cuda_on_cpu.py, which loads ASan first (Note [the CUDA source on the CPU])
+    Backend("cuda_on_cpu", "cuda_on_cpu_backend", "cpu", (pytest.mark.cpp,)),
 ]
 BY_NAME = {backend.name: backend for backend in BACKENDS}
 

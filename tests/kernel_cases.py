@@ -464,9 +464,10 @@ OUTPUTS = {"sample": ("param",), "accumulate": ("avg_grad", "avg_hess_term"),
            "update": UPDATE_OUTPUTS}
 
 
-def call(backend_module, op, tensors, kw, dev=None):
-    """The op on copies of ``tensors``; returns the copies (outputs included)."""
-    t = {k: None if v is None else v.clone() for k, v in tensors.items()}
+def call(backend_module, op, tensors, kw, dev=None, copy=torch.clone):
+    """The op on copies of ``tensors`` (made by ``copy``); returns the copies (outputs
+    included)."""
+    t = {k: None if v is None else copy(v) for k, v in tensors.items()}
     args = {"sample": ("param", "mean", "hess"),
             "accumulate": ("grad", "hess", "avg_grad", "avg_hess_term"),
             "update": ("param", "grad", "mean", "momentum", "hess", "avg_grad",

@@ -15,7 +15,10 @@ script
 2. replaces the text; it must occur exactly once, so that a refactor which moves or rewrites the
    code fails loudly here instead of silently disabling the mutation,
 3. rebuilds the extension in the copy when the file is under csrc/ (CPU kernels only, to save
-   time), else copies the built ``ivon_fast/_C*.so`` (and ``_build_info.py``) in,
+   time; so not for a CUDA source, csrc/*.cu), else copies the built ``ivon_fast/_C*.so`` (and
+   ``_build_info.py``) in; and links the test build of the CUDA source on the CPU
+   (build/cuda_on_cpu/, tests/cuda_on_cpu_build.py) in, which recompiles what the mutation
+   changed when a test loads it,
 4. runs pytest with the row's arguments in the copy, with the copy first on PYTHONPATH (the
    repository is installed in editable mode; the script checks that the copy's ``ivon_fast``, and
    its compiled extension, are the ones imported).
@@ -79,6 +82,10 @@ USER_WRITES = "ivon_fast/_user_writes.py"
 STEP = "ivon_fast/_step.py"
 WRAPPERS = "ivon_fast/_wrappers.py"
 CHECKPOINT = "ivon_fast/_checkpoint.py"
+CUDA = "csrc/cuda_kernels.cu"
+# the CUDA source run on the CPU under the sanitizers (tests/test_cuda_on_cpu.py): the shared
+# kernel suite and the grids and misaligned buffers of tests/cuda_on_cpu_suite.py
+CUDA_ON_CPU = ("tests/test_cuda_on_cpu.py", "-k", "kernel_suite")
 
 MUTATIONS = [
     # ---- rounding of bf16 / fp16 params ----
@@ -108,9 +115,13 @@ MUTATIONS = [
              "philox4x32_10(uint32_t(quad), 0u, uint32_t(draw),",
              ("tests/test_kernels_builds.py", "-k", "whole_noise_counter")),
     Mutation("triton-counter-high-bits-dropped", TRITON,
-             "quad.to(tl.uint32), (quad >> 32).to(tl.uint32),",
-             "quad.to(tl.uint32), (quad * 0).to(tl.uint32),",
+             "c0, c1 = quad.to(tl.uint32), (quad >> 32).to(tl.uint32)\n",
+             "c0, c1 = quad.to(tl.uint32), (quad * 0).to(tl.uint32)\n",
              ("tests/test_kernels.py", "-k", "noise_matches_reference and triton")),
+    Mutation("triton-philox-high-and-low-words-swapped", TRITON,
+             "return tl.math.umulhi(x, m), tl.mul(x, m, sanitize_overflow=False)",
+             "return tl.mul(x, m, sanitize_overflow=False), tl.math.umulhi(x, m)",
+             ("tests/test_kernels_builds.py", "-k", "philox_known_answers")),
     # ---- the update math ----
     Mutation("reference-momentum-weight-of-beta2", REFERENCE,
              "s.beta1 * momentum + s.one_minus_beta1 * grad_mean",
@@ -130,7 +141,7 @@ MUTATIONS = [
              ("tests/test_kernels.py", "-k", "update_every_instance and triton")),
     # ---- launch options and flag dispatch ----
     Mutation("triton-fp-contraction-on", TRITON,
-             "num_warps=warps,\n            enable_fp_fusion=False)",
+             "num_warps=warps, enable_fp_fusion=False)",
              "num_warps=warps)",
              ("tests/test_kernels_builds.py", "-k", "contraction or fma")),
     Mutation("cpp-dispatch-ignores-first-sample", "csrc/dispatch_flags.h",
@@ -260,8 +271,8 @@ MUTATIONS = [
              (USER_PATHS, "-k", "divide_by_zero")),
     # ---- sharded params (FSDP2) ----
     Mutation("sharded-noise-offset-ignores-the-shard", SHARDED,
-             "offsets=[offset + _shard_start(p) for p, offset in zip(params, offsets)],",
-             "offsets=list(offsets),",
+             "        offsets = [e.offset + _shard_start(e.param) for e in entries]\n",
+             "        offsets = [e.offset for e in entries]\n",
              (FSDP, "-k", "noise_is_indexed")),
     Mutation("sharded-update-not-published", OP_LOOP,
              '    opt._layout.publish()\n    if next_draw is not None:\n',
@@ -447,7 +458,7 @@ MUTATIONS = [
              "prior_mean=None, prior_precision=prior_precision)",
              (CONTRACT_TESTS, "-k", "prior_mean or prior-mean")),
     Mutation("triton-prior-mean-dropped-in-the-step", TRITON,
-             "prior_term = delta * (mean - _load(prior_mean_ptr, k, n, 0.0, MASKED))",
+             "prior_term = delta * (mean - _load(prior_mean_ptr, k, inside, 0.0, MASKED))",
              "prior_term = delta * mean",
              ("tests/test_kernels.py", "-k", "update_every_instance and triton")),
     Mutation("triton-sample-noise-without-prior-precision", TRITON,
@@ -459,7 +470,8 @@ MUTATIONS = [
              "_sigma_noise(_normal(seed, next_draw, quad), new_hess, ess, weight_decay)",
              ("tests/test_kernels.py", "-k", "update_every_instance and triton")),
     Mutation("triton-accumulate-noise-without-prior-precision", TRITON,
-             "        delta = _delta(prior_precision_ptr, k, n, weight_decay, HAS_PRIOR_PRECISION, MASKED)\n",
+             "        delta = _delta(prior_precision_ptr, k, inside, weight_decay, HAS_PRIOR_PRECISION,"
+             " MASKED)\n",
              "",
              ("tests/test_kernels.py", "-k", "accumulate_matches and triton")),
     Mutation("triton-price-hess-without-prior-precision", TRITON,
@@ -552,6 +564,23 @@ MUTATIONS = [
              "        stored_hess = _bf16_round_stochastic(new_hess, random >> 16)\n",
              "        stored_hess = _bf16_round_stochastic(new_hess, random & 0xFFFF)\n",
              ("tests/test_kernels.py", "-k", "update_every_instance and triton and state_bfloat16")),
+    # ---- issue 19: the instruction diet and the quads in the buffers ----
+    Mutation("triton-debias-division-skipped-below-one", TRITON,
+             "    if debias != 1.0:\n        momentum = tl.div_rn(momentum, debias)\n",
+             "    if debias > 1.0:\n        momentum = tl.div_rn(momentum, debias)\n",
+             ("tests/test_kernels.py", "-k", "update_every_instance and triton")),
+    Mutation("triton-from-the-quad-masks-from-the-pointer", TRITON,
+             "    first = LEAD if ORIGIN else 0  # the position of the segment's first element\n",
+             "    first = 0  # the position of the segment's first element\n",
+             ("tests/test_kernels_builds.py", "-k", "from_their_quad")),
+    Mutation("triton-widened-views-one-element-late", TRITON,
+             "(1,), t.storage_offset() - lead) for t in segment]",
+             "(1,), t.storage_offset() - lead + 1) for t in segment]",
+             ("tests/test_kernels_builds.py", "-k", "from_their_quad")),
+    Mutation("buckets-without-quad-pads", BUCKET,
+             "        start = end + (offset - end) % 4\n",
+             "        start = end\n",
+             ("tests/test_layout.py",)),
     Mutation("triton-bf16-rounding-ignores-the-device-draw", TRITON,
              "            round_draw = round_draw + tl.load(device_draws_ptr + 1)\n",
              "            round_draw = round_draw\n",
@@ -793,6 +822,39 @@ MUTATIONS = [
     Mutation("copied-model-drags-the-hf-phase", "ivon_fast/integrations/hf.py",
              "    def __reduce__(self):", "    def _unused_reduce(self):",
              ("tests/test_copies.py", "-k", "hf_callback")),
+    # ---- the CUDA kernels, run on the CPU (Note [the CUDA source on the CPU]) ----
+    Mutation("cuda-quad-first-element-off-by-one", CUDA,
+             "  const int64_t k0 = 4 * q - a.offset;\n",
+             "  const int64_t k0 = 4 * q - a.offset + 1;\n",
+             CUDA_ON_CPU),
+    Mutation("cuda-vector-path-ignores-the-segment-offset", CUDA,
+             "  return a.offset % 4 == 0 && aligned_to(a.param, pbytes)",
+             "  return aligned_to(a.param, pbytes)",
+             CUDA_ON_CPU),
+    Mutation("cuda-vector-path-ignores-the-quad-bounds", CUDA,
+             "  return {q, k0, aligned && k0 >= 0 && k0 + 4 <= a.n};",
+             "  return {q, k0, aligned};",
+             CUDA_ON_CPU),
+    Mutation("cuda-vector-path-ignores-prior-mean-alignment", CUDA,
+             "aligned_to(a.prior_precision, 16) && aligned_to(a.prior_mean, 16);",
+             "aligned_to(a.prior_precision, 16);",
+             CUDA_ON_CPU),
+    Mutation("cuda-last-partial-quad-dropped", CUDA,
+             "return ((a.offset + a.n - 1) >> 2) - (a.offset >> 2) + 1; }",
+             "return ((a.offset + a.n - 1) >> 2) - (a.offset >> 2); }",
+             CUDA_ON_CPU),
+    Mutation("cuda-tail-store-one-past-the-end", CUDA,
+             "      if (k0 + j >= 0 && k0 + j < n) p[k0 + j] = v[j];\n",
+             "      if (k0 + j >= 0 && k0 + j <= n) p[k0 + j] = v[j];\n",
+             CUDA_ON_CPU),
+    Mutation("cuda-grid-stride-of-one-block", CUDA,
+             "       i += int64_t(gridDim.x) * blockDim.x)",
+             "       i += int64_t(blockDim.x))",
+             CUDA_ON_CPU),
+    Mutation("cuda-bf16-state-vector-store-swaps-a-pair", CUDA,
+             "uint32_t(b[2]) | (uint32_t(b[3]) << 16));",
+             "uint32_t(b[3]) | (uint32_t(b[2]) << 16));",
+             CUDA_ON_CPU),
 ]
 
 def _log(message: str) -> None:
@@ -830,6 +892,21 @@ def _environment(copy: str) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [copy, env.get("PYTHONPATH")]))
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
+
+
+def _carry_cpu_run_build(copy: str) -> None:
+    """The test build of the CUDA source on the CPU (tests/cuda_on_cpu_build.py), linked into
+    the copy: its objects are named by the hash of their sources (Note [the CPU run's build
+    cache]), so the copy recompiles only what its mutation changed."""
+    source = os.path.join(REPO, "build", "cuda_on_cpu")
+    if not os.path.isdir(source):
+        return
+    target = os.path.join(copy, "build", "cuda_on_cpu")
+    try:  # links cost nothing, and a build replaces files rather than writing into them
+        shutil.copytree(source, target, copy_function=os.link)
+    except OSError:  # another file system
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
 
 
 def _prepare_extension(copy: str, rebuild: bool) -> None:
@@ -884,7 +961,12 @@ def _prepared_copy(parent: str, mutation: Mutation | None) -> str:
     _copy_repository(copy)
     if mutation is not None:
         _apply(copy, mutation)
-    _prepare_extension(copy, rebuild=mutation is not None and mutation.file.startswith("csrc/"))
+    # the mutation build is CPU-only (IVON_FAST_NO_CUDA), so a CUDA source needs no rebuild;
+    # the CPU run of the CUDA source rebuilds what changed itself
+    rebuild = (mutation is not None and mutation.file.startswith("csrc/")
+               and not mutation.file.endswith(".cu"))
+    _prepare_extension(copy, rebuild=rebuild)
+    _carry_cpu_run_build(copy)
     _check_imports(copy)
     return copy
 

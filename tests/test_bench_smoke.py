@@ -302,6 +302,29 @@ SMALL = ["--sizes", "2K", "--shapes", "few-large", "--tensors", "1", "--dtype", 
          "--no-progress"]
 
 
+def test_the_odd_group_shape_pads_its_second_bucket(bench_main):
+    """--shapes odd-group: a 3-element param group before the few-large tensors, so the second
+    group's bucket starts at an odd global offset (Note [quads in the buffers]); its rows say
+    so, and the optimizer timed has the two groups, the second bucket after a pad of 1."""
+    from bench import __main__ as bench
+    from bench.shapes import param_groups, param_shapes
+    shapes = param_shapes("odd-group", 2000, 1)
+    assert [len(g["params"]) for g in param_groups(shapes, list(range(len(shapes))))] == [1, 1]
+    contender = bench.ivon_fast_contender(shapes, "cpu", torch.float32, "reference",
+                                          "drop_in_step")
+    second = contender.optimizer._layout.buckets[1]
+    assert second.offsets[0] == 3 and second.starts[0] == 3
+    record = bench_main(["--sizes", "2K", "--shapes", "odd-group", "--tensors", "1", "--dtype",
+                         "float32", "--backends", "reference", "--kinds", "drop_in_step",
+                         "--rounds", "2", "--copy-size", "64K", "--no-host", "--no-ivon-opt",
+                         "--no-foreach", "--no-floor", "--no-memory", "--no-save",
+                         "--no-progress"])
+    rows = record["rows"]
+    assert {row["shape"] for row in rows} == {"odd-group"}
+    assert {row["shape_desc"] for row in rows} == {"odd-group (1 + 1 tensors in two param groups)"}
+    assert {row["numel"] for row in rows} == {2000}
+
+
 def test_a_busy_machine_is_measured_again_and_flagged(bench_main, capsys, monkeypatch, tmp_path):
     """A neighbour that takes the memory bus during the rounds (simulated: the copy bandwidth
     reads 18.6 GB/s before and 4.8 GB/s after every configuration's rounds): the configuration

@@ -188,14 +188,17 @@ def test_sharded_training_equals_unsharded_run(run_ranks, config_id):
 @pytest.mark.parametrize("config_id", _ids("train"))
 def test_state_is_flat_per_local_shard(run_ranks, config_id):
     """Each rank holds only its shard's state: flat buffers of its local elements (rank 1's
-    share of the one-row weight is empty), summing to the model over the ranks; the state dict's
-    entries are DTensors holding the same local elements."""
+    share of the one-row weight is empty) and at most 3 elements of pad per shard (Note [quads
+    in the buffers]), summing to the model over the ranks; the state dict's entries are
+    DTensors holding the same local elements."""
     results = run_ranks("train", config_id)
     assert sum(result["local_numel"] for result in results) == NUMEL
     assert results[0]["local_numel"] != results[1]["local_numel"]  # uneven shards
     for rank, result in enumerate(results):
+        assert 0 <= result["pads"] <= 3 * result["local_params"]
         for name, numel in result["bucket_numels"].items():
-            assert numel == result["local_numel"], f"rank {rank}: {name} holds {numel} elements"
+            assert numel == result["local_numel"] + result["pads"], \
+                f"rank {rank}: {name} holds {numel} elements"
         assert result["saved_local_numel"] == result["local_numel"]
         assert result["saved_types"] == ["DTensor"]
 

@@ -3,10 +3,11 @@ accumulate and update against ``ivon_fast.reference`` element by element with th
 and the properties every backend, the reference included, must have (device scalars, priors,
 device draws; docs/DESIGN.md sections 11, 13, 14).
 
-Backends: tests/kernel_backends.py, one line each (reference, triton, cpu, cuda). A check against
-the reference runs on every backend but the reference itself (it could not fail there; the
-reference is checked against ivon-opt and hand computations in tests/test_reference.py); a
-property runs on all. Cases: tests/kernel_cases.py, covering arrays in which every kernel
+Backends: tests/kernel_backends.py, one line each (reference, triton, cpu, cuda, and
+cuda_on_cpu: the CUDA source compiled for the CPU, which tests/test_cuda_on_cpu.py runs under the
+sanitizers in a process of its own; skipped anywhere else). A check against the reference runs
+on every backend but the reference itself (it could not fail there; the reference is checked
+against ivon-opt and hand computations in tests/test_reference.py); a property runs on all. Cases: tests/kernel_cases.py, covering arrays in which every kernel
 instance runs (test_every_kernel_instance_runs proves it) plus the known risky combinations.
 bf16 state and the rounding of low-precision stores: tests/test_kernels_state.py; what concerns
 one backend's build or launch: tests/test_kernels_builds.py.
@@ -370,6 +371,27 @@ def test_update_device_lr_and_debias_replace_the_scalars(backend, ptype, hess_ap
         if (lr, debias) != (0.05, 0.271):
             assert not same_bits(got["mean"], _update(backend.module, st,
                                                       hess_approx=hess_approx)["mean"])
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("next_draw", [7, None])
+def test_update_without_debiasing(backend, next_draw):
+    """debias exactly 1.0 (debias=False, and every step after about 165 with beta1 = 0.9),
+    where the kernels skip the division by it: as a scalar and as device_debias, the bits of
+    each other, as the reference (x / 1 is x)."""
+    device = backend.device
+    st = _state(device=device, seed=11)
+    s = PRIOR_SCALARS
+    unbiased = StepScalars.of(lr=s.lr, ess=s.ess, weight_decay=s.weight_decay, beta1=s.beta1,
+                              beta2=s.beta2, debias=1.0)
+    got = _update(backend.module, st, scalars=unbiased, next_draw=next_draw)
+    on_device = _update(backend.module, st, next_draw=next_draw, device_debias=one(1.0, device))
+    _assert_same(on_device, got)
+    want = _update(reference, {k: v.cpu() for k, v in st.items()}, scalars=unbiased,
+                   next_draw=next_draw)
+    for key in kc.UPDATE_OUTPUTS:
+        assert_close(got[key].cpu().float(), want[key].float(), msg=key)
+    assert not same_bits(got["mean"], _update(backend.module, st, next_draw=next_draw)["mean"])
 
 
 DRAW_ROWS = cover({"op": ["update", "sample", "accumulate"], "state": kc.STATE_TYPES,

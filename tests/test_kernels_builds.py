@@ -25,6 +25,7 @@ from ivon_fast import reference
 from ivon_fast import triton_backend as tb
 from ivon_fast.scalars import StepScalars
 
+import kernel_cases as kc
 from kernel_backends import BY_NAME, backend_params
 from kernel_cases import BIG_SEED, EVAL_DRAW, assert_close
 from kernel_checks import (PRIOR_OUTPUTS, PRIOR_SCALARS, assert_low_precision_rounding, one,
@@ -204,6 +205,55 @@ def test_triton_hyperparameters_are_runtime_arguments():
         assert "BLOCK" in constexprs and "LEAD" in constexprs, kernel
 
 
+ROOM = 4  # sentinel elements on each side of a segment placed in a buffer
+
+
+def _in_a_buffer(tensor, before=ROOM):
+    """A copy of ``tensor`` in the middle of a buffer of NaN sentinels: ``before`` elements
+    before it (as the layout's pads and neighbours give a segment; Note [quads in the buffers])
+    and ROOM after."""
+    buffer = torch.full((tensor.numel() + before + ROOM,), float("nan"), dtype=tensor.dtype,
+                        device=tensor.device)
+    if not tensor.is_floating_point():
+        buffer.fill_(-7)
+    buffer[before:before + tensor.numel()] = tensor
+    return buffer[before:before + tensor.numel()]
+
+
+def _rows_from_mid_quad(op):
+    rows = {"sample": kc.sample_rows, "accumulate": kc.accumulate_rows,
+            "update": kc.update_rows}[op]()
+    return [row for row in rows if kc.segment(row)[1] & 3]
+
+
+@marked(TRITON)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                            "ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("op", ["sample", "accumulate", "update"])
+def test_triton_segments_from_their_quad(monkeypatch, op):
+    """A segment that starts mid-quad with room before it in its buffers runs from its quad's
+    first element (ORIGIN, Note [segments from their quad] in triton_backend): the bits of the
+    same op on tensors of their own (which run from the segment's pointers), and the elements
+    around the segment untouched."""
+    launches = _record_launches(monkeypatch)
+    for row in _rows_from_mid_quad(op):
+        tensors, kw, dev = kc.op_inputs(op, row, TRITON_DEVICE)
+        with kc.launch_block(BY_NAME["triton"], row):
+            own = kc.call(tb, op, tensors, kw, dev)
+            del launches[:]
+            placed = kc.call(tb, op, tensors, kw, dev, copy=_in_a_buffer)
+        assert [flags["ORIGIN"] for _, _, flags in launches] == [True], kc.label(row)
+        for name, value in placed.items():
+            if value is None:
+                continue
+            assert kc.same_bits(value, own[name]), f"{kc.label(row)}: {name}"
+            whole = torch.as_strided(value, (value.numel() + 2 * ROOM,), (1,),
+                                     value.storage_offset() - ROOM)
+            outside = torch.cat([whole[:ROOM], whole[-ROOM:]])
+            sentinel = float("nan") if value.is_floating_point() else -7
+            assert kc.same_bits(outside, torch.full_like(outside, sentinel)), name
+
+
 def _record_launches(monkeypatch, run_kernels=True):
     """(kernel name, args, kwargs) of every kernel launch from here on."""
     launches = []
@@ -279,6 +329,10 @@ def _launch_every_op(device, dtype=torch.float32, bf16_state=True):
     tb.update(param, grad, mean, momentum, hess, avg_grad, avg_term, seed=BIG_SEED, offset=3,
               draw=2, next_draw=3, count=2, hess_approx="price", scalars=update_scalars(0.1),
               prior_mean=0.5 * mean, prior_precision=precision)
+    # a segment of a padded bucket, run from its quad (ORIGIN; Note [segments from their quad])
+    placed = [_in_a_buffer(t, before=3) for t in (param, grad, mean, momentum, hess)]
+    tb.update(*placed, None, None, seed=BIG_SEED, offset=3, draw=2, next_draw=3, count=1,
+              hess_approx="price", scalars=update_scalars(0.1))
     if not bf16_state:
         return
     # bf16 momentum / hess (the widening loads, the rounding bits, the stochastic rounding)
@@ -303,10 +357,12 @@ def test_triton_every_launch_turns_fp_contraction_off(monkeypatch):
     launches = _record_launches(monkeypatch)
     _launch_every_op(TRITON_DEVICE)
     ops = ["_sample_kernel", "_accumulate_kernel", "_update_kernel"]
-    assert [name for name, _, _ in launches] == (ops + ["_update_kernel"] + ops + ops
+    assert [name for name, _, _ in launches] == (ops + ["_update_kernel"] + ops
+                                                 + ["_update_kernel"] + ops
                                                  + ["_update_kernel"] * 2)
     for name, _, kwargs in launches:
         assert kwargs.get("enable_fp_fusion") is False, name
+    assert [kwargs["ORIGIN"] for _, _, kwargs in launches].count(True) == 1  # the placed one
 
 
 def compile_launches_for_sm90():
@@ -355,10 +411,11 @@ def compile_launches_for_sm90():
         ptx = ptx_of(kernel, values, options)
         assert not re.search(r"\bfma\.rn\.f32\b", ptx), name
         if name == "_update_kernel" and not (values["PRICE"] or values["RESAMPLE"]):
-            # no noise: Philox (its mul.hi.u32) runs only for bf16 state's rounding bits; fp32
-            # state compiles to the kernel it was before bf16 state existed
+            # no noise: Philox (its wide multiplies, Note [Philox's wide multiply] in
+            # triton_backend) runs only for bf16 state's rounding bits; fp32 state compiles to
+            # the kernel it was before bf16 state existed
             bf16_state = values["momentum_ptr"].dtype == torch.bfloat16
-            assert bool(re.search(r"\bmul\.hi\.u32\b", ptx)) == bf16_state, values
+            assert bool(re.search(r"\bmul\.wide\.u32 t,", ptx)) == bf16_state, values
             checked_philox.add(bf16_state)
         if name == "_update_kernel":  # with contraction the update has fmas: the check can fail
             contracted = dict(options, enable_fp_fusion=True)
