@@ -9,21 +9,23 @@
 // fp16 params and grads, and for bf16 state) when every pointer is aligned so that the quad's
 // elements share one such word: element k of the segment (global index offset + k) must sit
 // (offset + k) % 4 elements past an aligned word. A segment at a quad boundary (offset % 4 == 0)
-// with aligned buffers is the common case; a layout that pads each bucket's buffers by its
-// offset % 4 elements gives it to every segment. The quads entirely inside the segment then run
+// with aligned buffers has it, and the optimizer's buckets give it to every segment (Note [quads
+// in the buffers] in ivon_fast/_bucket.py). The quads entirely inside the segment then run
 // in the vector loop, without bounds checks; the partial first and last quads (at most one each),
 // and every quad of a segment whose pointers do not line up, run in a second loop with
 // bounds-checked scalar accesses (Note [the quads of a launch]). The results are identical.
 //
 // Note [CUDA run-time flags]: the template flags of a kernel are those whose code the SASS
 // count shows to be worth an instance of its own (bench/results/cuda_diet_2026-12-07.md): the
-// param type, and for the update 'price' and the GradMode (each costs 3 to 6 instructions per
-// element as a run-time flag); for accumulate 'price' and the first sample. The others are
+// param type, and for the update 'price' and the GradMode (as run-time flags each would cost 3
+// to 6 instructions per element) and the next sample (which tells the drop-in loop's update from
+// the official loop's: each loop's hot path is an instance of its own, measured and gated as it
+// runs; as a run-time flag it would cost 0.25 to 1 instruction per element and save 18 of the
+// 36 update instances); for accumulate 'price' and the first sample. The rare features are
 // uniform run-time flags, the same for every thread of a launch, so their branches never diverge
-// and cost a few instructions per quad: the next sample (half an instruction per element), the
-// prior precision and prior mean (Note [per-element prior] in ivon_math.h), the grad scale, bf16
-// state, a debias factor of exactly 1 (Note [debias of one]), the clip (Note [clip of inf]) and
-// a skipped step.
+// and cost a few instructions per quad: the prior precision and prior mean (Note [per-element
+// prior] in ivon_math.h), the grad scale and bf16 state (Note [loop variants]), a debias
+// factor of exactly 1 (Note [debias of one]), the clip (Note [clip of inf]) and a skipped step.
 // The CPU kernels keep all of them as template flags (dispatch_flags.h), which keeps their loops
 // vectorized; the CUDA dispatch passes only the CUDA kernels' flags.
 #pragma once
@@ -58,6 +60,16 @@ namespace {
 using namespace cuda_math;
 
 constexpr int kThreads = 256;
+
+// Note [loop variants]: each kernel holds its loop of aligned quads three times: kAny for
+// launches with any of the rare inputs (a prior input, a grad scale), which tests them and the
+// state's type per quad, and kFloatState / kBf16State for launches without them, where they cost
+// nothing; the state's type and the absence of the rare inputs are decided once per thread (a
+// uniform branch: it never diverges). One loop that served every launch would cost all of them:
+// the compiler predicates short branches instead of jumping over them, so the bf16 state loads
+// are issued, predicated off, beside the float32 ones (14 instructions per quad), and the
+// prior inputs' likewise. The bounds-checked loop has one variant, kAny.
+enum class Loop { kAny, kFloatState, kBf16State };
 
 // Note [the quads of a launch]: the host splits a segment's quads into those of the vector
 // loop, vec_lo + [0, vec_n), and the rest, handled by bounds-checked scalar accesses: the first
@@ -147,13 +159,18 @@ __device__ __forceinline__ void store4(H* p, int64_t k0, int64_t n, const float 
   store_bits4<VEC>(reinterpret_cast<uint16_t*>(p), k0, n, b);
 }
 
+// whether the loop variant L has bf16 state (kAny: the launch says)
+template <Loop L>
+__device__ __forceinline__ bool bf16_state(const OpArgs& a) {
+  return L == Loop::kBf16State || (L == Loop::kAny && a.bf16_state);
+}
+
 // momentum / hess: float32 or bf16 state (Note [bf16 state] in ivon_math.h), a run-time flag
-// (Note [CUDA run-time flags]); RARE false: the launch has none of the rare inputs (Note [the
-// common update])
-template <bool VEC, bool RARE = true>
+// (Note [CUDA run-time flags]) or the loop's (Note [loop variants])
+template <bool VEC, Loop L = Loop::kAny>
 __device__ __forceinline__ void load_state4(const OpArgs& a, const void* p, int64_t k0,
                                             float v[4]) {
-  if (RARE && a.bf16_state) {
+  if (bf16_state<L>(a)) {
     load4<VEC>(static_cast<const BF16*>(p), k0, a.n, v);
   } else {
     load4<VEC>(static_cast<const float*>(p), k0, a.n, v);
@@ -176,10 +193,10 @@ __device__ __forceinline__ void store_rounded4(void* p, int64_t k0, int64_t n,
 
 // The four elements' delta (Note [per-element prior] in ivon_math.h): the prior precision when
 // the op got one, else the scalar weight decay.
-template <bool VEC, bool RARE = true>
+template <bool VEC, Loop L = Loop::kAny>
 __device__ __forceinline__ void load_delta(const OpArgs& a, int64_t k0, const Scalars& s,
                                            float d[4]) {
-  if (RARE && a.prior_precision != nullptr) {
+  if (L == Loop::kAny && a.prior_precision != nullptr) {
     load4<VEC>(a.prior_precision, k0, a.n, d);
   } else {
 #pragma unroll
@@ -218,6 +235,24 @@ __device__ __forceinline__ void vector_loop(const Launch& l, Body&& body) {
   }
 }
 
+// vector_loop with body(loop, args, q, k0), `loop` the variant (Note [loop variants]) as a
+// compile-time constant: kAny when the launch has a rare input (`rare`), else the one of its
+// state's type; `reads_state` false: one variant (the kernel reads no state, and no rare input)
+template <typename Body>
+__device__ __forceinline__ void vector_loops(const Launch& l, bool reads_state, bool rare,
+                                             Body&& body) {
+  using Any = std::integral_constant<Loop, Loop::kAny>;
+  using Float = std::integral_constant<Loop, Loop::kFloatState>;
+  using Bf16 = std::integral_constant<Loop, Loop::kBf16State>;
+  if (!reads_state || !(rare || l.a.bf16_state)) {
+    vector_loop(l, [&](const OpArgs& a, int64_t q, int64_t k0) { body(Float{}, a, q, k0); });
+  } else if (rare) {
+    vector_loop(l, [&](const OpArgs& a, int64_t q, int64_t k0) { body(Any{}, a, q, k0); });
+  } else {
+    vector_loop(l, [&](const OpArgs& a, int64_t q, int64_t k0) { body(Bf16{}, a, q, k0); });
+  }
+}
+
 // body(args, q, k0) for every quad of the bounds-checked loop (k0: the local index)
 template <typename Body>
 __device__ __forceinline__ void scalar_loop(const Launch& l, Body&& body) {
@@ -230,13 +265,13 @@ __device__ __forceinline__ void scalar_loop(const Launch& l, Body&& body) {
 
 // ---- sample and accumulate ----
 
-template <typename PT, bool VEC>
+template <typename PT, bool VEC, Loop L>
 __device__ __forceinline__ void sample_quad(const Launch& l, const OpArgs& a, uint64_t draw,
                                             int64_t q, int64_t k0) {
   float m[4], h[4], dl[4], e[4], out[4];
   load4<VEC>(a.mean, k0, a.n, m);
-  load_state4<VEC>(a, a.hess, k0, h);
-  load_delta<VEC>(a, k0, a.s, dl);
+  load_state4<VEC, L>(a, a.hess, k0, h);
+  load_delta<VEC, L>(a, k0, a.s, dl);
   normals(l.key, draw, q, e);
 #pragma unroll
   for (int j = 0; j < 4; ++j) out[j] = m[j] + noise_of(e[j], h[j], dl[j], a.s);
@@ -246,22 +281,23 @@ __device__ __forceinline__ void sample_quad(const Launch& l, const OpArgs& a, ui
 template <typename PT>
 __global__ void __launch_bounds__(kThreads) sample_kernel(const Launch l) {
   const uint64_t draw = read_draws(l.a).draw;  // once per thread
-  vector_loop(l, [&](const OpArgs& a, int64_t q, int64_t k0) {
-    sample_quad<PT, true>(l, a, draw, q, k0);
+  const bool rare = l.a.prior_precision != nullptr;
+  vector_loops(l, true, rare, [&](auto loop, const OpArgs& a, int64_t q, int64_t k0) {
+    sample_quad<PT, true, decltype(loop)::value>(l, a, draw, q, k0);
   });
   scalar_loop(l, [&](const OpArgs& a, int64_t q, int64_t k0) {
-    sample_quad<PT, false>(l, a, draw, q, k0);
+    sample_quad<PT, false, Loop::kAny>(l, a, draw, q, k0);
   });
 }
 
-template <typename PT, bool PRICE, bool FIRST, bool VEC>
+template <typename PT, bool PRICE, bool FIRST, bool VEC, Loop L>
 __device__ __forceinline__ void accumulate_quad(const Launch& l, const OpArgs& a, uint64_t draw,
                                                 int64_t q, int64_t k0) {
   float g[4], h[4], dl[4], e[4], ag[4] = {0, 0, 0, 0}, ah[4] = {0, 0, 0, 0};
   load4<VEC>(static_cast<const PT*>(a.grad), k0, a.n, g);
   if (PRICE) {
-    load_state4<VEC>(a, a.hess, k0, h);
-    load_delta<VEC>(a, k0, a.s, dl);
+    load_state4<VEC, L>(a, a.hess, k0, h);
+    load_delta<VEC, L>(a, k0, a.s, dl);
     normals(l.key, draw, q, e);
   }
   if (!FIRST) {
@@ -279,28 +315,24 @@ __device__ __forceinline__ void accumulate_quad(const Launch& l, const OpArgs& a
   store4<VEC>(a.avg_hess_term, k0, a.n, ah);
 }
 
+// 'gradsq' reads neither the hess nor the prior precision: one vector loop
 template <typename PT, bool PRICE, bool FIRST>
 __global__ void __launch_bounds__(kThreads) accumulate_kernel(const Launch l) {
   const uint64_t draw = read_draws(l.a).draw;  // once per thread
-  vector_loop(l, [&](const OpArgs& a, int64_t q, int64_t k0) {
-    accumulate_quad<PT, PRICE, FIRST, true>(l, a, draw, q, k0);
+  const bool rare = l.a.prior_precision != nullptr;
+  vector_loops(l, PRICE, rare, [&](auto loop, const OpArgs& a, int64_t q, int64_t k0) {
+    accumulate_quad<PT, PRICE, FIRST, true, decltype(loop)::value>(l, a, draw, q, k0);
   });
   scalar_loop(l, [&](const OpArgs& a, int64_t q, int64_t k0) {
-    accumulate_quad<PT, PRICE, FIRST, false>(l, a, draw, q, k0);
+    accumulate_quad<PT, PRICE, FIRST, false, Loop::kAny>(l, a, draw, q, k0);
   });
 }
 
 // ---- update ----
 
 // What every thread of an update reads once (Note [device scalars of an update] in ivon_math.h)
-// and the run-time flags it tests (Note [CUDA run-time flags]).
-//
-// Note [the common update]: each update kernel holds its loop of aligned quads twice: for
-// launches with any of the rare inputs (bf16 state, a prior input, a grad scale), which test
-// them per quad, and for launches without (`rare` false, decided once per thread), where they
-// cost nothing. The compiler predicates short branches instead of jumping over them (a bf16
-// state load is issued, predicated off, beside the float32 one), so a loop that serves both
-// issues their instructions every time: 14 per quad for the bf16 loads alone.
+// and the run-time flags it tests (Note [CUDA run-time flags]); `rare`: a rare input (Note [loop
+// variants]).
 struct UpdateConsts {
   DeviceScalars d;
   Draws draws;
@@ -310,8 +342,7 @@ struct UpdateConsts {
 __device__ __forceinline__ UpdateConsts update_consts(const OpArgs& a) {
   const DeviceScalars d = read_device_scalars(a);
   const bool scaled = a.grad_scale != nullptr;
-  const bool rare =
-      scaled || a.bf16_state || a.prior_precision != nullptr || a.prior_mean != nullptr;
+  const bool rare = scaled || a.prior_precision != nullptr || a.prior_mean != nullptr;
   return {d, read_draws(a, /*stores_state=*/true), scaled, d.s.debias == 1.0f,
           !(d.s.clip == INFINITY), rare};
 }
@@ -322,17 +353,17 @@ struct UpdateIn {
   float m[4], h[4], dl[4], mom[4], mu0[4], g[4], e[4], ag[4], ah[4];
 };
 
-template <typename PT, bool PRICE, GradMode MODE, bool VEC, bool RARE>
+template <typename PT, bool PRICE, GradMode MODE, bool VEC, Loop L>
 __device__ __forceinline__ void load_update(const Launch& l, const OpArgs& a,
                                             const UpdateConsts& c, int64_t q, int64_t k0,
                                             UpdateIn& u) {
   load4<VEC>(a.mean, k0, a.n, u.m);
-  load_state4<VEC, RARE>(a, a.hess, k0, u.h);
-  load_delta<VEC, RARE>(a, k0, c.d.s, u.dl);
-  load_state4<VEC, RARE>(a, a.momentum, k0, u.mom);
+  load_state4<VEC, L>(a, a.hess, k0, u.h);
+  load_delta<VEC, L>(a, k0, c.d.s, u.dl);
+  load_state4<VEC, L>(a, a.momentum, k0, u.mom);
 #pragma unroll
   for (int j = 0; j < 4; ++j) u.mu0[j] = u.g[j] = u.e[j] = u.ag[j] = u.ah[j] = 0.0f;
-  if (RARE && a.prior_mean != nullptr) load4<VEC>(a.prior_mean, k0, a.n, u.mu0);
+  if (L == Loop::kAny && a.prior_mean != nullptr) load4<VEC>(a.prior_mean, k0, a.n, u.mu0);
   if (MODE != GradMode::kAvgOnly) {
     load4<VEC>(static_cast<const PT*>(a.grad), k0, a.n, u.g);
     if (PRICE) normals(l.key, c.draws.draw, q, u.e);
@@ -345,10 +376,10 @@ __device__ __forceinline__ void load_update(const Launch& l, const OpArgs& a,
 
 // The new momentum and hess of the quad, over the old ones in u (the shared math of ivon_math.h,
 // the grad scale's divisions under a uniform flag)
-template <bool PRICE, GradMode MODE, bool RARE>
+template <bool PRICE, GradMode MODE, Loop L>
 __device__ __forceinline__ void update_moments(const UpdateConsts& c, UpdateIn& u) {
   const Scalars& s = c.d.s;
-  if (RARE && c.scaled) {
+  if (L == Loop::kAny && c.scaled) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) unscale_grads<PRICE, MODE>(u.g[j], u.ag[j], u.ah[j], s);
   }
@@ -364,7 +395,7 @@ __device__ __forceinline__ void update_moments(const UpdateConsts& c, UpdateIn& 
 // The new mean of the quad, over the old one in u, from the new momentum (stored already: it is
 // divided by the debias factor in place) and hess; the debias division and the clip under
 // uniform flags (Note [debias of one], Note [clip of inf] in ivon_math.h)
-template <bool RARE>
+template <Loop L>
 __device__ __forceinline__ void update_mean(const UpdateConsts& c, UpdateIn& u) {
   const Scalars& s = c.d.s;
   if (!c.debias_one) {
@@ -374,7 +405,8 @@ __device__ __forceinline__ void update_mean(const UpdateConsts& c, UpdateIn& u) 
   float step[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    step[j] = preconditioned_step<RARE>(u.m[j], u.mom[j], u.h[j], u.dl[j], u.mu0[j], s);
+    step[j] = preconditioned_step<L == Loop::kAny>(u.m[j], u.mom[j], u.h[j], u.dl[j], u.mu0[j],
+                                                   s);
   }
   if (c.clips) {
 #pragma unroll
@@ -386,13 +418,13 @@ __device__ __forceinline__ void update_mean(const UpdateConsts& c, UpdateIn& u) 
 
 // momentum and hess stored: float32, or bf16 by stochastic rounding; `h_stored` gets the stored
 // hess, widened (the next sample is drawn around it)
-template <bool VEC, bool RARE>
+template <bool VEC, Loop L>
 __device__ __forceinline__ void store_state(const Launch& l, const OpArgs& a,
                                             const UpdateConsts& c, int64_t q, int64_t k0,
                                             const UpdateIn& u, float h_stored[4]) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) h_stored[j] = u.h[j];
-  if (RARE && a.bf16_state) {
+  if (bf16_state<L>(a)) {
     const uint64_t r = c.draws.round_draw;
     const U32x4 x = philox4x32_10(uint32_t(q), uint32_t(uint64_t(q) >> 32), uint32_t(r),
                                   uint32_t(r >> 32), l.key);
@@ -406,43 +438,36 @@ __device__ __forceinline__ void store_state(const Launch& l, const OpArgs& a,
   }
 }
 
-// the param: the mean, or (has_next_draw, a run-time flag) the sample of next_draw around mean
-// and hess
-template <typename PT, bool VEC>
+// the param: the mean, or (NEXT) the sample of next_draw around mean and hess
+template <typename PT, bool NEXT, bool VEC>
 __device__ __forceinline__ void store_param(const Launch& l, const OpArgs& a, const Scalars& s,
                                             uint64_t next_draw, int64_t q, int64_t k0,
                                             const float m[4], const float h[4],
                                             const float dl[4]) {
-  float out[4];
-  if (l.a.has_next_draw) {
-    float e[4];
-    normals(l.key, next_draw, q, e);
+  float e[4] = {0, 0, 0, 0}, out[4];
+  if (NEXT) normals(l.key, next_draw, q, e);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = param_value<true>(m[j], h[j], dl[j], e[j], s);
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = param_value<false>(m[j], h[j], dl[j], 0.0f, s);
-  }
+  for (int j = 0; j < 4; ++j) out[j] = param_value<NEXT>(m[j], h[j], dl[j], e[j], s);
   store4<VEC>(static_cast<PT*>(a.param), k0, a.n, out);
 }
 
-template <typename PT, bool PRICE, GradMode MODE, bool VEC, bool RARE>
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool VEC, Loop L>
 __device__ __forceinline__ void update_quad(const Launch& l, const OpArgs& a,
                                             const UpdateConsts& c, int64_t q, int64_t k0) {
   UpdateIn u;
   float h_stored[4];
-  load_update<PT, PRICE, MODE, VEC, RARE>(l, a, c, q, k0, u);
-  update_moments<PRICE, MODE, RARE>(c, u);
-  store_state<VEC, RARE>(l, a, c, q, k0, u, h_stored);
-  update_mean<RARE>(c, u);  // the mean from the unrounded momentum and hess
+  load_update<PT, PRICE, MODE, VEC, L>(l, a, c, q, k0, u);
+  update_moments<PRICE, MODE, L>(c, u);
+  store_state<VEC, L>(l, a, c, q, k0, u, h_stored);
+  update_mean<L>(c, u);  // the mean from the unrounded momentum and hess
   store4<VEC>(a.mean, k0, a.n, u.m);
-  store_param<PT, VEC>(l, a, c.d.s, c.draws.next_draw, q, k0, u.m, h_stored, u.dl);
+  store_param<PT, NEXT, VEC>(l, a, c.d.s, c.draws.next_draw, q, k0, u.m, h_stored, u.dl);
 }
 
 // A skipped step (found_inf nonzero, uniform over the grid): mean, momentum and hess keep their
 // values (not even rewritten); the param gets the mean, or the next sample around it. Rare, so
 // every quad takes the bounds-checked path (no vector instance of its own).
-template <typename PT>
+template <typename PT, bool NEXT>
 __device__ __forceinline__ void skipped_quad(const Launch& l, const UpdateConsts& c, int64_t q) {
   const OpArgs& a = l.a;
   const int64_t k0 = 4 * q - a.offset;
@@ -450,30 +475,24 @@ __device__ __forceinline__ void skipped_quad(const Launch& l, const UpdateConsts
   load4<false>(a.mean, k0, a.n, m);
   load_state4<false>(a, a.hess, k0, h);
   load_delta<false>(a, k0, c.d.s, dl);
-  store_param<PT, false>(l, a, c.d.s, c.draws.next_draw, q, k0, m, h, dl);
+  store_param<PT, NEXT, false>(l, a, c.d.s, c.draws.next_draw, q, k0, m, h, dl);
 }
 
-template <typename PT>
+template <typename PT, bool NEXT>
 __device__ __forceinline__ void skipped_update(const Launch& l, const UpdateConsts& c) {
-  IVON_GRID_STRIDE(i, l.quads.vec_n) skipped_quad<PT>(l, c, l.quads.vec_lo + i);
-  scalar_loop(l, [&](const OpArgs&, int64_t q, int64_t) { skipped_quad<PT>(l, c, q); });
+  IVON_GRID_STRIDE(i, l.quads.vec_n) skipped_quad<PT, NEXT>(l, c, l.quads.vec_lo + i);
+  scalar_loop(l, [&](const OpArgs&, int64_t q, int64_t) { skipped_quad<PT, NEXT>(l, c, q); });
 }
 
-template <typename PT, bool PRICE, GradMode MODE>
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT>
 __global__ void __launch_bounds__(kThreads, 3) update_kernel(const Launch l) {
   const UpdateConsts c = update_consts(l.a);  // once per thread
-  if (c.d.skip) return skipped_update<PT>(l, c);
-  if (c.rare) {  // Note [the common update]
-    vector_loop(l, [&](const OpArgs& a, int64_t q, int64_t k0) {
-      update_quad<PT, PRICE, MODE, true, true>(l, a, c, q, k0);
-    });
-  } else {
-    vector_loop(l, [&](const OpArgs& a, int64_t q, int64_t k0) {
-      update_quad<PT, PRICE, MODE, true, false>(l, a, c, q, k0);
-    });
-  }
+  if (c.d.skip) return skipped_update<PT, NEXT>(l, c);
+  vector_loops(l, true, c.rare, [&](auto loop, const OpArgs& a, int64_t q, int64_t k0) {
+    update_quad<PT, PRICE, MODE, NEXT, true, decltype(loop)::value>(l, a, c, q, k0);
+  });
   scalar_loop(l, [&](const OpArgs& a, int64_t q, int64_t k0) {
-    update_quad<PT, PRICE, MODE, false, true>(l, a, c, q, k0);
+    update_quad<PT, PRICE, MODE, NEXT, false, Loop::kAny>(l, a, c, q, k0);
   });
 }
 
@@ -499,7 +518,7 @@ inline bool vector_ok(const OpArgs& a) {
 inline Quads quads_of(const OpArgs& a) {
   const int64_t first = a.offset >> 2, end = ((a.offset + a.n - 1) >> 2) + 1;
   const int64_t lo = (a.offset + 3) >> 2, hi = (a.offset + a.n) >> 2;  // whole quads inside
-  if (!vector_ok(a) || lo >= hi) return {0, 0, first, end - first, end, end - first};
+  if (!vector_ok(a) || lo >= hi) return {first, 0, first, end - first, end, end - first};
   const int64_t n_head = lo - first;
   return {lo, hi - lo, first, n_head, hi, n_head + (end - hi)};
 }
@@ -536,9 +555,10 @@ inline void for_each_part(const OpArgs& a, F&& launch) {
   int64_t done = 0;
   do {
     l.quads.vec_lo = all.vec_lo + done;
-    l.vec = moved_args(a, 4 * l.quads.vec_lo - a.offset);
     l.quads.vec_n = std::min(all.vec_n - done, kMaxVectorQuads);
     l.quads.n_scalar = done == 0 ? all.n_scalar : 0;
+    // only for a vector loop that runs: the arrays' first vector quad is inside them
+    l.vec = l.quads.vec_n > 0 ? moved_args(a, 4 * l.quads.vec_lo - a.offset) : a;
     launch(l);
     done += l.quads.vec_n;
   } while (done < all.vec_n);
@@ -564,10 +584,11 @@ inline const char* last_error() {
 // The update of param type PT (each cuda_update_<type>.cu instantiates one)
 template <typename PT>
 const char* launch_update(const OpArgs& a, void* stream) {
-  dispatch_update_cuda(a, [&](auto price, auto mode) {
+  dispatch_update_cuda(a, [&](auto price, auto mode, auto next) {
     for_each_part(a, [&](const Launch& l) {
       IVON_LAUNCH(grid_for(l.quads), kThreads, static_cast<cudaStream_t>(stream),
-                  update_kernel<PT, decltype(price)::value, decltype(mode)::value>)
+                  update_kernel<PT, decltype(price)::value, decltype(mode)::value,
+                                decltype(next)::value>)
       (l);
     });
   });

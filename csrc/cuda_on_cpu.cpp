@@ -50,13 +50,12 @@ void record_launch(const char* instance, const char* described) {
   last = name + "\t" + described;
 }
 
-const char* describe_launch(const OpArgs&, int64_t nq, bool aligned, unsigned int grid,
-                            unsigned int block) {
+const char* describe_shape(bool vector, int64_t quads, unsigned int grid, unsigned int block) {
   static const char* const kNames[2][3] = {
       {"scalar\tone block", "scalar\tmany blocks", "scalar\twraps"},
       {"vector\tone block", "vector\tmany blocks", "vector\twraps"}};
-  const int shape = nq > int64_t(grid) * block ? 2 : grid == 1 ? 0 : 1;
-  return kNames[aligned ? 1 : 0][shape];
+  const int shape = quads > int64_t(grid) * block ? 2 : grid == 1 ? 0 : 1;
+  return kNames[vector ? 1 : 0][shape];
 }
 
 }  // namespace cuda_on_cpu

@@ -1,12 +1,12 @@
-// cuda_on_cpu.h: the CPU run of the CUDA source. cuda_kernels.cu includes this header in place of
-// <cuda_runtime.h> when IVON_CUDA_ON_CPU is defined; the test build (tests/cuda_on_cpu_build.py)
+// cuda_on_cpu.h: the CPU run of the CUDA source. cuda_kernels.cuh includes this header in place
+// of <cuda_runtime.h> when IVON_CUDA_ON_CPU is defined; the test build (tests/cuda_on_cpu_build.py)
 // compiles the .cu files themselves as host C++ with it, under AddressSanitizer and
 // UndefinedBehaviorSanitizer, and the kernel suite runs the result against the reference.
 //
 // Note [the CUDA source on the CPU]: no GPU has run our CUDA kernels for months, so CI runs their
 // source on the CPU. This header supplies the little of CUDA the kernels use: the qualifiers
 // (empty), the thread indices, the vector types, the device queries of the launch configuration
-// and the launch itself (IVON_LAUNCH, see Note [launches] in cuda_kernels.cu). A launch runs
+// and the launch itself (IVON_LAUNCH, see Note [launches] in cuda_kernels.cuh). A launch runs
 // every block and, in each, every thread, one after another, each to the end of its grid-stride
 // loop. That is faithful for the results because the kernels share nothing between threads: no
 // shared memory, no __syncthreads, no atomics, and each thread reads and writes only its own
@@ -88,12 +88,20 @@ inline bool dry_run = false;  // record launches without running them
 // `described`, the launch's shape (describe_launch below)
 void record_launch(const char* instance, const char* described);
 
-// What the tests want to know of a launch: for the kernels of (OpArgs, number of quads,
-// aligned), whether the vector path is on and whether the grid is one block, many, or fewer
-// threads than quads (the grid-stride loop wraps). Another signature is described as "?", which
-// the coverage test reports.
-const char* describe_launch(const OpArgs& a, int64_t nq, bool aligned, unsigned int grid,
-                            unsigned int block);
+// What the tests want to know of a launch: whether the vector path is on and whether the grid
+// is one block, many, or fewer threads than the quads of that path (its grid-stride loop wraps).
+const char* describe_shape(bool vector, int64_t quads, unsigned int grid, unsigned int block);
+
+// The kernels take one argument, a Launch (cuda_kernels.cuh), whose quads say which loops run
+// (Note [the quads of a launch]): described as "vector" when it has quads for the vector loop
+// (the bounds-checked loop may run its partial first and last quads too), else "scalar". Another
+// signature is described as "?", which the coverage test reports.
+template <typename L>
+auto describe_launch(const L& l, unsigned int grid, unsigned int block)
+    -> decltype(l.quads.vec_n, l.quads.n_scalar, static_cast<const char*>(nullptr)) {
+  const bool vector = l.quads.vec_n > 0;
+  return describe_shape(vector, vector ? l.quads.vec_n : l.quads.n_scalar, grid, block);
+}
 template <typename... Args>
 const char* describe_launch(const Args&...) {
   return "?";

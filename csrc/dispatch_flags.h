@@ -86,28 +86,28 @@ inline void dispatch_accumulate(const OpArgs& a, F&& f) {
   });
 }
 
-// update (CUDA): f(price, grad_mode)
+// update (CUDA): f(price, grad_mode, next) where next = a next sample is written
 template <typename F>
 inline void dispatch_update_cuda(const OpArgs& a, F&& f) {
   with_bool(a.price, [&](auto price) {
-    with_grad_mode(a.mode, [&](auto mode) { f(price, mode); });
+    with_grad_mode(a.mode, [&](auto mode) {
+      with_bool(a.has_next_draw, [&](auto next) { f(price, mode, next); });
+    });
   });
 }
 
-// update: f(param_type, price, grad_mode, next, scaled, prec, pmean) where next = a next sample
-// is written, scaled = the grads are divided by a grad_scale (Note [device scalars of an update]
-// in ivon_math.h; the other device scalars are read once per launch and need no instance of
-// their own), prec / pmean = Note [prior flags]
+// update: f(param_type, price, grad_mode, next, scaled, prec, pmean) where scaled = the grads
+// are divided by a grad_scale (Note [device scalars of an update] in ivon_math.h; the other
+// device scalars are read once per launch and need no instance of their own), prec / pmean =
+// Note [prior flags]
 template <typename F>
 inline void dispatch_update(const OpArgs& a, F&& f) {
   with_param_type(a.ptype, [&](auto pt) {
-    dispatch_update_cuda(a, [&](auto price, auto mode) {
-      with_bool(a.has_next_draw, [&](auto next) {
-        with_bool(a.grad_scale != nullptr, [&](auto scaled) {
-          with_bool(a.prior_precision != nullptr, [&](auto prec) {
-            with_bool(a.prior_mean != nullptr,
-                      [&](auto pmean) { f(pt, price, mode, next, scaled, prec, pmean); });
-          });
+    dispatch_update_cuda(a, [&](auto price, auto mode, auto next) {
+      with_bool(a.grad_scale != nullptr, [&](auto scaled) {
+        with_bool(a.prior_precision != nullptr, [&](auto prec) {
+          with_bool(a.prior_mean != nullptr,
+                    [&](auto pmean) { f(pt, price, mode, next, scaled, prec, pmean); });
         });
       });
     });

@@ -55,7 +55,7 @@ GRIDS = [
     (1, "1021@3", "one block"),         # 256 quads: every thread of the block has one
     (1, "1025@4099", "many blocks"),    # 257 quads: a second block for one quad
     (132, "8193@4096", "many blocks"),  # an H100's SMs: 9 blocks for 2049 quads
-    (1, "8193@4096", "wraps"),          # the same on 8 blocks: one thread takes two quads
+    (1, "8197@4096", "wraps"),          # 2049 whole quads on 8 blocks: one thread takes two
     (2, "20001@1", "wraps"),            # 5001 quads on 4096 threads, from mid-quad
 ]
 

@@ -10,7 +10,7 @@ Kernel instances (what "every instance runs" means; ``*_instance`` below derive 
 row, with the dispatchers' own rules, and ``*_INSTANCES`` enumerate the reachable ones):
 
 - C++ (cpu and cuda): the template instances of csrc/dispatch_flags.h, which both the CPU
-  (cpu_kernels.h) and the CUDA kernels (cuda_kernels.cu) call: ``dispatch_sample`` (param type,
+  (cpu_kernels.h) and the CUDA kernels (cuda_kernels.cuh) call: ``dispatch_sample`` (param type,
   prec), ``dispatch_accumulate`` (param type, price, first, prec; 'gradsq' gets no instance with
   prec), ``dispatch_update`` (param type, price, GradMode, next, scaled, prec, pmean), where
   ops.cpp sets first = (count == 1), GradMode = kAvgOnly without grad, else kGradOnly for
@@ -19,7 +19,12 @@ row, with the dispatchers' own rules, and ``*_INSTANCES`` enumerate the reachabl
   their own: the skipped step (found_inf nonzero; ``skipped_update_range_t<PT, NEXT, PREC>``) and
   bf16 state (the widened buffers and ``round_state_block<PT, NEXT, PREC>`` on the CPU, a run-time
   branch of the same kernel on CUDA): required for every (param type, next, prec) and, for bf16
-  state, with every instance flag but ``scaled`` (below).
+  state, with every instance flag but ``scaled`` (below). The CUDA kernels take a subset of
+  these flags as template parameters (the ``*_cuda`` dispatchers: sample the param type,
+  accumulate (param type, price, first), update (param type, price, GradMode, next);
+  ``CUDA_*_INSTANCES``) and test the others at run time (Note [CUDA run-time flags] in
+  csrc/cuda_kernels.cuh), so the rows that hold every C++ instance hold every CUDA one, with
+  each of its run-time paths.
 - Triton: a compiled variant per constexpr flags and pointer element types. The flags that
   select code inside the tile: the param dtype, the state dtype (momentum / hess: bf16 is the
   pointer-typed variant), and sample: HAS_PRIOR_PRECISION; accumulate: FIRST, PRICE,
@@ -339,6 +344,11 @@ CPP_ACCUMULATE_INSTANCES = ({(p, True, f, prec) for p in PARAM_TYPES for f in B 
                             | {(p, False, f, False) for p in PARAM_TYPES for f in B})
 CPP_UPDATE_INSTANCES = set(itertools.product(PARAM_TYPES, B, ["grad_only", "grad_avg",
                                                                "avg_only"], B, B, B, B))
+# the CUDA kernels' instances: the C++ keys without the flags they test at run time
+CUDA_SAMPLE_INSTANCES = {(p,) for p in PARAM_TYPES}
+CUDA_ACCUMULATE_INSTANCES = set(itertools.product(PARAM_TYPES, B, B))
+CUDA_UPDATE_INSTANCES = set(itertools.product(PARAM_TYPES, B, ["grad_only", "grad_avg",
+                                                                "avg_only"], B))
 CPP_UPDATE_PATHS = {(path, p, nxt, prec) for path in ("skipped", "bf16_state")
                     for p in PARAM_TYPES for nxt in B for prec in B}
 TRITON_SAMPLE_VARIANTS = set(itertools.product(PARAM_TYPES, STATE_TYPES, B, B))

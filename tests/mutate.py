@@ -15,7 +15,7 @@ script
 2. replaces the text; it must occur exactly once, so that a refactor which moves or rewrites the
    code fails loudly here instead of silently disabling the mutation,
 3. rebuilds the extension in the copy when the file is under csrc/ (CPU kernels only, to save
-   time; so not for a CUDA source, csrc/*.cu), else copies the built ``ivon_fast/_C*.so`` (and
+   time; so not for a CUDA source or header, csrc/*.cu and csrc/*.cuh), else copies the built ``ivon_fast/_C*.so`` (and
    ``_build_info.py``) in; and links the test build of the CUDA source on the CPU
    (build/cuda_on_cpu/, tests/cuda_on_cpu_build.py) in, which recompiles what the mutation
    changed when a test loads it,
@@ -82,7 +82,7 @@ USER_WRITES = "ivon_fast/_user_writes.py"
 STEP = "ivon_fast/_step.py"
 WRAPPERS = "ivon_fast/_wrappers.py"
 CHECKPOINT = "ivon_fast/_checkpoint.py"
-CUDA = "csrc/cuda_kernels.cu"
+CUDA = "csrc/cuda_kernels.cuh"
 # the CUDA source run on the CPU under the sanitizers (tests/test_cuda_on_cpu.py): the shared
 # kernel suite and the grids and misaligned buffers of tests/cuda_on_cpu_suite.py
 CUDA_ON_CPU = ("tests/test_cuda_on_cpu.py", "-k", "kernel_suite")
@@ -824,36 +824,60 @@ MUTATIONS = [
              ("tests/test_copies.py", "-k", "hf_callback")),
     # ---- the CUDA kernels, run on the CPU (Note [the CUDA source on the CPU]) ----
     Mutation("cuda-quad-first-element-off-by-one", CUDA,
-             "  const int64_t k0 = 4 * q - a.offset;\n",
-             "  const int64_t k0 = 4 * q - a.offset + 1;\n",
+             "    body(l.a, q, 4 * q - l.a.offset);\n",
+             "    body(l.a, q, 4 * q - l.a.offset + 1);\n",
+             CUDA_ON_CPU),
+    Mutation("cuda-vector-quad-first-element-off-by-one", CUDA,
+             "    body(l.vec, l.quads.vec_lo + i, int64_t(4 * i));\n",
+             "    body(l.vec, l.quads.vec_lo + i, int64_t(4 * i + 4));\n",
              CUDA_ON_CPU),
     Mutation("cuda-vector-path-ignores-the-segment-offset", CUDA,
-             "  return a.offset % 4 == 0 && aligned_to(a.param, pbytes)",
-             "  return aligned_to(a.param, pbytes)",
+             "  const uintptr_t lead = uintptr_t(offset & 3) * uintptr_t(elem_bytes);",
+             "  const uintptr_t lead = 0;",
              CUDA_ON_CPU),
     Mutation("cuda-vector-path-ignores-the-quad-bounds", CUDA,
-             "  return {q, k0, aligned && k0 >= 0 && k0 + 4 <= a.n};",
-             "  return {q, k0, aligned};",
+             "hi = (a.offset + a.n) >> 2;  // whole quads inside",
+             "hi = (a.offset + a.n + 3) >> 2;  // whole quads inside",
              CUDA_ON_CPU),
     Mutation("cuda-vector-path-ignores-prior-mean-alignment", CUDA,
-             "aligned_to(a.prior_precision, 16) && aligned_to(a.prior_mean, 16);",
-             "aligned_to(a.prior_precision, 16);",
+             "lines_up(a.prior_precision, 4, o) &&\n         lines_up(a.prior_mean, 4, o);",
+             "lines_up(a.prior_precision, 4, o);",
              CUDA_ON_CPU),
     Mutation("cuda-last-partial-quad-dropped", CUDA,
-             "return ((a.offset + a.n - 1) >> 2) - (a.offset >> 2) + 1; }",
-             "return ((a.offset + a.n - 1) >> 2) - (a.offset >> 2); }",
+             "end = ((a.offset + a.n - 1) >> 2) + 1;",
+             "end = ((a.offset + a.n - 1) >> 2);",
              CUDA_ON_CPU),
-    Mutation("cuda-tail-store-one-past-the-end", CUDA,
-             "      if (k0 + j >= 0 && k0 + j < n) p[k0 + j] = v[j];\n",
-             "      if (k0 + j >= 0 && k0 + j <= n) p[k0 + j] = v[j];\n",
+    Mutation("cuda-partial-quads-never-run", CUDA,
+             "l.quads.n_scalar = done == 0 ? all.n_scalar : 0;",
+             "l.quads.n_scalar = 0;",
+             CUDA_ON_CPU),
+    Mutation("cuda-scalar-access-one-past-the-end", CUDA,
+             "bool inside(int64_t k, int64_t n) { return k >= 0 && k < n; }",
+             "bool inside(int64_t k, int64_t n) { return k >= 0 && k <= n; }",
              CUDA_ON_CPU),
     Mutation("cuda-grid-stride-of-one-block", CUDA,
              "       i += int64_t(gridDim.x) * blockDim.x)",
              "       i += int64_t(blockDim.x))",
              CUDA_ON_CPU),
+    Mutation("cuda-vector-loop-stride-of-one-block", CUDA,
+             "stride = gridDim.x * blockDim.x;",
+             "stride = blockDim.x;",
+             CUDA_ON_CPU),
     Mutation("cuda-bf16-state-vector-store-swaps-a-pair", CUDA,
              "uint32_t(b[2]) | (uint32_t(b[3]) << 16));",
              "uint32_t(b[3]) | (uint32_t(b[2]) << 16));",
+             CUDA_ON_CPU),
+    Mutation("cuda-debias-skipped-below-one", CUDA,
+             "d.s.debias == 1.0f,",
+             "d.s.debias <= 1.0f,",
+             CUDA_ON_CPU),
+    Mutation("cuda-clip-skipped", CUDA,
+             "!(d.s.clip == INFINITY), rare};",
+             "false, rare};",
+             CUDA_ON_CPU),
+    Mutation("cuda-prior-mean-in-the-common-loop", CUDA,
+             "a.prior_precision != nullptr || a.prior_mean != nullptr;",
+             "a.prior_precision != nullptr;",
              CUDA_ON_CPU),
 ]
 
@@ -961,10 +985,10 @@ def _prepared_copy(parent: str, mutation: Mutation | None) -> str:
     _copy_repository(copy)
     if mutation is not None:
         _apply(copy, mutation)
-    # the mutation build is CPU-only (IVON_FAST_NO_CUDA), so a CUDA source needs no rebuild;
-    # the CPU run of the CUDA source rebuilds what changed itself
+    # the mutation build is CPU-only (IVON_FAST_NO_CUDA), so a CUDA source or header needs no
+    # rebuild; the CPU run of the CUDA source rebuilds what changed itself
     rebuild = (mutation is not None and mutation.file.startswith("csrc/")
-               and not mutation.file.endswith(".cu"))
+               and not mutation.file.endswith((".cu", ".cuh")))
     _prepare_extension(copy, rebuild=rebuild)
     _carry_cpu_run_build(copy)
     _check_imports(copy)

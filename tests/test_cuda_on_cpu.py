@@ -49,9 +49,9 @@ def _skip_reason():
 pytestmark = [pytest.mark.cpp, pytest.mark.skipif(_skip_reason() is not None,
                                                   reason=str(_skip_reason()))]
 
-FAMILIES = {"sample_kernel": kc.CPP_SAMPLE_INSTANCES,
-            "accumulate_kernel": kc.CPP_ACCUMULATE_INSTANCES,
-            "update_kernel": kc.CPP_UPDATE_INSTANCES}
+FAMILIES = {"sample_kernel": kc.CUDA_SAMPLE_INSTANCES,
+            "accumulate_kernel": kc.CUDA_ACCUMULATE_INSTANCES,
+            "update_kernel": kc.CUDA_UPDATE_INSTANCES}
 SHAPES = ("one block", "many blocks", "wraps")
 
 
