@@ -134,8 +134,8 @@ template <bool VEC>
 __device__ __forceinline__ void store_bits4(uint16_t* p, int64_t k0, int64_t n,
                                             const uint16_t b[4]) {
   if (VEC) {
-    *reinterpret_cast<uint2*>(p + k0) =
-        make_uint2(uint32_t(b[0]) | (uint32_t(b[1]) << 16), uint32_t(b[2]) | (uint32_t(b[3]) << 16));
+    *reinterpret_cast<uint2*>(p + k0) = make_uint2(uint32_t(b[0]) | (uint32_t(b[1]) << 16),
+                                                   uint32_t(b[2]) | (uint32_t(b[3]) << 16));
   } else {
 #pragma unroll
     for (int j = 0; j < 4; ++j)

@@ -1,5 +1,5 @@
-// cuda_update_float.cu: the update kernels of float32 params (cuda_kernels.cuh; one file per param type,
-// so that a parallel build compiles them side by side).
+// cuda_update_float.cu: the update kernels of float32 params (cuda_kernels.cuh). One file per param
+// type, so that a parallel build compiles them side by side.
 #include "cuda_kernels.cuh"
 
 namespace ivon_fast {

@@ -111,8 +111,10 @@ MUTATIONS = [
              "      c1[v] = P::set1(0);\n",
              ("tests/test_kernels_builds.py", "-k", "whole_noise_counter")),
     Mutation("generic-cuda-counter-high-bits-dropped", MATH,
-             "philox4x32_10(uint32_t(quad), uint32_t(quad >> 32), uint32_t(draw),",
-             "philox4x32_10(uint32_t(quad), 0u, uint32_t(draw),",
+             "philox4x32_10(uint32_t(quad), uint32_t(quad >> 32), uint32_t(draw),\n"
+             "                                        uint32_t(draw >> 32), uint32_t(seed),",
+             "philox4x32_10(uint32_t(quad), 0u, uint32_t(draw),\n"
+             "                                        uint32_t(draw >> 32), uint32_t(seed),",
              ("tests/test_kernels_builds.py", "-k", "whole_noise_counter")),
     Mutation("triton-counter-high-bits-dropped", TRITON,
              "c0, c1 = quad.to(tl.uint32), (quad >> 32).to(tl.uint32)\n",
@@ -221,8 +223,8 @@ MUTATIONS = [
              "if (a.found_inf != nullptr) d.skip = *a.found_inf > 0.0f;",
              ("tests/test_kernels.py", "-k", "skipped_step and cpu")),
     Mutation("gradsq-average-unscaled-once", MATH,
-             "  constexpr int kTermTimes = PRICE ? 1 : 2;\n",
-             "  constexpr int kTermTimes = 1;\n",
+             "    avg_term = unscaled<true, PRICE ? 1 : 2>(avg_term, s);\n",
+             "    avg_term = unscaled<true, 1>(avg_term, s);\n",
              ("tests/test_kernels.py", "-k", "grad_scale and cpu")),
     Mutation("grad-scale-by-reciprocal-multiply", MATH,
              "    x = x / s.grad_scale;\n    if (TIMES == 2) x = x / s.grad_scale;\n",
