@@ -484,6 +484,9 @@ __device__ __forceinline__ void skipped_update(const Launch& l, const UpdateCons
   scalar_loop(l, [&](const OpArgs&, int64_t q, int64_t) { skipped_quad<PT, NEXT>(l, c, q); });
 }
 
+// At least 3 blocks per SM (at most 85 registers): without the bound ptxas gave some instances
+// 80 registers and still spilled a value; with 4 (64 registers) the official loop's kGradAvg
+// spilled; with 3 none does, on sm_80 and sm_90 (bench.machine_code reports it)
 template <typename PT, bool PRICE, GradMode MODE, bool NEXT>
 __global__ void __launch_bounds__(kThreads, 3) update_kernel(const Launch l) {
   const UpdateConsts c = update_consts(l.a);  // once per thread

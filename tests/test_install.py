@@ -61,6 +61,43 @@ def test_torch_requirement_pins_the_minor_release_built_against(built_against, r
     assert _setup_module().torch_requirement(built_against) == requirement
 
 
+class _FakeCuda:
+    """torch.cuda as cuda_arch_list reads it: the visible GPUs' capabilities, the archs torch
+    was built for."""
+    def __init__(self, capabilities, archs=("sm_75", "sm_80", "sm_86", "sm_90", "sm_100")):
+        self.capabilities, self.archs = list(capabilities), list(archs)
+
+    def is_available(self):
+        return bool(self.capabilities)
+
+    def device_count(self):
+        return len(self.capabilities)
+
+    def get_device_capability(self, device):
+        return self.capabilities[device]
+
+    def get_arch_list(self):
+        return self.archs
+
+
+@pytest.mark.parametrize("capabilities, expected", [
+    ([], "8.0;9.0+PTX"),                  # no GPU (the kernels were asked for): CI's two
+    ([(9, 0)], "9.0"),                    # an H100: its own architecture only
+    ([(8, 0), (9, 0), (8, 0)], "8.0;9.0"),  # each visible architecture once
+    ([(12, 1)], "10.0+PTX"),              # newer than this torch knows: its newest, with PTX
+])
+def test_cuda_arch_list_is_the_visible_gpus(monkeypatch, capabilities, expected):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    fake_torch = type("FakeTorch", (), {"cuda": _FakeCuda(capabilities)})
+    assert _setup_module().cuda_arch_list(fake_torch) == expected
+
+
+def test_cuda_arch_list_keeps_the_users(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    fake_torch = type("FakeTorch", (), {"cuda": _FakeCuda([(9, 0)])})
+    assert _setup_module().cuda_arch_list(fake_torch) == "8.6"
+
+
 def test_build_info_file_round_trips(tmp_path):
     info = {"TORCH_VERSION": "2.14.1+cu130", "CUDA_VERSION": "13.0", "CUDA_KERNELS": True,
             "CUDA_ARCH_LIST": "8.0;9.0+PTX"}
