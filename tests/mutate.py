@@ -107,8 +107,8 @@ MUTATIONS = [
              ("tests/test_kernels_state.py", "tests/test_kernels_builds.py", "-k", "nearest_even and cpu")),
     # ---- the high 32 bits of the noise counter i >> 2 ----
     Mutation("avx512-avx2-counter-high-bits-dropped", "csrc/cpu_kernels.h",
-             "      c1[v] = P::hi(q);\n",
-             "      c1[v] = P::set1(0);\n",
+             "    c1[v] = P::hi(q);\n",
+             "    c1[v] = P::set1(0);\n",
              ("tests/test_kernels_builds.py", "-k", "whole_noise_counter")),
     Mutation("generic-cuda-counter-high-bits-dropped", MATH,
              "philox4x32_10(uint32_t(quad), uint32_t(quad >> 32), uint32_t(draw),\n"
