@@ -98,6 +98,29 @@ def test_cuda_on_cpu_misaligned_buffers(op, name, shift):
         assert emulated.last_launch()[1] == "vector", (row, emulated.last_launch())
 
 
+# segments that start mid-quad (offset % 4 != 0), short and long, one from a quad's last element
+LINED_UP = ["37@4099", "1025@4097", "20001@1", "6@3"]
+
+
+@pytest.mark.parametrize("segment", LINED_UP)
+def test_cuda_on_cpu_lined_up_buffers(segment):
+    """Every buffer starting offset % 4 elements past a vector boundary, as the optimizer's
+    buckets lay a mid-quad segment out (Note [quads in the buffers] in ivon_fast/_bucket.py),
+    lines the quads up with the vector words: the launch takes the vector path, its partial
+    first quad the bounds-checked loop, and reads nothing before the segment (the guards). As
+    the reference, for every op, param dtype and state dtype."""
+    lead = kc.segment({"segment": segment})[1] % 4
+    for op, ptype, state in (("update", "float32", "float32"), ("update", "bfloat16", "bfloat16"),
+                             ("update", "float16", "float32"), ("sample", "float32", "bfloat16"),
+                             ("accumulate", "bfloat16", "float32")):
+        row = row_of(op, ptype, state, segment)
+        with emulated.misaligned(**{name: lead for name in BUFFERS[op]}):
+            kc.run_rows(BACKEND, op, [row])
+        whole_quads = kc.segment(row)[0] - (4 - lead) >= 4
+        assert emulated.last_launch()[1] == ("vector" if whole_quads else "scalar"), (
+            row, emulated.last_launch())
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_cuda_on_cpu_guards_see_a_write_outside_a_buffer(where):
     """A byte written into a guard (past ASan's poisoning, which whole 8-byte granules limit) is
