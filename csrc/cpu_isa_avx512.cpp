@@ -11,8 +11,10 @@
 #include <cstring>
 #include <immintrin.h>
 
-// GCC 12 flags its own _mm512_cvtepi64_epi32 (an intentionally undefined pass-through operand)
+// GCC 12 flags its own intrinsics' intentionally undefined pass-through operands
+// (_mm512_undefined_epi32 in _mm512_cvtepi64_epi32, _mm512_mul_epu32, _mm512_srli_epi64)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi2,prefer-vector-width=512")

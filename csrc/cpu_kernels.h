@@ -276,35 +276,42 @@ static inline void words_chunks(const PhiloxKey& key, const uint64_t* draw, cons
 
 constexpr int kFillChunks = 4;  // chunks per group of fill_normals / fill_words
 
-// eps[j] = the normal of global index 4 * q0 + j, for nq <= kBlockQuads quads (rounded up to
-// whole groups of chunks: the buffers hold a whole block).
-static inline void fill_normals(const PhiloxKey& key, uint64_t draw, int64_t q0, int64_t nq,
-                                float* __restrict eps) {
-  static_assert(kBlockQuads % (8 * kFillChunks) == 0, "fill_normals writes whole groups");
+// out[j] = the value of global index 4 * q0 + j at `draw`, for nq <= kBlockQuads quads (rounded
+// up to whole groups of chunks: the buffers hold a whole block), made by chunks(draws, qs, outs),
+// one group of kFillChunks chunks at a time. The chunks lambdas below are always_inline: as a
+// call, the pipelined update lost its Philox multipliers' registers (a memory operand per
+// multiply) and ran about 3% slower.
+template <typename T, typename Chunks>
+static inline __attribute__((always_inline)) void fill_block(uint64_t draw, int64_t q0,
+                                                             int64_t nq, T* __restrict out,
+                                                             Chunks&& chunks) {
+  static_assert(kBlockQuads % (8 * kFillChunks) == 0, "fill_block writes whole groups");
   for (int64_t j = 0; j < nq; j += 8 * kFillChunks) {
     uint64_t draws[kFillChunks];
     int64_t qs[kFillChunks];
-    float* outs[kFillChunks];
+    T* outs[kFillChunks];
     for (int g = 0; g < kFillChunks; ++g) {
-      draws[g] = draw, qs[g] = q0 + j + 8 * g, outs[g] = eps + 4 * (j + 8 * g);
+      draws[g] = draw, qs[g] = q0 + j + 8 * g, outs[g] = out + 4 * (j + 8 * g);
     }
-    normals_chunks<kFillChunks>(key, draws, qs, outs);
+    chunks(draws, qs, outs);
   }
 }
 
-// bits[j] = the Philox word of global index 4 * q0 + j at `draw`, for nq <= kBlockQuads quads
-// (the random bits of stochastic rounding, Note [bf16 state] in ivon_math.h).
+// eps[j] = the normal of global index 4 * q0 + j
+static inline void fill_normals(const PhiloxKey& key, uint64_t draw, int64_t q0, int64_t nq,
+                                float* __restrict eps) {
+  fill_block(draw, q0, nq, eps,
+             [&](const uint64_t* d, const int64_t* q, float* const* o)
+                 __attribute__((always_inline)) { normals_chunks<kFillChunks>(key, d, q, o); });
+}
+
+// bits[j] = the Philox word of global index 4 * q0 + j (the random bits of stochastic rounding,
+// Note [bf16 state] in ivon_math.h)
 static inline void fill_words(const PhiloxKey& key, uint64_t draw, int64_t q0, int64_t nq,
                               uint32_t* __restrict bits) {
-  for (int64_t j = 0; j < nq; j += 8 * kFillChunks) {
-    uint64_t draws[kFillChunks];
-    int64_t qs[kFillChunks];
-    uint32_t* outs[kFillChunks];
-    for (int g = 0; g < kFillChunks; ++g) {
-      draws[g] = draw, qs[g] = q0 + j + 8 * g, outs[g] = bits + 4 * (j + 8 * g);
-    }
-    words_chunks<kFillChunks>(key, draws, qs, outs);
-  }
+  fill_block(draw, q0, nq, bits,
+             [&](const uint64_t* d, const int64_t* q, uint32_t* const* o)
+                 __attribute__((always_inline)) { words_chunks<kFillChunks>(key, d, q, o); });
 }
 
 // Note [raw 16-bit storage]: bf16 / fp16 values are loaded and stored as uint16_t, not as the
@@ -350,6 +357,45 @@ static inline BlockRange block_range(const OpArgs& a, int64_t qb, int64_t qe) {
   const int64_t g_hi = std::min(4 * qe, a.offset + a.n);
   return {g_lo - a.offset, g_hi - a.offset, a.offset - 4 * qb};
 }
+
+// Note [rare inputs of an update]: a grad scale, a prior precision and a prior mean are rare
+// inputs, so the CPU update has one instance per common flag combination that reads none of them
+// (no load, no division) and one (RARE) that reads all three, with neutral values for those the
+// op was not given, values that change no bit: a grad scale of 1 (x / 1.0f is x), the weight
+// decay as every element's prior precision (what delta is without one) and a prior mean of +0
+// (m - 0.0f is m, -0 included). Merging the 7 combinations of the three into one instance cuts
+// the CPU update from 288 to 72 instances per instruction set, which is most of the extension's
+// build time (Note [where the noise is pipelined]); an op with a rare input pays its L1 loads of
+// the neutral values and a division by 1 per grad it reads.
+struct RareArrays {
+  const float* precision;  // the prior precision, indexed by the local k
+  const float* mean;       // the prior mean
+};
+
+template <bool RARE>
+class RareInputs {
+ public:
+  RareInputs(const OpArgs& a, float wd) : given_{a.prior_precision, a.prior_mean} {
+    if constexpr (RARE) {
+      if (given_.precision == nullptr) std::fill_n(wd_, kElems, wd);
+      if (given_.mean == nullptr) std::fill_n(zero_, kElems, 0.0f);
+    }
+  }
+
+  // the arrays of the block r: an input the op was given, else the neutral values (indexed like
+  // the noise buffers); nothing for an instance that is not RARE (it reads neither)
+  RareArrays at(BlockRange r) const {
+    if constexpr (!RARE) return {nullptr, nullptr};
+    return {given_.precision != nullptr ? given_.precision : wd_ + r.shift,
+            given_.mean != nullptr ? given_.mean : zero_ + r.shift};
+  }
+
+ private:
+  static constexpr int64_t kElems = RARE ? 4 * kBlockQuads : 1;
+  RareArrays given_;
+  alignas(64) float wd_[kElems];
+  alignas(64) float zero_[kElems];
+};
 
 // Note [bf16 state on the CPU]: the float32-state loops below run unchanged on bf16 state: a
 // block's momentum and hess are first widened into float32 buffers (L1-resident, indexed like
@@ -428,20 +474,19 @@ static inline __attribute__((always_inline)) void accumulate_elems(
 
 // The update of the elements k0 .. k0 + n - 1 (as sample_elems); `scalars` holds the device
 // scalars' values (read once per range by update_range_t); `momentum` and `hess` are the float32
-// state (state_block).
-template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED, bool PREC, bool PMEAN,
-          int64_t N = 0>
+// state (state_block); `rare` the rare inputs of a RARE instance (Note [rare inputs of an update]).
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool RARE, int64_t N = 0>
 static inline __attribute__((always_inline)) void update_elems(
     const OpArgs& a, const Scalars& scalars, int64_t k0, int64_t count,
     float* __restrict momentum, float* __restrict hess, const float* __restrict e,
-    const float* __restrict e_next) {
+    const float* __restrict e_next, RareArrays rare) {
   RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
   const RawT<PT>* __restrict grad = static_cast<const RawT<PT>*>(a.grad);
   float* __restrict mean = a.mean;
   const float* __restrict avg_grad = a.avg_grad;
   const float* __restrict avg_ht = a.avg_hess_term;
-  const float* __restrict prec = a.prior_precision;
-  const float* __restrict prior_mean = a.prior_mean;
+  const float* __restrict prec = rare.precision;
+  const float* __restrict prior_mean = rare.mean;
   const Scalars s = scalars;  // a local copy: provably not aliased by the stores below
   const int64_t n = N > 0 ? N : count;
   // Note [vectorizing the update]: GCC does not use the __restrict of these local pointers, so
@@ -453,16 +498,16 @@ static inline __attribute__((always_inline)) void update_elems(
   for (int64_t i = 0; i < n; ++i) {
     const int64_t k = k0 + i;
     float m = mean[k], mom = momentum[k], h = hess[k];
-    const float delta = delta_at<PREC>(prec, k, s);
-    const float mu0 = PMEAN ? prior_mean[k] : 0.0f;
+    const float delta = delta_at<RARE>(prec, k, s);
+    const float mu0 = RARE ? prior_mean[k] : 0.0f;
     // only what the mode reads is loaded: grad is null for kAvgOnly, the averages for kGradOnly
     const float g = MODE == GradMode::kAvgOnly ? 0.0f : raw_to_float<PT>(grad[k]);
     const float ag = MODE == GradMode::kGradOnly ? 0.0f : avg_grad[k];
     const float at = MODE == GradMode::kGradOnly ? 0.0f : avg_ht[k];
     const float ek = PRICE && MODE != GradMode::kAvgOnly ? e[k] : 0.0f;
     float grad_mean, hess_term;
-    grad_statistics<PRICE, MODE, SCALED>(g, ek, h, delta, ag, at, s, grad_mean, hess_term);
-    update_state<PRICE, PMEAN>(grad_mean, hess_term, delta, mu0, m, mom, h, s);
+    grad_statistics<PRICE, MODE, RARE>(g, ek, h, delta, ag, at, s, grad_mean, hess_term);
+    update_state<PRICE, RARE>(grad_mean, hess_term, delta, mu0, m, mom, h, s);
     mean[k] = m;
     momentum[k] = mom;
     hess[k] = h;
@@ -473,16 +518,16 @@ static inline __attribute__((always_inline)) void update_elems(
 // bf16 state (Note [bf16 state on the CPU]): the block's new float32 momentum and hess (in the
 // buffers) rounded into the bf16 arrays with the Philox words `words`; with NEXT the param gets
 // the sample of next_draw around the mean and the rounded hess.
-template <typename PT, bool NEXT, bool PREC>
+template <typename PT, bool NEXT, bool RARE>
 static void round_state_block(const OpArgs& a, const Scalars& s, BlockRange r,
                               const float* __restrict momentum, const float* __restrict hess,
                               const uint32_t* __restrict words,
-                              const float* __restrict eps_next) {
+                              const float* __restrict eps_next, RareArrays rare) {
   uint16_t* __restrict momentum_bits = static_cast<uint16_t*>(a.momentum);
   uint16_t* __restrict hess_bits = static_cast<uint16_t*>(a.hess);
   RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
   const float* __restrict mean = a.mean;
-  const float* __restrict prec = a.prior_precision;
+  const float* __restrict prec = rare.precision;
   const uint32_t* __restrict w = words + r.shift;
   const float* __restrict e_next = eps_next + r.shift;
 #pragma GCC ivdep
@@ -492,7 +537,7 @@ static void round_state_block(const OpArgs& a, const Scalars& s, BlockRange r,
     hess_bits[k] = h;
     if (NEXT) {
       param[k] = float_to_raw<PT>(
-          param_value<true>(mean[k], bf16_bits_to_float(h), delta_at<PREC>(prec, k, s),
+          param_value<true>(mean[k], bf16_bits_to_float(h), delta_at<RARE>(prec, k, s),
                             e_next[k], s));
     }
   }
@@ -501,14 +546,13 @@ static void round_state_block(const OpArgs& a, const Scalars& s, BlockRange r,
 // A skipped update (found_inf nonzero, Note [device scalars of an update]): mean, momentum and
 // hess are neither read nor written beyond what the param needs; param <- the mean, or the sample
 // of next_draw around the mean and hess. Not a hot path.
-template <typename PT, bool NEXT, bool PREC>
+template <typename PT, bool NEXT, bool RARE>
 static void skipped_update_range_t(const OpArgs& a, const Scalars& s, uint64_t next_draw,
-                                   int64_t q_begin, int64_t q_end) {
+                                   int64_t q_begin, int64_t q_end, const RareInputs<RARE>& rare) {
   alignas(64) float eps_next[4 * kBlockQuads];
   alignas(64) float hess_buffer[4 * kBlockQuads];
   RawT<PT>* __restrict param = static_cast<RawT<PT>*>(a.param);
   const float* __restrict mean = a.mean;
-  const float* __restrict prec = a.prior_precision;
   const PhiloxKey key = philox_key(a.seed);
   for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
     const int64_t qe = std::min(qb + kBlockQuads, q_end);
@@ -516,9 +560,10 @@ static void skipped_update_range_t(const OpArgs& a, const Scalars& s, uint64_t n
     const BlockRange r = block_range(a, qb, qe);
     const float* __restrict hess = NEXT ? state_block(a, a.hess, r, hess_buffer) : nullptr;
     const float* __restrict e_next = eps_next + r.shift;
+    const float* __restrict prec = rare.at(r).precision;
     for (int64_t k = r.k_lo; k < r.k_hi; ++k) {
       param[k] = float_to_raw<PT>(param_value<NEXT>(
-          mean[k], NEXT ? hess[k] : 0.0f, NEXT ? delta_at<PREC>(prec, k, s) : 0.0f,
+          mean[k], NEXT ? hess[k] : 0.0f, NEXT ? delta_at<RARE>(prec, k, s) : 0.0f,
           NEXT ? e_next[k] : 0.0f, s));
     }
   }
@@ -560,23 +605,36 @@ static inline void prefetch_state(const OpArgs& a, const void* state, BlockRange
 // quads]; 4 chunks for the drop-in step) followed by the loop over kPieceQuads quads of this
 // block, 64 elements, all one basic block. The noise buffers alternate between blocks; the first
 // block's noise is made before the loop, and a block cut by the range or the segment (the first
-// and the last) makes the next block's noise whole and then runs its loop. Each element gets the
-// same operations in the same order: the bits do not change. Measured on a 2-core AVX-512 (Zen 4)
-// VM, 10M fp32 elements, one core: the drop-in step from 2.8 to about 2.5 ns per element, sample
-// about 10% faster; 16 quads per piece beat 8 (too few noise chains in flight) and 32 (spills),
-// and finer interleaving (one noise chunk per update vector) was slower. The AVX2 build gains
-// nothing here (its noise alone keeps the pipes busy) and loses nothing.
+// and the last) and the range's last block make the next block's noise whole (if any) and then
+// run their loop. Each element gets the same operations in the same order: the bits do not
+// change. Measured on a 2-core AVX-512 (Zen 4) VM, 10M fp32 elements, one core: the drop-in step
+// from 2.8 to about 2.5 ns per element, sample about 10% faster; 16 quads per piece beat 8 (too
+// few noise chains in flight) and 32 (spills), and finer interleaving (one noise chunk per update
+// vector) was slower.
+//
+// Note [where the noise is pipelined]: the pipeline doubles the compile time of an instance (its
+// pieces are one unrolled basic block each), and the CPU kernels have hundreds of instances per
+// instruction set. So it is built only where it pays: in the AVX-512 build (the AVX2 build
+// measured no gain: its noise alone keeps the pipes busy) and for the instances without a rare
+// input (a grad scale, a prior precision or a prior mean; Note [prior flags]), which run one
+// block after the other as before. That keeps the whole extension's build within 3 minutes on 2
+// cores.
 constexpr int64_t kPieceQuads = 16;
+#if defined(IVON_CPU_AVX512)
+constexpr bool kPipelineIsa = true;
+#else
+constexpr bool kPipelineIsa = false;
+#endif
 
 // The pieces of a whole block at local index k0: piece(k, e) for each piece's elements from the
-// local k, after (NOISE) the same piece of the next block's noise, quads q_next .., into ne.
-template <int D, bool NOISE, typename Piece>
+// local k, after the same piece of the next block's noise, quads q_next .., into ne.
+template <int D, typename Piece>
 static inline __attribute__((always_inline)) void whole_block(
     const PhiloxKey& key, const uint64_t* draw, int64_t k0, int64_t q_next,
     const float* const* e, float* const* ne, Piece& piece) {
   constexpr int kChunks = D * int(kPieceQuads / 8);
   for (int64_t j = 0; j < kBlockQuads; j += kPieceQuads) {
-    if constexpr (NOISE && kChunks > 0) {
+    if constexpr (kChunks > 0) {
       uint64_t dr[kChunks];
       int64_t qs[kChunks];
       float* outs[kChunks];
@@ -591,11 +649,12 @@ static inline __attribute__((always_inline)) void whole_block(
 }
 
 // An op over the blocks of quads [q_begin, q_end) of a segment with the normals of D draws
-// (draw[0 .. D)) made one block ahead (Note [software pipeline of the noise]). Per block:
-// before(qb); then piece(k, e) per piece of a whole block, or cut(r, e) for a cut one; e[d]
-// holds draw d's normals of the block, indexed by the local k.
-template <int D, typename Before, typename Piece, typename Cut>
-static inline __attribute__((always_inline)) void pipelined_blocks(
+// (draw[0 .. D)) made one block ahead. Per block: before(qb); then, with PIPELINE (Note
+// [software pipeline of the noise]) and a whole block that is not the range's last, piece(k, e)
+// per piece; else cut(r, e) over the block's elements. e[d] holds draw d's normals of the
+// block, indexed by the local k.
+template <bool PIPELINE, int D, typename Before, typename Piece, typename Cut>
+static inline __attribute__((always_inline)) void noise_ahead_blocks(
     const OpArgs& a, const PhiloxKey& key, const uint64_t* draw, int64_t q_begin, int64_t q_end,
     Before&& before, Piece&& piece, Cut&& cut) {
   static_assert(kBlockQuads % kPieceQuads == 0 && kPieceQuads % 8 == 0, "whole chunks");
@@ -611,18 +670,15 @@ static inline __attribute__((always_inline)) void pipelined_blocks(
     const float* e[kBuffers];
     float* ne[kBuffers];
     for (int d = 0; d < kBuffers; ++d) e[d] = eps[cur][d] + r.shift, ne[d] = eps[cur ^ 1][d];
-    if (r.k_lo + r.shift == 0 && r.k_hi + r.shift == 4 * kBlockQuads) {  // a whole block
-      if (qe < q_end) {
-        whole_block<D, true>(key, draw, r.k_lo, qe, e, ne, piece);
-      } else {
-        whole_block<D, false>(key, draw, r.k_lo, qe, e, ne, piece);
+    const bool last = qe == q_end;
+    if constexpr (PIPELINE) {
+      if (!last && r.k_lo + r.shift == 0 && r.k_hi + r.shift == 4 * kBlockQuads) {  // whole
+        whole_block<D>(key, draw, r.k_lo, qe, e, ne, piece);
+        continue;
       }
-      continue;
     }
-    if (qe < q_end) {
-      for (int d = 0; d < D; ++d) {
-        fill_normals(key, draw[d], qe, std::min(kBlockQuads, q_end - qe), ne[d]);
-      }
+    for (int d = 0; d < D && !last; ++d) {
+      fill_normals(key, draw[d], qe, std::min(kBlockQuads, q_end - qe), ne[d]);
     }
     cut(r, e);
   }
@@ -651,7 +707,8 @@ static void sample_range_state(const OpArgs& a, uint64_t draw, int64_t q_begin, 
     const int64_t n = r.k_hi - r.k_lo;
     sample_elems<PT, PREC>(a, r.k_lo, n, state_elems<BF16>(a.hess, r.k_lo, n, hess_buffer), e[0]);
   };
-  pipelined_blocks<1>(a, philox_key(a.seed), &draw, q_begin, q_end, before, piece, cut);
+  noise_ahead_blocks<kPipelineIsa && !PREC, 1>(a, philox_key(a.seed), &draw, q_begin, q_end,
+                                                before, piece, cut);
 }
 
 template <typename PT, bool PREC>
@@ -677,8 +734,8 @@ static void accumulate_range_state(const OpArgs& a, uint64_t draw, int64_t q_beg
     const int64_t n = r.k_hi - r.k_lo;
     accumulate_elems<PT, PRICE, FIRST, PREC>(a, r.k_lo, n, hess_of(r.k_lo, n), e[0]);
   };
-  pipelined_blocks<PRICE ? 1 : 0>(a, philox_key(a.seed), &draw, q_begin, q_end,
-                                  [](int64_t) {}, piece, cut);
+  noise_ahead_blocks<kPipelineIsa && !PREC, PRICE ? 1 : 0>(a, philox_key(a.seed), &draw, q_begin,
+                                                            q_end, [](int64_t) {}, piece, cut);
 }
 
 template <typename PT, bool PRICE, bool FIRST, bool PREC>
@@ -690,7 +747,7 @@ static void accumulate_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) 
   accumulate_range_state<PT, PRICE, FIRST, PREC, false>(a, draw, q_begin, q_end);
 }
 
-template <typename PT, GradMode MODE, bool PREC, bool PMEAN>
+template <typename PT, GradMode MODE, bool RARE>
 static inline void prefetch_update_block(const OpArgs& a, int64_t qb, int64_t q_end) {
   const int64_t pq = qb + kPrefetchBlocks * kBlockQuads;
   if (pq >= q_end) return;
@@ -704,37 +761,41 @@ static inline void prefetch_update_block(const OpArgs& a, int64_t qb, int64_t q_
     prefetch_elems(a.avg_grad, r.k_lo, r.k_hi);
     prefetch_elems(a.avg_hess_term, r.k_lo, r.k_hi);
   }
-  if (PREC) prefetch_elems(a.prior_precision, r.k_lo, r.k_hi);
-  if (PMEAN) prefetch_elems(a.prior_mean, r.k_lo, r.k_hi);
+  if (RARE) {
+    prefetch_elems(a.prior_precision, r.k_lo, r.k_hi);
+    prefetch_elems(a.prior_mean, r.k_lo, r.k_hi);
+  }
 }
 
 // float32 state: Note [software pipeline of the noise], over the draws the instance reads
-template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED, bool PREC, bool PMEAN>
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool RARE>
 static void update_range_f32(const OpArgs& a, const Scalars& s, const Draws& draws,
-                             int64_t q_begin, int64_t q_end) {
+                             int64_t q_begin, int64_t q_end, const RareInputs<RARE>& rare) {
   constexpr bool EPS = PRICE && MODE != GradMode::kAvgOnly;  // price's noise * grad needs it
   constexpr int D = int(EPS) + int(NEXT);
   constexpr int kNext = D > 0 ? D - 1 : 0;  // e[kNext]: next_draw's normals (NEXT)
   const uint64_t draw[2] = {EPS ? draws.draw : draws.next_draw, draws.next_draw};
   float* momentum = static_cast<float*>(a.momentum);
   float* hess = static_cast<float*>(a.hess);
-  const auto before = [&](int64_t qb) { prefetch_update_block<PT, MODE, PREC, PMEAN>(a, qb, q_end); };
+  const auto before = [&](int64_t qb) { prefetch_update_block<PT, MODE, RARE>(a, qb, q_end); };
   const auto piece = [&](int64_t k, const float* const* e) {
-    update_elems<PT, PRICE, MODE, NEXT, SCALED, PREC, PMEAN, 4 * kPieceQuads>(
-        a, s, k, 0, momentum, hess, e[0], e[kNext]);
+    update_elems<PT, PRICE, MODE, NEXT, false, 4 * kPieceQuads>(a, s, k, 0, momentum, hess, e[0],
+                                                               e[kNext], RareArrays{});
   };
   const auto cut = [&](BlockRange r, const float* const* e) {
-    update_elems<PT, PRICE, MODE, NEXT, SCALED, PREC, PMEAN>(a, s, r.k_lo, r.k_hi - r.k_lo,
-                                                            momentum, hess, e[0], e[kNext]);
+    update_elems<PT, PRICE, MODE, NEXT, RARE>(a, s, r.k_lo, r.k_hi - r.k_lo, momentum, hess, e[0],
+                                              e[kNext], rare.at(r));
   };
-  pipelined_blocks<D>(a, philox_key(a.seed), draw, q_begin, q_end, before, piece, cut);
+  // Note [where the noise is pipelined]: piece is used only without RARE
+  noise_ahead_blocks<kPipelineIsa && !RARE, D>(a, philox_key(a.seed), draw, q_begin, q_end,
+                                               before, piece, cut);
 }
 
 // bf16 state (Note [bf16 state on the CPU]): per block, the noise, the widened state, the
 // update and the rounding pass, one after the other.
-template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED, bool PREC, bool PMEAN>
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool RARE>
 static void update_range_bf16(const OpArgs& a, const Scalars& s, const Draws& draws,
-                              int64_t q_begin, int64_t q_end) {
+                              int64_t q_begin, int64_t q_end, const RareInputs<RARE>& rare) {
   const PhiloxKey key = philox_key(a.seed);
   alignas(64) float eps[4 * kBlockQuads];
   alignas(64) float eps_next[4 * kBlockQuads];
@@ -743,33 +804,34 @@ static void update_range_bf16(const OpArgs& a, const Scalars& s, const Draws& dr
   for (int64_t qb = q_begin; qb < q_end; qb += kBlockQuads) {
     const int64_t qe = std::min(qb + kBlockQuads, q_end);
     const BlockRange r = block_range(a, qb, qe);
-    prefetch_update_block<PT, MODE, PREC, PMEAN>(a, qb, q_end);
+    prefetch_update_block<PT, MODE, RARE>(a, qb, q_end);
     // the noise of `draw` is needed only to form price's noise * grad
     if (PRICE && MODE != GradMode::kAvgOnly) fill_normals(key, draws.draw, qb, qe - qb, eps);
     if (NEXT) fill_normals(key, draws.next_draw, qb, qe - qb, eps_next);
     float* momentum = state_block(a, a.momentum, r, momentum_buffer);
     float* hess = state_block(a, a.hess, r, hess_buffer);
     // the param gets the mean here, the next sample in the rounding pass
-    update_elems<PT, PRICE, MODE, false, SCALED, PREC, PMEAN>(
-        a, s, r.k_lo, r.k_hi - r.k_lo, momentum, hess, eps + r.shift, eps_next + r.shift);
+    update_elems<PT, PRICE, MODE, false, RARE>(a, s, r.k_lo, r.k_hi - r.k_lo, momentum, hess,
+                                               eps + r.shift, eps_next + r.shift, rare.at(r));
     fill_words(key, draws.round_draw, qb, qe - qb, words);
-    round_state_block<PT, NEXT, PREC>(a, s, r, momentum, hess, words, eps_next);
+    round_state_block<PT, NEXT, RARE>(a, s, r, momentum, hess, words, eps_next, rare.at(r));
   }
 }
 
-template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool SCALED, bool PREC, bool PMEAN>
+template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool RARE>
 static void update_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
   // the device scalars, once per range (Note [device scalars of an update] in ivon_math.h)
-  const DeviceScalars d = read_device_scalars(a);
+  DeviceScalars d = read_device_scalars(a);
+  if (a.grad_scale == nullptr) d.s.grad_scale = 1.0f;  // Note [rare inputs of an update]
   const Draws draws = read_draws(a, /*stores_state=*/true);
+  const RareInputs<RARE> rare(a, d.s.wd);
   if (d.skip) {
-    return skipped_update_range_t<PT, NEXT, PREC>(a, d.s, draws.next_draw, q_begin, q_end);
+    return skipped_update_range_t<PT, NEXT, RARE>(a, d.s, draws.next_draw, q_begin, q_end, rare);
   }
   if (a.bf16_state) {
-    return update_range_bf16<PT, PRICE, MODE, NEXT, SCALED, PREC, PMEAN>(a, d.s, draws, q_begin,
-                                                                        q_end);
+    return update_range_bf16<PT, PRICE, MODE, NEXT, RARE>(a, d.s, draws, q_begin, q_end, rare);
   }
-  update_range_f32<PT, PRICE, MODE, NEXT, SCALED, PREC, PMEAN>(a, d.s, draws, q_begin, q_end);
+  update_range_f32<PT, PRICE, MODE, NEXT, RARE>(a, d.s, draws, q_begin, q_end, rare);
 }
 
 // ---- run-time flags -> template instances (once per range, outside the loops) ----
@@ -786,11 +848,9 @@ static void accumulate_range(const OpArgs& a, int64_t qb, int64_t qe) {
   });
 }
 static void update_range(const OpArgs& a, int64_t qb, int64_t qe) {
-  dispatch_update(a, [&](auto pt, auto price, auto mode, auto next, auto scaled, auto prec,
-                         auto pmean) {
+  dispatch_update(a, [&](auto pt, auto price, auto mode, auto next, auto rare) {
     update_range_t<decltype(pt), decltype(price)::value, decltype(mode)::value,
-                   decltype(next)::value, decltype(scaled)::value, decltype(prec)::value,
-                   decltype(pmean)::value>(a, qb, qe);
+                   decltype(next)::value, decltype(rare)::value>(a, qb, qe);
   });
 }
 

@@ -43,12 +43,13 @@ inline void with_grad_mode(GradMode mode, F&& f) {
   }
 }
 
-// Note [prior flags]: in the CPU kernels prior_precision and prior_mean (Note [per-element
-// prior] in ivon_math.h) are flags of their own because an instance without them must not read
-// them: an absent input costs no load and no branch per element, and the loops stay vectorized.
-// prec = prior_precision given; pmean = prior_mean given (update only: only the step reads it).
-// Each flag exists only in the ops that read its input, so they add 3 sample, 6 accumulate and
-// 216 update instances to each CPU build. The CUDA kernels test them at run time instead.
+// Note [prior flags]: in the CPU kernels the prior precision (Note [per-element prior] in
+// ivon_math.h) is a flag of the sample and accumulate because an instance without it must not
+// read it: an absent input costs no load and no branch per element, and the loops stay
+// vectorized (prec = prior_precision given; 3 sample and 6 accumulate instances per CPU build).
+// The CPU update takes its three rare inputs (grad scale, prior precision, prior mean) in one
+// flag (Note [rare inputs of an update] in cpu_kernels.h). The CUDA kernels test them at run
+// time instead.
 
 // sample: f(param_type, prec)
 template <typename F>
@@ -96,20 +97,16 @@ inline void dispatch_update_cuda(const OpArgs& a, F&& f) {
   });
 }
 
-// update: f(param_type, price, grad_mode, next, scaled, prec, pmean) where scaled = the grads
-// are divided by a grad_scale (Note [device scalars of an update] in ivon_math.h; the other
-// device scalars are read once per launch and need no instance of their own), prec / pmean =
-// Note [prior flags]
+// update: f(param_type, price, grad_mode, next, rare) where rare = a grad_scale, a
+// prior_precision or a prior_mean is given (Note [prior flags]; the other device scalars are
+// read once per launch and need no instance of their own)
 template <typename F>
 inline void dispatch_update(const OpArgs& a, F&& f) {
+  const bool rare =
+      a.grad_scale != nullptr || a.prior_precision != nullptr || a.prior_mean != nullptr;
   with_param_type(a.ptype, [&](auto pt) {
     dispatch_update_cuda(a, [&](auto price, auto mode, auto next) {
-      with_bool(a.grad_scale != nullptr, [&](auto scaled) {
-        with_bool(a.prior_precision != nullptr, [&](auto prec) {
-          with_bool(a.prior_mean != nullptr,
-                    [&](auto pmean) { f(pt, price, mode, next, scaled, prec, pmean); });
-        });
-      });
+      with_bool(rare, [&](auto rare_inputs) { f(pt, price, mode, next, rare_inputs); });
     });
   });
 }

@@ -12,14 +12,19 @@ row, with the dispatchers' own rules, and ``*_INSTANCES`` enumerate the reachabl
 - C++ (cpu and cuda): the template instances of csrc/dispatch_flags.h, which both the CPU
   (cpu_kernels.h) and the CUDA kernels (cuda_kernels.cuh) call: ``dispatch_sample`` (param type,
   prec), ``dispatch_accumulate`` (param type, price, first, prec; 'gradsq' gets no instance with
-  prec), ``dispatch_update`` (param type, price, GradMode, next, scaled, prec, pmean), where
-  ops.cpp sets first = (count == 1), GradMode = kAvgOnly without grad, else kGradOnly for
-  count == 1 and kGradAvg above, next = next_draw given, scaled = grad_scale given, prec / pmean
-  = prior_precision / prior_mean given. Run-time paths inside an update instance with code of
-  their own: the skipped step (found_inf nonzero; ``skipped_update_range_t<PT, NEXT, PREC>``) and
-  bf16 state (the widened buffers and ``round_state_block<PT, NEXT, PREC>`` on the CPU, a run-time
-  branch of the same kernel on CUDA): required for every (param type, next, prec) and, for bf16
-  state, with every instance flag but ``scaled`` (below). The CUDA kernels take a subset of
+  prec), ``dispatch_update`` (param type, price, GradMode, next, rare), where ops.cpp sets first =
+  (count == 1), GradMode = kAvgOnly without grad, else kGradOnly for count == 1 and kGradAvg
+  above, next = next_draw given, prec = prior_precision given, and rare = any of grad_scale,
+  prior_precision, prior_mean given. The rare instance reads all three, with neutral values for
+  those not given (Note [rare inputs of an update] in csrc/cpu_kernels.h), so each combination
+  of the three (scaled, prec, pmean) is a run-time path of it: ``CPP_UPDATE_INSTANCES`` holds
+  them all (param type, price, GradMode, next, scaled, prec, pmean). Run-time paths inside an
+  update instance with code of their own: the skipped step (found_inf nonzero;
+  ``skipped_update_range_t``) and bf16 state (the widened buffers and ``round_state_block`` on
+  the CPU, a run-time branch of the same kernel on CUDA): required for every (param type, next,
+  prec) and, for bf16 state, with every instance flag but ``scaled`` (below). On AVX-512 the
+  instances without a rare input also have the noise pipeline (Note [where the noise is
+  pipelined]), which needs segments of at least three blocks of 256 elements. The CUDA kernels take a subset of
   these flags as template parameters (the ``*_cuda`` dispatchers: sample the param type,
   accumulate (param type, price, first), update (param type, price, GradMode, next);
   ``CUDA_*_INSTANCES``) and test the others at run time (Note [CUDA run-time flags] in

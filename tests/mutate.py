@@ -881,6 +881,29 @@ MUTATIONS = [
              "a.prior_precision != nullptr || a.prior_mean != nullptr;",
              "a.prior_precision != nullptr;",
              CUDA_ON_CPU),
+    # issue 19: the CPU update's rare inputs in one instance with neutral values (Note [rare
+    # inputs of an update]) and the noise pipeline of the other instances (Note [where the
+    # noise is pipelined])
+    Mutation("cpu-neutral-grad-scale-not-one", "csrc/cpu_kernels.h",
+             "if (a.grad_scale == nullptr) d.s.grad_scale = 1.0f;",
+             "if (a.grad_scale == nullptr) d.s.grad_scale = 1.0001f;",
+             ("tests/test_kernels.py", "-k", "update_every_instance and cpu")),
+    Mutation("cpu-neutral-prior-precision-not-the-weight-decay", "csrc/cpu_kernels.h",
+             "std::fill_n(wd_, kElems, wd);",
+             "std::fill_n(wd_, kElems, wd * 1.5f);",
+             ("tests/test_kernels.py", "-k", "update_every_instance and cpu")),
+    Mutation("cpu-neutral-prior-mean-not-zero", "csrc/cpu_kernels.h",
+             "std::fill_n(zero_, kElems, 0.0f);",
+             "std::fill_n(zero_, kElems, 1e-3f);",
+             ("tests/test_kernels.py", "-k", "update_every_instance and cpu")),
+    Mutation("cpu-rare-dispatch-ignores-the-prior-mean", "csrc/dispatch_flags.h",
+             "a.grad_scale != nullptr || a.prior_precision != nullptr || a.prior_mean != nullptr;",
+             "a.grad_scale != nullptr || a.prior_precision != nullptr;",
+             ("tests/test_kernels.py", "-k", "update_every_instance and cpu")),
+    Mutation("cpu-pipelined-noise-one-quad-late", "csrc/cpu_kernels.h",
+             "dr[c] = draw[c % D], qs[c] = q_next + h, outs[c] = ne[c % D] + 4 * h;",
+             "dr[c] = draw[c % D], qs[c] = q_next + h + 1, outs[c] = ne[c % D] + 4 * h;",
+             ("tests/test_kernels.py", "tests/test_kernels_builds.py", "-k", "cpu")),
 ]
 
 def _log(message: str) -> None:
