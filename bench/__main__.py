@@ -284,7 +284,14 @@ def ivon_fast_contender(shapes, device, dtype, backend: str, mode: str) -> Conte
     del grads
     label = f"ivon_fast[{backend}] {what}"
     if resample:
-        return Contender(label, mode, optimizer.step, backend=backend, optimizer=optimizer,
+        grads = [param.grad for param in params]
+
+        def drop_in_step():
+            # a new gradient, as a backward writes one (it bumps the grads' versions): a drop-in
+            # step without one does nothing (Note [a step without a gradient] in _layout)
+            torch.autograd.graph.increment_version(grads)
+            optimizer.step()
+        return Contender(label, mode, drop_in_step, backend=backend, optimizer=optimizer,
                          params=params)
 
     def iteration():

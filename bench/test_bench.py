@@ -167,7 +167,14 @@ def ivon_fast_call(layout: Layout, backend: str, mode: str):
         for param, grad in zip(params, grads):  # the grads are views into the flat buffer now
             param.grad.copy_(grad)
     if resample:
-        return optimizer.step
+        grads = [param.grad for param in params]
+
+        def drop_in_step():
+            # a new gradient each call, as a backward writes one: a drop-in step without one
+            # does nothing (Note [a step without a gradient] in ivon_fast/_layout.py)
+            torch.autograd.graph.increment_version(grads)
+            optimizer.step()
+        return drop_in_step
 
     def iteration():
         with optimizer.sampled_params(train=True):

@@ -163,6 +163,24 @@ def test_bench_times_the_bf16_state_drop_in_step(bench_main, capsys):
     assert not _lines_naming_an_issue(out)
 
 
+@pytest.mark.parametrize("kind", ["drop_in_step", "drop_in_step_unchecked",
+                                  "drop_in_step_bf16_state", "official_iteration"])
+def test_every_timed_ivon_call_is_a_whole_step(kind):
+    """Each call of an IVON contender updates the mean and writes new params, call after call:
+    a drop-in step() without a new gradient does nothing (Note [a step without a gradient]), so
+    a contender that only called step() again would time nothing (about 0.02x AdamW)."""
+    from bench.__main__ import ivon_fast_contender, param_shapes
+    contender = ivon_fast_contender(param_shapes("gpt2", 10_000, 4), "cpu", torch.float32,
+                                    "reference", kind)
+    layout = contender.optimizer._layout
+    for _ in range(3):
+        means = [bucket.mean.clone() for bucket in layout.buckets]
+        params = [param.detach().clone() for param in contender.params]
+        contender.fn()
+        assert all(not torch.equal(m, b.mean) for m, b in zip(means, layout.buckets))
+        assert all(not torch.equal(p, q.detach()) for p, q in zip(params, contender.params))
+
+
 def test_state_dtypes_choose_the_bf16_state_rows():
     """--state-dtypes float32 leaves the bf16-state rows out; with bfloat16 every backend timed
     gets one."""
