@@ -30,6 +30,28 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def drop_in_contenders(n: int):
+    """(fused AdamW's step over n fp32 params in 4 tensors, the CPU kernel's drop-in update over
+    n elements: grad given, count=1, hess_approx='price', a next draw each call, and the state
+    it works on as a dict)."""
+    params = [torch.randn(n // 4) for _ in range(4)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    adamw = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    state = dict(param=torch.randn(n), grad=torch.randn(n), mean=torch.randn(n),
+                 momentum=torch.zeros(n), hess=torch.full((n,), 0.1))
+    scalars = StepScalars.of(lr=0.1, ess=1e4, weight_decay=1e-4, beta1=0.9, beta2=0.99999,
+                             clip_radius=1e-3)
+    draw = [0]
+
+    def fused_step():
+        draw[0] += 2
+        cpp_backend.update(state["param"], state["grad"], state["mean"], state["momentum"],
+                           state["hess"], None, None, seed=1, draw=draw[0],
+                           next_draw=draw[0] + 1, count=1, hess_approx="price", scalars=scalars)
+    return adamw.step, fused_step, state, scalars
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--numel", type=int, default=10_000_000)
@@ -40,36 +62,23 @@ def main() -> None:
     if reason is not None:
         raise SystemExit(reason)
 
-    params = [torch.randn(n // 4) for _ in range(4)]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    adamw = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    adamw_ms = median_ms(adamw.step, args.repeats)
-
-    param, grad = torch.randn(n), torch.randn(n)
-    mean, momentum, hess = torch.randn(n), torch.zeros(n), torch.full((n,), 0.1)
-    hyper = dict(scalars=StepScalars.of(lr=0.1, ess=1e4, weight_decay=1e-4, beta1=0.9,
-                                        beta2=0.99999, clip_radius=1e-3))
-    draw = [0]
-
-    def fused_step():
-        draw[0] += 1
-        cpp_backend.update(param, grad, mean, momentum, hess, None, None, seed=1, draw=draw[0],
-                           next_draw=draw[0] + 1, count=1, hess_approx="price", **hyper)
+    adamw_step, fused_step, st, scalars = drop_in_contenders(n)
+    adamw_ms = median_ms(adamw_step, args.repeats)
 
     def plain_update():
-        cpp_backend.update(param, grad, mean, momentum, hess, None, None, seed=1, draw=1,
-                           count=1, hess_approx="price", **hyper)
+        cpp_backend.update(st["param"], st["grad"], st["mean"], st["momentum"], st["hess"], None,
+                           None, seed=1, draw=1, count=1, hess_approx="price", scalars=scalars)
 
     def sample():
-        cpp_backend.sample(param, mean, hess, seed=1, draw=1, ess=1e4, weight_decay=1e-4)
+        cpp_backend.sample(st["param"], st["mean"], st["hess"], seed=1, draw=1, ess=1e4,
+                           weight_decay=1e-4)
 
     # alternate the two steps, round by round
     pairs = []
     fused_step()
     for _ in range(args.repeats):
         start = time.perf_counter()
-        adamw.step()
+        adamw_step()
         middle = time.perf_counter()
         fused_step()
         pairs.append((middle - start, time.perf_counter() - middle))

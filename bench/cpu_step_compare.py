@@ -38,39 +38,26 @@ def child(numel: int, steps: int) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from cpu_kernel import drop_in_contenders  # this script's folder, bench/
     from ivon_fast import cpp_backend
-    from ivon_fast.scalars import StepScalars
 
     reason = cpp_backend.unavailable_reason("cpu")
     if reason is not None:
         raise SystemExit(reason)
     n = numel
-    params = [torch.randn(n // 4) for _ in range(4)]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    adamw = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    param, grad = torch.randn(n), torch.randn(n)
-    mean, momentum, hess = torch.randn(n), torch.zeros(n), torch.full((n,), 0.1)
-    hyper = dict(scalars=StepScalars.of(lr=0.1, ess=1e4, weight_decay=1e-4, beta1=0.9,
-                                        beta2=0.99999, clip_radius=1e-3))
-    draw = [0]
-
-    def ivon_step():
-        draw[0] += 2
-        cpp_backend.update(param, grad, mean, momentum, hess, None, None, seed=1, draw=draw[0],
-                           next_draw=draw[0] + 1, count=1, hess_approx="price", **hyper)
+    adamw_step, ivon_step, _, _ = drop_in_contenders(n)
 
     def timed(fn):
         wall, cpu = time.perf_counter(), time.thread_time()
         fn()
         return ((time.perf_counter() - wall) * 1e9 / n, (time.thread_time() - cpu) * 1e9 / n)
 
-    adamw.step()
+    adamw_step()
     ivon_step()
     out = {"isa": cpp_backend.cpu_isa(), "ivon": [], "adamw": [],
            "ivon_file": cpp_backend.__file__}
     for _ in range(steps):
-        out["adamw"].append(timed(adamw.step))
+        out["adamw"].append(timed(adamw_step))
         out["ivon"].append(timed(ivon_step))
     print(json.dumps(out))
 
