@@ -471,7 +471,8 @@ IVON_HD void new_moments(float grad_mean, float hess_term, float delta, float& m
 // factor 1 - beta1^t is exactly 1.0f, and x / 1.0f is x for every float x (the quotient is
 // representable, so the IEEE division is exact; a NaN stays a NaN, and the mean it reaches is NaN
 // either way). A kernel may therefore skip this division when the factor is 1 without changing
-// a bit; the CUDA kernels do, by a uniform test per quad (one of five divisions per element).
+// a bit; the CUDA kernels do, by a uniform test per quad (one of five divisions per element), and
+// so do the CPU kernels' pipelined blocks, per piece of 64 elements (update_state's DEBIAS_ONE).
 IVON_HD float debiased(float momentum, const ::ivon_fast::Scalars& s) {
   return momentum / s.debias;
 }
@@ -508,12 +509,14 @@ IVON_HD float new_mean(float mean, float debiased_momentum, float new_hess, floa
 
 // The update proper, from the (averaged) gradient and hessian term: writes the new momentum,
 // hess and mean. Same association order as the reference (see Note [floating-point contraction]).
-// delta: s.wd or the element's prior precision; PRIOR_MEAN: as in new_mean.
-template <bool PRICE, bool PRIOR_MEAN>
+// delta: s.wd or the element's prior precision; PRIOR_MEAN: as in new_mean; DEBIAS_ONE: the
+// caller knows s.debias is exactly 1.0f, so the division by it is skipped (Note [debias of one]).
+template <bool PRICE, bool PRIOR_MEAN, bool DEBIAS_ONE = false>
 IVON_HD void update_state(float grad_mean, float hess_term, float delta, float mu0, float& mean,
                           float& momentum, float& hess, const ::ivon_fast::Scalars& s) {
   new_moments<PRICE>(grad_mean, hess_term, delta, momentum, hess, s);
-  mean = new_mean<PRIOR_MEAN>(mean, debiased(momentum, s), hess, delta, mu0, s);
+  const float debiased_momentum = DEBIAS_ONE ? momentum : debiased(momentum, s);
+  mean = new_mean<PRIOR_MEAN>(mean, debiased_momentum, hess, delta, mu0, s);
 }
 
 }  // namespace IVON_MATH_NS

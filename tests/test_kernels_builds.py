@@ -541,11 +541,11 @@ def _cpp_scalars(clip_radius, debias=1 - 0.9 ** 3):
 
 
 def _cpp_update(st, *, grad=True, count, hess_approx, next_draw=12, offset=4099, clip=0.02,
-                **device_scalars):
+                debias=1 - 0.9 ** 3, **device_scalars):
     cpp.update(st["param"], st["grad"] if grad else None, st["mean"], st["momentum"],
                st["hess"], st["avg_grad"], st["avg_hess_term"], seed=5, draw=11,
                next_draw=next_draw, offset=offset, count=count, hess_approx=hess_approx,
-               scalars=_cpp_scalars(clip), **device_scalars)
+               scalars=_cpp_scalars(clip, debias), **device_scalars)
 
 
 @pytest.mark.gpu
@@ -659,13 +659,19 @@ def test_every_cpu_build_rounds_to_nearest_even(cpu_isa, rounding_probe):
 def test_cpu_isa_builds_agree_bitwise():
     """Every instruction-set build the CPU supports gives the same bits as the portable one:
     bf16 params, every device scalar, a skipped step with fp16 params, each prior input alone
-    and both (Note [prior flags]), bf16 state with and without a skip, several threads."""
+    and both (Note [prior flags]), bf16 state with and without a skip, several threads, and the
+    drop-in step with a debias of 1 (AVX-512 skips that division in its pipelined blocks: Note
+    [debias of one])."""
     results = {}
     for isa in _each_cpu_isa():
         out = {}
         st = _state(70_001, torch.bfloat16, "cpu", seed=6)
         _cpp_update(st, count=3, hess_approx="price", next_draw=EVAL_DRAW, offset=1)
         out.update({f"plain_{k}": v for k, v in st.items()})
+        for count in (1, 3):
+            unbiased = _state(70_001, torch.float32, "cpu", seed=7)
+            _cpp_update(unbiased, count=count, hess_approx="price", offset=1, debias=1.0)
+            out.update({f"debias_one_{count}_{k}": v for k, v in unbiased.items()})
         scaled = _state(70_001, torch.float32, "cpu", seed=6)
         _cpp_update(scaled, count=3, hess_approx="gradsq", offset=1, clip=float("inf"),
                     grad_scale=one(3.0, "cpu"), device_lr=one(0.1, "cpu"),
