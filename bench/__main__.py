@@ -284,7 +284,10 @@ def ivon_fast_contender(shapes, device, dtype, backend: str, mode: str) -> Conte
     del grads
     label = f"ivon_fast[{backend}] {what}"
     if resample:
-        grads = [param.grad for param in params]
+        # one grad per flat buffer: the grads are views of their bucket's buffer and share its
+        # version counter, so bumping one is a new gradient for all (about 1 us a bucket)
+        grads = list({param.grad.untyped_storage().data_ptr(): param.grad
+                      for param in params}.values())
 
         def drop_in_step():
             # a new gradient, as a backward writes one (it bumps the grads' versions): a drop-in

@@ -31,9 +31,9 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def drop_in_contenders(n: int):
-    """(fused AdamW's step over n fp32 params in 4 tensors, the CPU kernel's drop-in update over
-    n elements: grad given, count=1, hess_approx='price', a next draw each call, and the state
-    it works on as a dict)."""
+    """(fused AdamW's step over n fp32 params in 4 tensors; the CPU kernel's drop-in update over
+    n elements: grad given, count=1, hess_approx='price', a next draw each call; the state it
+    works on, a dict; its scalars)."""
     params = [torch.randn(n // 4) for _ in range(4)]
     for p in params:
         p.grad = torch.randn_like(p)
@@ -44,12 +44,12 @@ def drop_in_contenders(n: int):
                              clip_radius=1e-3)
     draw = [0]
 
-    def fused_step():
+    def ivon_step():
         draw[0] += 2
         cpp_backend.update(state["param"], state["grad"], state["mean"], state["momentum"],
                            state["hess"], None, None, seed=1, draw=draw[0],
                            next_draw=draw[0] + 1, count=1, hess_approx="price", scalars=scalars)
-    return adamw.step, fused_step, state, scalars
+    return adamw.step, ivon_step, state, scalars
 
 
 def main() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
     if reason is not None:
         raise SystemExit(reason)
 
-    adamw_step, fused_step, st, scalars = drop_in_contenders(n)
+    adamw_step, ivon_step, st, scalars = drop_in_contenders(n)
     adamw_ms = median_ms(adamw_step, args.repeats)
 
     def plain_update():
@@ -75,12 +75,12 @@ def main() -> None:
 
     # alternate the two steps, round by round
     pairs = []
-    fused_step()
+    ivon_step()
     for _ in range(args.repeats):
         start = time.perf_counter()
         adamw_step()
         middle = time.perf_counter()
-        fused_step()
+        ivon_step()
         pairs.append((middle - start, time.perf_counter() - middle))
     adamw_alt = statistics.median(p[0] for p in pairs) * 1e3
     ivon_alt = statistics.median(p[1] for p in pairs) * 1e3
@@ -95,7 +95,7 @@ def main() -> None:
             cpp_backend.set_cpu_isa(isa)
         except ValueError:
             continue
-        fused_ms = median_ms(fused_step, args.repeats)
+        fused_ms = median_ms(ivon_step, args.repeats)
         print(f"  [{isa:7s}] update + next sample      {fused_ms:8.2f} ms  "
               f"({fused_ms / adamw_ms:.2f}x AdamW)")
         print(f"  [{isa:7s}] update (param <- mean)    {median_ms(plain_update, args.repeats):8.2f} ms")

@@ -167,7 +167,9 @@ def ivon_fast_call(layout: Layout, backend: str, mode: str):
         for param, grad in zip(params, grads):  # the grads are views into the flat buffer now
             param.grad.copy_(grad)
     if resample:
-        grads = [param.grad for param in params]
+        # one grad per flat buffer (the grads are views sharing its version counter)
+        grads = list({param.grad.untyped_storage().data_ptr(): param.grad
+                      for param in params}.values())
 
         def drop_in_step():
             # a new gradient each call, as a backward writes one: a drop-in step without one

@@ -365,8 +365,10 @@ static inline BlockRange block_range(const OpArgs& a, int64_t qb, int64_t qe) {
 // decay as every element's prior precision (what delta is without one) and a prior mean of +0
 // (m - 0.0f is m, -0 included). Merging the 7 combinations of the three into one instance cuts
 // the CPU update from 288 to 72 instances per instruction set, which is most of the extension's
-// build time (Note [where the noise is pipelined]); an op with a rare input pays its L1 loads of
-// the neutral values and a division by 1 per grad it reads.
+// build time (Note [where the noise is pipelined]). An op with a rare input pays: the L1 loads of
+// the neutral values, a division by 1 per grad value it reads (two for 'gradsq''s average), and
+// it runs without the noise pipeline and its skip of a debias of 1. (x / 1.0f is x in IEEE
+// arithmetic, the kernels' mode.)
 struct RareArrays {
   const float* precision;  // the prior precision, indexed by the local k
   const float* mean;       // the prior mean
@@ -780,10 +782,13 @@ static void update_range_f32(const OpArgs& a, const Scalars& s, const Draws& dra
   float* momentum = static_cast<float*>(a.momentum);
   float* hess = static_cast<float*>(a.hess);
   const auto before = [&](int64_t qb) { prefetch_update_block<PT, MODE, RARE>(a, qb, q_end); };
+  // Note [where the noise is pipelined]: only without RARE, so piece reads no rare input
+  constexpr bool kPipeline = kPipelineIsa && !RARE;
   // Note [debias of one] in ivon_math.h: from about step 165 on (and without debiasing) one of
   // the element's five divisions goes; tested per piece, a branch the predictor always gets right
   const bool debias_one = s.debias == 1.0f;
   const auto piece = [&](int64_t k, const float* const* e) {
+    static_assert(!(kPipeline && RARE), "piece drops the rare inputs");
     constexpr int64_t kN = 4 * kPieceQuads;
     if (debias_one) {
       update_elems<PT, PRICE, MODE, NEXT, false, true, kN>(a, s, k, 0, momentum, hess, e[0],
@@ -797,9 +802,8 @@ static void update_range_f32(const OpArgs& a, const Scalars& s, const Draws& dra
     update_elems<PT, PRICE, MODE, NEXT, RARE>(a, s, r.k_lo, r.k_hi - r.k_lo, momentum, hess, e[0],
                                               e[kNext], rare.at(r));
   };
-  // Note [where the noise is pipelined]: piece is used only without RARE
-  noise_ahead_blocks<kPipelineIsa && !RARE, D>(a, philox_key(a.seed), draw, q_begin, q_end,
-                                               before, piece, cut);
+  noise_ahead_blocks<kPipeline, D>(a, philox_key(a.seed), draw, q_begin, q_end, before, piece,
+                                   cut);
 }
 
 // bf16 state (Note [bf16 state on the CPU]): per block, the noise, the widened state, the

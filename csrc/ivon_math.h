@@ -349,7 +349,9 @@ IVON_HD float hess_term_of(float grad, float noise) {
 // (nullptr when absent), and only the kernels read them, so the host never waits for the device:
 //   grad_scale   the grads and the averages were multiplied by it (torch.amp.GradScaler); they
 //                are divided by it before use (true divisions, as the reference), 'gradsq''s
-//                average of squared grads twice. Absent: no division at all (template SCALED).
+//                average of squared grads twice. Absent: no division (the CUDA kernels' run-time
+//                flag, the CPU kernels' instances without a rare input; the CPU's RARE instance
+//                divides by a neutral 1, Note [rare inputs of an update] in cpu_kernels.h).
 //   found_inf    nonzero (NaN too): the step is skipped; mean, momentum and hess keep their
 //                values and the param gets the mean, or the sample of next_draw around mean and
 //                hess.

@@ -24,7 +24,8 @@ row, with the dispatchers' own rules, and ``*_INSTANCES`` enumerate the reachabl
   the CPU, a run-time branch of the same kernel on CUDA): required for every (param type, next,
   prec) and, for bf16 state, with every instance flag but ``scaled`` (below). On AVX-512 the
   instances without a rare input also have the noise pipeline (Note [where the noise is
-  pipelined]), which needs segments of at least three blocks of 256 elements. The CUDA kernels take a subset of
+  pipelined]), which runs only in a thread's range of at least two whole blocks of 256 elements
+  (LONG_SEGMENTS). The CUDA kernels take a subset of
   these flags as template parameters (the ``*_cuda`` dispatchers: sample the param type,
   accumulate (param type, price, first), update (param type, price, GradMode, next);
   ``CUDA_*_INSTANCES``) and test the others at run time (Note [CUDA run-time flags] in
@@ -244,7 +245,8 @@ UPDATE_REQUIRED = (
     # every Triton tile variant but grad_scale's, with fp32 and with bf16 state
     + _update_required(["ptype", "hess_approx", "next", "prior_precision", "prior_mean",
                         "state"])
-    # the C++ skipped step, per skipped_update_range_t<PT, NEXT, PREC>
+    # the C++ skipped step, per (PT, NEXT) of skipped_update_range_t, with a prior precision
+    # and without
     + product(UPDATE_FACTORS, ["ptype", "next", "prior_precision", "found"], found=["one"]))
 UPDATE_EXPLICIT = [
     # a skipped step with bf16 state and a next sample: the rounding pass stores the old values

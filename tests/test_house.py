@@ -182,3 +182,16 @@ def test_the_optimizer_module_keeps_to_the_api_and_the_state_machine():
     """optimizer.py: the public API and the pending-sample state machine, at most 450 lines."""
     lines = (PACKAGE / "optimizer.py").read_text().count("\n")
     assert lines <= OPTIMIZER_LINES, lines
+
+
+def test_every_mutation_row_finds_its_text():
+    """Each row of tests/mutate.py finds its text exactly once in its file, so a refactor that
+    moves the code fails here, in CI, and not only when someone runs the mutation check."""
+    import mutate
+    failures = []
+    for mutation in mutate.MUTATIONS:
+        try:
+            mutate._apply(mutate.REPO, mutation, write=False)
+        except mutate.SetupError as error:
+            failures.append(str(error))
+    assert failures == []

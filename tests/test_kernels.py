@@ -177,8 +177,9 @@ def test_every_kernel_instance_runs():
     sample = _parametrized_rows(test_sample_matches_reference)
     accumulate = _parametrized_rows(test_accumulate_matches_reference)
     update = _parametrized_rows(test_update_every_instance)
-    # Note [prior flags] in csrc/dispatch_flags.h: the prior flags add 3 sample, 6 accumulate
-    # and 216 update instances to the 3, 12 and 72 without them
+    # Note [prior flags] in csrc/dispatch_flags.h: the prior precision adds 3 sample and 6
+    # accumulate instances to the 3 and 12 without it; the update's rare inputs (Note [rare
+    # inputs of an update] in csrc/cpu_kernels.h) add 216 run-time paths to the 72 without them
     assert (len(kc.CPP_SAMPLE_INSTANCES), len(kc.CPP_ACCUMULATE_INSTANCES),
             len(kc.CPP_UPDATE_INSTANCES)) == (3 + 3, 12 + 6, 72 + 216)
     for rows, key, reachable in [

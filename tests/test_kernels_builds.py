@@ -661,7 +661,8 @@ def test_cpu_isa_builds_agree_bitwise():
     bf16 params, every device scalar, a skipped step with fp16 params, each prior input alone
     and both (Note [prior flags]), bf16 state with and without a skip, several threads, and the
     drop-in step with a debias of 1 (AVX-512 skips that division in its pipelined blocks: Note
-    [debias of one])."""
+    [debias of one]; on a CPU without AVX-512 that part compares the portable build with
+    itself)."""
     results = {}
     for isa in _each_cpu_isa():
         out = {}
