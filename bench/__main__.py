@@ -284,18 +284,8 @@ def ivon_fast_contender(shapes, device, dtype, backend: str, mode: str) -> Conte
     del grads
     label = f"ivon_fast[{backend}] {what}"
     if resample:
-        # one grad per flat buffer: the grads are views of their bucket's buffer and share its
-        # version counter, so bumping one is a new gradient for all (about 1 us a bucket)
-        grads = list({param.grad.untyped_storage().data_ptr(): param.grad
-                      for param in params}.values())
-
-        def drop_in_step():
-            # a new gradient, as a backward writes one (it bumps the grads' versions): a drop-in
-            # step without one does nothing (Note [a step without a gradient] in _layout)
-            torch.autograd.graph.increment_version(grads)
-            optimizer.step()
-        return Contender(label, mode, drop_in_step, backend=backend, optimizer=optimizer,
-                         params=params)
+        return Contender(label, mode, measure.drop_in_step_call(optimizer, params),
+                         backend=backend, optimizer=optimizer, params=params)
 
     def iteration():
         with optimizer.sampled_params(train=True):

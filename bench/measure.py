@@ -85,6 +85,21 @@ class Contender:
         return self.kind in ("copy", "noise")
 
 
+def drop_in_step_call(optimizer, params: list):
+    """The timed call of a drop-in step: the grads get a new gradient, as a backward writes one
+    (their versions bumped; a drop-in step without one does nothing, Note [a step without a
+    gradient] in ivon_fast/_layout.py), then ``optimizer.step()``. One grad per flat buffer is
+    bumped: the grads are views of their bucket's buffer and share its version counter (about 1
+    us a bucket)."""
+    grads = list({param.grad.untyped_storage().data_ptr(): param.grad
+                  for param in params}.values())
+
+    def drop_in_step():
+        torch.autograd.graph.increment_version(grads)
+        optimizer.step()
+    return drop_in_step
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -57,6 +57,7 @@ import ivon_fast  # noqa: E402
 from ivon_fast import backends  # noqa: E402
 
 from bench.gpt import CONFIGS, param_shapes  # noqa: E402
+from bench.measure import drop_in_step_call  # noqa: E402
 
 
 def parse_size(text: str) -> int:
@@ -167,16 +168,7 @@ def ivon_fast_call(layout: Layout, backend: str, mode: str):
         for param, grad in zip(params, grads):  # the grads are views into the flat buffer now
             param.grad.copy_(grad)
     if resample:
-        # one grad per flat buffer (the grads are views sharing its version counter)
-        grads = list({param.grad.untyped_storage().data_ptr(): param.grad
-                      for param in params}.values())
-
-        def drop_in_step():
-            # a new gradient each call, as a backward writes one: a drop-in step without one
-            # does nothing (Note [a step without a gradient] in ivon_fast/_layout.py)
-            torch.autograd.graph.increment_version(grads)
-            optimizer.step()
-        return drop_in_step
+        return drop_in_step_call(optimizer, params)
 
     def iteration():
         with optimizer.sampled_params(train=True):

@@ -789,14 +789,10 @@ static void update_range_f32(const OpArgs& a, const Scalars& s, const Draws& dra
   const bool debias_one = s.debias == 1.0f;
   const auto piece = [&](int64_t k, const float* const* e) {
     static_assert(!(kPipeline && RARE), "piece drops the rare inputs");
-    constexpr int64_t kN = 4 * kPieceQuads;
-    if (debias_one) {
-      update_elems<PT, PRICE, MODE, NEXT, false, true, kN>(a, s, k, 0, momentum, hess, e[0],
-                                                           e[kNext], RareArrays{});
-    } else {
-      update_elems<PT, PRICE, MODE, NEXT, false, false, kN>(a, s, k, 0, momentum, hess, e[0],
-                                                            e[kNext], RareArrays{});
-    }
+    with_bool(debias_one, [&](auto one) {
+      update_elems<PT, PRICE, MODE, NEXT, false, decltype(one)::value, 4 * kPieceQuads>(
+          a, s, k, 0, momentum, hess, e[0], e[kNext], RareArrays{});
+    });
   };
   const auto cut = [&](BlockRange r, const float* const* e) {
     update_elems<PT, PRICE, MODE, NEXT, RARE>(a, s, r.k_lo, r.k_hi - r.k_lo, momentum, hess, e[0],
