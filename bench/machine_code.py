@@ -54,11 +54,10 @@ with ``cuobjdump -xelf all`` and disassembled with ``nvdisasm -c -fun <symbol in
 and takes about a second per instance.
 
 A path with the model's count but other widths (a narrower access), or with no such path (an
-array read by scalar accesses), fails the gate; so does any LDL / STL on the path, and for the
-CUDA kernels any stack or local frame (they have no local arrays: every byte of stack is a
-spill). Triton's kernels keep libdevice's 32-byte buffer of sincos's slow range reduction (for
-arguments beyond about 1e5, never taken: the angles are below 2 pi): its stack is reported,
-and only LDL / STL on the path fail.
+array read by scalar accesses), fails the gate; so does any LDL / STL on the path, and any
+stack or local frame, CUDA's or Triton's (the kernels have no local arrays: every byte of stack
+is a spill; Triton's libdevice sincos kept a 32-byte buffer until the noise got its own
+functions, Note [the noise's own functions in Triton]).
 
 The issue model (issue 19): issue time = elements x instructions per element / 32 (a warp
 issues for 32 threads) / (SMs x 4 schedulers x clock), against memory time = elements x bytes
@@ -525,10 +524,15 @@ def measure_cuda(cubins: list, rows: list, every: bool = False) -> list:
         kind = kind_of(row.kernel)
         model = ivon_model(kind, cuda_flags(row.flags)) if kind else None
         measure_sass(row, functions.get(row.mangled, []), model)
-        if row.stack or row.local or row.local_accesses:
-            row.problems.append(f"spill: {row.stack} B stack, {row.local} B local, "
-                                f"{row.local_accesses} LDL/STL in the function")
+        check_frame(row)
     return rows
+
+
+def check_frame(row: Row) -> None:
+    """A stack or local frame is a spill: the kernels have no local arrays."""
+    if row.stack or row.local or row.local_accesses:
+        row.problems.append(f"spill: {row.stack} B stack, {row.local} B local, "
+                            f"{row.local_accesses} LDL/STL in the function")
 
 
 def measure_rows(lib: str, rows: list, every: bool = False) -> list:
@@ -669,6 +673,7 @@ def triton_row(name: str, op: str, param_dtype: str, state_dtype: str, extra: di
         (row.regs, row.stack, row.local), = resource_usage(cubin, "sm_90").values()
         (instrs,) = disassemble(cubin).values()
     measure_sass(row, instrs, model)
+    check_frame(row)
     row.ptx_per_element = measure_ptx(compiled.asm["ptx"], model)
     return row
 

@@ -1,6 +1,7 @@
-"""SASS instructions per element of the CUDA kernels by scenario (issue 19's instruction diet).
+"""SASS instructions per element of the CUDA and Triton kernels by scenario (issue 19's diet).
 
     python -m bench.sass_paths [--cubin FILE] [--arch sm_90 ...] [--types float,BF16,F16]
+    python -m bench.sass_paths --triton
 
 bench/machine_code.py is the machine-code gate and report (every instance, Triton, torch's
 AdamW, the issue model); its walk takes the shortest aligned path, which for the update is the
@@ -14,7 +15,8 @@ csrc/cuda_update_float.cu``) with cuobjdump, and prints per instance its registe
 local loads / stores in the loop (spills) and the instructions of one iteration of the loop per
 element (an iteration handles one quad: 4 elements); the kernels from before the diet (their
 flags as template arguments) are read too, which is how the before / after record was made
-(bench/results/cuda_diet_2026-12-07.md).
+(bench/results/cuda_diet_2026-12-07.md). With ``--triton`` the same for the Triton update kernels
+(fp32 state), compiled for sm_90 without a GPU.
 
 Note [the hot path of a loop]: a loop is a backward branch; the body without it is a graph
 without cycles, and a path through it is one iteration. The path that counts is picked by what
@@ -38,120 +40,18 @@ import argparse
 import glob
 import os
 import re
-import subprocess
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 
-_ADDR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-_GUARD = re.compile(r"^@!?U?P\w+\s+")
-_ACCESS = re.compile(r"\b(LDG|STG)\.E\b[\w.]*")
-
-
-def tool(name: str) -> str:
-    """cuobjdump / nvdisasm: the ones that ship with triton, else the CUDA toolkit's."""
-    import triton
-    folder = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    path = os.path.join(folder, name)
-    return path if os.path.exists(path) else name
-
-
-@dataclass
-class Instr:
-    addr: int
-    text: str
-
-    @property
-    def guarded(self) -> bool:
-        return self.text.startswith("@")
-
-    @property
-    def op(self) -> str:
-        body = _GUARD.sub("", self.text)
-        return body.split()[0] if body else ""
-
-    def operands(self) -> list:
-        body = _GUARD.sub("", self.text)
-        return [o.strip() for o in body[len(self.op):].split(",") if o.strip()]
-
-    def target(self):
-        """the branch target address of a BRA, else None"""
-        if not self.op.startswith("BRA"):
-            return None
-        return int(self.operands()[-1].strip("`()"), 16)
-
-    def conditional(self) -> bool:
-        """a branch that may fall through: guarded, or with a predicate operand"""
-        ops = self.operands()
-        return self.guarded or (len(ops) > 1 and ops[0].lstrip("!") not in ("PT", "UPT"))
-
-    def access(self):
-        """('LDG' | 'STG', width in bits) of a global access, else None"""
-        m = _ACCESS.search(self.text)
-        if not m:
-            return None
-        width = 128 if ".128" in m.group(0) else 64 if ".64" in m.group(0) else 32
-        return m.group(1), width
-
-
-def functions(sass: str) -> dict:
-    """name -> [Instr] of every function in cuobjdump -sass output."""
-    out, name = {}, None
-    for line in sass.splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            name = m.group(1)
-            out[name] = []
-            continue
-        m = _ADDR.match(line)
-        if m and name:
-            out[name].append(Instr(int(m.group(1), 16), m.group(2)))
-    return out
-
-
-def _ends_block(ins: Instr) -> bool:
-    return ins.target() is not None or ins.op in ("EXIT", "RET", "BRX", "JMX")
-
-
-def _falls_through(ins: Instr) -> bool:
-    if ins.target() is not None:
-        return ins.conditional()
-    return not (ins.op in ("EXIT", "RET") and not ins.guarded)
-
-
-def blocks(code: list) -> dict:
-    """start address -> (instructions, successor start addresses) of the basic blocks."""
-    starts = {code[0].addr}
-    for k, ins in enumerate(code):
-        if ins.target() is not None:
-            starts.add(ins.target())
-        if _ends_block(ins) and k + 1 < len(code):
-            starts.add(code[k + 1].addr)
-    out = {}
-    for ins in code:
-        if ins.addr in starts:
-            cur = out.setdefault(ins.addr, ([], []))
-        cur[0].append(ins)
-    order = sorted(out)
-    for j, start in enumerate(order):
-        body, succ = out[start]
-        if body[-1].target() is not None:
-            succ.append(body[-1].target())
-        if _falls_through(body[-1]) and j + 1 < len(order):
-            succ.append(order[j + 1])
-    return out
-
-
-def back_edges(code: list) -> list:
-    """(head, tail) addresses of every backward branch, widest first."""
-    edges = [(ins.target(), ins.addr) for ins in code
-             if ins.target() is not None and ins.target() <= ins.addr]
-    return sorted(edges, key=lambda e: e[0] - e[1])
+from bench import machine_code, sass
+from bench.machine_code import demangle, resource_usage, run_tool
 
 
 @dataclass(frozen=True)
 class Scenario:
     """What one iteration of the hot path does (Note [the hot path of a loop]): its global
-    accesses, ((kind, width in bits), count) pairs, its divisions (FCHK) and its draws of four
+    accesses, (("load" | "store", width in bits), count) pairs, its divisions (FCHK) and its draws of four
     normals (six int-to-float conversions each: four uniforms, two logarithms' exponents) per
     quad."""
     accesses: tuple
@@ -170,17 +70,16 @@ class Scenario:
                 abs(sig.get("div", 0) - self.divisions), extra)
 
 
-def _step(sig: dict, ins: Instr):
+def _step(sig: dict, ins: sass.Instr):
     """the path's signature after one more instruction; None when no hot path goes on here
     (a call to a slow path, a scalar access of the unaligned fallback). A predicated call is no
     slow path: sm_80 code leaves a loop by one (to the code after it)."""
-    if ins.op.startswith("CALL") and not ins.guarded:
+    if ins.base == "CALL" and not ins.guard:
         return None
-    a = ins.access()
-    key = a if a is not None else _COUNTED.get(ins.op)
+    key = ins.access if ins.access is not None else _COUNTED.get(ins.opcode)
     if key is None:
         return sig
-    if a is not None and a[1] < 64:
+    if ins.access is not None and ins.access[1] < 64:
         return None
     out = dict(sig)
     out[key] = out.get(key, 0) + 1
@@ -194,88 +93,61 @@ def _freeze(sig: dict) -> tuple:
     return tuple(sorted(sig.items(), key=str))
 
 
-def _path_ends(code: list, edge: tuple) -> dict:
-    """{signature: (fewest instructions, its blocks)} of the paths from the loop head to its back
-    edge.
-    Dynamic programming over the loop's blocks in address order (the body without its back
-    edge has forward edges only)."""
-    head, tail = edge
-    bb = blocks(code)
-    last = max(s for s in bb if s <= tail)
+def _path_ends(blocks: list, edge: tuple) -> dict:
+    """{signature: (fewest instructions, its blocks)} of the paths from the loop's header to its
+    latch (``edge``: a back edge (latch, header) of ``sass.back_edges``). Dynamic programming
+    over the blocks in address order: the body without its back edge has forward edges only."""
+    last, head = edge
     best = {head: {(): (0, ())}}  # block -> {signature so far: (fewest instructions, blocks)}
     ends = {}
-    for start in sorted(s for s in bb if head <= s <= last):
-        body, succ = bb[start]
-        for key, (count, path) in best.get(start, {}).items():
+    for index in range(head, last + 1):
+        block = blocks[index]
+        for key, (count, path) in best.get(index, {}).items():
             sig = dict(key)
-            for ins in body:
+            for ins in block.instrs:
                 sig = sig if sig is None else _step(sig, ins)
             if sig is None:
                 continue
-            total = count + len(body)
-            targets = [None] if start == last else [n for n in succ if start < n <= last]
+            total = count + len(block.instrs)
+            targets = [None] if index == last else [n for n in block.succs if index < n <= last]
             for nxt in targets:
                 slot = ends if nxt is None else best.setdefault(nxt, {})
                 old = slot.get(_freeze(sig))
                 if old is None or total < old[0]:
-                    slot[_freeze(sig)] = (total, path + (start,))
+                    slot[_freeze(sig)] = (total, path + (index,))
     return ends
 
 
-def _best_path(code: list, scenario: Scenario, edge: tuple):
+def _best_path(blocks: list, scenario: Scenario, edge: tuple):
     """(rank, instructions, blocks) of the scenario's path through one iteration of the loop
-    `edge`, or None when no path can be it (Note [the hot path of a loop])."""
+    of ``edge``, or None when no path can be it (Note [the hot path of a loop])."""
     ranked = [(scenario.rank(dict(sig)), n, path)
-              for sig, (n, path) in _path_ends(code, edge).items()]
+              for sig, (n, path) in _path_ends(blocks, edge).items()]
     ranked = sorted(r for r in ranked if r[0] is not None)
     return ranked[0] if ranked else None
 
 
-def loop_hot_path(code: list, scenario: Scenario, blocks_of=None):
-    """(instructions per iteration, the loop's (head, tail)) of the scenario's path, over every
-    loop of the kernel (Note [the hot path of a loop]); (None, None) if no loop has one. The
-    path's blocks are appended to `blocks_of` when given."""
-    found = [(best, edge) for edge in back_edges(code)
-             for best in [_best_path(code, scenario, edge)] if best is not None]
+def loop_hot_path(blocks: list, scenario: Scenario):
+    """(instructions per iteration, the loop's back edge) of the scenario's path, over every
+    loop of the kernel (Note [the hot path of a loop]); (None, None) if no loop has one."""
+    found = [(best, edge) for edge in sorted(sass.back_edges(blocks))
+             for best in [_best_path(blocks, scenario, edge)] if best is not None]
     if not found:
         return None, None
-    (_, n, path), edge = min(found)
-    if blocks_of is not None:
-        blocks_of.extend(path)
+    (_, n, _), edge = min(found)
     return n, edge
 
 
-def local_accesses(code: list, edge) -> int:
+def local_accesses(blocks: list, edge) -> int:
     """local-memory loads and stores inside a loop: spills (the stack outside is harmless)"""
-    head, tail = edge
-    return sum(1 for ins in code if head <= ins.addr <= tail and ins.op.startswith(("LDL", "STL")))
-
-
-def resources(path: str, arch: str) -> dict:
-    """function name -> (registers, stack bytes) from cuobjdump -res-usage."""
-    out = subprocess.run([tool("cuobjdump"), "-res-usage", "-arch", arch, path],
-                         capture_output=True, text=True, check=True).stdout
-    res, name = {}, None
-    for line in out.splitlines():
-        m = re.match(r"\s*Function (\S+):", line)
-        if m:
-            name = m.group(1)
-        m = re.search(r"REG:(\d+) STACK:(\d+)", line)
-        if m and name:
-            res[name] = (int(m.group(1)), int(m.group(2)))
-    return res
-
-
-def demangle(names) -> dict:
-    names = list(names)
-    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
-                         check=True).stdout.splitlines()
-    return dict(zip(names, out))
+    last, head = edge
+    return sum(ins.local for block in blocks[head:last + 1] for ins in block.instrs)
 
 
 # ---- the kernel instances of the two training loops and their scenarios ----------------------
 
 _TYPE = {"float": 128, "ivon_fast::cuda_math::BF16": 64, "ivon_fast::cuda_math::F16": 64}
+_LOAD, _STORE = "load", "store"
 _MODES = {"0": "grad_only", "1": "grad_avg", "2": "avg_only"}
 
 
@@ -296,14 +168,14 @@ def scenarios(kernel: str, args: list, debias_one: bool) -> list:
         return []
     pw = _TYPE[args[0]]
     if kernel == "sample_kernel":
-        return [("sample", Scenario(((("LDG", 128), 2), (("STG", pw), 1)), 4, 1))]
+        return [("sample", Scenario((((_LOAD, 128), 2), ((_STORE, pw), 1)), 4, 1))]
     if kernel == "accumulate_kernel":
         price, first = args[1] == "true", args[2] == "true"
-        loads = Counter({("LDG", pw): 1})
-        loads[("LDG", 128)] += int(price) + 2 * int(not first)
+        loads = Counter({(_LOAD, pw): 1})
+        loads[(_LOAD, 128)] += int(price) + 2 * int(not first)
         divisions = 4 * (int(price) + 2 * int(not first))
         name = f"accumulate {'price' if price else 'gradsq'}{' first' if first else ''}"
-        accesses = tuple((+loads).items()) + ((("STG", 128), 2),)
+        accesses = tuple((+loads).items()) + (((_STORE, 128), 2),)
         return [(name, Scenario(accesses, divisions, int(price)))]
     nexts = [args[3] == "true"] if len(args) > 3 else [False, True]
     out = [_update_scenario(args[1] == "true", _MODES[args[2]], nxt, pw, debias_one)
@@ -315,11 +187,11 @@ def scenarios(kernel: str, args: list, debias_one: bool) -> list:
 
 def _update_scenario(price: bool, mode: str, nxt: bool, pw: int, debias_one: bool,
                      scaled: bool = False):
-    loads = Counter({("LDG", 128): 3})  # mean, momentum, hess
-    loads[("LDG", pw)] += int(mode != "avg_only")
-    loads[("LDG", 128)] += 2 * int(mode != "grad_only")
-    stores = Counter({("STG", 128): 3})
-    stores[("STG", pw)] += 1
+    loads = Counter({(_LOAD, 128): 3})  # mean, momentum, hess
+    loads[(_LOAD, pw)] += int(mode != "avg_only")
+    loads[(_LOAD, 128)] += 2 * int(mode != "grad_only")
+    stores = Counter({(_STORE, 128): 3})
+    stores[(_STORE, pw)] += 1
     per_element = (int(price and mode != "avg_only") + 2 * int(mode == "grad_avg") + 2
                    + int(not debias_one) + int(nxt) + int(scaled))  # grad_only: 1 unscaled
     normals = int(price and mode != "avg_only") + int(nxt)
@@ -333,34 +205,76 @@ def _update_scenario(price: bool, mode: str, nxt: bool, pw: int, debias_one: boo
 _FIXED = {"update_kernel": 4, "sample_kernel": 1, "accumulate_kernel": 3}
 
 
+def _columns(blocks: list, scenario_of) -> tuple:
+    """(loop spills, instructions per element with debias != 1, with debias == 1) of the path of
+    ``scenario_of(debias_one)`` (None: a scenario the walk cannot tell apart)."""
+    counts, edges = [], []
+    for debias_one in (False, True):
+        scenario = scenario_of(debias_one)
+        n, edge = (None, None) if scenario is None else loop_hot_path(blocks, scenario)
+        counts.append(None if n is None else n / 4)
+        edges += [edge] if edge else []
+    return (max((local_accesses(blocks, e) for e in edges), default=None), *counts)
+
+
 def report(path: str, arch: str, param_types=("float",)) -> list:
     """rows (instance, registers, stack, loop spills, instructions per element with debias != 1
     and with debias == 1) for the training loops' instances in `path` for `arch`."""
-    sass = subprocess.run([tool("cuobjdump"), "-sass", "-arch", arch, path],
-                          capture_output=True, text=True, check=True).stdout
-    funcs, res = functions(sass), resources(path, arch)
-    names = demangle(funcs)
+    funcs = sass.parse_sass(run_tool("cuobjdump", "-sass", "-arch", arch, path))
+    res = resource_usage(path, arch)
+    names = dict(zip(funcs, demangle(list(funcs))))
+    types = [t if t == "float" else f"ivon_fast::cuda_math::{t}" for t in param_types]
     rows = []
     for mangled, code in funcs.items():
         kernel, args = _template_args(names[mangled])
-        if kernel is None or args[0] not in [t if t == "float" else f"ivon_fast::cuda_math::{t}"
-                                             for t in param_types]:
+        if kernel is None or args[0] not in types:
             continue
+        blocks = sass.basic_blocks(code)
         for k, (label, _) in enumerate(scenarios(kernel, args, False)):
-            counts, edges = [], []
-            for debias_one in (False, True):
+            def scenario_of(debias_one, k=k, label=label):
+                # with a grad scale and debias 1 the divisions are those of the step without a
+                # scale and debias != 1: the signature cannot tell the two apart
                 if debias_one and label.endswith("grad scale"):
-                    # its divisions are those of the step without a scale and debias != 1:
-                    # the signature cannot tell the two apart
-                    counts.append(None)
-                    continue
-                n, edge = loop_hot_path(code, scenarios(kernel, args, debias_one)[k][1])
-                counts.append(None if n is None else n / 4)
-                edges += [edge] if edge else []
-            regs, stack = res.get(mangled, (None, None))
-            spills = max((local_accesses(code, e) for e in edges), default=None)
-            rows.append((f"{label} ({args[0].split('::')[-1]})", regs, stack, spills, *counts))
+                    return None
+                return scenarios(kernel, args, debias_one)[k][1]
+            regs, stack, _ = res.get(mangled, (None, None, None))
+            rows.append((f"{label} ({args[0].split('::')[-1]})", regs, stack,
+                         *_columns(blocks, scenario_of)))
     return sorted(rows)
+
+
+# bench.machine_code's Triton update launches with fp32 state: (price, mode, next sample,
+# param access width)
+_TRITON_UPDATES = {
+    "update, drop-in": (True, "grad_only", True, 128),
+    "update, drop-in, bf16 params": (True, "grad_only", True, 64),
+    "update, drop-in, no finite check": (True, "grad_only", True, 128),
+    "update, official mc=1": (True, "grad_only", False, 128),
+    "update, official mc>1": (True, "grad_avg", False, 128),
+    "update, averages only": (True, "avg_only", False, 128),
+}
+
+
+def triton_report() -> list:
+    """``report``'s rows for the Triton update launches, compiled for sm_90 without a GPU (their
+    tiles run in a loop: Note [tiles of a launch] in ivon_fast/triton_backend.py). Run without
+    TRITON_INTERPRET."""
+    rows = []
+    for name, op, *launch in machine_code.TRITON_CASES:
+        if name not in _TRITON_UPDATES:
+            continue
+        kernel, args, kwargs = machine_code.triton_launch(op, *launch)
+        compiled = machine_code.compile_for_sm90(kernel, args, kwargs)
+        with tempfile.TemporaryDirectory(prefix="ivon_triton_") as folder:
+            cubin = os.path.join(folder, "kernel.cubin")
+            with open(cubin, "wb") as out:
+                out.write(compiled.asm["cubin"])
+            (regs, stack, _), = resource_usage(cubin, "sm_90").values()
+            (code,) = machine_code.disassemble(cubin).values()
+        blocks = sass.basic_blocks(code)
+        rows.append((name, regs, stack, *_columns(
+            blocks, lambda one, name=name: _update_scenario(*_TRITON_UPDATES[name], one)[1])))
+    return rows
 
 
 def _so_path() -> str:
@@ -376,12 +290,19 @@ def main(argv=None):
     parser.add_argument("--cubin", help="a cubin or extension .so (default: ivon_fast/_C*.so)")
     parser.add_argument("--arch", action="append", help="sm_90, sm_80 (default: both)")
     parser.add_argument("--types", default="float", help="param types, e.g. float,BF16,F16")
+    parser.add_argument("--triton", action="store_true",
+                        help="the Triton update kernels (sm_90) instead of the extension's")
     args = parser.parse_args(argv)
-    path = args.cubin or _so_path()
+    if args.triton:
+        tables = [("sm_90", triton_report())]
+    else:
+        path = args.cubin or _so_path()
+        tables = [(arch, report(path, arch, tuple(args.types.split(","))))
+                  for arch in args.arch or ["sm_90", "sm_80"]]
     print("| instance | arch | regs | stack | loop spills | instr/elem | instr/elem (debias 1) |")
     print("|---|---|---|---|---|---|---|")
-    for arch in args.arch or ["sm_90", "sm_80"]:
-        for row in report(path, arch, tuple(args.types.split(","))):
+    for arch, rows in tables:
+        for row in rows:
             cells = ["-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
                      for v in row[1:]]
             print(f"| {row[0]} | {arch} | " + " | ".join(cells) + " |")

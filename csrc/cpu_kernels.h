@@ -361,14 +361,14 @@ static inline BlockRange block_range(const OpArgs& a, int64_t qb, int64_t qe) {
 // Note [rare inputs of an update]: a grad scale, a prior precision and a prior mean are rare
 // inputs, so the CPU update has one instance per common flag combination that reads none of them
 // (no load, no division) and one (RARE) that reads all three, with neutral values for those the
-// op was not given, values that change no bit: a grad scale of 1 (x / 1.0f is x), the weight
-// decay as every element's prior precision (what delta is without one) and a prior mean of +0
-// (m - 0.0f is m, -0 included). Merging the 7 combinations of the three into one instance cuts
-// the CPU update from 288 to 72 instances per instruction set, which is most of the extension's
-// build time (Note [where the noise is pipelined]). An op with a rare input pays: the L1 loads of
-// the neutral values, a division by 1 per grad value it reads (two for 'gradsq''s average), and
-// it runs without the noise pipeline and its skip of a debias of 1. (x / 1.0f is x in IEEE
-// arithmetic, the kernels' mode.)
+// op was not given, values that change no bit: a grad scale of 1 (x / 1.0f is x; the default of
+// Scalars::grad_scale, scalars.h), the weight decay as every element's prior precision (what
+// delta is without one) and a prior mean of +0 (m - 0.0f is m, -0 included). Merging the 7
+// combinations of the three into one instance cuts the CPU update from 288 to 72 instances per
+// instruction set, which is most of the extension's build time (Note [where the noise is
+// pipelined]). An op with a rare input pays: the L1 loads of the neutral values, a division by 1
+// per grad value it reads (two for 'gradsq''s average), and it runs without the noise pipeline
+// and its skip of a debias of 1. (x / 1.0f is x in IEEE arithmetic, the kernels' mode.)
 struct RareArrays {
   const float* precision;  // the prior precision, indexed by the local k
   const float* mean;       // the prior mean
@@ -406,17 +406,6 @@ class RareInputs {
 // update loop, only these short vectorized passes. An update with a next sample runs the loop
 // without it and draws the sample in the rounding pass, around the rounded hess.
 
-// A block's state array (momentum or hess) as float32 values indexed by the local k: the array
-// itself (float32 state), or `buffer` filled with its widened bf16 values.
-static inline float* state_block(const OpArgs& a, void* state, BlockRange r,
-                                 float* __restrict buffer) {
-  if (!a.bf16_state) return static_cast<float*>(state);
-  const uint16_t* __restrict bits = static_cast<const uint16_t*>(state);
-  float* __restrict out = buffer + r.shift;
-  for (int64_t k = r.k_lo; k < r.k_hi; ++k) out[k] = bf16_bits_to_float(bits[k]);
-  return out;
-}
-
 // The element's delta (Note [per-element prior] in ivon_math.h): the prior precision when the
 // instance has one (PREC), else the scalar weight decay; PREC is a template flag, so the loops
 // below neither load nor branch on an absent prior.
@@ -429,12 +418,21 @@ static inline float delta_at(const float* __restrict prec, int64_t k, const Scal
 // indexed by the local k: the array itself (float32 state), or `buffer` filled with its widened
 // bf16 values (BF16: a compile-time a.bf16_state).
 template <bool BF16>
-static inline const float* state_elems(const void* state, int64_t k0, int64_t count,
-                                       float* __restrict buffer) {
-  if (!BF16) return static_cast<const float*>(state);
+static inline float* state_elems(void* state, int64_t k0, int64_t count,
+                                 float* __restrict buffer) {
+  if (!BF16) return static_cast<float*>(state);
   const uint16_t* __restrict bits = static_cast<const uint16_t*>(state) + k0;
   for (int64_t i = 0; i < count; ++i) buffer[i] = bf16_bits_to_float(bits[i]);
   return buffer - k0;
+}
+
+// A block's state array (momentum or hess) as float32 values indexed by the local k: the array
+// itself (float32 state), or `buffer` filled with its widened bf16 values at the block's
+// positions (k + r.shift, like the noise buffers).
+static inline float* state_block(const OpArgs& a, void* state, BlockRange r,
+                                 float* __restrict buffer) {
+  if (!a.bf16_state) return static_cast<float*>(state);
+  return state_elems<true>(state, r.k_lo, r.k_hi - r.k_lo, buffer + r.shift + r.k_lo);
 }
 
 // The sample of the elements k0 .. k0 + n - 1 (n: the compile-time N when N > 0, else `count`);
@@ -832,8 +830,7 @@ static void update_range_bf16(const OpArgs& a, const Scalars& s, const Draws& dr
 template <typename PT, bool PRICE, GradMode MODE, bool NEXT, bool RARE>
 static void update_range_t(const OpArgs& a, int64_t q_begin, int64_t q_end) {
   // the device scalars, once per range (Note [device scalars of an update] in ivon_math.h)
-  DeviceScalars d = read_device_scalars(a);
-  if (a.grad_scale == nullptr) d.s.grad_scale = 1.0f;  // Note [rare inputs of an update]
+  const DeviceScalars d = read_device_scalars(a);
   const Draws draws = read_draws(a, /*stores_state=*/true);
   const RareInputs<RARE> rare(a, d.s.wd);
   if (d.skip) {

@@ -277,7 +277,6 @@ void update(const at::Tensor& param, const std::optional<at::Tensor>& grad,
   a.s.debias = static_cast<float>(debias);
   a.s.clip = static_cast<float>(clip_radius);
   a.s.count = static_cast<float>(count);
-  a.s.grad_scale = 1.0f;  // replaced by the device's value in the kernel when grad_scale is given
   a.grad_scale = device_scalar(grad_scale, "grad_scale", param);
   a.found_inf = device_scalar(found_inf, "found_inf", param);
   a.device_lr = device_scalar(device_lr, "device_lr", param);

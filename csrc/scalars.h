@@ -16,8 +16,10 @@ struct Scalars {
   float debias;       // 1 - beta1^t, or 1
   float clip;         // rho (may be inf)
   float count;        // MC sample count as a float (divisor of the running mean)
-  float grad_scale;   // update: the GradScaler's scale, read on the device (used only when the
-                      // op got a grad_scale; see read_device_scalars in ivon_math.h)
+  // update: the GradScaler's scale, read on the device when the op got one (read_device_scalars
+  // in ivon_math.h); 1 otherwise, the neutral value the CPU update's rare instance divides by
+  // (Note [rare inputs of an update] in cpu_kernels.h)
+  float grad_scale = 1.0f;
 };
 
 }  // namespace ivon_fast

@@ -37,6 +37,7 @@ Conventions shared by all kernels:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -66,7 +67,7 @@ __all__ = ["sample", "accumulate", "update", "unavailable_reason", "BLOCK", "NUM
 
 # ------------------------------------------------------------------------------------------------
 # Tuning knobs. Module-level defaults, overridden at call time by IVON_TRITON_BLOCK /
-# IVON_TRITON_WARPS so a GPU benchmark can sweep them without reimporting.
+# IVON_TRITON_WARPS / IVON_TRITON_PROGRAMS so a GPU benchmark can sweep them without reimporting.
 # ------------------------------------------------------------------------------------------------
 # Four elements per thread measured best (one Philox quad each, 16-byte fp32 accesses): on an
 # H200 at 64M fp32 params the mc = 1 update with resampling ran at 0.99x fused AdamW with
@@ -75,6 +76,17 @@ BLOCK = 1024
 NUM_WARPS = 8
 # The interpreter pays per program, not per element: big blocks make CPU tests fast.
 INTERPRETER_BLOCK = 16384
+# Note [tiles of a launch]: a program runs its tiles in a grid-stride loop (tiles pid, pid +
+# programs, ...), so what a program sets up once (the device scalars' loads, the Philox key
+# schedule, the arguments' addresses) is paid once per program, not once per tile: with one
+# tile per program that setup was about 9 of the drop-in update's SASS instructions per element
+# (bench/results/machine_code_2026-12-07_triton-own-noise.md). A launch has at most
+# PROGRAMS_PER_SM programs per multiprocessor, enough to fill every SM whatever a kernel's
+# registers (of 256 threads, 6 fit at sample's 40 registers, 4 at the update's 64; the others
+# start as those finish). IVON_TRITON_PROGRAMS overrides the cap (a GPU run can compare it with
+# one tile per program: a cap above the tile count); the interpreter gives each tile its own
+# program.
+PROGRAMS_PER_SM = 8
 
 # Triton compiles a separate variant, with the value folded in as a Python int, for integer
 # arguments equal to 1; for seeds, draws and quad numbers that is only recompilation.
@@ -101,6 +113,25 @@ def unavailable_reason(device) -> str | None:
     return f"the Triton backend runs on CUDA tensors, got {device}"
 
 
+def _programs(device: torch.device) -> int:
+    """The most programs of a launch (Note [tiles of a launch]): IVON_TRITON_PROGRAMS, else
+    PROGRAMS_PER_SM per multiprocessor of a GPU, else one per tile (the interpreter)."""
+    setting = os.environ.get("IVON_TRITON_PROGRAMS")
+    if setting is not None:
+        if not setting.isdigit() or int(setting) < 1:
+            raise ValueError(f"IVON_TRITON_PROGRAMS must be an integer >= 1, got {setting!r}")
+        return int(setting)
+    if device.type != "cuda":
+        return 1 << 62
+    return PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None
+                                              else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _launch_config(device: torch.device) -> tuple[int, int]:
     default = INTERPRETER_BLOCK if device.type == "cpu" else BLOCK
     block = int(os.environ.get("IVON_TRITON_BLOCK", default))
@@ -125,8 +156,8 @@ def _launch_config(device: torch.device) -> tuple[int, int]:
 # [quads in the buffers] in _bucket): the tiles then start at the pointers, aligned, and only
 # the first tile masks the LEAD elements off. Same addresses, same quads, same bits either way.
 @triton.jit
-def _tile(quad_base, n, BLOCK: tl.constexpr, LEAD: tl.constexpr, ORIGIN: tl.constexpr):
-    """This program's BLOCK pointer positions k, the BLOCK // 4 global quads they cover, whether
+def _tile(tile, quad_base, n, BLOCK: tl.constexpr, LEAD: tl.constexpr, ORIGIN: tl.constexpr):
+    """Tile ``tile``'s BLOCK pointer positions k, the BLOCK // 4 global quads they cover, whether
     the tile lies inside the segment, and which lanes do (for the masked tiles).
 
     Position k has global index i = 4 * quad_base + k (ORIGIN: the pointers point at the
@@ -135,11 +166,11 @@ def _tile(quad_base, n, BLOCK: tl.constexpr, LEAD: tl.constexpr, ORIGIN: tl.cons
     vectorize the loads for any n (masks by ``k < n`` only vectorize when n is known to be a
     multiple of 16).
     """
-    pid = tl.program_id(0).to(tl.int64)
+    tile = tl.cast(tile, tl.int64)  # the interpreter's loop counts in Python ints
     first = LEAD if ORIGIN else 0  # the position of the segment's first element
-    start = pid * BLOCK + first - LEAD
+    start = tile * BLOCK + first - LEAD
     k = start + tl.arange(0, BLOCK)
-    quad = quad_base + pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    quad = quad_base + tile * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
     full = (start >= first) & (start + BLOCK <= first + n)
     return k, quad, full, (k >= first) & (k < first + n)
 
@@ -268,26 +299,114 @@ def _philox(seed, draw, quad):
     return c0, c1, c2, c3
 
 
+# Note [the noise's own functions in Triton]: Box-Muller's log, sin and cos are the C++ / CUDA
+# build's own polynomials (csrc/ivon_math.h, Note [own transcendental functions]), written again
+# here op for op, each multiply-add an explicit fma. libdevice's logf / sinf / cosf (what tl.log,
+# tl.sin and tl.cos lower to) were about 30 SASS instructions per element more in the drop-in
+# update, and differ from the CPU by an ulp; with these the Triton kernels' noise is the C++ and
+# CUDA kernels' noise, bit for bit (tests/test_kernels_builds.py compares them). On the GPU
+# ``tl.fma`` is one fma.rn.f32; the interpreter computes ``tl.fma`` as a rounded product plus a
+# rounded sum, so there ``_fma`` forms the exact fma from float64 (below).
+if _INTERPRETED:
+    @triton.jit
+    def _fma(a, b, c):
+        """fp32 a * b + c rounded once, from float64: the product is exact there, the sum is
+        rounded to odd (its error by TwoSum; an inexact sum with an even last bit moves one
+        ulp toward the error), and the float32 of a round-to-odd double is the correctly
+        rounded result (53 >= 24 + 2 bits). Finite inputs and results only."""
+        a = tl.cast(a, tl.float32).to(tl.float64)
+        b = tl.cast(b, tl.float32).to(tl.float64)
+        c = tl.cast(c, tl.float32).to(tl.float64)
+        product = a * b
+        total = product + c
+        c_part = total - product
+        error = (product - (total - c_part)) + (c - c_part)
+        bits = total.to(tl.int64, bitcast=True)
+        away_from_zero = (error > 0.0) == (total > 0.0)
+        nudge = tl.where(away_from_zero, 1, -1).to(tl.int64)
+        bits = tl.where((error != 0.0) & ((bits & 1) == 0), bits + nudge, bits)
+        return bits.to(tl.float64, bitcast=True).to(tl.float32)
+else:
+    @triton.jit
+    def _fma(a, b, c):
+        """fp32 a * b + c rounded once (fma.rn.f32)."""
+        return tl.fma(tl.cast(a, tl.float32), tl.cast(b, tl.float32), tl.cast(c, tl.float32))
+
+
+@triton.jit
+def _log_pos(x):
+    """Natural log for x in [1e-7, 1]: ``log_pos`` of csrc/ivon_math.h.
+
+        x = 2^e m, m in [sqrt(1/2), sqrt(2)),  f = m - 1,
+        log x = e ln2_hi + (f + (e ln2_lo + f^3 P(f) - f^2 / 2))
+    """
+    ix = x.to(tl.uint32, bitcast=True) - 0x3F3504F3
+    e = ix.to(tl.int32, bitcast=True) >> 23
+    f = ((ix & 0x007FFFFF) + 0x3F3504F3).to(tl.float32, bitcast=True) - 1.0
+    ef = e.to(tl.float32)
+    p = _fma(0.07150298357009888, f, -0.11570992320775986)
+    p = _fma(p, f, 0.11661184579133987)
+    p = _fma(p, f, -0.12411069869995117)
+    p = _fma(p, f, 0.14249978959560394)
+    p = _fma(p, f, -0.1666848063468933)
+    p = _fma(p, f, 0.20000705122947693)
+    p = _fma(p, f, -0.24999989569187164)
+    p = _fma(p, f, 0.3333333134651184)
+    f2 = f * f
+    tail = _fma(f2 * f, p, ef * 1.428606765330187e-06)
+    tail = _fma(-0.5, f2, tail)
+    return _fma(ef, 0.693145751953125, f + tail)
+
+
+@triton.jit
+def _sincos_angle(theta):
+    """(sin, cos) of theta in [0, 2 pi + a few ulp]: ``sincos_angle`` of csrc/ivon_math.h.
+
+        q = nearest quadrant of theta, r = theta - q pi/2 (pi/2 in three parts),
+        sin r = r + r^3 S(r^2),  cos r = 1 - r^2/2 + r^4 C(r^2),  rotated by q
+    """
+    shifted = theta * 0.6366197466850281 + 12582912.0  # + 1.5 * 2^23 rounds to an integer
+    q = shifted.to(tl.uint32, bitcast=True) - 0x4B400000
+    k = shifted - 12582912.0
+    r = _fma(-k, 1.5707963705062866, theta)
+    r = _fma(-k, -4.371138828673793e-08, r)
+    r = _fma(-k, -1.7763568394002505e-15, r)
+    z = r * r
+    sp = _fma(2.724946625676239e-06, z, -0.00019840081222355366)
+    sp = _fma(sp, z, 0.008333331905305386)
+    sp = _fma(sp, z, -0.1666666716337204)
+    sin_r = _fma(z * r, sp, r)
+    cp = _fma(-2.7299731186758436e-07, z, 2.4800587198114954e-05)
+    cp = _fma(cp, z, -0.00138888880610466)
+    cp = _fma(cp, z, 0.0416666679084301)
+    cos_r = _fma(z * z, cp, _fma(-0.5, z, 1.0))
+    swap = (q & 1) != 0
+    sin_bits = tl.where(swap, cos_r, sin_r).to(tl.uint32, bitcast=True) ^ ((q & 2) << 30)
+    cos_bits = tl.where(swap, sin_r, cos_r).to(tl.uint32, bitcast=True) ^ (((q + 1) & 2) << 30)
+    return sin_bits.to(tl.float32, bitcast=True), cos_bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _box_muller(a, b):
+    """BM(a, b) = sqrt(-2 ln max(a, 1e-7)) * (cos 2 pi b, sin 2 pi b), exact sqrt"""
+    radius = tl.sqrt_rn(-2.0 * _log_pos(tl.maximum(a, 1e-7)))
+    sin, cos = _sincos_angle(6.283185307179586 * b)
+    return radius * cos, radius * sin
+
+
 @triton.jit
 def _normal(seed, draw, quad):
     """eps of docs/DESIGN.md section 3 for 4 * len(quad) elements: eps[i] = n_(i & 3) of quad i >> 2.
 
         (x0..x3) = _philox(seed, draw, quad)
-        (n0, n1) = BM(u(x0), u(x1)),  (n2, n3) = BM(u(x2), u(x3)),
-        BM(a, b) = sqrt(-2 ln max(a, 1e-7)) * (cos 2 pi b, sin 2 pi b)
+        (n0, n1) = BM(u(x0), u(x1)),  (n2, n3) = BM(u(x2), u(x3))
 
     One Philox call serves the four lanes of a quad, so the RNG stays cheap next to the memory
     traffic.
     """
     x0, x1, x2, x3 = _philox(seed, draw, quad)
-    # exact sqrt; on NVIDIA tl.log / cos / sin lower to libdevice's full-accuracy functions, so
-    # the noise matches the reference to an ulp or so
-    r01 = tl.sqrt_rn(-2.0 * tl.log(tl.maximum(_uniform(x0), 1e-7)))
-    r23 = tl.sqrt_rn(-2.0 * tl.log(tl.maximum(_uniform(x2), 1e-7)))
-    t01 = 6.283185307179586 * _uniform(x1)
-    t23 = 6.283185307179586 * _uniform(x3)
-    n0, n1 = r01 * tl.cos(t01), r01 * tl.sin(t01)
-    n2, n3 = r23 * tl.cos(t23), r23 * tl.sin(t23)
+    n0, n1 = _box_muller(_uniform(x0), _uniform(x1))
+    n2, n3 = _box_muller(_uniform(x2), _uniform(x3))
     # interleave in registers: x[q, j, l] = n_(2 j + l), whose row-major order is the 1-D tile
     quads = tl.join(tl.join(n0, n2), tl.join(n1, n3))
     return tl.reshape(quads, [4 * quad.shape[0]])
@@ -349,13 +468,14 @@ def _sample_kernel(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, device_dr
                    BLOCK: tl.constexpr):
     if HAS_DEVICE_DRAWS:  # the draw number on the device (capturable steps)
         draw = tl.load(device_draws_ptr)
-    k, quad, full, inside = _tile(quad_base, n, BLOCK, LEAD, ORIGIN)
-    if full:
-        _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, quad, seed,
-                     draw, ess, weight_decay, HAS_PRIOR_PRECISION, MASKED=False)
-    else:
-        _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, quad, seed,
-                     draw, ess, weight_decay, HAS_PRIOR_PRECISION, MASKED=True)
+    for tile in range(tl.program_id(0), tl.cdiv(n + LEAD, BLOCK), tl.num_programs(0)):
+        k, quad, full, inside = _tile(tile, quad_base, n, BLOCK, LEAD, ORIGIN)
+        if full:
+            _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, quad, seed,
+                         draw, ess, weight_decay, HAS_PRIOR_PRECISION, MASKED=False)
+        else:
+            _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, quad, seed,
+                         draw, ess, weight_decay, HAS_PRIOR_PRECISION, MASKED=True)
 
 
 def sample(param, mean, hess, *, seed=0, draw=0, offset=0, ess, weight_decay, eps=None,
@@ -448,15 +568,16 @@ def _accumulate_kernel(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, prio
                        ORIGIN: tl.constexpr, BLOCK: tl.constexpr):
     if HAS_DEVICE_DRAWS:  # the draw number on the device (capturable steps)
         draw = tl.load(device_draws_ptr)
-    k, quad, full, inside = _tile(quad_base, n, BLOCK, LEAD, ORIGIN)
-    if full:
-        _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, prior_precision_ptr,
-                         k, inside, quad, seed, draw, count, ess, weight_decay, FIRST, PRICE,
-                         HAS_PRIOR_PRECISION, MASKED=False)
-    else:
-        _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, prior_precision_ptr,
-                         k, inside, quad, seed, draw, count, ess, weight_decay, FIRST, PRICE,
-                         HAS_PRIOR_PRECISION, MASKED=True)
+    for tile in range(tl.program_id(0), tl.cdiv(n + LEAD, BLOCK), tl.num_programs(0)):
+        k, quad, full, inside = _tile(tile, quad_base, n, BLOCK, LEAD, ORIGIN)
+        if full:
+            _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr,
+                             prior_precision_ptr, k, inside, quad, seed, draw, count, ess,
+                             weight_decay, FIRST, PRICE, HAS_PRIOR_PRECISION, MASKED=False)
+        else:
+            _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr,
+                             prior_precision_ptr, k, inside, quad, seed, draw, count, ess,
+                             weight_decay, FIRST, PRICE, HAS_PRIOR_PRECISION, MASKED=True)
 
 
 def accumulate(grad, hess, avg_grad, avg_hess_term, *, seed=0, draw=0, offset=0, count, ess,
@@ -495,10 +616,9 @@ def _debiased(momentum, debias):
 def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
                  avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, inside, quad, seed,
                  draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1, one_minus_beta1,
-                 beta2, one_minus_beta2, hess_coef, clip_radius, debias, scale, skip,
+                 beta2, one_minus_beta2, hess_coef, clip_radius, debias, scale,
                  HAS_GRAD: tl.constexpr, FIRST: tl.constexpr, PRICE: tl.constexpr,
-                 RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                 HAS_FOUND_INF: tl.constexpr, HAS_PRIOR_MEAN: tl.constexpr,
+                 RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_PRIOR_MEAN: tl.constexpr,
                  HAS_PRIOR_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """The update of docs/DESIGN.md section 2, op for op as the reference:
 
@@ -510,7 +630,6 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
         h <- (b2 h + (1 - b2) f) + (hess_coef (h - f)^2) / (h + d),  hess_coef = 0.5 (1 - b2)^2
         m <- m - lr clip((g / debias + d m) / (h + d), -rho, rho)        (new g and h)
              (HAS_PRIOR_MEAN: d (m - mu0) in place of d m)
-        (skip, HAS_FOUND_INF only: g, h and m keep their old values)
         bf16 state only: g, h stored as SR(g, low16(r)), SR(h, high16(r)), r = the element's
                          _rounding_bits(seed, round_draw); m above used the unrounded g and h
         param <- m, or (RESAMPLE) m + eps(next_draw) / sqrt(ess (h + d))   (new m, stored h)
@@ -550,15 +669,10 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
     # NaN stays NaN, as in torch.clip (tl.minimum / tl.maximum would drop it)
     new_mean = mean - lr * tl.clamp(step, -clip_radius, clip_radius,
                                     propagate_nan=tl.PropagateNan.ALL)
-    if HAS_FOUND_INF:  # a skipped step writes the old values back
-        new_momentum = tl.where(skip, momentum, new_momentum)
-        new_hess = tl.where(skip, hess, new_hess)
-        new_mean = tl.where(skip, mean, new_mean)
 
     if momentum_ptr.dtype.element_ty == tl.bfloat16:  # known at compile time
         # stochastic rounding, unbiased where round to nearest would lose every increment below
-        # half an ulp (the hess's (1 - b2)(f - h) for b2 near 1); a skipped step's old values
-        # are bf16 values, which round to themselves
+        # half an ulp (the hess's (1 - b2)(f - h) for b2 near 1)
         random = _rounding_bits(seed, round_draw, quad)
         stored_hess = _bf16_round_stochastic(new_hess, random >> 16)
         _write(momentum_ptr, k, inside, _bf16_round_stochastic(new_momentum, random & 0xFFFF),
@@ -573,6 +687,26 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
     if RESAMPLE:  # write the next sample now: saves a separate sample pass over m and h
         new_mean = new_mean + _sigma_noise(_normal(seed, next_draw, quad), new_hess, ess, delta)
     _store(param_ptr, k, inside, new_mean, MASKED)
+
+
+# Note [a skipped step]: where found_inf is nonzero (or NaN) the update keeps momentum, hess
+# and mean, and writes the param as it would after any update: the mean, or with a next sample
+# the next draw's sample around the mean and hess, which is what ``sample`` writes. The kernel
+# tests the flag once per tile, a uniform branch, instead of selecting between old and new
+# values per element (3 SASS instructions per element of every step that is not skipped). The
+# old momentum, hess and mean need no store: they are the values already there (bf16 state
+# too, which would round to itself). The skipped tile always runs masked: skipped steps are
+# rare, and one variant keeps the kernel smaller.
+@triton.jit
+def _skipped_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, quad, seed,
+                  next_draw, ess, weight_decay, RESAMPLE: tl.constexpr,
+                  HAS_PRIOR_PRECISION: tl.constexpr):
+    """param <- m, or (RESAMPLE) m + eps(next_draw) / sqrt(ess (h + d)); g, h and m kept"""
+    if RESAMPLE:
+        _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, quad, seed,
+                     next_draw, ess, weight_decay, HAS_PRIOR_PRECISION, MASKED=True)
+    else:
+        _store(param_ptr, k, inside, _load(mean_ptr, k, inside, 0.0, True), True)
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
@@ -607,21 +741,25 @@ def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_gr
             # the rounding index is draws[1], also without RESAMPLE; the host passed the bare
             # ROUND_DRAW_BASE (int64 sums wrap, as uint64 sums do)
             round_draw = round_draw + tl.load(device_draws_ptr + 1)
-    k, quad, full, inside = _tile(quad_base, n, BLOCK, LEAD, ORIGIN)
-    if full:
-        _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
-                     avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, inside, quad, seed,
-                     draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1,
-                     one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias,
-                     scale, skip, HAS_GRAD, FIRST, PRICE, RESAMPLE, HAS_GRAD_SCALE,
-                     HAS_FOUND_INF, HAS_PRIOR_MEAN, HAS_PRIOR_PRECISION, MASKED=False)
-    else:
-        _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
-                     avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, inside, quad, seed,
-                     draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1,
-                     one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias,
-                     scale, skip, HAS_GRAD, FIRST, PRICE, RESAMPLE, HAS_GRAD_SCALE,
-                     HAS_FOUND_INF, HAS_PRIOR_MEAN, HAS_PRIOR_PRECISION, MASKED=True)
+    for tile in range(tl.program_id(0), tl.cdiv(n + LEAD, BLOCK), tl.num_programs(0)):
+        k, quad, full, inside = _tile(tile, quad_base, n, BLOCK, LEAD, ORIGIN)
+        if skip:  # uniform: every program takes the same side (Note [a skipped step])
+            _skipped_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, quad,
+                          seed, next_draw, ess, weight_decay, RESAMPLE, HAS_PRIOR_PRECISION)
+        elif full:
+            _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
+                         avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, inside, quad,
+                         seed, draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1,
+                         one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias,
+                         scale, HAS_GRAD, FIRST, PRICE, RESAMPLE, HAS_GRAD_SCALE, HAS_PRIOR_MEAN,
+                         HAS_PRIOR_PRECISION, MASKED=False)
+        else:
+            _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
+                         avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, inside, quad,
+                         seed, draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1,
+                         one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias,
+                         scale, HAS_GRAD, FIRST, PRICE, RESAMPLE, HAS_GRAD_SCALE, HAS_PRIOR_MEAN,
+                         HAS_PRIOR_PRECISION, MASKED=True)
 
 
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,
@@ -703,8 +841,9 @@ def _launch(kernel, device: torch.device, n: int, offset: int, segment: list, *a
     block, warps = _launch_config(device)
     lead = offset & 3
     widened = _from_quad(segment, lead)
+    tiles = triton.cdiv(n + lead, block)
     with _on_device(device):
-        kernel[(triton.cdiv(n + lead, block),)](
+        kernel[(min(tiles, _programs(device)),)](
             *(segment if widened is None else widened), *args, **flags, LEAD=lead,
             ORIGIN=widened is not None, BLOCK=block, num_warps=warps, enable_fp_fusion=False)
 
