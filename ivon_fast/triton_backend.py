@@ -89,8 +89,9 @@ INTERPRETER_BLOCK = 16384
 PROGRAMS_PER_SM = 8
 
 # Triton compiles a separate variant, with the value folded in as a Python int, for integer
-# arguments equal to 1; for seeds, draws and quad numbers that is only recompilation.
-_NOT_SPECIALIZED = ["quad_base", "seed", "draw", "next_draw", "round_draw"]
+# arguments equal to 1; for tile counts, seeds, draws and quad numbers that is only
+# recompilation.
+_NOT_SPECIALIZED = ["tiles", "quad_base", "seed", "draw", "next_draw", "round_draw"]
 
 # Whether the kernels were defined for the interpreter (decided by triton when @triton.jit runs).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -113,16 +114,17 @@ def unavailable_reason(device) -> str | None:
     return f"the Triton backend runs on CUDA tensors, got {device}"
 
 
-def _programs(device: torch.device) -> int:
+def _max_programs(device: torch.device) -> int | None:
     """The most programs of a launch (Note [tiles of a launch]): IVON_TRITON_PROGRAMS, else
-    PROGRAMS_PER_SM per multiprocessor of a GPU, else one per tile (the interpreter)."""
+    PROGRAMS_PER_SM per multiprocessor of a GPU; None (no cap, a program per tile) for the
+    interpreter."""
     setting = os.environ.get("IVON_TRITON_PROGRAMS")
     if setting is not None:
         if not setting.isdigit() or int(setting) < 1:
             raise ValueError(f"IVON_TRITON_PROGRAMS must be an integer >= 1, got {setting!r}")
         return int(setting)
     if device.type != "cuda":
-        return 1 << 62
+        return None
     return PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None
                                               else torch.cuda.current_device())
 
@@ -166,7 +168,9 @@ def _tile(tile, quad_base, n, BLOCK: tl.constexpr, LEAD: tl.constexpr, ORIGIN: t
     vectorize the loads for any n (masks by ``k < n`` only vectorize when n is known to be a
     multiple of 16).
     """
-    tile = tl.cast(tile, tl.int64)  # the interpreter's loop counts in Python ints
+    # int64: tile * BLOCK and LEAD + n pass 2^31 in segments near 2^31 elements (the loop counts
+    # in int32, the interpreter's in Python ints; n is int32 when it fits)
+    tile, n = tl.cast(tile, tl.int64), tl.cast(n, tl.int64)
     first = LEAD if ORIGIN else 0  # the position of the segment's first element
     start = tile * BLOCK + first - LEAD
     k = start + tl.arange(0, BLOCK)
@@ -389,6 +393,7 @@ def _sincos_angle(theta):
 @triton.jit
 def _box_muller(a, b):
     """BM(a, b) = sqrt(-2 ln max(a, 1e-7)) * (cos 2 pi b, sin 2 pi b), exact sqrt"""
+    # a float max where the C++ takes an integer max of the bits: the same for a >= 0, never NaN
     radius = tl.sqrt_rn(-2.0 * _log_pos(tl.maximum(a, 1e-7)))
     sin, cos = _sincos_angle(6.283185307179586 * b)
     return radius * cos, radius * sin
@@ -461,14 +466,14 @@ def _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, 
     _store(param_ptr, k, inside, mean + _sigma_noise(eps, hess, ess, delta), MASKED)
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED[:3])
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED[:4])
 def _sample_kernel(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, device_draws_ptr, n,
-                   quad_base, seed, draw, ess, weight_decay, HAS_DEVICE_DRAWS: tl.constexpr,
-                   HAS_PRIOR_PRECISION: tl.constexpr, LEAD: tl.constexpr, ORIGIN: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   quad_base, seed, draw, ess, weight_decay, tiles,
+                   HAS_DEVICE_DRAWS: tl.constexpr, HAS_PRIOR_PRECISION: tl.constexpr,
+                   LEAD: tl.constexpr, ORIGIN: tl.constexpr, BLOCK: tl.constexpr):
     if HAS_DEVICE_DRAWS:  # the draw number on the device (capturable steps)
         draw = tl.load(device_draws_ptr)
-    for tile in range(tl.program_id(0), tl.cdiv(n + LEAD, BLOCK), tl.num_programs(0)):
+    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
         k, quad, full, inside = _tile(tile, quad_base, n, BLOCK, LEAD, ORIGIN)
         if full:
             _sample_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, quad, seed,
@@ -560,15 +565,15 @@ def _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, prior_
     _store(avg_hess_term_ptr, k, inside, term, MASKED)
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED[:3])
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED[:4])
 def _accumulate_kernel(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, prior_precision_ptr,
                        device_draws_ptr, n, quad_base, seed, draw, count, ess, weight_decay,
-                       FIRST: tl.constexpr, PRICE: tl.constexpr, HAS_DEVICE_DRAWS: tl.constexpr,
+                       tiles, FIRST: tl.constexpr, PRICE: tl.constexpr, HAS_DEVICE_DRAWS: tl.constexpr,
                        HAS_PRIOR_PRECISION: tl.constexpr, LEAD: tl.constexpr,
                        ORIGIN: tl.constexpr, BLOCK: tl.constexpr):
     if HAS_DEVICE_DRAWS:  # the draw number on the device (capturable steps)
         draw = tl.load(device_draws_ptr)
-    for tile in range(tl.program_id(0), tl.cdiv(n + LEAD, BLOCK), tl.num_programs(0)):
+    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
         k, quad, full, inside = _tile(tile, quad_base, n, BLOCK, LEAD, ORIGIN)
         if full:
             _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr,
@@ -715,7 +720,7 @@ def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_gr
                    found_inf_ptr, device_lr_ptr, device_debias_ptr, device_draws_ptr, n,
                    quad_base, seed, draw, next_draw, round_draw, count, lr, ess,
                    weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, hess_coef,
-                   clip_radius, debias, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
+                   clip_radius, debias, tiles, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
                    PRICE: tl.constexpr, RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                    HAS_FOUND_INF: tl.constexpr, HAS_DEVICE_LR: tl.constexpr,
                    HAS_DEVICE_DEBIAS: tl.constexpr, HAS_DEVICE_DRAWS: tl.constexpr,
@@ -741,7 +746,7 @@ def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_gr
             # the rounding index is draws[1], also without RESAMPLE; the host passed the bare
             # ROUND_DRAW_BASE (int64 sums wrap, as uint64 sums do)
             round_draw = round_draw + tl.load(device_draws_ptr + 1)
-    for tile in range(tl.program_id(0), tl.cdiv(n + LEAD, BLOCK), tl.num_programs(0)):
+    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
         k, quad, full, inside = _tile(tile, quad_base, n, BLOCK, LEAD, ORIGIN)
         if skip:  # uniform: every program takes the same side (Note [a skipped step])
             _skipped_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, quad,
@@ -832,19 +837,20 @@ def _launch(kernel, device: torch.device, n: int, offset: int, segment: list, *a
     holds its tensors of the segment (the kernel's first pointers), ``args`` the other
     arguments.
 
-    ``flags`` are the kernel's constexpr flags; LEAD, ORIGIN (``_from_quad``), BLOCK and the
-    launch options are added here. FMA contraction is off (``enable_fp_fusion=False``), as in
-    the C++ build, so each multiply and add rounds like torch's elementwise ops and the GPU
-    kernels match the reference and the C++ kernels to the tolerances the tests claim (the
-    interpreter ignores the option: numpy never contracts).
+    ``flags`` are the kernel's constexpr flags; the tile count (``tiles``), LEAD, ORIGIN
+    (``_from_quad``), BLOCK and the launch options are added here, and the grid (Note [tiles of
+    a launch]). FMA contraction is off (``enable_fp_fusion=False``), as in the C++ build, so
+    each multiply and add rounds like torch's elementwise ops, and the kernels give the C++
+    kernels' bits (the interpreter ignores the option: numpy never contracts).
     """
     block, warps = _launch_config(device)
     lead = offset & 3
     widened = _from_quad(segment, lead)
-    tiles = triton.cdiv(n + lead, block)
+    tiles = triton.cdiv(n + lead, block)  # Python ints: no overflow near 2^31 elements
     with _on_device(device):
-        kernel[(min(tiles, _programs(device)),)](
-            *(segment if widened is None else widened), *args, **flags, LEAD=lead,
+        cap = _max_programs(device)
+        kernel[(tiles if cap is None else min(tiles, cap),)](
+            *(segment if widened is None else widened), *args, tiles=tiles, **flags, LEAD=lead,
             ORIGIN=widened is not None, BLOCK=block, num_warps=warps, enable_fp_fusion=False)
 
 

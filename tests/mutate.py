@@ -259,6 +259,10 @@ MUTATIONS = [
              "        _store(param_ptr, k, inside, _load(mean_ptr, k, inside, 0.0, True), True)\n",
              "        pass\n",
              ("tests/test_kernels.py", "-k", "skipped_step and triton")),
+    Mutation("triton-tile-length-in-int32", TRITON,
+             "    tile, n = tl.cast(tile, tl.int64), tl.cast(n, tl.int64)",
+             "    tile = tl.cast(tile, tl.int64)",
+             ("tests/test_kernels_builds.py", "-k", "tiles_near_2_to_the_31")),
     Mutation("triton-interpreter-fma-rounds-twice", TRITON,
              "        bits = tl.where((error != 0.0) & ((bits & 1) == 0), bits + nudge, bits)\n",
              "",
@@ -272,20 +276,16 @@ MUTATIONS = [
              "^ ((q & 2) << 30)",
              ("tests/test_kernels_builds.py", "-k", "bit_for_bit")),
     Mutation("triton-tiles-of-a-program-overlap", TRITON,
-             "    for tile in range(tl.program_id(0), tl.cdiv(n + LEAD, BLOCK), tl.num_programs(0)):\n"
+             "    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):\n"
              "        k, quad, full, inside = _tile(tile, quad_base, n, BLOCK, LEAD, ORIGIN)\n"
              "        if skip:",
-             "    for tile in range(tl.program_id(0), tl.cdiv(n + LEAD, BLOCK), 1):\n"
+             "    for tile in range(tl.program_id(0), tiles, 1):\n"
              "        k, quad, full, inside = _tile(tile, quad_base, n, BLOCK, LEAD, ORIGIN)\n"
              "        if skip:",
              ("tests/test_kernels_builds.py", "-k", "bit_for_bit")),
     Mutation("triton-partial-last-tile-dropped", TRITON,
-             "    for tile in range(tl.program_id(0), tl.cdiv(n + LEAD, BLOCK), tl.num_programs(0)):\n"
-             "        k, quad, full, inside = _tile(tile, quad_base, n, BLOCK, LEAD, ORIGIN)\n"
-             "        if skip:",
-             "    for tile in range(tl.program_id(0), (n + LEAD) // BLOCK, tl.num_programs(0)):\n"
-             "        k, quad, full, inside = _tile(tile, quad_base, n, BLOCK, LEAD, ORIGIN)\n"
-             "        if skip:",
+             "    tiles = triton.cdiv(n + lead, block)",
+             "    tiles = (n + lead) // block",
              ("tests/test_kernels_builds.py", "-k", "bit_for_bit")),
     Mutation("triton-gradsq-average-unscaled-once", TRITON,
              "    if not PRICE:\n        avg_term = _unscaled(avg_term, scale, SCALED)\n",

@@ -106,6 +106,14 @@ if triton is not None:
         tl.store(out_ptr + k, rounded)
 
     @triton.jit
+    def _tile_probe(out_ptr, tile, quad_base, n, LEAD: tl.constexpr, ORIGIN: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        """out <- tile ``tile``'s positions k where inside the segment, else -1; then full."""
+        k, quad, full, inside = tb._tile(tile, quad_base, n, BLOCK, LEAD, ORIGIN)
+        tl.store(out_ptr + tl.arange(0, BLOCK), tl.where(inside, k, -1))
+        tl.store(out_ptr + BLOCK, full.to(tl.int64))
+
+    @triton.jit
     def _fma_probe(out_ptr, a_ptr, b_ptr, c_ptr, N: tl.constexpr):
         """out <- the kernels' fma(a, b, c) (fp32)."""
         k = tl.arange(0, N)
@@ -215,6 +223,37 @@ def test_triton_fma_rounds_once():
     assert out[0].item() == 1 + u and out[1].item() == 1.0
 
 
+@marked(TRITON)
+def test_triton_tiles_near_2_to_the_31():
+    """A segment of 2^31 - 1 elements (an int32 length) starting mid-quad: its last tile holds
+    the segment's last positions and is partial, the tile before it is full; nothing overflows
+    int32 (Note [segments from their quad])."""
+    n, lead, block = (1 << 31) - 1, 3, 16
+    last = triton.cdiv(n + lead, block) - 1
+    out = torch.empty(block + 1, dtype=torch.int64, device=TRITON_DEVICE)
+    for tile, full in ((last - 1, 1), (last, 0)):
+        _tile_probe[(1,)](out, tile, 0, n, LEAD=lead, ORIGIN=True, BLOCK=block)
+        k = torch.arange(tile * block, (tile + 1) * block)
+        expected = torch.where(k < lead + n, k, -1)
+        assert torch.equal(out[:block].cpu(), expected), tile
+        assert out[block].item() == full
+
+
+def _placed_update(ops, device, bf16_state: bool, found_inf: float) -> list:
+    """param, mean, momentum, hess after one drop-in update of a segment at offset 4099 in a
+    buffer with room before it (so Triton runs it from its quad: ORIGIN), with the finite
+    check's flag ``found_inf``."""
+    n, state_dtype = 333, torch.bfloat16 if bf16_state else torch.float32
+    mean, momentum, hess, _, _ = make_state(n, device)
+    tensors = [_in_a_buffer(t, before=3) for t in
+               (torch.zeros(n, device=device), make_grad(n, torch.float32, device), mean,
+                momentum.to(state_dtype), hess.to(state_dtype))]
+    ops.update(*tensors, None, None, seed=BIG_SEED, offset=4099, draw=2, next_draw=3, count=1,
+               hess_approx="price", scalars=update_scalars(0.1), round_draw=4,
+               found_inf=one(found_inf, device))
+    return [t.float() for t in (tensors[0], *tensors[2:])]
+
+
 @marked(TRITON + CPP)
 def test_triton_is_the_cpu_kernel_bit_for_bit(monkeypatch):
     """The Triton kernels draw their noise with the C++ kernels' own functions (Note [the
@@ -233,6 +272,11 @@ def test_triton_is_the_cpu_kernel_bit_for_bit(monkeypatch):
         expected = trajectory(cpp, "cpu", dtype, n, offset, mc, hess_approx, 3)
         for name, a, e in zip(("param", "mean", "momentum", "hess"), got, expected):
             assert torch.equal(a.cpu(), e), (dtype, name)
+    for bf16, skip in ((False, 0.0), (False, 1.0), (True, 1.0)):  # several tiles, from the quad
+        outputs = [_placed_update(ops, device, bf16, skip)
+                   for ops, device in ((tb, TRITON_DEVICE), (cpp, "cpu"))]
+        for a, e in zip(*outputs):
+            assert torch.equal(a.cpu(), e), (bf16, skip)
     monkeypatch.delenv("IVON_TRITON_BLOCK")
     monkeypatch.delenv("IVON_TRITON_PROGRAMS")
     n = (1 << 20) + 3
@@ -482,7 +526,9 @@ def compile_launches_for_sm90():
     def contracted(asm) -> int:
         """fma.rn.f32 in the PTX beyond the explicit ones: the noise's polynomials call
         llvm.fma in the LLVM IR (Note [the noise's own functions in Triton]), one lane each;
-        contraction happens after it, in the NVPTX backend."""
+        contraction happens after it, in the NVPTX backend. A count: a contraction could hide
+        only behind an explicit fma that LLVM folded away, which it does for an fma of
+        constants alone, and every fma of the polynomials has a variable operand."""
         lanes = {"f32": 1, "v2f32": 2, "v4f32": 4}
         explicit = sum(lanes[t] for t in re.findall(r"call [^\n]*@llvm\.fma\.(\w+)\(",
                                                     asm["llir"]))
