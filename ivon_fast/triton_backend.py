@@ -309,32 +309,43 @@ def _philox(seed, draw, quad):
 # tl.sin and tl.cos lower to) were about 30 SASS instructions per element more in the drop-in
 # update, and differ from the CPU by an ulp; with these the Triton kernels' noise is the C++ and
 # CUDA kernels' noise, bit for bit (tests/test_kernels_builds.py compares them). On the GPU
-# ``tl.fma`` is one fma.rn.f32; the interpreter computes ``tl.fma`` as a rounded product plus a
-# rounded sum, so there ``_fma`` forms the exact fma from float64 (below).
-if _INTERPRETED:
-    @triton.jit
-    def _fma(a, b, c):
-        """fp32 a * b + c rounded once, from float64: the product is exact there, the sum is
-        rounded to odd (its error by TwoSum; an inexact sum with an even last bit moves one
-        ulp toward the error), and the float32 of a round-to-odd double is the correctly
-        rounded result (53 >= 24 + 2 bits). Finite inputs and results only."""
-        a = tl.cast(a, tl.float32).to(tl.float64)
-        b = tl.cast(b, tl.float32).to(tl.float64)
-        c = tl.cast(c, tl.float32).to(tl.float64)
+# ``tl.fma`` is one fma.rn.f32; the Triton interpreter (3.8) computes it as a rounded product
+# plus a rounded sum, so in interpreted runs this module replaces the interpreter's fma with one
+# rounded once (``_fma_rounded_once``, for every interpreted kernel of the process: the GPU's
+# semantics, which only makes the interpreter more faithful).
+@triton.jit
+def _fma(a, b, c):
+    """fp32 a * b + c rounded once (fma.rn.f32; under the interpreter, ``_fma_rounded_once``)."""
+    return tl.fma(tl.cast(a, tl.float32), tl.cast(b, tl.float32), tl.cast(c, tl.float32))
+
+
+if _INTERPRETED:  # Note [the noise's own functions in Triton]
+    import numpy as np  # the interpreter's own dependency
+    from triton.runtime import interpreter as _interpreter
+
+    def _fma_rounded_once(builder, x, y, z):
+        """The interpreter's fma of fp32 operands rounded once, from float64: the product is
+        exact there, the sum is rounded to odd (its error by TwoSum; an inexact sum with an
+        even last bit moves one ulp toward the error), and the float32 of a round-to-odd double
+        is the correctly rounded result (53 >= 24 + 2 bits). Other dtypes: the interpreter's."""
+        if z.dtype.scalar != tl.float32:
+            return _INTERPRETER_FMA(builder, x, y, z)
+        a, b, c = (np.asarray(h.data, dtype=np.float64) for h in (x, y, z))
         product = a * b
         total = product + c
         c_part = total - product
         error = (product - (total - c_part)) + (c - c_part)
-        bits = total.to(tl.int64, bitcast=True)
-        away_from_zero = (error > 0.0) == (total > 0.0)
-        nudge = tl.where(away_from_zero, 1, -1).to(tl.int64)
-        bits = tl.where((error != 0.0) & ((bits & 1) == 0), bits + nudge, bits)
-        return bits.to(tl.float64, bitcast=True).to(tl.float32)
-else:
-    @triton.jit
-    def _fma(a, b, c):
-        """fp32 a * b + c rounded once (fma.rn.f32)."""
-        return tl.fma(tl.cast(a, tl.float32), tl.cast(b, tl.float32), tl.cast(c, tl.float32))
+        bits = np.asarray(total).view(np.int64)
+        nudge = np.where((error > 0.0) == (total > 0.0), 1, -1)
+        bits = np.where((error != 0.0) & ((bits & 1) == 0), bits + nudge, bits)
+        return _interpreter.TensorHandle(bits.view(np.float64).astype(np.float32),
+                                         z.dtype.scalar)
+
+    # the interpreter's own, also when this module is imported again (a reload)
+    _INTERPRETER_FMA = getattr(_interpreter.InterpreterBuilder.create_fma, "replaced",
+                               _interpreter.InterpreterBuilder.create_fma)
+    _fma_rounded_once.replaced = _INTERPRETER_FMA
+    _interpreter.InterpreterBuilder.create_fma = _fma_rounded_once
 
 
 @triton.jit

@@ -264,7 +264,7 @@ MUTATIONS = [
              "    tile = tl.cast(tile, tl.int64)",
              ("tests/test_kernels_builds.py", "-k", "tiles_near_2_to_the_31")),
     Mutation("triton-interpreter-fma-rounds-twice", TRITON,
-             "        bits = tl.where((error != 0.0) & ((bits & 1) == 0), bits + nudge, bits)\n",
+             "        bits = np.where((error != 0.0) & ((bits & 1) == 0), bits + nudge, bits)\n",
              "",
              ("tests/test_kernels_builds.py", "-k", "fma_rounds_once")),
     Mutation("triton-log-without-the-low-part-of-ln2", TRITON,
