@@ -51,9 +51,9 @@ from bench.machine_code import demangle, resource_usage, run_tool
 @dataclass(frozen=True)
 class Scenario:
     """What one iteration of the hot path does (Note [the hot path of a loop]): its global
-    accesses, (("load" | "store", width in bits), count) pairs, its divisions (FCHK) and its draws of four
-    normals (six int-to-float conversions each: four uniforms, two logarithms' exponents) per
-    quad."""
+    accesses, (("load" | "store", width in bits), count) pairs, its divisions (FCHK) and its
+    draws of four normals (six int-to-float conversions each: four uniforms, two logarithms'
+    exponents) per quad."""
     accesses: tuple
     divisions: int
     normals: int = 0
@@ -217,9 +217,10 @@ def _columns(blocks: list, scenario_of) -> tuple:
     return (max((local_accesses(blocks, e) for e in edges), default=None), *counts)
 
 
-def report(path: str, arch: str, param_types=("float",)) -> list:
+def report(path: str, arch: str, param_types=("float",), only: str | None = None) -> list:
     """rows (instance, registers, stack, loop spills, instructions per element with debias != 1
-    and with debias == 1) for the training loops' instances in `path` for `arch`."""
+    and with debias == 1) for the training loops' instances in `path` for `arch` (``only``: the
+    rows of that label alone)."""
     funcs = sass.parse_sass(run_tool("cuobjdump", "-sass", "-arch", arch, path))
     res = resource_usage(path, arch)
     names = dict(zip(funcs, demangle(list(funcs))))
@@ -231,6 +232,10 @@ def report(path: str, arch: str, param_types=("float",)) -> list:
             continue
         blocks = sass.basic_blocks(code)
         for k, (label, _) in enumerate(scenarios(kernel, args, False)):
+            name = f"{label} ({args[0].split('::')[-1]})"
+            if only is not None and name != only:
+                continue
+
             def scenario_of(debias_one, k=k, label=label):
                 # with a grad scale and debias 1 the divisions are those of the step without a
                 # scale and debias != 1: the signature cannot tell the two apart
@@ -238,8 +243,7 @@ def report(path: str, arch: str, param_types=("float",)) -> list:
                     return None
                 return scenarios(kernel, args, debias_one)[k][1]
             regs, stack, _ = res.get(mangled, (None, None, None))
-            rows.append((f"{label} ({args[0].split('::')[-1]})", regs, stack,
-                         *_columns(blocks, scenario_of)))
+            rows.append((name, regs, stack, *_columns(blocks, scenario_of)))
     return sorted(rows)
 
 
@@ -255,13 +259,13 @@ _TRITON_UPDATES = {
 }
 
 
-def triton_report() -> list:
+def triton_report(only: str | None = None) -> list:
     """``report``'s rows for the Triton update launches, compiled for sm_90 without a GPU (their
-    tiles run in a loop: Note [tiles of a launch] in ivon_fast/triton_backend.py). Run without
-    TRITON_INTERPRET."""
+    tiles run in a loop: Note [tiles of a launch] in ivon_fast/triton_backend.py; ``only``: that
+    launch alone). Run without TRITON_INTERPRET."""
     rows = []
     for name, op, *launch in machine_code.TRITON_CASES:
-        if name not in _TRITON_UPDATES:
+        if name not in _TRITON_UPDATES or only not in (None, name):
             continue
         kernel, args, kwargs = machine_code.triton_launch(op, *launch)
         compiled = machine_code.compile_for_sm90(kernel, args, kwargs)
@@ -292,12 +296,13 @@ def main(argv=None):
     parser.add_argument("--types", default="float", help="param types, e.g. float,BF16,F16")
     parser.add_argument("--triton", action="store_true",
                         help="the Triton update kernels (sm_90) instead of the extension's")
+    parser.add_argument("--only", help="one row, by its instance name as printed")
     args = parser.parse_args(argv)
     if args.triton:
-        tables = [("sm_90", triton_report())]
+        tables = [("sm_90", triton_report(args.only))]
     else:
         path = args.cubin or _so_path()
-        tables = [(arch, report(path, arch, tuple(args.types.split(","))))
+        tables = [(arch, report(path, arch, tuple(args.types.split(",")), args.only))
                   for arch in args.arch or ["sm_90", "sm_80"]]
     print("| instance | arch | regs | stack | loop spills | instr/elem | instr/elem (debias 1) |")
     print("|---|---|---|---|---|---|---|")

@@ -261,9 +261,10 @@ def _uniform(x):
 # ``tl.philox`` does. Integer arithmetic: the same bits either way, which the known answers and
 # the reference's words check (tests/test_kernels_builds.py).
 if _INTERPRETED:
-    @triton.jit
     def _mulhilo(m: tl.constexpr, x):
-        """(hi32, lo32) of the 64-bit product m * x of uint32 (Note [Philox's wide multiply])."""
+        """(hi32, lo32) of the 64-bit product m * x of uint32 (Note [Philox's wide multiply]).
+        A plain function: the interpreter runs a kernel as Python, and a call of a jitted
+        helper costs it more than the two multiplies (20 calls per Philox)."""
         return tl.math.umulhi(x, m), tl.mul(x, m, sanitize_overflow=False)
 else:
     @triton.jit
@@ -305,20 +306,15 @@ def _philox(seed, draw, quad):
 
 # Note [the noise's own functions in Triton]: Box-Muller's log, sin and cos are the C++ / CUDA
 # build's own polynomials (csrc/ivon_math.h, Note [own transcendental functions]), written again
-# here op for op, each multiply-add an explicit fma. libdevice's logf / sinf / cosf (what tl.log,
-# tl.sin and tl.cos lower to) were about 30 SASS instructions per element more in the drop-in
+# here op for op, each multiply-add an explicit tl.fma (called directly: under the interpreter a
+# call of a jitted helper costs more than the fma). libdevice's logf / sinf / cosf (what tl.log,
+# tl.sin and tl.cos lower to) were about 20 SASS instructions per element more in the drop-in
 # update, and differ from the CPU by an ulp; with these the Triton kernels' noise is the C++ and
 # CUDA kernels' noise, bit for bit (tests/test_kernels_builds.py compares them). On the GPU
 # ``tl.fma`` is one fma.rn.f32; the Triton interpreter (3.8) computes it as a rounded product
 # plus a rounded sum, so in interpreted runs this module replaces the interpreter's fma with one
 # rounded once (``_fma_rounded_once``, for every interpreted kernel of the process: the GPU's
 # semantics, which only makes the interpreter more faithful).
-@triton.jit
-def _fma(a, b, c):
-    """fp32 a * b + c rounded once (fma.rn.f32; under the interpreter, ``_fma_rounded_once``)."""
-    return tl.fma(tl.cast(a, tl.float32), tl.cast(b, tl.float32), tl.cast(c, tl.float32))
-
-
 if _INTERPRETED:  # Note [the noise's own functions in Triton]
     import numpy as np  # the interpreter's own dependency
     from triton.runtime import interpreter as _interpreter
@@ -359,18 +355,18 @@ def _log_pos(x):
     e = ix.to(tl.int32, bitcast=True) >> 23
     f = ((ix & 0x007FFFFF) + 0x3F3504F3).to(tl.float32, bitcast=True) - 1.0
     ef = e.to(tl.float32)
-    p = _fma(0.07150298357009888, f, -0.11570992320775986)
-    p = _fma(p, f, 0.11661184579133987)
-    p = _fma(p, f, -0.12411069869995117)
-    p = _fma(p, f, 0.14249978959560394)
-    p = _fma(p, f, -0.1666848063468933)
-    p = _fma(p, f, 0.20000705122947693)
-    p = _fma(p, f, -0.24999989569187164)
-    p = _fma(p, f, 0.3333333134651184)
+    p = tl.fma(0.07150298357009888, f, -0.11570992320775986)
+    p = tl.fma(p, f, 0.11661184579133987)
+    p = tl.fma(p, f, -0.12411069869995117)
+    p = tl.fma(p, f, 0.14249978959560394)
+    p = tl.fma(p, f, -0.1666848063468933)
+    p = tl.fma(p, f, 0.20000705122947693)
+    p = tl.fma(p, f, -0.24999989569187164)
+    p = tl.fma(p, f, 0.3333333134651184)
     f2 = f * f
-    tail = _fma(f2 * f, p, ef * 1.428606765330187e-06)
-    tail = _fma(-0.5, f2, tail)
-    return _fma(ef, 0.693145751953125, f + tail)
+    tail = tl.fma(f2 * f, p, ef * 1.428606765330187e-06)
+    tail = tl.fma(-0.5, f2, tail)
+    return tl.fma(ef, 0.693145751953125, f + tail)
 
 
 @triton.jit
@@ -383,18 +379,18 @@ def _sincos_angle(theta):
     shifted = theta * 0.6366197466850281 + 12582912.0  # + 1.5 * 2^23 rounds to an integer
     q = shifted.to(tl.uint32, bitcast=True) - 0x4B400000
     k = shifted - 12582912.0
-    r = _fma(-k, 1.5707963705062866, theta)
-    r = _fma(-k, -4.371138828673793e-08, r)
-    r = _fma(-k, -1.7763568394002505e-15, r)
+    r = tl.fma(-k, 1.5707963705062866, theta)
+    r = tl.fma(-k, -4.371138828673793e-08, r)
+    r = tl.fma(-k, -1.7763568394002505e-15, r)
     z = r * r
-    sp = _fma(2.724946625676239e-06, z, -0.00019840081222355366)
-    sp = _fma(sp, z, 0.008333331905305386)
-    sp = _fma(sp, z, -0.1666666716337204)
-    sin_r = _fma(z * r, sp, r)
-    cp = _fma(-2.7299731186758436e-07, z, 2.4800587198114954e-05)
-    cp = _fma(cp, z, -0.00138888880610466)
-    cp = _fma(cp, z, 0.0416666679084301)
-    cos_r = _fma(z * z, cp, _fma(-0.5, z, 1.0))
+    sp = tl.fma(2.724946625676239e-06, z, -0.00019840081222355366)
+    sp = tl.fma(sp, z, 0.008333331905305386)
+    sp = tl.fma(sp, z, -0.1666666716337204)
+    sin_r = tl.fma(z * r, sp, r)
+    cp = tl.fma(-2.7299731186758436e-07, z, 2.4800587198114954e-05)
+    cp = tl.fma(cp, z, -0.00138888880610466)
+    cp = tl.fma(cp, z, 0.0416666679084301)
+    cos_r = tl.fma(z * z, cp, tl.fma(-0.5, z, 1.0))
     swap = (q & 1) != 0
     sin_bits = tl.where(swap, cos_r, sin_r).to(tl.uint32, bitcast=True) ^ ((q & 2) << 30)
     cos_bits = tl.where(swap, sin_r, cos_r).to(tl.uint32, bitcast=True) ^ (((q + 1) & 2) << 30)

@@ -117,8 +117,8 @@ if triton is not None:
     def _fma_probe(out_ptr, a_ptr, b_ptr, c_ptr, N: tl.constexpr):
         """out <- the kernels' fma(a, b, c) (fp32)."""
         k = tl.arange(0, N)
-        tl.store(out_ptr + k, tb._fma(tl.load(a_ptr + k), tl.load(b_ptr + k),
-                                      tl.load(c_ptr + k)))
+        tl.store(out_ptr + k, tl.fma(tl.load(a_ptr + k), tl.load(b_ptr + k),
+                                     tl.load(c_ptr + k)))
 
 
 def _probe(seed, draw, quad, quads, device):
@@ -198,10 +198,11 @@ def _rounded_to_fp32(exact: Fraction) -> float:
 
 @marked(TRITON)
 def test_triton_fma_rounds_once():
-    """``_fma`` (Note [the noise's own functions in Triton]) is a * b + c rounded once, as the
-    GPU's fma.rn.f32 and the C++ build's fmaf: cases where rounding the product first, or the
-    sum first to double and then to float, gives another float (the first three), and random
-    operands of mixed scales, against the exact rational result."""
+    """``tl.fma`` (under the interpreter, as Note [the noise's own functions in Triton] makes it)
+    is a * b + c rounded once, as the GPU's fma.rn.f32 and the C++ build's fmaf: cases where
+    rounding the product first, or the sum first to double and then to float, gives another
+    float (the first three), and random operands of mixed scales, against the exact rational
+    result."""
     u = 2.0 ** -23
     cases = [(1 + u, 1 - u / 2, 2.0 ** -47 * (1 + u)),     # exact 1 + 2^-24 + 2^-70: rounds up
              (1 + u, 1 - u / 2, -(2.0 ** -47) * (1 + u)),  # its mirror: 1 + 2^-24 - 2^-70, down
