@@ -575,9 +575,9 @@ def _accumulate_tile(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, prior_
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED[:4])
 def _accumulate_kernel(grad_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr, prior_precision_ptr,
                        device_draws_ptr, n, quad_base, seed, draw, count, ess, weight_decay,
-                       tiles, FIRST: tl.constexpr, PRICE: tl.constexpr, HAS_DEVICE_DRAWS: tl.constexpr,
-                       HAS_PRIOR_PRECISION: tl.constexpr, LEAD: tl.constexpr,
-                       ORIGIN: tl.constexpr, BLOCK: tl.constexpr):
+                       tiles, FIRST: tl.constexpr, PRICE: tl.constexpr,
+                       HAS_DEVICE_DRAWS: tl.constexpr, HAS_PRIOR_PRECISION: tl.constexpr,
+                       LEAD: tl.constexpr, ORIGIN: tl.constexpr, BLOCK: tl.constexpr):
     if HAS_DEVICE_DRAWS:  # the draw number on the device (capturable steps)
         draw = tl.load(device_draws_ptr)
     for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
@@ -625,14 +625,32 @@ def _debiased(momentum, debias):
 
 
 @triton.jit
-def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
-                 avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, inside, quad, seed,
-                 draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1, one_minus_beta1,
-                 beta2, one_minus_beta2, hess_coef, clip_radius, debias, scale,
-                 HAS_GRAD: tl.constexpr, FIRST: tl.constexpr, PRICE: tl.constexpr,
-                 RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_PRIOR_MEAN: tl.constexpr,
-                 HAS_PRIOR_PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    """The update of docs/DESIGN.md section 2, op for op as the reference:
+def _store_state(momentum_ptr, hess_ptr, k, inside, quad, seed, round_draw, momentum, hess,
+                 MASKED: tl.constexpr):
+    """Stores the new momentum and hess, fp32 or (bf16 state) by stochastic rounding with the
+    element's _rounding_bits(seed, round_draw); returns the hess as stored, in fp32."""
+    if momentum_ptr.dtype.element_ty == tl.bfloat16:  # known at compile time
+        # stochastic rounding, unbiased where round to nearest would lose every increment below
+        # half an ulp (the hess's (1 - b2)(f - h) for b2 near 1)
+        random = _rounding_bits(seed, round_draw, quad)
+        stored_hess = _bf16_round_stochastic(hess, random >> 16)
+        _write(momentum_ptr, k, inside, _bf16_round_stochastic(momentum, random & 0xFFFF),
+               MASKED)
+        _write(hess_ptr, k, inside, stored_hess, MASKED)
+        hess = stored_hess.to(tl.float32)
+    else:
+        _store(momentum_ptr, k, inside, momentum, MASKED)
+        _store(hess_ptr, k, inside, hess, MASKED)
+    return hess
+
+
+@triton.jit
+def _update_tile(arrays, step, k, inside, quad, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
+                 PRICE: tl.constexpr, RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                 HAS_PRIOR_MEAN: tl.constexpr, HAS_PRIOR_PRECISION: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """The update of docs/DESIGN.md section 2, op for op as the reference (``arrays``: the
+    kernel's nine segment pointers, ``step``: its scalars, as ``_update_kernel`` packs them):
 
         gbar, tbar = the averages, with the grad of the last sample folded in when HAS_GRAD
                      (grad and averages divided by the grad scale first when HAS_GRAD_SCALE)
@@ -648,6 +666,10 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
 
     g and h are read as stored (bf16 state widened, exactly) and computed in fp32 throughout.
     """
+    (param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr,
+     prior_mean_ptr, prior_precision_ptr) = arrays
+    (seed, draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1, one_minus_beta1,
+     beta2, one_minus_beta2, hess_coef, clip_radius, debias, scale) = step
     mean = _load(mean_ptr, k, inside, 0.0, MASKED)
     momentum = _load(momentum_ptr, k, inside, 0.0, MASKED)
     hess = _load(hess_ptr, k, inside, 1.0, MASKED)
@@ -682,19 +704,9 @@ def _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad
     new_mean = mean - lr * tl.clamp(step, -clip_radius, clip_radius,
                                     propagate_nan=tl.PropagateNan.ALL)
 
-    if momentum_ptr.dtype.element_ty == tl.bfloat16:  # known at compile time
-        # stochastic rounding, unbiased where round to nearest would lose every increment below
-        # half an ulp (the hess's (1 - b2)(f - h) for b2 near 1)
-        random = _rounding_bits(seed, round_draw, quad)
-        stored_hess = _bf16_round_stochastic(new_hess, random >> 16)
-        _write(momentum_ptr, k, inside, _bf16_round_stochastic(new_momentum, random & 0xFFFF),
-               MASKED)
-        _write(hess_ptr, k, inside, stored_hess, MASKED)
-        # the next sample is drawn around the hess as stored, as a later sample op would draw it
-        new_hess = stored_hess.to(tl.float32)
-    else:
-        _store(momentum_ptr, k, inside, new_momentum, MASKED)
-        _store(hess_ptr, k, inside, new_hess, MASKED)
+    # the next sample is drawn around the hess as stored, as a later sample op would draw it
+    new_hess = _store_state(momentum_ptr, hess_ptr, k, inside, quad, seed, round_draw,
+                            new_momentum, new_hess, MASKED)
     _store(mean_ptr, k, inside, new_mean, MASKED)
     if RESAMPLE:  # write the next sample now: saves a separate sample pass over m and h
         new_mean = new_mean + _sigma_noise(_normal(seed, next_draw, quad), new_hess, ess, delta)
@@ -753,25 +765,22 @@ def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_gr
             # the rounding index is draws[1], also without RESAMPLE; the host passed the bare
             # ROUND_DRAW_BASE (int64 sums wrap, as uint64 sums do)
             round_draw = round_draw + tl.load(device_draws_ptr + 1)
+    # the full tile's and the masked tile's update differ only in MASKED, a constexpr
+    arrays = (param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
+              avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr)
+    step = (seed, draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1,
+            one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias, scale)
     for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
         k, quad, full, inside = _tile(tile, quad_base, n, BLOCK, LEAD, ORIGIN)
         if skip:  # uniform: every program takes the same side (Note [a skipped step])
             _skipped_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, quad,
                           seed, next_draw, ess, weight_decay, RESAMPLE, HAS_PRIOR_PRECISION)
         elif full:
-            _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
-                         avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, inside, quad,
-                         seed, draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1,
-                         one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias,
-                         scale, HAS_GRAD, FIRST, PRICE, RESAMPLE, HAS_GRAD_SCALE, HAS_PRIOR_MEAN,
-                         HAS_PRIOR_PRECISION, MASKED=False)
+            _update_tile(arrays, step, k, inside, quad, HAS_GRAD, FIRST, PRICE, RESAMPLE,
+                         HAS_GRAD_SCALE, HAS_PRIOR_MEAN, HAS_PRIOR_PRECISION, MASKED=False)
         else:
-            _update_tile(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
-                         avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr, k, inside, quad,
-                         seed, draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1,
-                         one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias,
-                         scale, HAS_GRAD, FIRST, PRICE, RESAMPLE, HAS_GRAD_SCALE, HAS_PRIOR_MEAN,
-                         HAS_PRIOR_PRECISION, MASKED=True)
+            _update_tile(arrays, step, k, inside, quad, HAS_GRAD, FIRST, PRICE, RESAMPLE,
+                         HAS_GRAD_SCALE, HAS_PRIOR_MEAN, HAS_PRIOR_PRECISION, MASKED=True)
 
 
 def update(param, grad, mean, momentum, hess, avg_grad, avg_hess_term, *, seed=0, draw=0,

@@ -595,8 +595,8 @@ MUTATIONS = [
              ("tests/test_state_dtype.py", "-k", "philox_at_the_rounding")),
     # bf16 state in the kernels (docs/DESIGN.md section 16)
     Mutation("triton-bf16-hess-rounds-with-the-momentum-bits", TRITON,
-             "        stored_hess = _bf16_round_stochastic(new_hess, random >> 16)\n",
-             "        stored_hess = _bf16_round_stochastic(new_hess, random & 0xFFFF)\n",
+             "        stored_hess = _bf16_round_stochastic(hess, random >> 16)\n",
+             "        stored_hess = _bf16_round_stochastic(hess, random & 0xFFFF)\n",
              ("tests/test_kernels.py", "-k", "update_every_instance and triton and state_bfloat16")),
     # ---- issue 19: the instruction diet and the quads in the buffers ----
     Mutation("triton-debias-division-skipped-below-one", TRITON,
@@ -628,7 +628,7 @@ MUTATIONS = [
              "            round_draw = round_draw\n",
              ("tests/test_kernels_state.py", "-k", "rounds_with_the_device_draw and triton")),
     Mutation("triton-next-sample-around-the-unrounded-hess", TRITON,
-             "        new_hess = stored_hess.to(tl.float32)\n",
+             "        hess = stored_hess.to(tl.float32)\n",
              "        pass\n",
              ("tests/test_kernels.py", "-k", "update_every_instance and triton and state_bfloat16")),
     Mutation("triton-bf16-state-rounds-to-nearest", TRITON,
