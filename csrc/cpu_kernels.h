@@ -786,7 +786,6 @@ static void update_range_f32(const OpArgs& a, const Scalars& s, const Draws& dra
   // the element's five divisions goes; tested per piece, a branch the predictor always gets right
   const bool debias_one = s.debias == 1.0f;
   const auto piece = [&](int64_t k, const float* const* e) {
-    static_assert(!(kPipeline && RARE), "piece drops the rare inputs");
     with_bool(debias_one, [&](auto one) {
       update_elems<PT, PRICE, MODE, NEXT, false, decltype(one)::value, 4 * kPieceQuads>(
           a, s, k, 0, momentum, hess, e[0], e[kNext], RareArrays{});

@@ -625,6 +625,36 @@ def _debiased(momentum, debias):
 
 
 @triton.jit
+def _new_moments(grad_mean, hess_term, momentum, hess, delta, ess, beta1, one_minus_beta1, beta2,
+                 one_minus_beta2, hess_coef, PRICE: tl.constexpr):
+    """The new momentum and hess (``new_moments`` of csrc/ivon_math.h), as _update_tile's
+    docstring writes them."""
+    new_momentum = beta1 * momentum + one_minus_beta1 * grad_mean
+    if PRICE:
+        nll_hess = (hess_term * (hess + delta)) * ess
+    else:
+        nll_hess = hess_term * ess
+    diff = hess - nll_hess
+    new_hess = ((beta2 * hess + one_minus_beta2 * nll_hess)
+                + tl.div_rn(hess_coef * (diff * diff), hess + delta))
+    return new_momentum, new_hess
+
+
+@triton.jit
+def _new_mean(mean, new_momentum, new_hess, delta, lr, clip_radius, debias, prior_mean_ptr, k,
+              inside, HAS_PRIOR_MEAN: tl.constexpr, MASKED: tl.constexpr):
+    """The new mean (``new_mean`` of csrc/ivon_math.h), as _update_tile's docstring writes it."""
+    if HAS_PRIOR_MEAN:  # the pull toward the prior's mean
+        prior_term = delta * (mean - _load(prior_mean_ptr, k, inside, 0.0, MASKED))
+    else:  # toward 0: ivon-opt's weight decay
+        prior_term = delta * mean
+    step = tl.div_rn(_debiased(new_momentum, debias) + prior_term, new_hess + delta)
+    # NaN stays NaN, as in torch.clip (tl.minimum / tl.maximum would drop it)
+    return mean - lr * tl.clamp(step, -clip_radius, clip_radius,
+                                propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _store_state(momentum_ptr, hess_ptr, k, inside, quad, seed, round_draw, momentum, hess,
                  MASKED: tl.constexpr):
     """Stores the new momentum and hess, fp32 or (bf16 state) by stochastic rounding with the
@@ -645,12 +675,12 @@ def _store_state(momentum_ptr, hess_ptr, k, inside, quad, seed, round_draw, mome
 
 
 @triton.jit
-def _update_tile(arrays, step, k, inside, quad, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
+def _update_tile(arrays, scalars, k, inside, quad, HAS_GRAD: tl.constexpr, FIRST: tl.constexpr,
                  PRICE: tl.constexpr, RESAMPLE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                  HAS_PRIOR_MEAN: tl.constexpr, HAS_PRIOR_PRECISION: tl.constexpr,
                  MASKED: tl.constexpr):
     """The update of docs/DESIGN.md section 2, op for op as the reference (``arrays``: the
-    kernel's nine segment pointers, ``step``: its scalars, as ``_update_kernel`` packs them):
+    kernel's nine segment pointers, ``scalars``: the step's, as ``_update_kernel`` packs them):
 
         gbar, tbar = the averages, with the grad of the last sample folded in when HAS_GRAD
                      (grad and averages divided by the grad scale first when HAS_GRAD_SCALE)
@@ -669,7 +699,7 @@ def _update_tile(arrays, step, k, inside, quad, HAS_GRAD: tl.constexpr, FIRST: t
     (param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr, avg_hess_term_ptr,
      prior_mean_ptr, prior_precision_ptr) = arrays
     (seed, draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1, one_minus_beta1,
-     beta2, one_minus_beta2, hess_coef, clip_radius, debias, scale) = step
+     beta2, one_minus_beta2, hess_coef, clip_radius, debias, scale) = scalars
     mean = _load(mean_ptr, k, inside, 0.0, MASKED)
     momentum = _load(momentum_ptr, k, inside, 0.0, MASKED)
     hess = _load(hess_ptr, k, inside, 1.0, MASKED)
@@ -687,23 +717,11 @@ def _update_tile(arrays, step, k, inside, quad, HAS_GRAD: tl.constexpr, FIRST: t
         grad_mean, hess_term = _averages(avg_grad_ptr, avg_hess_term_ptr, k, inside, scale, PRICE,
                                          HAS_GRAD_SCALE, MASKED)
 
-    new_momentum = beta1 * momentum + one_minus_beta1 * grad_mean
-    if PRICE:
-        nll_hess = (hess_term * (hess + delta)) * ess
-    else:
-        nll_hess = hess_term * ess
-    diff = hess - nll_hess
-    new_hess = ((beta2 * hess + one_minus_beta2 * nll_hess)
-                + tl.div_rn(hess_coef * (diff * diff), hess + delta))
-    if HAS_PRIOR_MEAN:  # the pull toward the prior's mean
-        prior_term = delta * (mean - _load(prior_mean_ptr, k, inside, 0.0, MASKED))
-    else:  # toward 0: ivon-opt's weight decay
-        prior_term = delta * mean
-    step = tl.div_rn(_debiased(new_momentum, debias) + prior_term, new_hess + delta)
-    # NaN stays NaN, as in torch.clip (tl.minimum / tl.maximum would drop it)
-    new_mean = mean - lr * tl.clamp(step, -clip_radius, clip_radius,
-                                    propagate_nan=tl.PropagateNan.ALL)
-
+    new_momentum, new_hess = _new_moments(grad_mean, hess_term, momentum, hess, delta, ess,
+                                          beta1, one_minus_beta1, beta2, one_minus_beta2,
+                                          hess_coef, PRICE)
+    new_mean = _new_mean(mean, new_momentum, new_hess, delta, lr, clip_radius, debias,
+                         prior_mean_ptr, k, inside, HAS_PRIOR_MEAN, MASKED)
     # the next sample is drawn around the hess as stored, as a later sample op would draw it
     new_hess = _store_state(momentum_ptr, hess_ptr, k, inside, quad, seed, round_draw,
                             new_momentum, new_hess, MASKED)
@@ -768,7 +786,7 @@ def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_gr
     # the full tile's and the masked tile's update differ only in MASKED, a constexpr
     arrays = (param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_grad_ptr,
               avg_hess_term_ptr, prior_mean_ptr, prior_precision_ptr)
-    step = (seed, draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1,
+    scalars = (seed, draw, next_draw, round_draw, count, lr, ess, weight_decay, beta1,
             one_minus_beta1, beta2, one_minus_beta2, hess_coef, clip_radius, debias, scale)
     for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
         k, quad, full, inside = _tile(tile, quad_base, n, BLOCK, LEAD, ORIGIN)
@@ -776,10 +794,10 @@ def _update_kernel(param_ptr, grad_ptr, mean_ptr, momentum_ptr, hess_ptr, avg_gr
             _skipped_tile(param_ptr, mean_ptr, hess_ptr, prior_precision_ptr, k, inside, quad,
                           seed, next_draw, ess, weight_decay, RESAMPLE, HAS_PRIOR_PRECISION)
         elif full:
-            _update_tile(arrays, step, k, inside, quad, HAS_GRAD, FIRST, PRICE, RESAMPLE,
+            _update_tile(arrays, scalars, k, inside, quad, HAS_GRAD, FIRST, PRICE, RESAMPLE,
                          HAS_GRAD_SCALE, HAS_PRIOR_MEAN, HAS_PRIOR_PRECISION, MASKED=False)
         else:
-            _update_tile(arrays, step, k, inside, quad, HAS_GRAD, FIRST, PRICE, RESAMPLE,
+            _update_tile(arrays, scalars, k, inside, quad, HAS_GRAD, FIRST, PRICE, RESAMPLE,
                          HAS_GRAD_SCALE, HAS_PRIOR_MEAN, HAS_PRIOR_PRECISION, MASKED=True)
 
 
